@@ -1,0 +1,109 @@
+"""Block codec: content hashes, optional lz4, object key naming, block arithmetic.
+
+Pure functions, no I/O. Invariants:
+
+- A block's identity is the SHA-256 of its *plain* (uncompressed) bytes. The same content
+  has the same id whatever the volume's compression, so the node cache (which holds plain
+  bytes) can be shared by volumes and is never stale.
+- A file of size S with block size B has ceil(S / B) blocks; block i holds bytes
+  [i*B, min((i+1)*B, S)). Block lengths are therefore derived, never stored per file.
+- ``BlockCodec.decode`` returns bytes only after they hash to the expected id
+  (``BlockCorrupt`` otherwise): no unverified byte leaves this module's checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lz4.frame
+
+HASH_NAME = "sha256"
+HASH_LEN = 32
+MIN_BLOCK_SIZE = 64 << 10
+MAX_BLOCK_SIZE = 64 << 20
+DEFAULT_BLOCK_SIZE = 4 << 20
+COMPRESSIONS = ("none", "lz4")
+_LZ4_MAGIC = b"\x04\x22\x4d\x18"
+
+
+class BlockCorrupt(Exception):
+    """Bytes whose hash (or framing) does not match the block id they were fetched for."""
+
+
+def block_id(data: bytes | memoryview) -> bytes:
+    """The 32-byte content id of a block's plain bytes."""
+    return hashlib.sha256(data).digest()
+
+
+def object_key(bid: bytes) -> str:
+    """Object-store key of a block: fanned out by the first hash byte."""
+    hexid = bid.hex()
+    return f"blocks/{hexid[:2]}/{hexid}"
+
+
+def block_count(size: int, block_size: int) -> int:
+    return -(-size // block_size)
+
+
+def block_length(index: int, size: int, block_size: int) -> int:
+    """Length of block ``index`` of a file of ``size`` bytes."""
+    return max(0, min(block_size, size - index * block_size))
+
+
+def block_spans(offset: int, length: int, size: int, block_size: int) -> Iterator[tuple[int, int, int]]:
+    """Split the file range [offset, offset+length) clipped to ``size`` into
+    ``(block_index, start_in_block, end_in_block)`` spans, in file order."""
+    end = min(offset + length, size)
+    pos = offset
+    while pos < end:
+        index, start = divmod(pos, block_size)
+        stop = min(block_size, start + (end - pos))
+        yield index, start, stop
+        pos += stop - start
+
+
+def pack_ids(ids: list[bytes]) -> bytes:
+    """Serialise a file's ordered block list (concatenated 32-byte ids)."""
+    return b"".join(ids)
+
+
+def unpack_ids(blob: bytes | None) -> list[bytes]:
+    if not blob:
+        return []
+    if len(blob) % HASH_LEN:
+        raise ValueError(f"block list of {len(blob)} bytes is not a multiple of {HASH_LEN}")
+    return [blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN)]
+
+
+@dataclass(frozen=True)
+class BlockCodec:
+    """Turns plain block bytes into stored object bytes and back, verifying on the way back."""
+
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {self.compression!r}")
+
+    def encode(self, plain: bytes) -> bytes:
+        if self.compression == "lz4":
+            return lz4.frame.compress(plain, store_size=True)
+        return plain
+
+    def decode(self, bid: bytes, stored: bytes, length: int) -> bytes:
+        """Plain bytes of block ``bid``, or ``BlockCorrupt`` if they are not exactly that block."""
+        plain = stored
+        if self.compression == "lz4":
+            if not stored.startswith(_LZ4_MAGIC):
+                raise BlockCorrupt(f"block {bid.hex()} is not an lz4 frame")
+            try:
+                plain = lz4.frame.decompress(stored)
+            except RuntimeError as exc:
+                raise BlockCorrupt(f"block {bid.hex()} does not decompress: {exc}") from exc
+        if len(plain) != length:
+            raise BlockCorrupt(f"block {bid.hex()} has {len(plain)} bytes, expected {length}")
+        if block_id(plain) != bid:
+            raise BlockCorrupt(f"block {bid.hex()} does not match its hash")
+        return plain

@@ -1,0 +1,100 @@
+"""Volume commands: format, import, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from chunkfs.blocks import DEFAULT_BLOCK_SIZE
+from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.meta import open_meta
+from chunkfs.progress import format_duration
+from chunkfs.units import format_size
+from chunkfs.urls import mask_url
+from chunkfs.volume import format_volume, open_volume
+from chunkfs.write.importer import Importer
+
+
+def cmd_format(args: argparse.Namespace) -> int:
+    existing = None
+    if args.force:
+        try:
+            meta = open_meta(args.meta)
+        except ChunkfsError:
+            meta = None
+        if meta is not None:
+            try:
+                existing = meta.load_format()
+            finally:
+                meta.close()
+    storage = args.storage or (existing.storage if existing else None)
+    if not storage:
+        raise UsageError("format needs --storage, e.g. --storage file:///var/lib/chunkfs/blocks")
+    fmt = format_volume(
+        args.meta,
+        storage,
+        name=args.name,
+        block_size=args.block_size or (existing.block_size if existing else DEFAULT_BLOCK_SIZE),
+        compression=args.compress or (existing.compression if existing else "none"),
+        force=args.force,
+    )
+    verb = "updated" if existing else "formatted"
+    print(f"{verb} volume {fmt.name!r} ({fmt.uuid}): metadata {mask_url(args.meta)}, storage {fmt.storage}, "
+          f"block size {format_size(fmt.block_size)}, compression {fmt.compression}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with open_volume(args.meta) as volume:
+        interactive = sys.stderr.isatty() and not args.quiet
+        importer = Importer(volume, threads=args.threads, checksum=args.checksum, show_progress=interactive)
+        report = importer.run(args.source, args.dest)
+    if interactive:
+        print(
+            f"imported {report.files} files ({format_size(report.bytes_total)}), {report.directories} new "
+            f"directories, {report.symlinks} symlinks; {report.unchanged_files} files unchanged; uploaded "
+            f"{report.blocks_uploaded} blocks ({format_size(report.bytes_uploaded)}), "
+            f"{report.blocks_deduplicated} already stored",
+            file=sys.stderr,
+        )
+    for path in report.skipped:
+        print(f"chunkfs: skipped {path}: not a regular file, directory or symlink", file=sys.stderr)
+    for failure in report.failed:
+        print(f"chunkfs: failed: {failure}", file=sys.stderr)
+    if report.failed:
+        raise ChunkfsError(f"import incomplete: {len(report.failed)} entries failed; run it again to finish")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_volume(args.meta) as volume:
+        fmt = volume.fmt
+        stats = volume.meta.stats()
+    if args.json:
+        out = {"metadata": mask_url(args.meta), "format": asdict(fmt), "stats": asdict(stats),
+               "dedup_ratio": round(stats.dedup_ratio, 4)}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    saved = max(0, stats.logical_bytes - stats.unique_bytes)
+    rows = [
+        ("volume", f"{fmt.name} ({fmt.uuid})"),
+        ("metadata", mask_url(args.meta)),
+        ("storage", fmt.storage),
+        ("block size", format_size(fmt.block_size)),
+        ("compression", fmt.compression),
+        ("hash", fmt.hash),
+        ("format", f"version {fmt.format_version}, created {fmt.created}"),
+        ("files", f"{stats.files} files, {stats.directories} directories, {stats.symlinks} symlinks"),
+        ("logical size", f"{format_size(stats.logical_bytes)} ({stats.logical_bytes} bytes)"),
+        ("blocks", f"{stats.block_refs} referenced, {stats.unique_blocks} unique "
+                   f"({format_size(stats.unique_bytes)})"),
+        ("dedup", f"{stats.dedup_ratio:.2f}x (saves {format_size(saved)})"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':14}{value}")
+    return 0
+
+
+__all__ = ["cmd_format", "cmd_import", "cmd_status", "format_duration"]

@@ -1,0 +1,136 @@
+"""The ``chunkfs`` command line: argument parsing, logging set-up and error reporting.
+
+Every failure a user can cause ends as one line on stderr (``chunkfs: ...``) and a
+non-zero exit; a traceback is printed only with ``--debug``. Command bodies live in
+``commands.py`` (volume commands) and ``mount.py`` (mount, umount).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from chunkfs import __version__
+from chunkfs.blocks import COMPRESSIONS
+from chunkfs.errors import ChunkfsError, first_error
+from chunkfs.units import parse_size
+
+EXIT_INTERNAL = 70
+
+
+def default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/chunkfs"
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chunkfs")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ChunkfsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chunkfs", description="A chunked POSIX filesystem for ML model weights over object storage."
+    )
+    parser.add_argument("--version", action="version", version=f"chunkfs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("format", help="create a volume (or update its settings with --force)")
+    p.add_argument("meta", metavar="META_URL", help="metadata engine, e.g. sqlite:///var/lib/chunkfs/models.db")
+    p.add_argument("--storage", help="object store URL, e.g. file:///var/lib/chunkfs/blocks or s3://bucket/prefix")
+    p.add_argument("--name", help="volume name (default: chunkfs)")
+    p.add_argument("--block-size", type=_size, default=None, help="block size, 64K to 64M (default 4M)")
+    p.add_argument("--compress", choices=COMPRESSIONS, default=None, help="per-block compression (default none)")
+    p.add_argument("--force", action="store_true", help="update the settings of an existing volume")
+
+    p = sub.add_parser("import", help="copy a local directory or file into the volume")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("source", metavar="SOURCE", help="local directory or file")
+    p.add_argument("dest", metavar="DEST", help="absolute path inside the volume, e.g. /llama-3-8b")
+    p.add_argument("--threads", type=_positive_int, default=16, help="blocks processed in parallel (default 16)")
+    p.add_argument("--checksum", action="store_true", help="re-read files whose size and mtime are unchanged")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+    p = sub.add_parser("mount", help="mount a volume with FUSE")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+    p.add_argument("--cache-dir", default=None, help=f"local block cache directory (default {default_cache_dir()})")
+    p.add_argument("--background", "-d", action="store_true", help="return once mounted; serve in the background")
+    p.add_argument("--log-file", default=None, help="log file of a background mount")
+    p.add_argument("--max-downloads", type=_positive_int, default=16, help="concurrent block downloads (default 16)")
+    p.add_argument("--attr-timeout", type=float, default=300.0, help="kernel attribute cache seconds (default 300)")
+    p.add_argument("--entry-timeout", type=float, default=300.0, help="kernel entry cache seconds (default 300)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--meta-env", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("umount", help="unmount a chunkfs mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", "-z", action="store_true", help="detach now even if busy (also clears dead mounts)")
+
+    p = sub.add_parser("status", help="show volume settings and usage")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _setup_logging(debug: bool, command: str) -> None:
+    level = logging.DEBUG if debug else (logging.INFO if command == "mount" else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug, args.command)
+    from chunkfs.cli import commands, mount
+
+    handlers = {
+        "format": commands.cmd_format,
+        "import": commands.cmd_import,
+        "status": commands.cmd_status,
+        "mount": mount.cmd_mount,
+        "umount": mount.cmd_umount,
+    }
+    return handlers[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            code = run(argv)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+    except ChunkfsError as exc:
+        print(f"chunkfs: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("chunkfs: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 141
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"chunkfs: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+              file=sys.stderr)
+        code = EXIT_INTERNAL
+    sys.exit(code)

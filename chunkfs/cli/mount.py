@@ -1,0 +1,166 @@
+"""mount and umount.
+
+``mount --background`` re-runs this command as a daemon in its own session and waits on a
+pipe until the daemon reports ``ok`` (mounted and answering) or ``error: <reason>``. The
+daemon's command line carries the metadata URL with its password masked; the real URL
+travels in the environment (``--meta-env``), so ``ps`` and ``/proc/<pid>/cmdline`` never
+show a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from chunkfs.cli.main import default_cache_dir
+from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount
+from chunkfs.urls import mask_url
+
+META_ENV = "_CHUNKFS_META_URL"
+READY_TIMEOUT = 120.0
+
+
+def default_log_file() -> str:
+    if os.geteuid() == 0:
+        return "/var/log/chunkfs.log"
+    return os.path.expanduser("~/.chunkfs/chunkfs.log")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if not args.read_only:
+        raise UsageError("writable mounts are not supported yet: add --read-only")
+    if args.meta_env:
+        args.meta = os.environ.pop(args.meta_env, "")
+        if not args.meta:
+            raise ChunkfsError(f"metadata URL expected in environment variable {args.meta_env}")
+    args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    if args.background:
+        return _spawn_daemon(args)
+    try:
+        _serve_foreground(args)
+    except ChunkfsError as exc:
+        _report_ready(args.ready_fd, f"error: {exc}")
+        raise
+    except BaseException as exc:
+        _report_ready(args.ready_fd, f"error: {type(exc).__name__}: {exc}")
+        raise
+    return 0
+
+
+def _report_ready(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+
+def _serve_foreground(args: argparse.Namespace) -> None:
+    from chunkfs.fuse.mount import ServeConfig, serve
+    from chunkfs.fuse.ops import MountOptions
+    from chunkfs.volume import open_volume
+
+    mountpoint = check_mountpoint(args.mountpoint)
+    check_fuse_device()
+    try:
+        Path(args.cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ChunkfsError(f"cannot create cache directory {args.cache_dir}: {exc.strerror}") from None
+    options = MountOptions(read_only=args.read_only, attr_timeout=args.attr_timeout,
+                           entry_timeout=args.entry_timeout)
+    config = ServeConfig(mountpoint=mountpoint, cache_dir=Path(args.cache_dir), options=options,
+                         max_downloads=args.max_downloads)
+    with open_volume(args.meta) as volume:
+        ready_fd = args.ready_fd
+        serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
+
+
+def _daemon_argv(args: argparse.Namespace, ready_fd: int) -> list[str]:
+    argv = [sys.executable, "-m", "chunkfs"]
+    if args.debug:
+        argv.append("--debug")
+    argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-env", META_ENV,
+             "--ready-fd", str(ready_fd), "--cache-dir", args.cache_dir,
+             "--max-downloads", str(args.max_downloads), "--attr-timeout", str(args.attr_timeout),
+             "--entry-timeout", str(args.entry_timeout)]
+    if args.read_only:
+        argv.append("--read-only")
+    return argv
+
+
+def _spawn_daemon(args: argparse.Namespace) -> int:
+    log_file = os.path.abspath(args.log_file or default_log_file())
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        log = open(log_file, "ab")  # noqa: SIM115 - handed to the child
+    except OSError as exc:
+        raise ChunkfsError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    read_end, write_end = os.pipe()
+    env = dict(os.environ)
+    env[META_ENV] = args.meta
+    with log:
+        proc = subprocess.Popen(
+            _daemon_argv(args, write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            pass_fds=(write_end,), start_new_session=True, env=env,
+        )
+    os.close(write_end)
+    message = _wait_ready(read_end, proc)
+    if message == "ok":
+        print(f"chunkfs: mounted {os.path.abspath(args.mountpoint)} (pid {proc.pid}, log {log_file})",
+              file=sys.stderr)
+        return 0
+    if message.startswith("error: "):
+        raise ChunkfsError(message[len("error: "):])
+    raise ChunkfsError(f"mount daemon {message}; see {log_file}")
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+                if data.endswith(b"\n"):
+                    return data.decode(errors="replace").strip()
+        if not data:
+            code = proc.poll()
+            if code is None:
+                return f"did not report ready within {READY_TIMEOUT:.0f}s (pid {proc.pid})"
+            return f"exited with status {code} before mounting"
+        return data.decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        raise ChunkfsError(f"{mountpoint} is not mounted")
+    if entry.fstype != "fuse.chunkfs":
+        raise ChunkfsError(f"{mountpoint} is not a chunkfs mount ({entry.fstype})")
+    cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ChunkfsError("fusermount3 not found: install the fuse3 package") from None
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        hint = " (files are open: close them or use --lazy)" if "busy" in reason else ""
+        raise ChunkfsError(f"cannot unmount {mountpoint}: {reason}{hint}")
+    deadline = time.monotonic() + 10
+    while find_mount(mountpoint) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0

@@ -1,0 +1,93 @@
+"""Reading /proc/self/mountinfo and checking a mountpoint before mounting. No FUSE calls.
+
+``check_mountpoint`` turns every way a mountpoint can be unusable into one ``ChunkfsError``
+line: missing, not a directory, already mounted, a dead FUSE mount, not empty.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from chunkfs.errors import ChunkfsError
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor"
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def list_mounts() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) < 5 or len(rfields) < 2:
+                continue
+            entries.append(MountEntry(_unescape(fields[4]), rfields[0], _unescape(rfields[1]), fields[2]))
+    return entries
+
+
+def find_mount(path: str) -> MountEntry | None:
+    """The topmost mount whose mountpoint is exactly ``path`` (after making it absolute)."""
+    path = os.path.abspath(path)
+    found = None
+    for entry in list_mounts():
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+def check_mountpoint(path: str) -> str:
+    """Return the absolute mountpoint if chunkfs can mount there, else raise ChunkfsError."""
+    path = os.path.abspath(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ChunkfsError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ChunkfsError(
+                f"mountpoint {path} is a dead FUSE mount (transport endpoint is not connected); "
+                f"run 'chunkfs umount --lazy {path}' first"
+            ) from None
+        raise ChunkfsError(f"mountpoint {path}: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise ChunkfsError(f"mountpoint {path} is not a directory")
+    entry = find_mount(path)
+    if entry is not None:
+        raise ChunkfsError(f"{path} is already mounted ({entry.fstype} from {entry.source})")
+    try:
+        if any(os.scandir(path)):
+            raise ChunkfsError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise ChunkfsError(f"mountpoint {path}: permission denied") from None
+    return path
+
+
+def check_fuse_device() -> None:
+    if not os.path.exists(FUSE_DEVICE):
+        raise ChunkfsError(f"{FUSE_DEVICE} does not exist: load the fuse kernel module (modprobe fuse)")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise ChunkfsError(f"no permission to open {FUSE_DEVICE}: run as root or get access to the device")

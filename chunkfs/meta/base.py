@@ -1,0 +1,190 @@
+"""The MetaStore interface and the records it stores.
+
+Layer: ``meta/`` knows nothing of FUSE, caches or object stores. Engines are blocking;
+trio code goes through ``chunkfs.meta.aio.AsyncMeta``.
+
+Contract (checked by ``tests/test_meta_contract.py`` for every engine):
+
+- Inode 1 is the root directory and exists once a volume is formatted.
+- ``publish_file`` is one transaction: the entry, the attributes and the ordered block list
+  of a file change together, so a reader sees the old file or the new one, never a mix.
+- Every namespace change (mkdir, symlink, unlink, publish) is one transaction.
+- Block reference counts (``blockrefs``) always equal the number of (file, index) slots
+  that name the block; ``stats`` derives the dedup figures from them.
+- Per-operation failures raise ``FsError(errno)``; engine-level failures raise
+  ``ChunkfsError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from errno import EINVAL, ENAMETOOLONG
+
+from chunkfs.blocks import HASH_NAME
+from chunkfs.errors import ChunkfsError, FsError
+
+ROOT_INODE = 1
+FORMAT_VERSION = 1
+NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class VolumeFormat:
+    """A volume's settings, fixed at format time (storage may be re-pointed with --force)."""
+
+    name: str
+    uuid: str
+    storage: str
+    block_size: int
+    compression: str
+    created: str
+    hash: str = HASH_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VolumeFormat:
+        data = json.loads(text)
+        version = data.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise ChunkfsError(
+                f"volume format version {version} is newer than this chunkfs supports ({FORMAT_VERSION})"
+            )
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """An inode's attributes. ``mode`` includes the file type bits."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    files: int
+    directories: int
+    symlinks: int
+    logical_bytes: int  # sum of regular file sizes
+    block_refs: int  # (file, index) slots
+    unique_blocks: int  # distinct block ids referenced
+    unique_bytes: int  # plain bytes of the distinct blocks
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+
+class MetaStore(ABC):
+    """A volume's namespace, attributes and block lists."""
+
+    #: the engine URL with any password masked: safe to print
+    url: str
+
+    # -- volume ---------------------------------------------------------------------------
+    @abstractmethod
+    def load_format(self) -> VolumeFormat | None:
+        """The stored settings, or None if this engine holds no volume."""
+
+    @abstractmethod
+    def save_format(self, fmt: VolumeFormat) -> None:
+        """Store the settings and create the root directory if it does not exist."""
+
+    @abstractmethod
+    def stats(self) -> VolumeStats: ...
+
+    @abstractmethod
+    def is_empty(self) -> bool:
+        """True when the volume holds nothing but its root directory."""
+
+    # -- reads ----------------------------------------------------------------------------
+    @abstractmethod
+    def getattr(self, ino: int) -> Attr: ...
+
+    @abstractmethod
+    def lookup(self, parent: int, name: bytes) -> Attr: ...
+
+    @abstractmethod
+    def readdir(self, ino: int) -> list[tuple[bytes, Attr]]:
+        """All entries of a directory, sorted by name."""
+
+    @abstractmethod
+    def readlink(self, ino: int) -> bytes: ...
+
+    @abstractmethod
+    def read_blocks(self, ino: int) -> list[bytes]:
+        """The ordered block ids of a regular file."""
+
+    @abstractmethod
+    def block_known(self, bid: bytes) -> bool:
+        """True if some published file references the block (so it is in the store)."""
+
+    # -- namespace changes (each one transaction) ------------------------------------------
+    @abstractmethod
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr: ...
+
+    @abstractmethod
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, mtime_ns: int) -> Attr: ...
+
+    @abstractmethod
+    def publish_file(
+        self,
+        parent: int,
+        name: bytes,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
+        size: int,
+        blocks: list[bytes],
+    ) -> Attr:
+        """Create the regular file ``parent/name`` or replace the content and attributes of
+        the non-directory there, with its whole block list, in one transaction."""
+
+    @abstractmethod
+    def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a non-directory entry (dropping its block references at nlink 0)."""
+
+    @abstractmethod
+    def set_attrs(
+        self, ino: int, *, mode: int | None = None, uid: int | None = None,
+        gid: int | None = None, mtime_ns: int | None = None,
+    ) -> Attr: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def check_name(name: bytes) -> None:
+    """Reject names POSIX does not allow in a directory entry."""
+    if len(name) > NAME_MAX:
+        raise FsError(ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FsError(EINVAL, f"invalid name {name!r}")

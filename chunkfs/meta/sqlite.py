@@ -1,0 +1,355 @@
+"""SQLite metadata engine: the embedded default (``sqlite:///path.db``, alias ``sqlite3://``).
+
+Schema (one database file per volume):
+
+    settings(key TEXT PRIMARY KEY, value TEXT)           'format' -> VolumeFormat JSON
+    inodes(ino INTEGER PRIMARY KEY AUTOINCREMENT,        inode numbers are never reused
+           mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink,
+           target BLOB,                                  symlink target, else NULL
+           blocks BLOB)                                  concatenated 32-byte block ids
+    dentries(parent, name BLOB, ino, PRIMARY KEY(parent, name))
+    blockrefs(id BLOB PRIMARY KEY, length, refs)         refs = (file, index) slots naming id
+
+Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
+an importer in one process and mounts in others work at once; every change runs inside
+``BEGIN IMMEDIATE`` so read-modify-write sequences are atomic across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
+
+from chunkfs.blocks import block_length, pack_ids, unpack_ids
+from chunkfs.errors import ChunkfsError, FsError, NotFormatted
+from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name
+
+SCHEMA_VERSION = 1
+_S_IFMT = 0o170000  # file type bits (stat.S_IFMT is a function)
+_ATTR_COLS = "ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink"
+_I_ATTR_COLS = ", ".join("i." + c.strip() for c in _ATTR_COLS.split(","))
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    target BLOB, blocks BLOB
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blockrefs (
+    id BLOB PRIMARY KEY, length INTEGER NOT NULL, refs INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///abs.db`` -> ``/abs.db``; ``sqlite://rel.db`` -> ``rel.db`` (query ignored)."""
+    parts = urlsplit(url)
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise ChunkfsError("sqlite URL needs a database path, e.g. sqlite:///var/lib/chunkfs/models.db")
+    return path
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class SqliteMeta(MetaStore):
+    def __init__(self, url: str, *, create: bool = False) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        if os.path.isdir(self.path):
+            raise ChunkfsError(f"{url}: {self.path} is a directory, not a database file")
+        if not create and not os.path.exists(self.path):
+            raise NotFormatted(f"no chunkfs volume at {url} (database file not found; run 'chunkfs format')")
+        if create:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise ChunkfsError(f"cannot create {parent} for {url}: {exc.strerror}") from exc
+        mode = "rwc" if create else "rw"
+        try:
+            self._conn = sqlite3.connect(
+                f"file:{self.path}?mode={mode}", uri=True, isolation_level=None,
+                check_same_thread=False, timeout=30,
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                self._conn.executescript(_SCHEMA)
+            self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise ChunkfsError(f"cannot open {url}: {exc}") from exc
+        self._lock = threading.RLock()
+        self._block_size: int | None = None
+
+    def _check_schema(self) -> None:
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"settings", "inodes", "dentries", "blockrefs"} <= tables:
+            raise NotFormatted(f"no chunkfs volume at {self.url} (not a chunkfs database; run 'chunkfs format')")
+
+    # -- plumbing --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, serialised with other processes by BEGIN IMMEDIATE."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchone()
+
+    @property
+    def block_size(self) -> int:
+        if self._block_size is None:
+            fmt = self.load_format()
+            if fmt is None:
+                raise NotFormatted(f"no chunkfs volume at {self.url}")
+            self._block_size = fmt.block_size
+        return self._block_size
+
+    def _attr_of(self, conn: sqlite3.Connection, ino: int) -> Attr:
+        row = conn.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        return Attr(*row)
+
+    def _child(self, conn: sqlite3.Connection, parent: int, name: bytes) -> Attr | None:
+        row = conn.execute(
+            f"SELECT {_I_ATTR_COLS} "
+            "FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent=? AND d.name=?",
+            (parent, name),
+        ).fetchone()
+        return Attr(*row) if row else None
+
+    def _parent_dir(self, conn: sqlite3.Connection, parent: int) -> Attr:
+        attr = self._attr_of(conn, parent)
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {parent}")
+        return attr
+
+    def _change_refs(self, conn: sqlite3.Connection, blob: bytes | None, size: int, delta: int) -> None:
+        ids = unpack_ids(blob)
+        bs = self.block_size
+        for index, bid in enumerate(ids):
+            if delta > 0:
+                conn.execute(
+                    "INSERT INTO blockrefs(id, length, refs) VALUES (?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET refs = refs + excluded.refs",
+                    (bid, block_length(index, size, bs), delta),
+                )
+            else:
+                conn.execute("UPDATE blockrefs SET refs = refs + ? WHERE id=?", (delta, bid))
+        if delta < 0 and ids:
+            conn.execute("DELETE FROM blockrefs WHERE refs <= 0")
+
+    def _new_inode(self, conn: sqlite3.Connection, mode: int, uid: int, gid: int, size: int,
+                   mtime_ns: int, nlink: int, target: bytes | None = None,
+                   blocks: bytes | None = None) -> int:
+        now = _now_ns()
+        cur = conn.execute(
+            "INSERT INTO inodes(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, target, blocks)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (mode, uid, gid, size, mtime_ns, mtime_ns, now, nlink, target, blocks),
+        )
+        return int(cur.lastrowid)
+
+    def _touch_dir(self, conn: sqlite3.Connection, ino: int, nlink_delta: int = 0) -> None:
+        now = _now_ns()
+        conn.execute(
+            "UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE ino=?", (now, now, nlink_delta, ino)
+        )
+
+    # -- volume ----------------------------------------------------------------------------
+    def load_format(self) -> VolumeFormat | None:
+        row = self._one("SELECT value FROM settings WHERE key='format'")
+        return VolumeFormat.from_json(row[0]) if row else None
+
+    def save_format(self, fmt: VolumeFormat) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('format', ?)", (fmt.to_json(),))
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            if conn.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT_INODE,)).fetchone() is None:
+                now = _now_ns()
+                conn.execute(
+                    "INSERT INTO inodes(ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink)"
+                    " VALUES (?,?,?,?,0,?,?,?,2)",
+                    (ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now),
+                )
+        self._block_size = fmt.block_size
+
+    def is_empty(self) -> bool:
+        return self._one("SELECT 1 FROM dentries LIMIT 1") is None
+
+    def stats(self) -> VolumeStats:
+        with self._lock:
+            counts = dict(
+                self._conn.execute("SELECT mode & ?, count(*) FROM inodes GROUP BY 1", (_S_IFMT,))
+            )
+            logical = self._conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM inodes WHERE mode & ? = ?", (_S_IFMT, stat.S_IFREG)
+            ).fetchone()[0]
+            refs, unique, unique_bytes = self._conn.execute(
+                "SELECT coalesce(sum(refs), 0), count(*), coalesce(sum(length), 0) FROM blockrefs"
+            ).fetchone()
+        return VolumeStats(
+            files=counts.get(stat.S_IFREG, 0),
+            directories=counts.get(stat.S_IFDIR, 0),
+            symlinks=counts.get(stat.S_IFLNK, 0),
+            logical_bytes=logical,
+            block_refs=refs,
+            unique_blocks=unique,
+            unique_bytes=unique_bytes,
+        )
+
+    # -- reads -----------------------------------------------------------------------------
+    def getattr(self, ino: int) -> Attr:
+        with self._lock:
+            return self._attr_of(self._conn, ino)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        with self._lock:
+            attr = self._child(self._conn, parent, name)
+            if attr is None:
+                self._parent_dir(self._conn, parent)
+                raise FsError(errno.ENOENT, f"{name!r} in inode {parent}")
+            return attr
+
+    def readdir(self, ino: int) -> list[tuple[bytes, Attr]]:
+        with self._lock:
+            self._parent_dir(self._conn, ino)
+            rows = self._conn.execute(
+                f"SELECT d.name, {_I_ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino "
+                "WHERE d.parent=? ORDER BY d.name",
+                (ino,),
+            ).fetchall()
+        return [(bytes(r[0]), Attr(*r[1:])) for r in rows]
+
+    def readlink(self, ino: int) -> bytes:
+        row = self._one("SELECT mode, target FROM inodes WHERE ino=?", (ino,))
+        if row is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        if not stat.S_ISLNK(row[0]):
+            raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        return bytes(row[1])
+
+    def read_blocks(self, ino: int) -> list[bytes]:
+        row = self._one("SELECT blocks FROM inodes WHERE ino=?", (ino,))
+        if row is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        return unpack_ids(row[0])
+
+    def block_known(self, bid: bytes) -> bool:
+        return self._one("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)) is not None
+
+    # -- namespace changes -----------------------------------------------------------------
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            if self._child(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST, repr(name))
+            ino = self._new_inode(conn, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 2)
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+            self._touch_dir(conn, parent, nlink_delta=1)
+            return self._attr_of(conn, ino)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            if self._child(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST, repr(name))
+            ino = self._new_inode(conn, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, 1, target=target)
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+            self._touch_dir(conn, parent)
+            return self._attr_of(conn, ino)
+
+    def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int,
+                     mtime_ns: int, size: int, blocks: list[bytes]) -> Attr:
+        check_name(name)
+        blob = pack_ids(blocks)
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            old = self._child(conn, parent, name)
+            if old is not None and old.is_dir:
+                raise FsError(errno.EISDIR, repr(name))
+            if old is not None and old.is_reg:
+                (old_blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (old.ino,)).fetchone()
+                self._change_refs(conn, old_blob, old.size, -1)
+                conn.execute(
+                    "UPDATE inodes SET mode=?, uid=?, gid=?, size=?, mtime_ns=?, ctime_ns=?, blocks=? WHERE ino=?",
+                    (mode, uid, gid, size, mtime_ns, _now_ns(), blob, old.ino),
+                )
+                ino = old.ino
+            else:
+                if old is not None:
+                    self._drop_entry(conn, parent, name, old)
+                ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, 1, blocks=blob)
+                conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+            self._change_refs(conn, blob, size, +1)
+            self._touch_dir(conn, parent)
+            return self._attr_of(conn, ino)
+
+    def _drop_entry(self, conn: sqlite3.Connection, parent: int, name: bytes, attr: Attr) -> None:
+        conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if attr.nlink <= 1:
+            if attr.is_reg:
+                (blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (attr.ino,)).fetchone()
+                self._change_refs(conn, blob, attr.size, -1)
+            conn.execute("DELETE FROM inodes WHERE ino=?", (attr.ino,))
+        else:
+            conn.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE ino=?", (_now_ns(), attr.ino))
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            attr = self._child(conn, parent, name)
+            if attr is None:
+                raise FsError(errno.ENOENT, repr(name))
+            if attr.is_dir:
+                raise FsError(errno.EISDIR, repr(name))
+            self._drop_entry(conn, parent, name, attr)
+            self._touch_dir(conn, parent)
+
+    def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None, mtime_ns: int | None = None) -> Attr:
+        with self._tx() as conn:
+            attr = self._attr_of(conn, ino)
+            new_mode = attr.mode if mode is None else (stat.S_IFMT(attr.mode) | stat.S_IMODE(mode))
+            conn.execute(
+                "UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
+                (new_mode, attr.uid if uid is None else uid, attr.gid if gid is None else gid,
+                 attr.mtime_ns if mtime_ns is None else mtime_ns, _now_ns(), ino),
+            )
+            return self._attr_of(conn, ino)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_url(url: str, create: bool) -> SqliteMeta:
+    return SqliteMeta(url, create=create)

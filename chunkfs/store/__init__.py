@@ -1,0 +1,65 @@
+"""Storage backends, chosen by URL scheme through one registry.
+
+``open_store(url)`` is the only way the rest of chunkfs gets an ``ObjectStore``. A bare
+local path is taken as ``file://``. A scheme whose optional SDK is not installed gives an
+install hint, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError
+from chunkfs.urls import mask_url, url_scheme
+
+__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "StoreError", "normalize_storage_url", "open_store"]
+
+
+def _open_file(url: str, create: bool) -> ObjectStore:
+    from chunkfs.store.file import FileStore
+
+    path = url[len("file://") :]
+    if not path:
+        raise UsageError("file:// storage URL needs a path, e.g. file:///var/lib/chunkfs/blocks")
+    return FileStore(path, create=create)
+
+
+#: scheme -> (module holding an ``open_url(url, create)`` function, pip extra to install)
+_OPTIONAL: dict[str, tuple[str, str]] = {
+    "s3": ("chunkfs.store.s3", "s3"),
+    "gs": ("chunkfs.store.gcs", "gcs"),
+}
+_BUILTIN: dict[str, Callable[[str, bool], ObjectStore]] = {"file": _open_file}
+
+
+def normalize_storage_url(url: str) -> str:
+    """A bare path becomes an absolute ``file://`` URL; other URLs are returned unchanged."""
+    if "://" not in url:
+        return f"file://{os.path.abspath(url)}"
+    if url.startswith("file://") and not url.startswith("file:///"):
+        return f"file://{os.path.abspath(url[len('file://'):])}"
+    return url
+
+
+def open_store(url: str, *, create: bool = False) -> ObjectStore:
+    """Open the object store at ``url``; ``create`` makes a missing local directory."""
+    url = normalize_storage_url(url)
+    scheme = url_scheme(url)
+    if scheme in _BUILTIN:
+        return _BUILTIN[scheme](url, create)
+    if scheme in _OPTIONAL:
+        module_name, extra = _OPTIONAL[scheme]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("chunkfs"):
+                raise ChunkfsError(f"{scheme}:// storage is not supported by this chunkfs build") from None
+            raise ChunkfsError(
+                f"{scheme}:// storage needs {exc.name}: pip install 'chunkfs[{extra}]'"
+            ) from None
+        return module.open_url(url, create)
+    known = ", ".join(f"{s}://" for s in [*_BUILTIN, *_OPTIONAL])
+    raise UsageError(f"unsupported storage URL {mask_url(url)!r} (supported: {known})")

@@ -1,0 +1,71 @@
+"""The ObjectStore interface every storage backend implements.
+
+Layer: ``store/`` knows nothing of FUSE, caches or metadata. Backends are blocking (the
+SDKs are); async callers go through ``chunkfs.store.aio.AsyncStore``.
+
+Contract (checked by ``tests/test_store_contract.py`` for every backend):
+
+- ``put`` is atomic: a concurrent or later ``get`` sees the whole object or none of it.
+- ``get(key, start, end)`` returns bytes [start, end) (``end=None``: to the end); a missing
+  key raises ``ObjectNotFound``.
+- ``head`` returns ``None`` for a missing key; ``delete`` of a missing key is not an error.
+- ``list(prefix)`` yields every object whose key starts with ``prefix``, in key order.
+- Errors are ``StoreError``; ``StoreError.temporary`` says whether a retry may succeed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from chunkfs.errors import ChunkfsError
+
+
+class StoreError(ChunkfsError):
+    """A storage request failed. ``temporary`` failures may succeed when retried."""
+
+    def __init__(self, message: str, *, temporary: bool = False) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class ObjectNotFound(StoreError):
+    """The key does not exist in the store."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(ABC):
+    """A flat key space of immutable objects (blocks and the volume marker)."""
+
+    #: the location, printable: never contains a secret
+    url: str
+
+    @abstractmethod
+    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes: ...
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default holds none."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

@@ -1,0 +1,33 @@
+"""URL helpers shared by the metadata and storage registries. Pure functions.
+
+Invariant: anything chunkfs prints or logs about a URL goes through ``mask_url``, so a
+password embedded in a URL (``redis://:secret@host``) never reaches a terminal or a log.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from chunkfs.errors import UsageError
+
+_USERINFO_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+_SECRET_QUERY_RE = re.compile(
+    r"(?P<key>[?&](?:password|secret|secret_key|access_key_secret|token)=)[^&]*", re.IGNORECASE
+)
+
+
+def mask_url(url: str) -> str:
+    """Replace the password in ``scheme://user:password@host`` and secret query values by ****."""
+    masked = _USERINFO_RE.sub(lambda m: f"{m['scheme']}{m['user']}:****@", url)
+    return _SECRET_QUERY_RE.sub(lambda m: f"{m['key']}****", masked)
+
+
+def url_scheme(url: str) -> str:
+    """The lower-cased scheme of ``url``; a URL without ``scheme://`` is a usage error."""
+    if "://" not in url:
+        raise UsageError(f"{mask_url(url)!r} is not a URL (expected scheme://...)")
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme:
+        raise UsageError(f"{mask_url(url)!r} has no scheme")
+    return scheme

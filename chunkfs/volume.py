@@ -1,0 +1,159 @@
+"""A volume: one metadata engine, one object store, and the settings that bind them.
+
+Layer: above ``meta/``, ``store/`` and ``blocks``; below the read/write paths, FUSE and CLI.
+
+Invariants:
+
+- The store holds a marker object (``MARKER_KEY``) naming the volume UUID. A store location
+  belongs to exactly one volume: ``format`` refuses a location whose marker names another
+  volume, and ``open_volume`` refuses a store whose marker disagrees with the metadata.
+- Re-formatting an existing volume (``--force``) keeps its UUID and files; it may re-point
+  the storage URL or rename the volume, but never changes block size or compression of a
+  volume that holds files (that would make existing block lists unreadable).
+- The storage URL saved in metadata never contains credentials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+
+from chunkfs.blocks import (
+    COMPRESSIONS,
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    BlockCodec,
+)
+from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
+from chunkfs.meta import MetaStore, VolumeFormat, open_meta
+from chunkfs.store import ObjectNotFound, ObjectStore, normalize_storage_url, open_store
+from chunkfs.units import format_size
+from chunkfs.urls import mask_url
+
+MARKER_KEY = "chunkfs.volume.json"
+
+
+@dataclass
+class Volume:
+    meta: MetaStore
+    store: ObjectStore
+    fmt: VolumeFormat
+
+    @property
+    def codec(self) -> BlockCodec:
+        return BlockCodec(self.fmt.compression)
+
+    def close(self) -> None:
+        self.store.close()
+        self.meta.close()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_marker(store: ObjectStore) -> dict | None:
+    try:
+        return json.loads(store.get(MARKER_KEY))
+    except ObjectNotFound:
+        return None
+    except ValueError:
+        raise ChunkfsError(f"{store.url} holds a damaged {MARKER_KEY}; refusing to use it") from None
+
+
+def _write_marker(store: ObjectStore, fmt: VolumeFormat) -> None:
+    marker = {"uuid": fmt.uuid, "name": fmt.name, "format_version": fmt.format_version}
+    store.put(MARKER_KEY, json.dumps(marker, sort_keys=True).encode())
+
+
+def _check_settings(block_size: int, compression: str, storage: str) -> None:
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError(
+            f"block size {format_size(block_size)} must be a power of two from "
+            f"{format_size(MIN_BLOCK_SIZE)} to {format_size(MAX_BLOCK_SIZE)}"
+        )
+    if compression not in COMPRESSIONS:
+        raise UsageError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+    if mask_url(storage) != storage:
+        raise UsageError(
+            "do not put credentials in the storage URL; use the SDK's environment variables or profiles"
+        )
+
+
+def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
+                  block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "none",
+                  force: bool = False) -> VolumeFormat:
+    """Create a volume (or, with ``force``, update an existing one's settings)."""
+    storage_url = normalize_storage_url(storage_url)
+    _check_settings(block_size, compression, storage_url)
+    meta = open_meta(meta_url, create=True)
+    try:
+        existing = meta.load_format()
+        if existing is not None and not force:
+            raise ChunkfsError(
+                f"{meta.url} already holds volume {existing.name!r} ({existing.uuid}); "
+                "use --force to change its settings"
+            )
+        if existing is not None and not meta.is_empty() and (
+            existing.block_size != block_size or existing.compression != compression
+        ):
+            raise ChunkfsError(
+                f"volume {existing.name!r} holds files: its block size ({format_size(existing.block_size)}) "
+                f"and compression ({existing.compression}) cannot change"
+            )
+        store = open_store(storage_url, create=True)
+        try:
+            marker = read_marker(store)
+            own_uuid = existing.uuid if existing else None
+            if marker is not None and marker.get("uuid") != own_uuid:
+                raise ChunkfsError(
+                    f"{store.url} already holds another volume ({marker.get('name')!r}, "
+                    f"{marker.get('uuid')}); choose another storage location"
+                )
+            if existing is not None:
+                fmt = replace(existing, storage=storage_url, name=name or existing.name,
+                              block_size=block_size, compression=compression)
+            else:
+                fmt = VolumeFormat(
+                    name=name or "chunkfs",
+                    uuid=str(uuidlib.uuid4()),
+                    storage=storage_url,
+                    block_size=block_size,
+                    compression=compression,
+                    created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                )
+            _write_marker(store, fmt)
+            meta.save_format(fmt)
+            return fmt
+        finally:
+            store.close()
+    finally:
+        meta.close()
+
+
+def open_volume(meta_url: str) -> Volume:
+    """Open a formatted volume and its store, checking that they belong together."""
+    meta = open_meta(meta_url)
+    try:
+        fmt = meta.load_format()
+        if fmt is None:
+            raise NotFormatted(f"no chunkfs volume at {meta.url} (run 'chunkfs format' first)")
+        store = open_store(fmt.storage)
+        marker = read_marker(store)
+        if marker is None:
+            store.close()
+            raise ChunkfsError(f"storage {store.url} of volume {fmt.name!r} holds no chunkfs volume marker")
+        if marker.get("uuid") != fmt.uuid:
+            store.close()
+            raise ChunkfsError(
+                f"storage {store.url} belongs to volume {marker.get('uuid')}, not {fmt.uuid} ({fmt.name!r})"
+            )
+    except BaseException:
+        meta.close()
+        raise
+    return Volume(meta=meta, store=store, fmt=fmt)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs everything the tests need and runs the whole suite: lint, units, layers against
+# real servers, and real FUSE mounts. Extra arguments go to pytest (e.g. -k mount -x).
+set -euo pipefail
+source "$(dirname "$0")/lib/setup.sh"
+cd "$ROOT"
+
+install_debian "${FUSE_PACKAGES[@]}"
+setup_venv test
+
+say "ruff"
+"$VENV/bin/ruff" check chunkfs tests scripts
+say "pytest"
+"$PY" -m pytest -p no:cacheprovider "$@"

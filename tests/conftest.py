@@ -1,0 +1,155 @@
+"""Shared fixtures: a volume on the embedded default, a source tree, real FUSE mounts.
+
+Mounts run ``python -m chunkfs mount`` in a subprocess (as users do); tests are plain
+syscalls on the mountpoint. Every mount is torn down with ``fusermount3 -u -z`` even when a
+test fails, and its log is checked for tracebacks (a daemon must never crash).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chunkfs.fuse.mountinfo import find_mount
+
+BLOCK = 64 << 10  # small blocks make multi-block edge cases cheap
+
+
+def chunkfs(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run the chunkfs CLI the way a user does."""
+    result = subprocess.run([sys.executable, "-m", "chunkfs", *args], capture_output=True, text=True,
+                            env=env, timeout=timeout, check=False, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"chunkfs {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def make_source_tree(root: Path, block: int = BLOCK) -> Path:
+    """Files at every block-boundary edge, zeros, a duplicate, symlinks, nested dirs, modes."""
+    rng = __import__("random").Random(1234)
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {"empty": 0, "one": 1, "block-minus-1": block - 1, "block": block, "block-plus-1": block + 1,
+             "several": 5 * block + 123}
+    for name, size in sizes.items():
+        (root / name).write_bytes(rng.randbytes(size))
+    (root / "zeros").write_bytes(bytes(3 * block + 7))
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "nested" / "copy-of-several").write_bytes((root / "several").read_bytes())
+    (root / "nested" / "deeper" / "text.txt").write_text("hello chunkfs\n")
+    (root / "nested" / "link-to-several").symlink_to("../several")
+    (root / "dangling").symlink_to("does-not-exist")
+    (root / "private").write_bytes(b"secret-ish")
+    os.chmod(root / "private", 0o600)
+    os.chmod(root / "nested" / "deeper" / "text.txt", 0o755)
+    os.utime(root / "one", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    return root
+
+
+@dataclass
+class TestVolume:
+    meta_url: str
+    storage: Path
+    db: Path
+    tmp: Path
+
+
+def format_volume(tmp: Path, *extra: str, block: int = BLOCK) -> TestVolume:
+    db = tmp / "meta" / "v.db"
+    storage = tmp / "blocks"
+    vol = TestVolume(f"sqlite://{db}", storage, db, tmp)
+    chunkfs("format", vol.meta_url, "--storage", f"file://{storage}", "--block-size", str(block), *extra)
+    return vol
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return make_source_tree(tmp_path / "src")
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> TestVolume:
+    return format_volume(tmp_path)
+
+
+@pytest.fixture
+def imported(volume: TestVolume, source: Path) -> TestVolume:
+    chunkfs("import", volume.meta_url, str(source), "/model")
+    return volume
+
+
+class Mount:
+    def __init__(self, proc: subprocess.Popen, mountpoint: Path, log: Path) -> None:
+        self.proc = proc
+        self.path = mountpoint
+        self.log = log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_mounted(mountpoint: Path, proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if find_mount(str(mountpoint)) is not None:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"mount daemon exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError(f"{mountpoint} not mounted after {timeout}s")
+
+
+def force_unmount(mountpoint: Path) -> None:
+    if find_mount(str(mountpoint)) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted(vol: TestVolume, *extra: str, cache: Path | None = None, allow_errors: bool = False,
+            name: str = "mnt") -> Iterator[Mount]:
+    """A read-only mount of ``vol`` served by a child process; always unmounted afterwards."""
+    mountpoint = vol.tmp / name
+    mountpoint.mkdir(exist_ok=True)
+    cache = cache or vol.tmp / "cache"
+    log = vol.tmp / f"{name}.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mountpoint), "--read-only",
+             "--cache-dir", str(cache), *extra],
+            stdout=logf, stderr=subprocess.STDOUT,
+        )
+    mount = Mount(proc, mountpoint, log)
+    try:
+        wait_mounted(mountpoint, proc)
+        yield mount
+    finally:
+        force_unmount(mountpoint)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = mount.log_text()
+    assert "Traceback" not in text or allow_errors, f"daemon log has a traceback:\n{text}"
+    assert proc.returncode == 0, f"mount daemon exited {proc.returncode}:\n{text}"
+
+
+def tree_listing(root: Path) -> list[tuple[str, str, int, int]]:
+    """(relative path, kind, size-or-target-len, permission bits) for every entry under root."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            st = path.lstat()
+            kind = "link" if path.is_symlink() else ("dir" if path.is_dir() else "file")
+            size = st.st_size if kind == "file" else 0
+            out.append((str(path.relative_to(root)), kind, size, st.st_mode & 0o7777))
+    return sorted(out)

@@ -1,0 +1,92 @@
+"""Pure units: block arithmetic, the codec and its verification, sizes and URL masking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkfs.blocks import (
+    BlockCodec,
+    BlockCorrupt,
+    block_count,
+    block_id,
+    block_length,
+    block_spans,
+    object_key,
+    pack_ids,
+    unpack_ids,
+)
+from chunkfs.errors import UsageError
+from chunkfs.units import format_size, parse_size
+from chunkfs.urls import mask_url
+
+
+@given(size=st.integers(0, 10_000), bs=st.sampled_from([1, 7, 64, 4096]),
+       offset=st.integers(0, 12_000), length=st.integers(0, 12_000))
+def test_block_spans_cover_exactly_the_clipped_range(size: int, bs: int, offset: int, length: int) -> None:
+    spans = list(block_spans(offset, length, size, bs))
+    covered = [index * bs + pos for index, start, end in spans for pos in range(start, end)]
+    assert covered == list(range(offset, min(offset + length, size)))
+    for index, _start, end in spans:
+        assert end <= block_length(index, size, bs)
+
+
+def test_block_lengths_add_up() -> None:
+    for size in (0, 1, 63, 64, 65, 640, 641):
+        lengths = [block_length(i, size, 64) for i in range(block_count(size, 64))]
+        assert sum(lengths) == size
+        assert all(0 < n <= 64 for n in lengths)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_codec_round_trip_verifies(compression: str) -> None:
+    codec = BlockCodec(compression)
+    data = b"weights" * 1000
+    bid = block_id(data)
+    stored = codec.encode(data)
+    if compression == "lz4":
+        assert len(stored) < len(data)
+    assert codec.decode(bid, stored, len(data)) == data
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_codec_rejects_flipped_truncated_and_foreign_bytes(compression: str) -> None:
+    codec = BlockCodec(compression)
+    data = bytes(range(256)) * 64
+    bid = block_id(data)
+    stored = bytearray(codec.encode(data))
+    flipped = bytes(stored[:-1]) + bytes([stored[-1] ^ 1])
+    for bad in (flipped, bytes(stored[: len(stored) // 2]), codec.encode(b"other" * 10)):
+        with pytest.raises(BlockCorrupt):
+            codec.decode(bid, bad, len(data))
+
+
+def test_object_keys_and_id_lists() -> None:
+    ids = [block_id(bytes([i])) for i in range(3)]
+    assert unpack_ids(pack_ids(ids)) == ids
+    assert unpack_ids(None) == []
+    assert object_key(ids[0]).startswith(f"blocks/{ids[0].hex()[:2]}/")
+    with pytest.raises(ValueError):
+        unpack_ids(b"x" * 33)
+
+
+def test_parse_and_format_sizes() -> None:
+    assert parse_size("4M") == 4 << 20
+    assert parse_size("64KiB") == 64 << 10
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("4096") == 4096
+    assert format_size(4 << 20) == "4.0 MiB"
+    with pytest.raises(UsageError):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    ("redis://:secret@host:6379/1", "redis://:****@host:6379/1"),
+    ("rediss://user:pa55@host/2", "rediss://user:****@host/2"),
+    ("redis://host:6379", "redis://host:6379"),
+    ("sqlite:///var/lib/x.db", "sqlite:///var/lib/x.db"),
+    ("s3://b/p?endpoint=http://h&secret_key=abc", "s3://b/p?endpoint=http://h&secret_key=****"),
+])
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked

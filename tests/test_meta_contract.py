@@ -1,0 +1,154 @@
+"""The MetaStore contract, written once and run against every engine (SQLite today;
+Redis engines join through ``ENGINE_FACTORIES``)."""
+
+from __future__ import annotations
+
+import errno
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chunkfs.blocks import block_id
+from chunkfs.errors import FsError, NotFormatted, UsageError
+from chunkfs.meta import ROOT_INODE, MetaStore, VolumeFormat, open_meta
+
+FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
+                   created="2026-01-01T00:00:00+00:00")
+
+
+def _sqlite(tmp: Path) -> MetaStore:
+    return open_meta(f"sqlite://{tmp / 'm.db'}", create=True)
+
+
+ENGINE_FACTORIES: dict[str, Callable[[Path], MetaStore]] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(ENGINE_FACTORIES))
+def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
+    m = ENGINE_FACTORIES[request.param](tmp_path)
+    m.save_format(FMT)
+    yield m
+    m.close()
+
+
+def ids(*chunks: bytes) -> list[bytes]:
+    return [block_id(c) for c in chunks]
+
+
+def test_format_round_trip_and_root(meta: MetaStore) -> None:
+    assert meta.load_format() == FMT
+    root = meta.getattr(ROOT_INODE)
+    assert root.is_dir and meta.readdir(ROOT_INODE) == []
+    assert meta.is_empty()
+
+
+def test_namespace_basics(meta: MetaStore) -> None:
+    d = meta.mkdir(ROOT_INODE, b"models", 0o750, 0, 0, 123)
+    assert d.is_dir and stat.S_IMODE(d.mode) == 0o750 and d.mtime_ns == 123
+    f = meta.publish_file(d.ino, b"w.bin", mode=0o644, uid=1, gid=2, mtime_ns=5, size=6,
+                          blocks=ids(b"abcd", b"ef"))
+    assert f.is_reg and f.size == 6 and (f.uid, f.gid) == (1, 2)
+    link = meta.symlink(d.ino, b"l", b"w.bin", 0, 0, 7)
+    assert link.is_link and meta.readlink(link.ino) == b"w.bin"
+    assert [n for n, _ in meta.readdir(d.ino)] == [b"l", b"w.bin"]
+    assert meta.lookup(d.ino, b"w.bin") == f
+    assert meta.read_blocks(f.ino) == ids(b"abcd", b"ef")
+    assert meta.getattr(ROOT_INODE).nlink == 3
+    assert not meta.is_empty()
+
+
+@pytest.mark.parametrize(("call", "code"), [
+    (lambda m: m.lookup(ROOT_INODE, b"nope"), errno.ENOENT),
+    (lambda m: m.getattr(999), errno.ENOENT),
+    (lambda m: m.mkdir(ROOT_INODE, b"x" * 256, 0o755, 0, 0, 0), errno.ENAMETOOLONG),
+    (lambda m: m.mkdir(ROOT_INODE, b"a/b", 0o755, 0, 0, 0), errno.EINVAL),
+    (lambda m: m.unlink(ROOT_INODE, b"nope"), errno.ENOENT),
+])
+def test_errors(meta: MetaStore, call: Callable[[MetaStore], object], code: int) -> None:
+    with pytest.raises(FsError) as info:
+        call(meta)
+    assert info.value.errno == code
+
+
+def test_exists_and_type_errors(meta: MetaStore) -> None:
+    d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
+    f = meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=0, size=0, blocks=[])
+    for call, code in [
+        (lambda: meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0), errno.EEXIST),
+        (lambda: meta.symlink(ROOT_INODE, b"f", b"t", 0, 0, 0), errno.EEXIST),
+        (lambda: meta.publish_file(ROOT_INODE, b"d", mode=0o644, uid=0, gid=0, mtime_ns=0, size=0, blocks=[]),
+         errno.EISDIR),
+        (lambda: meta.lookup(f.ino, b"x"), errno.ENOTDIR),
+        (lambda: meta.readdir(f.ino), errno.ENOTDIR),
+        (lambda: meta.unlink(ROOT_INODE, b"d"), errno.EISDIR),
+        (lambda: meta.readlink(d.ino), errno.EINVAL),
+    ]:
+        with pytest.raises(FsError) as info:
+            call()
+        assert info.value.errno == code
+
+
+def test_publish_replaces_atomically_and_keeps_inode(meta: MetaStore) -> None:
+    first = meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=1, size=8,
+                              blocks=ids(b"aaaa", b"bbbb"))
+    second = meta.publish_file(ROOT_INODE, b"f", mode=0o600, uid=0, gid=0, mtime_ns=2, size=2,
+                               blocks=ids(b"cc"))
+    assert second.ino == first.ino and second.size == 2 and stat.S_IMODE(second.mode) == 0o600
+    assert meta.read_blocks(first.ino) == ids(b"cc")
+    s = meta.stats()
+    assert (s.files, s.unique_blocks, s.block_refs, s.unique_bytes) == (1, 1, 1, 2)
+    assert not meta.block_known(block_id(b"aaaa")) and meta.block_known(block_id(b"cc"))
+
+
+def test_publish_over_symlink_replaces_it(meta: MetaStore) -> None:
+    meta.symlink(ROOT_INODE, b"x", b"target", 0, 0, 0)
+    f = meta.publish_file(ROOT_INODE, b"x", mode=0o644, uid=0, gid=0, mtime_ns=0, size=1, blocks=ids(b"z"))
+    assert meta.lookup(ROOT_INODE, b"x") == f and f.is_reg
+
+
+def test_dedup_refcounts(meta: MetaStore) -> None:
+    same = ids(b"aaaa", b"aaaa", b"bb")
+    meta.publish_file(ROOT_INODE, b"one", mode=0o644, uid=0, gid=0, mtime_ns=0, size=10, blocks=same)
+    meta.publish_file(ROOT_INODE, b"two", mode=0o644, uid=0, gid=0, mtime_ns=0, size=10, blocks=same)
+    s = meta.stats()
+    assert (s.logical_bytes, s.block_refs, s.unique_blocks, s.unique_bytes) == (20, 6, 2, 6)
+    assert s.dedup_ratio == pytest.approx(20 / 6)
+    meta.unlink(ROOT_INODE, b"one")
+    meta.unlink(ROOT_INODE, b"two")
+    s = meta.stats()
+    assert (s.files, s.block_refs, s.unique_blocks) == (0, 0, 0)
+
+
+def test_set_attrs(meta: MetaStore) -> None:
+    d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
+    out = meta.set_attrs(d.ino, mode=0o700, uid=5, gid=6, mtime_ns=99)
+    assert out.is_dir and stat.S_IMODE(out.mode) == 0o700 and (out.uid, out.gid, out.mtime_ns) == (5, 6, 99)
+
+
+def test_concurrent_publishers_lose_no_entry(meta: MetaStore) -> None:
+    def publish(prefix: str) -> None:
+        for i in range(40):
+            meta.publish_file(ROOT_INODE, f"{prefix}-{i}".encode(), mode=0o644, uid=0, gid=0, mtime_ns=0,
+                              size=1, blocks=ids(b"x"))
+
+    threads = [threading.Thread(target=publish, args=(p,)) for p in "abcd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(meta.readdir(ROOT_INODE)) == 160
+    assert meta.stats().block_refs == 160
+
+
+def test_registry_and_unformatted(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unsupported metadata URL"):
+        open_meta("mysql://h/db")
+    with pytest.raises(NotFormatted):
+        open_meta(f"sqlite://{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()
+    alias = open_meta(f"sqlite3://{tmp_path / 'a.db'}", create=True)
+    assert alias.load_format() is None
+    alias.close()
