@@ -85,35 +85,50 @@ def _check_settings(block_size: int, compression: str, storage: str) -> None:
         )
 
 
+def existing_format(meta_url: str) -> VolumeFormat | None:
+    """The settings of the volume at ``meta_url``, or None if there is none (yet)."""
+    try:
+        meta = open_meta(meta_url)
+    except NotFormatted:
+        return None
+    try:
+        return meta.load_format()
+    finally:
+        meta.close()
+
+
 def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
                   block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "none",
                   force: bool = False) -> VolumeFormat:
-    """Create a volume (or, with ``force``, update an existing one's settings)."""
+    """Create a volume (or, with ``force``, update an existing one's settings).
+
+    Every check runs before anything is written, so a refused format leaves the metadata
+    engine and the store as they were."""
     storage_url = normalize_storage_url(storage_url)
     _check_settings(block_size, compression, storage_url)
-    meta = open_meta(meta_url, create=True)
+    existing = existing_format(meta_url)
+    if existing is not None and not force:
+        raise ChunkfsError(
+            f"{mask_url(meta_url)} already holds volume {existing.name!r} ({existing.uuid}); "
+            "use --force to change its settings"
+        )
+    store = open_store(storage_url, create=True)
     try:
-        existing = meta.load_format()
-        if existing is not None and not force:
+        marker = read_marker(store)
+        own_uuid = existing.uuid if existing else None
+        if marker is not None and marker.get("uuid") != own_uuid:
             raise ChunkfsError(
-                f"{meta.url} already holds volume {existing.name!r} ({existing.uuid}); "
-                "use --force to change its settings"
+                f"{store.url} already holds another volume ({marker.get('name')!r}, "
+                f"{marker.get('uuid')}); choose another storage location"
             )
-        if existing is not None and not meta.is_empty() and (
-            existing.block_size != block_size or existing.compression != compression
-        ):
-            raise ChunkfsError(
-                f"volume {existing.name!r} holds files: its block size ({format_size(existing.block_size)}) "
-                f"and compression ({existing.compression}) cannot change"
-            )
-        store = open_store(storage_url, create=True)
+        meta = open_meta(meta_url, create=True)
         try:
-            marker = read_marker(store)
-            own_uuid = existing.uuid if existing else None
-            if marker is not None and marker.get("uuid") != own_uuid:
+            if existing is not None and not meta.is_empty() and (
+                existing.block_size != block_size or existing.compression != compression
+            ):
                 raise ChunkfsError(
-                    f"{store.url} already holds another volume ({marker.get('name')!r}, "
-                    f"{marker.get('uuid')}); choose another storage location"
+                    f"volume {existing.name!r} holds files: its block size "
+                    f"({format_size(existing.block_size)}) and compression ({existing.compression}) cannot change"
                 )
             if existing is not None:
                 fmt = replace(existing, storage=storage_url, name=name or existing.name,
@@ -131,14 +146,15 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
             meta.save_format(fmt)
             return fmt
         finally:
-            store.close()
+            meta.close()
     finally:
-        meta.close()
+        store.close()
 
 
 def open_volume(meta_url: str) -> Volume:
     """Open a formatted volume and its store, checking that they belong together."""
     meta = open_meta(meta_url)
+    store = None
     try:
         fmt = meta.load_format()
         if fmt is None:
@@ -146,14 +162,14 @@ def open_volume(meta_url: str) -> Volume:
         store = open_store(fmt.storage)
         marker = read_marker(store)
         if marker is None:
-            store.close()
             raise ChunkfsError(f"storage {store.url} of volume {fmt.name!r} holds no chunkfs volume marker")
         if marker.get("uuid") != fmt.uuid:
-            store.close()
             raise ChunkfsError(
                 f"storage {store.url} belongs to volume {marker.get('uuid')}, not {fmt.uuid} ({fmt.name!r})"
             )
     except BaseException:
+        if store is not None:
+            store.close()
         meta.close()
         raise
     return Volume(meta=meta, store=store, fmt=fmt)

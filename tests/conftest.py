@@ -55,17 +55,17 @@ def make_source_tree(root: Path, block: int = BLOCK) -> Path:
 
 
 @dataclass
-class TestVolume:
+class VolumeFixture:
     meta_url: str
     storage: Path
     db: Path
     tmp: Path
 
 
-def format_volume(tmp: Path, *extra: str, block: int = BLOCK) -> TestVolume:
+def format_volume(tmp: Path, *extra: str, block: int = BLOCK) -> VolumeFixture:
     db = tmp / "meta" / "v.db"
     storage = tmp / "blocks"
-    vol = TestVolume(f"sqlite://{db}", storage, db, tmp)
+    vol = VolumeFixture(f"sqlite://{db}", storage, db, tmp)
     chunkfs("format", vol.meta_url, "--storage", f"file://{storage}", "--block-size", str(block), *extra)
     return vol
 
@@ -76,12 +76,12 @@ def source(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def volume(tmp_path: Path) -> TestVolume:
+def volume(tmp_path: Path) -> VolumeFixture:
     return format_volume(tmp_path)
 
 
 @pytest.fixture
-def imported(volume: TestVolume, source: Path) -> TestVolume:
+def imported(volume: VolumeFixture, source: Path) -> VolumeFixture:
     chunkfs("import", volume.meta_url, str(source), "/model")
     return volume
 
@@ -113,7 +113,7 @@ def force_unmount(mountpoint: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(vol: TestVolume, *extra: str, cache: Path | None = None, allow_errors: bool = False,
+def mounted(vol: VolumeFixture, *extra: str, cache: Path | None = None, allow_errors: bool = False,
             name: str = "mnt") -> Iterator[Mount]:
     """A read-only mount of ``vol`` served by a child process; always unmounted afterwards."""
     mountpoint = vol.tmp / name

@@ -9,26 +9,14 @@ from dataclasses import asdict
 
 from chunkfs.blocks import DEFAULT_BLOCK_SIZE
 from chunkfs.errors import ChunkfsError, UsageError
-from chunkfs.meta import open_meta
-from chunkfs.progress import format_duration
 from chunkfs.units import format_size
 from chunkfs.urls import mask_url
-from chunkfs.volume import format_volume, open_volume
+from chunkfs.volume import existing_format, format_volume, open_volume
 from chunkfs.write.importer import Importer
 
 
 def cmd_format(args: argparse.Namespace) -> int:
-    existing = None
-    if args.force:
-        try:
-            meta = open_meta(args.meta)
-        except ChunkfsError:
-            meta = None
-        if meta is not None:
-            try:
-                existing = meta.load_format()
-            finally:
-                meta.close()
+    existing = existing_format(args.meta) if args.force else None
     storage = args.storage or (existing.storage if existing else None)
     if not storage:
         raise UsageError("format needs --storage, e.g. --storage file:///var/lib/chunkfs/blocks")
@@ -96,5 +84,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{key + ':':14}{value}")
     return 0
 
-
-__all__ = ["cmd_format", "cmd_import", "cmd_status", "format_duration"]

@@ -67,8 +67,8 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     from chunkfs.fuse.ops import MountOptions
     from chunkfs.volume import open_volume
 
-    mountpoint = check_mountpoint(args.mountpoint)
     check_fuse_device()
+    mountpoint = check_mountpoint(args.mountpoint)
     try:
         Path(args.cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -64,10 +64,14 @@ def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
         os.stat(path)
+        entry = find_mount(path)
+        if entry is not None:
+            os.statvfs(path)  # never answered from the kernel's caches: a dead daemon shows here
+            raise ChunkfsError(f"{path} is already mounted ({entry.fstype} from {entry.source})")
     except FileNotFoundError:
         raise ChunkfsError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise ChunkfsError(
                 f"mountpoint {path} is a dead FUSE mount (transport endpoint is not connected); "
                 f"run 'chunkfs umount --lazy {path}' first"
@@ -75,9 +79,6 @@ def check_mountpoint(path: str) -> str:
         raise ChunkfsError(f"mountpoint {path}: {exc.strerror}") from None
     if not os.path.isdir(path):
         raise ChunkfsError(f"mountpoint {path} is not a directory")
-    entry = find_mount(path)
-    if entry is not None:
-        raise ChunkfsError(f"{path} is already mounted ({entry.fstype} from {entry.source})")
     try:
         if any(os.scandir(path)):
             raise ChunkfsError(f"mountpoint {path} is not empty")

@@ -1,0 +1,252 @@
+"""The CLI as users drive it: bad inputs give one line and a non-zero exit and change
+nothing stored; mount lifecycle (background, SIGTERM, umount, dead mounts)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from chunkfs.fuse.mountinfo import find_mount
+from tests.conftest import VolumeFixture, chunkfs, force_unmount, mounted, wait_mounted
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(vol: VolumeFixture) -> tuple[str, list[tuple[str, int]]]:
+    """Everything stored: the metadata rows and the object files."""
+    conn = sqlite3.connect(vol.db)
+    dump = "\n".join(conn.iterdump())
+    conn.close()
+    objects = sorted((str(p.relative_to(vol.storage)), p.stat().st_size)
+                     for p in vol.storage.rglob("*") if p.is_file())
+    return dump, objects
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int | None = None) -> None:
+    assert result.returncode != 0, result
+    if code is not None:
+        assert result.returncode == code, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    # ours: "chunkfs: <message>"; argparse's usage errors: "chunkfs <command>: error: <message>"
+    errors = [ln for ln in lines if re.match(r"chunkfs( [a-z]+: error)?: ", ln)]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+# -- format -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["mysql://h/db", "--storage", "/tmp/x"], ["unsupported metadata URL"]),
+    (["sqlite://", "--storage", "/tmp/x"], ["needs a database path"]),
+    (["notaurl", "--storage", "/tmp/x"], ["not a URL"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "ftp://h/x"], ["unsupported storage URL"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "/tmp/x", "--block-size", "3M"], ["power of two"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "/tmp/x", "--block-size", "huge"], ["invalid size"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "/tmp/x", "--compress", "zstd"], ["invalid choice"]),
+    (["sqlite:///{tmp}/v.db"], ["needs --storage"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "s3://bucket/p?secret_key=abc"], ["credentials"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "/dev/null/blocks"], ["cannot create storage directory"]),
+    (["sqlite:///dev/null/x.db", "--storage", "/tmp/x"], ["cannot create"]),
+])
+def test_format_bad_inputs(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    args = [a.replace("/{tmp}", str(tmp_path)) for a in args]
+    result = chunkfs("format", *args, check=False)
+    assert_one_line_error(result, *fragments)
+    assert "secret" not in result.stderr and "abc" not in result.stderr
+
+
+def test_format_refusals_change_nothing(imported: VolumeFixture, tmp_path: Path) -> None:
+    before = snapshot(imported)
+    assert_one_line_error(chunkfs("format", imported.meta_url, "--storage", str(imported.storage), check=False),
+                          "already holds volume", "--force")
+    assert_one_line_error(chunkfs("format", f"sqlite://{tmp_path}/other.db", "--storage",
+                                  str(imported.storage), check=False), "already holds another volume")
+    assert_one_line_error(chunkfs("format", imported.meta_url, "--storage", str(imported.storage), "--force",
+                                  "--block-size", "128K", check=False), "cannot change")
+    assert snapshot(imported) == before
+    assert not (tmp_path / "other.db").exists()
+
+
+# -- import, status on bad volumes ------------------------------------------------------------
+def test_unformatted_and_unreachable_volumes(tmp_path: Path, source: Path) -> None:
+    missing = f"sqlite://{tmp_path}/missing.db"
+    (tmp_path / "mnt").mkdir()
+    for cmd in (["import", missing, str(source), "/m"], ["status", missing],
+                ["mount", missing, str(tmp_path / "mnt"), "--read-only", "--cache-dir", str(tmp_path / "c")]):
+        assert_one_line_error(chunkfs(*cmd, check=False), "no chunkfs volume", "chunkfs format")
+    assert not (tmp_path / "missing.db").exists()
+    (tmp_path / "garbage.db").write_bytes(b"this is not sqlite" * 100)
+    assert_one_line_error(chunkfs("status", f"sqlite://{tmp_path}/garbage.db", check=False), "not a database")
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    assert_one_line_error(chunkfs("status", f"sqlite://{empty}", check=False), "no chunkfs volume")
+    assert_one_line_error(chunkfs("status", f"sqlite://{tmp_path}", check=False), "is a directory")
+    assert_one_line_error(chunkfs("status", "redis://:hunter2@127.0.0.1:1/0", check=False))
+
+
+def test_import_bad_inputs_change_nothing(imported: VolumeFixture, tmp_path: Path, source: Path) -> None:
+    before = snapshot(imported)
+    assert_one_line_error(chunkfs("import", imported.meta_url, str(tmp_path / "nope"), "/x", check=False),
+                          "does not exist")
+    assert_one_line_error(chunkfs("import", imported.meta_url, str(source), "relative", check=False), "absolute")
+    assert_one_line_error(chunkfs("import", imported.meta_url, str(source), "/model/several/x", check=False),
+                          "not a directory")
+    assert_one_line_error(chunkfs("import", imported.meta_url, str(source), "/m", "--threads", "0", check=False))
+    assert snapshot(imported) == before
+
+
+def test_store_gone_is_reported(imported: VolumeFixture) -> None:
+    shutil.rmtree(imported.storage)
+    assert_one_line_error(chunkfs("status", imported.meta_url, check=False), "storage directory", "does not exist")
+
+
+def test_status_reports_dedup(imported: VolumeFixture) -> None:
+    out = chunkfs("status", imported.meta_url).stdout
+    assert "10 files" in out and "dedup:" in out and "sha256" in out
+    import json
+
+    data = json.loads(chunkfs("status", imported.meta_url, "--json").stdout)
+    assert data["stats"]["unique_bytes"] < data["stats"]["logical_bytes"]
+    assert data["dedup_ratio"] > 1
+
+
+def test_import_progress_is_quiet_in_scripts(volume: VolumeFixture, source: Path) -> None:
+    result = chunkfs("import", volume.meta_url, str(source), "/m")
+    assert result.stdout == "" and result.stderr == ""
+
+
+# -- mount errors -----------------------------------------------------------------------------
+def test_mountpoint_errors(imported: VolumeFixture, tmp_path: Path) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    for mountpoint, fragment in [(tmp_path / "nope", "does not exist"), (tmp_path / "full", "not empty"),
+                                 (tmp_path / "afile", "not a directory")]:
+        for bg in ([], ["--background", "--log-file", str(tmp_path / "bg.log")]):
+            result = chunkfs("mount", imported.meta_url, str(mountpoint), "--read-only", *cache, *bg, check=False)
+            assert_one_line_error(result, fragment)
+    assert_one_line_error(chunkfs("mount", imported.meta_url, str(tmp_path / "full"), *cache, check=False),
+                          "--read-only")
+    with mounted(imported) as m:
+        result = chunkfs("mount", imported.meta_url, str(m.path), "--read-only", *cache, check=False)
+        assert_one_line_error(result, "already mounted")
+
+
+def test_no_permission_on_dev_fuse(imported: VolumeFixture, tmp_path: Path) -> None:
+    """As an unprivileged user (nobody) with Debian's own python3.11 and our site-packages."""
+    system_python = Path("/usr/bin/python3.11")
+    site = Path(sys.prefix) / "lib" / "python3.11" / "site-packages"
+    if not system_python.exists() or shutil.which("setpriv") is None:
+        pytest.skip("needs /usr/bin/python3.11 and setpriv to run as an unprivileged user")
+    home = Path(tempfile.mkdtemp(prefix="chunkfs-nobody-"))  # outside root's 0700 pytest dir
+    try:
+        (home / "mnt").mkdir()
+        for p in (home, home / "mnt"):
+            os.chmod(p, 0o777)
+        env = {"PYTHONPATH": f"{REPO}:{site}", "PATH": os.environ["PATH"], "HOME": str(home)}
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(system_python), "-m", "chunkfs",
+             "mount", imported.meta_url, str(home / "mnt"), "--read-only", "--cache-dir", str(home / "c")],
+            capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert_one_line_error(result, "no permission to open /dev/fuse")
+    finally:
+        shutil.rmtree(home)
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+def _pid_gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, source: Path) -> None:
+    mnt = tmp_path / "bg"
+    mnt.mkdir()
+    log = tmp_path / "bg.log"
+    result = chunkfs("mount", imported.meta_url, str(mnt), "--read-only", "--background", "--cache-dir",
+                     str(tmp_path / "cache"), "--log-file", str(log))
+    pid = int(result.stderr.split("(pid ")[1].split(",")[0])
+    try:
+        assert find_mount(str(mnt)) is not None  # ready when the command returns
+        assert (mnt / "model/several").read_bytes() == (source / "several").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--read-only" in cmdline
+        assert os.getsid(pid) == pid  # its own session: outlives the shell that started it
+        with open(mnt / "model/several", "rb"):
+            busy = chunkfs("umount", str(mnt), check=False)
+            assert_one_line_error(busy, "cannot unmount")
+        chunkfs("umount", str(mnt))
+        assert find_mount(str(mnt)) is None
+        assert _pid_gone(pid)
+    finally:
+        force_unmount(mnt)
+    assert "Traceback" not in log.read_text()
+    assert_one_line_error(chunkfs("umount", str(mnt), check=False), "not mounted")
+    assert_one_line_error(chunkfs("umount", "/", check=False), "not a chunkfs mount")
+
+
+def test_daemon_command_line_masks_the_password() -> None:
+    import argparse
+
+    from chunkfs.cli.mount import _daemon_argv
+
+    args = argparse.Namespace(meta="redis://:hunter2@10.0.0.7:6379/1", mountpoint="/mnt/m", debug=False,
+                              cache_dir="/c", max_downloads=4, attr_timeout=1.0, entry_timeout=1.0,
+                              read_only=True)
+    argv = _daemon_argv(args, 9)
+    assert "hunter2" not in " ".join(argv) and "redis://:****@10.0.0.7:6379/1" in argv
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(imported: VolumeFixture, tmp_path: Path, sig: signal.Signals) -> None:
+    mnt = tmp_path / "sig"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", imported.meta_url, str(mnt), "--read-only",
+                             "--cache-dir", str(tmp_path / "cache")], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_mounted(mnt, proc)
+        assert (mnt / "model/one").stat().st_size == 1
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 0
+        assert find_mount(str(mnt)) is None
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        force_unmount(mnt)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_dead_mount_is_reported_and_lazy_umount_clears_it(imported: VolumeFixture, tmp_path: Path) -> None:
+    mnt = tmp_path / "dead"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", imported.meta_url, str(mnt), "--read-only",
+                             "--cache-dir", str(tmp_path / "cache")], stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(mnt, proc)
+        proc.kill()
+        proc.wait()
+        result = chunkfs("mount", imported.meta_url, str(mnt), "--read-only", "--cache-dir",
+                         str(tmp_path / "cache"), check=False)
+        assert_one_line_error(result, "dead FUSE mount", "umount --lazy")
+        chunkfs("umount", "--lazy", str(mnt))
+        assert find_mount(str(mnt)) is None
+    finally:
+        force_unmount(mnt)

@@ -1,0 +1,170 @@
+"""Real FUSE mounts, read-only: every byte, listing, attribute and refusal through the kernel."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, tree_listing
+
+pytestmark = pytest.mark.mount
+
+FILES = ["empty", "one", "block-minus-1", "block", "block-plus-1", "several", "zeros",
+         "nested/copy-of-several", "nested/deeper/text.txt", "private"]
+
+
+def test_every_file_reads_back_byte_for_byte(imported: VolumeFixture, source: Path) -> None:
+    with mounted(imported) as m:
+        for rel in FILES:
+            assert (m.path / "model" / rel).read_bytes() == (source / rel).read_bytes(), rel
+        # through a symlink too
+        assert (m.path / "model/nested/link-to-several").read_bytes() == (source / "several").read_bytes()
+
+
+def test_listing_sizes_modes_and_links_match_source(imported: VolumeFixture, source: Path) -> None:
+    with mounted(imported) as m:
+        assert tree_listing(m.path / "model") == tree_listing(source)
+        assert os.readlink(m.path / "model/nested/link-to-several") == "../several"
+        assert os.readlink(m.path / "model/dangling") == "does-not-exist"
+        for rel in FILES:
+            got, want = (m.path / "model" / rel).stat(), (source / rel).stat()
+            assert (got.st_mode, got.st_size, got.st_mtime_ns) == (want.st_mode, want.st_size, want.st_mtime_ns)
+        ls = subprocess.run(["ls", "-l", str(m.path / "model")], capture_output=True, text=True, check=True)
+        assert "-rw------- 1" in ls.stdout  # the 0600 file
+        assert f" {5 * BLOCK + 123} " in ls.stdout
+
+
+def test_random_ranges_match_source(imported: VolumeFixture, source: Path) -> None:
+    """Random offsets and lengths (hypothesis) through the kernel against the source file."""
+    data = (source / "several").read_bytes()
+    with mounted(imported) as m, open(m.path / "model/several", "rb", buffering=0) as f:
+        fd = f.fileno()
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(offset=st.integers(0, len(data) + 10), length=st.integers(0, 3 * BLOCK))
+        def check(offset: int, length: int) -> None:
+            assert os.pread(fd, length, offset) == data[offset : offset + length]
+
+        check()
+
+
+def test_mmap_reads(imported: VolumeFixture, source: Path) -> None:
+    data = (source / "several").read_bytes()
+    rng = random.Random(7)
+    with mounted(imported) as m, open(m.path / "model/several", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            for _ in range(200):
+                a = rng.randrange(len(data))
+                b = min(len(data), a + rng.randrange(1, 2 * BLOCK))
+                assert mm[a:b] == data[a:b]
+            assert mm[:] == data
+        finally:
+            mm.close()
+
+
+def test_safetensors_load_through_mount(volume: VolumeFixture, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "st-model"
+    model.mkdir()
+    rng = np.random.default_rng(3)
+    tensors = {f"w{i}": rng.standard_normal(50_000 + i, dtype=np.float32) for i in range(5)}
+    save_file(tensors, str(model / "model.safetensors"))
+    chunkfs("import", volume.meta_url, str(model), "/st")
+    with mounted(volume) as m:
+        loaded = load_file(str(m.path / "st/model.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert np.array_equal(loaded[k], v)
+
+
+def _expect_erofs(call, *args) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as info:
+        call(*args)
+    assert info.value.errno == errno.EROFS, f"{call.__name__}{args}: {info.value}"
+
+
+def test_every_write_is_erofs(imported: VolumeFixture) -> None:
+    with mounted(imported) as m:
+        root = m.path / "model"
+        f = root / "several"
+        _expect_erofs(os.open, str(root / "new"), os.O_CREAT | os.O_WRONLY, 0o644)
+        _expect_erofs(os.open, str(f), os.O_WRONLY)
+        _expect_erofs(os.open, str(f), os.O_RDWR)
+        _expect_erofs(os.truncate, str(f), 0)
+        _expect_erofs(os.mkdir, str(root / "d"))
+        _expect_erofs(os.rmdir, str(root / "nested/deeper"))
+        _expect_erofs(os.unlink, str(f))
+        _expect_erofs(os.rename, str(f), str(root / "moved"))
+        _expect_erofs(os.symlink, "x", str(root / "newlink"))
+        _expect_erofs(os.link, str(f), str(root / "hardlink"))
+        _expect_erofs(os.chmod, str(f), 0o600)
+        _expect_erofs(os.chown, str(f), 1, 1)
+        _expect_erofs(os.utime, str(f), (1, 1))
+        _expect_erofs(os.setxattr, str(f), "user.k", b"v")
+        _expect_erofs(os.removexattr, str(f), "user.k")
+        assert os.listxattr(str(f)) == []
+        with pytest.raises(OSError) as info:
+            os.getxattr(str(f), "user.k")
+        assert info.value.errno == errno.ENODATA
+
+
+def test_lookup_errors_and_statfs(imported: VolumeFixture) -> None:
+    with mounted(imported) as m:
+        with pytest.raises(FileNotFoundError):
+            (m.path / "model/nope").stat()
+        with pytest.raises(NotADirectoryError):
+            (m.path / "model/several/x").stat()
+        with pytest.raises(OSError) as info:
+            (m.path / ("x" * 300)).stat()
+        assert info.value.errno == errno.ENAMETOOLONG
+        vfs = os.statvfs(m.path)
+        assert vfs.f_bsize == BLOCK and vfs.f_namemax == 255
+        assert vfs.f_blocks * vfs.f_bsize >= sum((imported.tmp / "src" / p).stat().st_size for p in FILES)
+        assert vfs.f_flag & os.ST_RDONLY
+
+
+def test_blocks_read_are_kept_in_the_cache_dir(imported: VolumeFixture, source: Path) -> None:
+    cache = imported.tmp / "cache"
+    with mounted(imported, cache=cache) as m:
+        (m.path / "model/several").read_bytes()
+    files = [p for p in (cache / "blocks").rglob("*") if p.is_file()]
+    assert len(files) == 6  # ceil((5 * BLOCK + 123) / BLOCK)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert not any((cache / "tmp").iterdir())
+    # a second mount reads the same bytes from the cache with the store's blocks gone
+    for obj in (imported.storage / "blocks").rglob("*"):
+        if obj.is_file():
+            obj.unlink()
+    with mounted(imported, cache=cache, name="mnt2") as m:
+        assert (m.path / "model/several").read_bytes() == (source / "several").read_bytes()
+
+
+def test_missing_block_is_eio_and_other_files_keep_working(imported: VolumeFixture, source: Path) -> None:
+    with mounted(imported, allow_errors=True) as m:
+        victim = m.path / "model/block-plus-1"
+        # delete the store object of the second block of block-plus-1 (its 1-byte tail)
+        tail = (source / "block-plus-1").read_bytes()[BLOCK:]
+        import hashlib
+
+        key = hashlib.sha256(tail).hexdigest()
+        (imported.storage / "blocks" / key[:2] / key).unlink()
+        with open(victim, "rb", buffering=0) as f:
+            assert f.read(BLOCK) == (source / "block-plus-1").read_bytes()[:BLOCK]
+            with pytest.raises(OSError) as info:
+                f.read(10)
+            assert info.value.errno == errno.EIO
+        assert (m.path / "model/several").read_bytes() == (source / "several").read_bytes()
+    log = m.log_text()
+    assert "block-plus-1" in log and key in log and "missing" in log
