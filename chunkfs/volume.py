@@ -29,7 +29,7 @@ from chunkfs.blocks import (
 )
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.meta import MetaStore, VolumeFormat, open_meta
-from chunkfs.store import ObjectNotFound, ObjectStore, normalize_storage_url, open_store
+from chunkfs.store import ObjectNotFound, ObjectStore, StoreOptions, normalize_storage_url, open_store
 from chunkfs.units import format_size
 from chunkfs.urls import mask_url
 
@@ -151,7 +151,7 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
         store.close()
 
 
-def open_volume(meta_url: str) -> Volume:
+def open_volume(meta_url: str, store_options: StoreOptions | None = None) -> Volume:
     """Open a formatted volume and its store, checking that they belong together."""
     meta = open_meta(meta_url)
     store = None
@@ -159,7 +159,7 @@ def open_volume(meta_url: str) -> Volume:
         fmt = meta.load_format()
         if fmt is None:
             raise NotFormatted(f"no chunkfs volume at {meta.url} (run 'chunkfs format' first)")
-        store = open_store(fmt.storage)
+        store = open_store(fmt.storage, options=store_options)
         marker = read_marker(store)
         if marker is None:
             raise ChunkfsError(f"storage {store.url} of volume {fmt.name!r} holds no chunkfs volume marker")

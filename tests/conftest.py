@@ -153,3 +153,41 @@ def tree_listing(root: Path) -> list[tuple[str, str, int, int]]:
             size = st.st_size if kind == "file" else 0
             out.append((str(path.relative_to(root)), kind, size, st.st_mode & 0o7777))
     return sorted(out)
+
+
+# -- real object-store servers (session-wide; each test uses its own bucket) -----------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.servers import apply_env, rclone_s3, s3_env
+
+    apply_env(s3_env())  # mount subprocesses inherit the credentials, as on a real node
+    with rclone_s3(tmp_path_factory.mktemp("s3") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.servers import apply_env, fake_gcs, gcs_env
+
+    with fake_gcs(tmp_path_factory.mktemp("gcs") / "data") as server:
+        apply_env(gcs_env(server))
+        yield server
+
+
+def unique_bucket() -> str:
+    import uuid
+
+    return f"chunkfs-{uuid.uuid4().hex[:12]}"
+
+
+def storage_url(kind: str, request: pytest.FixtureRequest, tmp: Path) -> str:
+    """A fresh, empty store location of the given kind."""
+    if kind == "file":
+        return f"file://{tmp / 'blocks'}"
+    if kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        return f"s3://{unique_bucket()}/models?endpoint={server.endpoint}"
+    if kind == "gcs":
+        request.getfixturevalue("gcs_server")
+        return f"gs://{unique_bucket()}/models"
+    raise ValueError(kind)

@@ -8,7 +8,10 @@ import sys
 from dataclasses import asdict
 
 from chunkfs.blocks import DEFAULT_BLOCK_SIZE
+from chunkfs.cli.main import store_options
 from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.objbench import run_objbench
+from chunkfs.store import open_store
 from chunkfs.units import format_size
 from chunkfs.urls import mask_url
 from chunkfs.volume import existing_format, format_volume, open_volume
@@ -35,7 +38,7 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with open_volume(args.meta) as volume:
+    with open_volume(args.meta, store_options(args, args.threads)) as volume:
         interactive = sys.stderr.isatty() and not args.quiet
         importer = Importer(volume, threads=args.threads, checksum=args.checksum, show_progress=interactive)
         report = importer.run(args.source, args.dest)
@@ -84,3 +87,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{key + ':':14}{value}")
     return 0
 
+
+
+def cmd_objbench(args: argparse.Namespace) -> int:
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--concurrency takes numbers like 1,8,32, not {args.concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise UsageError("--concurrency levels must be at least 1")
+    store = open_store(args.storage, options=store_options(args, max(levels)))
+    try:
+        rows = run_objbench(store, size=args.block_size, objects=args.objects, levels=levels)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"storage": store.url, "object_size": args.block_size,
+                          "results": [r.as_dict() for r in rows]}, indent=2))
+        return 0
+    print(f"{store.url}: {format_size(args.block_size)} objects")
+    print(f"{'op':4} {'conc':>4} {'count':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'MiB/s':>9}")
+    for r in rows:
+        print(f"{r.op:4} {r.concurrency:4d} {r.count:6d} {r.p50_ms:8.1f} {r.p90_ms:8.1f} {r.p99_ms:8.1f} "
+              f"{r.mib_per_s:9.1f}")
+    return 0

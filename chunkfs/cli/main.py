@@ -14,7 +14,8 @@ import sys
 
 from chunkfs import __version__
 from chunkfs.blocks import COMPRESSIONS
-from chunkfs.errors import ChunkfsError, first_error
+from chunkfs.errors import ChunkfsError, UsageError, first_error
+from chunkfs.store.base import StoreOptions
 from chunkfs.units import parse_size
 
 EXIT_INTERNAL = 70
@@ -43,6 +44,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--io-retries", type=_positive_int, default=5,
+                   help="tries per object-store request for temporary failures (default 5)")
+    p.add_argument("--io-timeout", type=float, default=30.0, help="seconds per object-store request (default 30)")
+
+
+def store_options(args: argparse.Namespace, concurrency: int) -> StoreOptions:
+    if args.io_timeout <= 0:
+        raise UsageError("--io-timeout must be positive")
+    return StoreOptions(concurrency=concurrency, timeout=args.io_timeout, attempts=args.io_retries)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkfs", description="A chunked POSIX filesystem for ML model weights over object storage."
@@ -66,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=16, help="blocks processed in parallel (default 16)")
     p.add_argument("--checksum", action="store_true", help="re-read files whose size and mtime are unchanged")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    _add_store_options(p)
 
     p = sub.add_parser("mount", help="mount a volume with FUSE")
     p.add_argument("meta", metavar="META_URL")
@@ -77,12 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-downloads", type=_positive_int, default=16, help="concurrent block downloads (default 16)")
     p.add_argument("--attr-timeout", type=float, default=300.0, help="kernel attribute cache seconds (default 300)")
     p.add_argument("--entry-timeout", type=float, default=300.0, help="kernel entry cache seconds (default 300)")
+    _add_store_options(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--meta-env", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="unmount a chunkfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", "-z", action="store_true", help="detach now even if busy (also clears dead mounts)")
+
+    p = sub.add_parser("objbench", help="measure an object store's latency and throughput from this node")
+    p.add_argument("storage", metavar="STORAGE_URL", help="e.g. s3://bucket/prefix or gs://bucket/prefix")
+    p.add_argument("--block-size", type=_size, default=4 << 20, help="object size (default 4M)")
+    p.add_argument("--objects", type=_positive_int, default=64, help="objects per level (default 64)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_store_options(p)
 
     p = sub.add_parser("status", help="show volume settings and usage")
     p.add_argument("meta", metavar="META_URL")
@@ -106,6 +129,7 @@ def run(argv: list[str] | None = None) -> int:
         "format": commands.cmd_format,
         "import": commands.cmd_import,
         "status": commands.cmd_status,
+        "objbench": commands.cmd_objbench,
         "mount": mount.cmd_mount,
         "umount": mount.cmd_umount,
     }

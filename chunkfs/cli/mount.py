@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from chunkfs.cli.main import default_cache_dir
+from chunkfs.cli.main import default_cache_dir, store_options
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount
 from chunkfs.urls import mask_url
@@ -77,7 +77,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
                            entry_timeout=args.entry_timeout)
     config = ServeConfig(mountpoint=mountpoint, cache_dir=Path(args.cache_dir), options=options,
                          max_downloads=args.max_downloads)
-    with open_volume(args.meta) as volume:
+    with open_volume(args.meta, store_options(args, args.max_downloads)) as volume:
         ready_fd = args.ready_fd
         serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
 
@@ -89,7 +89,8 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int) -> list[str]:
     argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-env", META_ENV,
              "--ready-fd", str(ready_fd), "--cache-dir", args.cache_dir,
              "--max-downloads", str(args.max_downloads), "--attr-timeout", str(args.attr_timeout),
-             "--entry-timeout", str(args.entry_timeout)]
+             "--entry-timeout", str(args.entry_timeout), "--io-retries", str(args.io_retries),
+             "--io-timeout", str(args.io_timeout)]
     if args.read_only:
         argv.append("--read-only")
     return argv

@@ -12,13 +12,15 @@ import os
 from collections.abc import Callable
 
 from chunkfs.errors import ChunkfsError, UsageError
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError, StoreOptions
+from chunkfs.store.retry import RetryingStore
 from chunkfs.urls import mask_url, url_scheme
 
-__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "StoreError", "normalize_storage_url", "open_store"]
+__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "StoreError", "StoreOptions", "normalize_storage_url",
+           "open_store"]
 
 
-def _open_file(url: str, create: bool) -> ObjectStore:
+def _open_file(url: str, create: bool, options: StoreOptions) -> ObjectStore:
     from chunkfs.store.file import FileStore
 
     path = url[len("file://") :]
@@ -27,12 +29,12 @@ def _open_file(url: str, create: bool) -> ObjectStore:
     return FileStore(path, create=create)
 
 
-#: scheme -> (module holding an ``open_url(url, create)`` function, pip extra to install)
+#: scheme -> (module holding an ``open_url(url, create, options)`` function, pip extra to install)
 _OPTIONAL: dict[str, tuple[str, str]] = {
     "s3": ("chunkfs.store.s3", "s3"),
     "gs": ("chunkfs.store.gcs", "gcs"),
 }
-_BUILTIN: dict[str, Callable[[str, bool], ObjectStore]] = {"file": _open_file}
+_BUILTIN: dict[str, Callable[[str, bool, StoreOptions], ObjectStore]] = {"file": _open_file}
 
 
 def normalize_storage_url(url: str) -> str:
@@ -44,12 +46,18 @@ def normalize_storage_url(url: str) -> str:
     return url
 
 
-def open_store(url: str, *, create: bool = False) -> ObjectStore:
-    """Open the object store at ``url``; ``create`` makes a missing local directory."""
+def open_store(url: str, *, create: bool = False, options: StoreOptions | None = None) -> ObjectStore:
+    """Open the object store at ``url``, wrapped in the retry policy of ``options``.
+    ``create`` makes a missing local directory or bucket (``format`` only)."""
+    options = options or StoreOptions()
+    return RetryingStore(_open_backend(url, create, options), options.attempts)
+
+
+def _open_backend(url: str, create: bool, options: StoreOptions) -> ObjectStore:
     url = normalize_storage_url(url)
     scheme = url_scheme(url)
     if scheme in _BUILTIN:
-        return _BUILTIN[scheme](url, create)
+        return _BUILTIN[scheme](url, create, options)
     if scheme in _OPTIONAL:
         module_name, extra = _OPTIONAL[scheme]
         try:
@@ -60,6 +68,6 @@ def open_store(url: str, *, create: bool = False) -> ObjectStore:
             raise ChunkfsError(
                 f"{scheme}:// storage needs {exc.name}: pip install 'chunkfs[{extra}]'"
             ) from None
-        return module.open_url(url, create)
+        return module.open_url(url, create, options)
     known = ", ".join(f"{s}://" for s in [*_BUILTIN, *_OPTIONAL])
     raise UsageError(f"unsupported storage URL {mask_url(url)!r} (supported: {known})")

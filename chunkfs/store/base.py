@@ -35,6 +35,15 @@ class ObjectNotFound(StoreError):
 
 
 @dataclass(frozen=True)
+class StoreOptions:
+    """How a node talks to its store. Not part of the volume: each command may set them."""
+
+    concurrency: int = 32  # HTTP connections per client: N concurrent requests really are N connections
+    timeout: float = 30.0  # seconds per request (connect and each read)
+    attempts: int = 5  # tries per request for temporary failures (1 = no retry)
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int

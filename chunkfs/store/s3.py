@@ -1,0 +1,185 @@
+"""``s3://bucket/prefix`` backend on boto3 (AWS S3, MinIO, rclone, any S3-compatible store).
+
+URL: ``s3://BUCKET[/PREFIX][?endpoint=http://host:9000][&region=R][&path_style=true]``.
+Credentials come only from boto3's standard chain (environment, shared profiles, instance
+or workload identity); a URL carrying keys is refused by ``format``. ``AWS_ENDPOINT_URL``
+is honoured by boto3 itself.
+
+Invariants:
+
+- botocore's own retries are off: ``RetryingStore`` is the one retry policy. This module
+  only classifies failures: throttling (SlowDown, 503, 429), 5xx, timeouts, dropped
+  connections and short bodies are temporary; 403/404, a missing bucket and credential
+  problems are not, and their message names the bucket and the cause.
+- The connection pool holds ``options.concurrency`` connections.
+- A GET returns exactly the requested bytes or raises: a body shorter than its
+  Content-Length is a temporary error, never a short result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+
+from chunkfs.errors import UsageError
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError, StoreOptions
+
+_TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                    "OperationAborted"}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                 "AllAccessDisabled", "AccountProblem", "403", "401"}
+_NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
+                   bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
+                   bexc.HTTPClientError, ConnectionError, TimeoutError)
+
+
+def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
+    parts = urlsplit(url)
+    bucket = parts.netloc
+    if not bucket:
+        raise UsageError(f"S3 URL {url!r} needs a bucket: s3://bucket/prefix")
+    params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(params) - {"endpoint", "region", "path_style"}
+    if unknown:
+        raise UsageError(f"unknown S3 URL option(s) {', '.join(sorted(unknown))} (known: endpoint, region, path_style)")
+    return bucket, parts.path.strip("/"), params
+
+
+class S3Store(ObjectStore):
+    def __init__(self, url: str, options: StoreOptions, *, create: bool = False) -> None:
+        self.url = url
+        self.bucket, prefix, params = parse_s3_url(url)
+        self.prefix = f"{prefix}/" if prefix else ""
+        path_style = params.get("path_style", "true" if "endpoint" in params else "false").lower() == "true"
+        config = Config(
+            max_pool_connections=options.concurrency,
+            connect_timeout=min(options.timeout, 10.0),
+            read_timeout=options.timeout,
+            retries={"max_attempts": 1, "mode": "standard"},  # RetryingStore retries, not botocore
+            s3={"addressing_style": "path" if path_style else "auto"},
+            signature_version="s3v4",
+            # S3-compatible stores (MinIO, rclone, Ceph) differ in flexible-checksum support, and a
+            # ranged GET cannot be checked against a whole-object checksum; blocks carry their own hash.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            session = boto3.session.Session()
+            self.client = session.client("s3", endpoint_url=params.get("endpoint"),
+                                         region_name=params.get("region") or session.region_name or "us-east-1",
+                                         config=config)
+        except (bexc.BotoCoreError, ValueError) as exc:
+            raise StoreError(f"cannot set up S3 client for {url}: {exc}") from None
+        if create:
+            self._ensure_bucket()
+
+    # -- failure classification -------------------------------------------------------------
+    def _error(self, op: str, key: str, exc: Exception) -> StoreError:
+        where = f"s3://{self.bucket}/{self.prefix}{key}"
+        if isinstance(exc, bexc.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(f"{where} not found")
+            if code == "NoSuchBucket":
+                return StoreError(f"S3 bucket {self.bucket!r} does not exist")
+            if code in _DENIED_CODES or status in (401, 403):
+                return StoreError(f"access to S3 bucket {self.bucket!r} denied ({code or status}): check the "
+                                  "credentials and the bucket policy")
+            temporary = code in _TEMPORARY_CODES or status >= 500 or status == 429
+            return StoreError(f"{op} {where}: {code or status} {err.get('Message', '')}".strip(),
+                              temporary=temporary)
+        if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
+            return StoreError(f"no AWS credentials for S3 bucket {self.bucket!r}: set AWS_ACCESS_KEY_ID/"
+                              "AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+        if isinstance(exc, _NETWORK_ERRORS):
+            return StoreError(f"{op} {where}: {type(exc).__name__}: {exc}", temporary=True)
+        return StoreError(f"{op} {where}: {type(exc).__name__}: {exc}")
+
+    def _ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except bexc.ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status != 404:
+                raise self._error("HEAD bucket", "", exc) from None
+        except Exception as exc:
+            raise self._error("HEAD bucket", "", exc) from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._error("CREATE bucket", "", exc) from None
+
+    # -- operations --------------------------------------------------------------------------
+    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        if end is not None and end <= start:
+            return b""
+        kwargs = {"Bucket": self.bucket, "Key": self.prefix + key}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = self.client.get_object(**kwargs)
+            body = resp["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        except bexc.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # a range starting at or past the end of the object
+            raise self._error("GET", key, exc) from None
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        expected = resp.get("ContentLength")
+        if expected is not None and len(data) != expected:
+            raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: body has {len(data)} of {expected} bytes",
+                             temporary=True)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+        except Exception as exc:
+            raise self._error("PUT", key, exc) from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except Exception as exc:
+            err = self._error("HEAD", key, exc)
+            if isinstance(err, ObjectNotFound):
+                return None
+            raise err from None
+        return ObjectInfo(key, int(resp["ContentLength"]))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        except Exception as exc:
+            err = self._error("DELETE", key, exc)
+            if not isinstance(err, ObjectNotFound):
+                raise err from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        skip = len(self.prefix)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][skip:], int(obj["Size"]))
+        except Exception as exc:
+            raise self._error("LIST", prefix, exc) from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_url(url: str, create: bool, options: StoreOptions) -> S3Store:
+    return S3Store(url, options, create=create)

@@ -1,0 +1,199 @@
+"""S3 and GCS end to end on real servers, the retry policy, and faults injected by a proxy
+in front of the S3 server: every byte right at 10% faults, prompt EIO at 100%."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from chunkfs.store import StoreError, StoreOptions, open_store
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
+from chunkfs.store.retry import RetryingStore
+from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, storage_url, unique_bucket
+from tests.faultproxy import FaultConfig, FaultProxy
+from tests.test_mount_read import FILES
+
+
+# -- the retry policy (a unit: a scripted inner store) ----------------------------------------
+class Scripted(ObjectStore):
+    url = "scripted://"
+
+    def __init__(self, failures: list[StoreError]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def _next(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        self._next()
+        return b"ok"
+
+    def put(self, key: str, data: bytes) -> None:
+        self._next()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        self._next()
+        return None
+
+    def delete(self, key: str) -> None:
+        self._next()
+
+    def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+        self._next()
+        yield ObjectInfo("a", 1)
+
+
+def test_temporary_failures_are_retried_up_to_the_limit() -> None:
+    sleeps: list[float] = []
+    inner = Scripted([StoreError("503", temporary=True)] * 2)
+    assert RetryingStore(inner, 3, sleep=sleeps.append).get("k") == b"ok"
+    assert inner.calls == 3 and len(sleeps) == 2
+    inner = Scripted([StoreError("503", temporary=True)] * 5)
+    with pytest.raises(StoreError, match="gave up after 3 attempts"):
+        RetryingStore(inner, 3, sleep=sleeps.append).put("k", b"")
+    assert inner.calls == 3
+
+
+def test_permanent_failures_fail_at_once() -> None:
+    for exc in (StoreError("403 denied"), ObjectNotFound("404")):
+        inner = Scripted([exc])
+        with pytest.raises(type(exc)):
+            RetryingStore(inner, 5, sleep=lambda _s: None).get("k")
+        assert inner.calls == 1
+
+
+def test_list_is_retried_before_the_first_item() -> None:
+    inner = Scripted([StoreError("reset", temporary=True)])
+    assert [o.key for o in RetryingStore(inner, 3, sleep=lambda _s: None).list()] == ["a"]
+
+
+# -- end to end on real S3 and GCS servers -----------------------------------------------------
+def _volume_on(kind: str, request: pytest.FixtureRequest, tmp: Path, *extra: str) -> VolumeFixture:
+    db = tmp / "meta" / "v.db"
+    vol = VolumeFixture(f"sqlite://{db}", tmp / "blocks", db, tmp)
+    chunkfs("format", vol.meta_url, "--storage", storage_url(kind, request, tmp), "--block-size", str(BLOCK), *extra)
+    return vol
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+@pytest.mark.parametrize("compress", ["none", "lz4"])
+def test_format_import_mount_every_byte(kind: str, compress: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                        source: Path) -> None:
+    vol = _volume_on(kind, request, tmp_path, "--compress", compress)
+    chunkfs("import", vol.meta_url, str(source), "/model")
+    status = chunkfs("status", vol.meta_url).stdout
+    assert ("s3://" if kind == "s3" else "gs://") in status
+    with mounted(vol) as m:
+        for rel in FILES:
+            assert (m.path / "model" / rel).read_bytes() == (source / rel).read_bytes(), rel
+
+
+def test_bad_credentials_fail_fast_naming_the_bucket(request: pytest.FixtureRequest, tmp_path: Path,
+                                                     source: Path) -> None:
+    vol = _volume_on("s3", request, tmp_path)
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY="wrong")
+    start = time.monotonic()
+    result = chunkfs("import", vol.meta_url, str(source), "/m", env=env, check=False)
+    assert result.returncode != 0 and time.monotonic() - start < 20
+    assert "denied" in result.stderr and "chunkfs-" in result.stderr
+    assert "Traceback" not in result.stderr and "wrong" not in result.stderr
+    result = chunkfs("format", f"sqlite://{tmp_path}/other.db", "--storage",
+                     f"s3://{unique_bucket()}/x?endpoint=http://127.0.0.1:1", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_objbench_reports_levels_and_cleans_up(s3_server) -> None:  # type: ignore[no-untyped-def]
+    url = f"s3://{unique_bucket()}/bench?endpoint={s3_server.endpoint}"
+    open_store(url, create=True).close()
+    out = json.loads(chunkfs("objbench", url, "--block-size", "256K", "--objects", "8", "--concurrency", "1,4",
+                             "--json").stdout)
+    rows = {(r["op"], r["concurrency"]): r for r in out["results"]}
+    assert set(rows) == {("put", 1), ("get", 1), ("put", 4), ("get", 4)}
+    assert all(r["count"] == 8 and r["mib_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"] for r in rows.values())
+    assert list(open_store(url).list("objbench/")) == []
+
+
+# -- faults through a proxy in front of the S3 server -----------------------------------------
+@pytest.fixture
+def proxied_volume(s3_server, tmp_path: Path, source: Path):  # type: ignore[no-untyped-def]
+    big = source / "big.bin"
+    big.write_bytes(os.urandom(64 * BLOCK + 17))
+    with FaultProxy(s3_server.endpoint) as proxy:
+        db = tmp_path / "meta" / "v.db"
+        vol = VolumeFixture(f"sqlite://{db}", tmp_path / "blocks", db, tmp_path)
+        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
+                "--block-size", str(BLOCK))
+        chunkfs("import", vol.meta_url, str(source), "/model")
+        yield vol, proxy
+
+
+def _cache_is_clean(cache: Path) -> int:
+    files = [p for p in (cache / "blocks").rglob("*") if p.is_file()]
+    for p in files:
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"corrupt cache entry {p}"
+    return len(files)
+
+
+@pytest.mark.mount
+def test_ten_percent_faults_every_byte_right(proxied_volume, source: Path) -> None:  # type: ignore[no-untyped-def]
+    vol, proxy = proxied_volume
+    proxy.config.rate = 0.10
+    proxy.config.delay = 0.05
+    with mounted(vol, "--io-retries", "8") as m:
+        for rel in [*FILES, "big.bin"]:
+            assert (m.path / "model" / rel).read_bytes() == (source / rel).read_bytes(), rel
+    counts = proxy.config.counts
+    assert sum(counts.values()) >= 5 and len(counts) >= 3, counts  # the faults really happened
+    assert _cache_is_clean(vol.tmp / "cache") > 64
+
+
+@pytest.mark.mount
+def test_total_failure_is_prompt_eio_and_recovers(proxied_volume, source: Path) -> None:  # type: ignore[no-untyped-def]
+    vol, proxy = proxied_volume
+    with mounted(vol, allow_errors=True) as m:
+        (m.path / "model/one").read_bytes()  # mounted and answering
+        proxy.config.kinds = ("slowdown", "reset", "truncate", "bitflip")
+        proxy.config.rate = 1.0
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            (m.path / "model/big.bin").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert time.monotonic() - start < 30
+        proxy.config.rate = 0.0  # the store recovers: so do reads, nothing was poisoned
+        assert (m.path / "model/big.bin").read_bytes() == (source / "big.bin").read_bytes()
+    assert "big.bin" in m.log_text()
+    _cache_is_clean(vol.tmp / "cache")
+
+
+def test_connection_pool_is_sized_to_the_concurrency(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """32 concurrent GETs are 32 connections, reused by the next 32 (none opened and dropped)."""
+    bucket = unique_bucket()
+    with FaultProxy(s3_server.endpoint, FaultConfig(rate=1.0, kinds=("delay",), delay=0.3)) as proxy:
+        store = open_store(f"s3://{bucket}/p?endpoint={proxy.endpoint}", create=True,
+                           options=StoreOptions(concurrency=32))
+        store.put("blocks/aa/obj", b"x" * 1000)
+        proxy.config.connections.clear()
+        barrier = threading.Barrier(32)
+
+        def get(_i: int) -> bytes:
+            barrier.wait()
+            return store.get("blocks/aa/obj")
+
+        with ThreadPoolExecutor(32) as pool:
+            for _round in range(2):
+                assert set(pool.map(get, range(32))) == {b"x" * 1000}
+        store.close()
+    assert proxy.config.max_in_flight == 32
+    assert len(proxy.config.connections) <= 33  # 32 + the connection used by the PUT
