@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib/setup.sh"
 cd "$ROOT"
 
-install_debian "${FUSE_PACKAGES[@]}"
+install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl
 setup_venv test
 
 say "ruff"

@@ -191,3 +191,52 @@ def storage_url(kind: str, request: pytest.FixtureRequest, tmp: Path) -> str:
         request.getfixturevalue("gcs_server")
         return f"gs://{unique_bucket()}/models"
     raise ValueError(kind)
+
+
+# -- Redis servers (session-wide; each test uses its own key prefix) ---------------------------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.servers import redis_standalone
+
+    with redis_standalone(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.servers import redis_tls_acl
+
+    with redis_tls_acl(tmp_path_factory.mktemp("redis-tls")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.servers import redis_cluster
+
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as server:
+        yield server
+
+
+META_KINDS = ["sqlite", "redis", "redis-tls", "redis-cluster"]
+_REDIS_FIXTURES = {"redis": "redis_server", "redis-tls": "redis_tls_server", "redis-cluster": "redis_cluster_server"}
+
+
+def meta_url(kind: str, request: pytest.FixtureRequest, tmp: Path) -> str:
+    """A fresh, empty metadata location of the given kind."""
+    if kind == "sqlite":
+        return f"sqlite://{tmp / 'meta' / 'v.db'}"
+    import uuid
+
+    server = request.getfixturevalue(_REDIS_FIXTURES[kind])
+    sep = "&" if "?" in server.url else "?"
+    return f"{server.url}{sep}prefix=t{uuid.uuid4().hex[:10]}"
+
+
+def volume_on(request: pytest.FixtureRequest, tmp: Path, meta_kind: str = "sqlite", store_kind: str = "file",
+              *extra: str) -> VolumeFixture:
+    db = tmp / "meta" / "v.db"
+    vol = VolumeFixture(meta_url(meta_kind, request, tmp), tmp / "blocks", db, tmp)
+    chunkfs("format", vol.meta_url, "--storage", storage_url(store_kind, request, tmp), "--block-size", str(BLOCK),
+            *extra)
+    return vol

@@ -211,7 +211,7 @@ def test_daemon_command_line_masks_the_password() -> None:
     args = argparse.Namespace(meta="redis://:hunter2@10.0.0.7:6379/1", mountpoint="/mnt/m", debug=False,
                               cache_dir="/c", max_downloads=4, attr_timeout=1.0, entry_timeout=1.0,
                               read_only=True, io_retries=5, io_timeout=30.0)
-    argv = _daemon_argv(args, 9)
+    argv = _daemon_argv(args, 9, 10)
     assert "hunter2" not in " ".join(argv) and "redis://:****@10.0.0.7:6379/1" in argv
 
 

@@ -1,5 +1,5 @@
-"""The MetaStore contract, written once and run against every engine (SQLite today;
-Redis engines join through ``ENGINE_FACTORIES``)."""
+"""The MetaStore contract, written once and run against every engine: SQLite, a
+standalone redis-server, redis-server with TLS and an ACL user, and a 3-master cluster."""
 
 from __future__ import annotations
 
@@ -14,21 +14,15 @@ import pytest
 from chunkfs.blocks import block_id
 from chunkfs.errors import FsError, NotFormatted, UsageError
 from chunkfs.meta import ROOT_INODE, MetaStore, VolumeFormat, open_meta
+from tests.conftest import META_KINDS, meta_url
 
 FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
                    created="2026-01-01T00:00:00+00:00")
 
 
-def _sqlite(tmp: Path) -> MetaStore:
-    return open_meta(f"sqlite://{tmp / 'm.db'}", create=True)
-
-
-ENGINE_FACTORIES: dict[str, Callable[[Path], MetaStore]] = {"sqlite": _sqlite}
-
-
-@pytest.fixture(params=sorted(ENGINE_FACTORIES))
+@pytest.fixture(params=META_KINDS)
 def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
-    m = ENGINE_FACTORIES[request.param](tmp_path)
+    m = open_meta(meta_url(request.param, request, tmp_path), create=True)
     m.save_format(FMT)
     yield m
     m.close()

@@ -10,6 +10,8 @@ from dataclasses import asdict
 from chunkfs.blocks import DEFAULT_BLOCK_SIZE
 from chunkfs.cli.main import store_options
 from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.meta import open_meta
+from chunkfs.meta.dump import dump, load
 from chunkfs.objbench import run_objbench
 from chunkfs.store import open_store
 from chunkfs.units import format_size
@@ -110,4 +112,37 @@ def cmd_objbench(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.op:4} {r.concurrency:4d} {r.count:6d} {r.p50_ms:8.1f} {r.p90_ms:8.1f} {r.p99_ms:8.1f} "
               f"{r.mib_per_s:9.1f}")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    meta = open_meta(args.meta)
+    try:
+        if args.output == "-":
+            dump(meta, sys.stdout)
+        else:
+            try:
+                with open(args.output, "w") as out:
+                    dump(meta, out)
+            except OSError as exc:
+                raise ChunkfsError(f"cannot write {args.output}: {exc.strerror}") from None
+    finally:
+        meta.close()
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    meta = open_meta(args.meta, create=True)
+    try:
+        if args.input == "-":
+            count = load(meta, sys.stdin)
+        else:
+            try:
+                with open(args.input) as src:
+                    count = load(meta, src)
+            except OSError as exc:
+                raise ChunkfsError(f"cannot read {args.input}: {exc.strerror}") from None
+    finally:
+        meta.close()
+    print(f"loaded {count} entries into {mask_url(args.meta)}", file=sys.stderr)
     return 0

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entry-timeout", type=float, default=300.0, help="kernel entry cache seconds (default 300)")
     _add_store_options(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--meta-env", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--meta-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="unmount a chunkfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_store_options(p)
+
+    p = sub.add_parser("dump", help="write a volume's metadata as JSON Lines (to stdout or -o FILE)")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
+
+    p = sub.add_parser("load", help="load a dump into an empty metadata engine (from stdin or -i FILE)")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("--input", "-i", default="-", help="file to read (default stdin)")
 
     p = sub.add_parser("status", help="show volume settings and usage")
     p.add_argument("meta", metavar="META_URL")
@@ -130,6 +138,8 @@ def run(argv: list[str] | None = None) -> int:
         "import": commands.cmd_import,
         "status": commands.cmd_status,
         "objbench": commands.cmd_objbench,
+        "dump": commands.cmd_dump,
+        "load": commands.cmd_load,
         "mount": mount.cmd_mount,
         "umount": mount.cmd_umount,
     }

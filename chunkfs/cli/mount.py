@@ -3,8 +3,8 @@
 ``mount --background`` re-runs this command as a daemon in its own session and waits on a
 pipe until the daemon reports ``ok`` (mounted and answering) or ``error: <reason>``. The
 daemon's command line carries the metadata URL with its password masked; the real URL
-travels in the environment (``--meta-env``), so ``ps`` and ``/proc/<pid>/cmdline`` never
-show a secret.
+travels through an inherited pipe (``--meta-fd``), so neither ``ps``,
+``/proc/<pid>/cmdline`` nor ``/proc/<pid>/environ`` ever show a secret.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount
 from chunkfs.urls import mask_url
 
-META_ENV = "_CHUNKFS_META_URL"
 READY_TIMEOUT = 120.0
 
 
@@ -36,10 +35,11 @@ def default_log_file() -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     if not args.read_only:
         raise UsageError("writable mounts are not supported yet: add --read-only")
-    if args.meta_env:
-        args.meta = os.environ.pop(args.meta_env, "")
+    if args.meta_fd is not None:
+        with os.fdopen(args.meta_fd, "rb") as pipe:
+            args.meta = pipe.read().decode()
         if not args.meta:
-            raise ChunkfsError(f"metadata URL expected in environment variable {args.meta_env}")
+            raise ChunkfsError("metadata URL expected on --meta-fd")
     args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     if args.background:
         return _spawn_daemon(args)
@@ -82,11 +82,11 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
 
 
-def _daemon_argv(args: argparse.Namespace, ready_fd: int) -> list[str]:
+def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[str]:
     argv = [sys.executable, "-m", "chunkfs"]
     if args.debug:
         argv.append("--debug")
-    argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-env", META_ENV,
+    argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-fd", str(meta_fd),
              "--ready-fd", str(ready_fd), "--cache-dir", args.cache_dir,
              "--max-downloads", str(args.max_downloads), "--attr-timeout", str(args.attr_timeout),
              "--entry-timeout", str(args.entry_timeout), "--io-retries", str(args.io_retries),
@@ -104,14 +104,16 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ChunkfsError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
-    env = dict(os.environ)
-    env[META_ENV] = args.meta
+    meta_read, meta_write = os.pipe()
+    os.write(meta_write, args.meta.encode())  # far below the pipe buffer: never blocks
+    os.close(meta_write)
     with log:
         proc = subprocess.Popen(
-            _daemon_argv(args, write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            pass_fds=(write_end,), start_new_session=True, env=env,
+            _daemon_argv(args, write_end, meta_read), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            pass_fds=(write_end, meta_read), start_new_session=True,
         )
     os.close(write_end)
+    os.close(meta_read)
     message = _wait_ready(read_end, proc)
     if message == "ok":
         print(f"chunkfs: mounted {os.path.abspath(args.mountpoint)} (pid {proc.pid}, log {log_file})",

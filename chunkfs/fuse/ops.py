@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from chunkfs.blocks import block_length, block_spans
-from chunkfs.errors import FsError
+from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import NAME_MAX, Attr
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
@@ -55,6 +55,9 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
             raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
+        except ChunkfsError as exc:  # e.g. the metadata engine is unreachable after retries
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -1,0 +1,273 @@
+"""Redis metadata engine: ``redis://`` and ``rediss://`` (TLS), standalone or cluster
+(Redis Cluster, AWS MemoryDB).
+
+URL: ``redis[s]://[user][:password]@host[:port][/db][?options]``. Options: ``prefix=NAME``
+(several volumes in one database; default ``v``), ``cluster=auto|true|false`` (default
+auto: asks the server), ``ca=PATH`` (CA bundle), ``cert=PATH`` and ``key=PATH`` (client
+certificate), ``tls_verify=false`` (trust any server certificate). A password missing from
+the URL is taken from ``CHUNKFS_META_PASSWORD`` (or ``REDIS_PASSWORD``).
+
+Key schema (every key shares the hash tag ``{prefix}``, so a volume lives in one cluster
+slot and every multi-key update is atomic)::
+
+    chunkfs{P}:format          string   VolumeFormat JSON
+    chunkfs{P}:next_ino        integer  last inode number handed out (root is 1)
+    chunkfs{P}:i:<ino>         hash     mode uid gid size atime mtime ctime nlink
+                                        [target: symlink bytes] [blocks: 32-byte ids]
+    chunkfs{P}:d:<ino>         hash     entry name -> child inode
+    chunkfs{P}:refs            hash     block id -> (file, index) slots naming it
+    chunkfs{P}:blen            hash     block id -> plain length
+    chunkfs{P}:stats           hash     files dirs symlinks bytes refs ubytes
+
+Every change is one Lua script (``redis_lua``). Reads are plain commands, pipelined.
+Connection errors and timeouts are retried with exponential backoff by redis-py (a bounded
+number of times: nothing waits forever); the error that remains is a one-line
+``ChunkfsError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.exceptions as rexc
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from chunkfs.blocks import pack_ids, unpack_ids
+from chunkfs.errors import ChunkfsError, FsError, NotFormatted, UsageError
+from chunkfs.meta import redis_lua
+from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name
+from chunkfs.urls import mask_url
+
+T = TypeVar("T")
+_ATTR_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime", "nlink")
+_OPTIONS = {"prefix", "cluster", "ca", "cert", "key", "tls_verify"}
+PASSWORD_ENVS = ("CHUNKFS_META_PASSWORD", "REDIS_PASSWORD")
+
+
+def connect(url: str, *, timeout: float = 5.0, retries: int = 8) -> tuple[redis.Redis | RedisCluster, str]:
+    """A client for ``url`` (cluster detected or asked for) and the volume key prefix."""
+    parts = urlsplit(url)
+    params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(params) - _OPTIONS
+    if unknown:
+        raise UsageError(f"unknown Redis URL option(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(_OPTIONS))})")
+    if not parts.hostname:
+        raise UsageError(f"{mask_url(url)!r} needs a host, e.g. redis://host:6379/1")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise UsageError(f"Redis database must be a number, not {db_text!r}")
+    password = unquote(parts.password) if parts.password else next(
+        (os.environ[e] for e in PASSWORD_ENVS if os.environ.get(e)), None)
+    kwargs: dict[str, Any] = {
+        "host": parts.hostname, "port": parts.port or 6379,
+        "username": unquote(parts.username) if parts.username else None, "password": password,
+        "socket_timeout": timeout, "socket_connect_timeout": timeout,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
+        "retry_on_error": [rexc.ConnectionError, rexc.TimeoutError],
+    }
+    if parts.scheme == "rediss":
+        kwargs.update(ssl=True, ssl_ca_certs=params.get("ca"), ssl_certfile=params.get("cert"),
+                      ssl_keyfile=params.get("key"),
+                      ssl_cert_reqs="none" if params.get("tls_verify") == "false" else "required",
+                      ssl_check_hostname=params.get("tls_verify") != "false" and not parts.hostname[0].isdigit())
+    mode = params.get("cluster", "auto")
+    if mode not in ("auto", "true", "false"):
+        raise UsageError("Redis URL option cluster= takes auto, true or false")
+    prefix = params.get("prefix", "v")
+    if not prefix.replace("-", "").replace("_", "").isalnum():
+        raise UsageError("Redis URL option prefix= takes letters, digits, '-' and '_'")
+    key_prefix = f"chunkfs{{{prefix}}}:"
+    where = mask_url(url)
+    try:
+        if mode == "auto":
+            probe = redis.Redis(**kwargs, db=int(db_text))
+            try:
+                clustered = probe.info("cluster").get("cluster_enabled") == 1
+            finally:
+                probe.close()
+        else:
+            clustered = mode == "true"
+        if clustered:
+            if db_text != "0":
+                raise UsageError(f"{where}: Redis Cluster has only database 0")
+            kwargs.pop("retry_on_error")
+            client: redis.Redis | RedisCluster = RedisCluster(**kwargs)
+        else:
+            client = redis.Redis(**kwargs, db=int(db_text))
+        client.ping()
+    except rexc.AuthenticationError:
+        raise ChunkfsError(f"authentication to {where} failed: wrong user or password") from None
+    except rexc.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise ChunkfsError(f"authentication to {where} failed: {str(exc).split(',')[0]}") from None
+        raise ChunkfsError(f"{where}: {exc}") from None
+    except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ChunkfsError(f"cannot connect to {where}: {reason}") from None
+    return client, key_prefix
+
+
+def _errno_of(exc: rexc.ResponseError) -> FsError | None:
+    name, _, detail = str(exc).partition(" ")
+    code = getattr(errno, name, None) if name.isupper() and name.startswith("E") else None
+    return FsError(code, detail) if code else None
+
+
+class RedisMeta(MetaStore):
+    def __init__(self, url: str, *, create: bool = False) -> None:
+        self.url = mask_url(url)
+        self.client, self.prefix = connect(url)
+        self._format_key = self.prefix + "format"
+        self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
+                         for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT")}
+        self._block_size: int | None = None
+        if not create and self._call(self.client.get, self._format_key) is None:
+            raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except rexc.ResponseError as exc:
+            fs_error = _errno_of(exc)
+            if fs_error is not None:
+                raise fs_error from None
+            raise ChunkfsError(f"{self.url}: {exc}") from None
+        except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException) as exc:
+            raise ChunkfsError(f"metadata engine {self.url} unavailable: {str(exc).splitlines()[0]}") from None
+
+    def _run(self, script: str, *args: Any) -> Any:
+        return self._call(lambda: self._scripts[script](keys=[self._format_key], args=[self.prefix, *args]))
+
+    def _ikey(self, ino: int) -> str:
+        return f"{self.prefix}i:{ino}"
+
+    def _dkey(self, ino: int) -> str:
+        return f"{self.prefix}d:{ino}"
+
+    @property
+    def block_size(self) -> int:
+        if self._block_size is None:
+            fmt = self.load_format()
+            if fmt is None:
+                raise NotFormatted(f"no chunkfs volume at {self.url}")
+            self._block_size = fmt.block_size
+        return self._block_size
+
+    @staticmethod
+    def _attr(ino: int, values: list[bytes | None]) -> Attr:
+        if values[0] is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        return Attr(ino, *(int(v) for v in values))  # type: ignore[arg-type]
+
+    def _attrs(self, inos: list[int]) -> list[Attr]:
+        def fetch() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for ino in inos:
+                pipe.hmget(self._ikey(ino), _ATTR_FIELDS)
+            return pipe.execute()
+
+        return [self._attr(ino, values) for ino, values in zip(inos, self._call(fetch), strict=True)]
+
+    # -- volume ----------------------------------------------------------------------------
+    def load_format(self) -> VolumeFormat | None:
+        raw = self._call(self.client.get, self._format_key)
+        return VolumeFormat.from_json(raw) if raw else None
+
+    def save_format(self, fmt: VolumeFormat) -> None:
+        self._run("FORMAT", fmt.to_json(), os.getuid(), os.getgid(), time.time_ns())
+        self._block_size = fmt.block_size
+
+    def is_empty(self) -> bool:
+        return self._call(self.client.hlen, self._dkey(ROOT_INODE)) == 0
+
+    def stats(self) -> VolumeStats:
+        raw = self._call(self.client.hgetall, self.prefix + "stats")
+        get = {k.decode(): int(v) for k, v in raw.items()}.get
+        unique = self._call(self.client.hlen, self.prefix + "refs")
+        return VolumeStats(files=get("files", 0), directories=get("dirs", 0), symlinks=get("symlinks", 0),
+                           logical_bytes=get("bytes", 0), block_refs=get("refs", 0), unique_blocks=unique,
+                           unique_bytes=get("ubytes", 0))
+
+    # -- reads -----------------------------------------------------------------------------
+    def getattr(self, ino: int) -> Attr:
+        return self._attrs([ino])[0]
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        child = self._call(self.client.hget, self._dkey(parent), name)
+        if child is None:
+            parent_attr = self.getattr(parent)
+            if not parent_attr.is_dir:
+                raise FsError(errno.ENOTDIR, f"inode {parent}")
+            raise FsError(errno.ENOENT, f"{name!r} in inode {parent}")
+        return self.getattr(int(child))
+
+    def readdir(self, ino: int) -> list[tuple[bytes, Attr]]:
+        if not self.getattr(ino).is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino}")
+        entries = sorted(self._call(self.client.hgetall, self._dkey(ino)).items())
+        attrs = self._attrs([int(child) for _name, child in entries])
+        return [(name, attr) for (name, _child), attr in zip(entries, attrs, strict=True)]
+
+    def readlink(self, ino: int) -> bytes:
+        mode, target = self._call(self.client.hmget, self._ikey(ino), ["mode", "target"])
+        if mode is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        if target is None:
+            raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        return bytes(target)
+
+    def read_blocks(self, ino: int) -> list[bytes]:
+        mode, blob = self._call(self.client.hmget, self._ikey(ino), ["mode", "blocks"])
+        if mode is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        return unpack_ids(blob)
+
+    def block_known(self, bid: bytes) -> bool:
+        return bool(self._call(self.client.hexists, self.prefix + "refs", bid))
+
+    # -- namespace changes -----------------------------------------------------------------
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        ino = self._run("MKDIR", parent, name, 0o040000 | (mode & 0o7777), uid, gid, mtime_ns, time.time_ns())
+        return self.getattr(int(ino))
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        ino = self._run("SYMLINK", parent, name, target, uid, gid, mtime_ns, time.time_ns())
+        return self.getattr(int(ino))
+
+    def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int, mtime_ns: int,
+                     size: int, blocks: list[bytes]) -> Attr:
+        check_name(name)
+        ino = self._run("PUBLISH", parent, name, 0o100000 | (mode & 0o7777), uid, gid, mtime_ns, size,
+                        pack_ids(blocks), self.block_size, time.time_ns())
+        return self.getattr(int(ino))
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._run("UNLINK", parent, name, time.time_ns(), self.block_size)
+
+    def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None, mtime_ns: int | None = None) -> Attr:
+        def opt(v: int | None) -> int | str:
+            return "" if v is None else v
+
+        self._run("SET_ATTRS", ino, opt(None if mode is None else mode & 0o7777), opt(uid), opt(gid),
+                  opt(mtime_ns), time.time_ns())
+        return self.getattr(ino)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_url(url: str, create: bool) -> RedisMeta:
+    return RedisMeta(url, create=create)

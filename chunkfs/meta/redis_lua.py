@@ -1,0 +1,157 @@
+"""Lua scripts of the Redis engine: every namespace change is one script, so it is atomic
+on a standalone server and in a cluster (all keys of a volume share one hash tag, so one
+slot, so one node). ``KEYS[1]`` is the volume's format key (for cluster routing);
+``ARGV[1]`` is the key prefix. Errors are returned as ``"<ERRNO-NAME> detail"``.
+"""
+
+PRELUDE = r"""
+local P = ARGV[1]
+local S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 61440, 16384, 32768, 40960
+local function ikey(ino) return P .. 'i:' .. ino end
+local function dkey(ino) return P .. 'd:' .. ino end
+local function ftype(mode) return bit.band(tonumber(mode), S_IFMT) end
+local function parent_dir(parent)
+  local mode = redis.call('HGET', ikey(parent), 'mode')
+  if not mode then return redis.error_reply('ENOENT parent ' .. parent) end
+  if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR parent ' .. parent) end
+  return nil
+end
+local function touch(ino, now, nlink_delta)
+  redis.call('HSET', ikey(ino), 'mtime', now, 'ctime', now)
+  if nlink_delta ~= 0 then redis.call('HINCRBY', ikey(ino), 'nlink', nlink_delta) end
+end
+local function change_refs(blob, size, bs, delta)
+  if not blob or #blob == 0 then return end
+  local n = #blob / 32
+  for i = 0, n - 1 do
+    local id = string.sub(blob, i * 32 + 1, i * 32 + 32)
+    local r = redis.call('HINCRBY', P .. 'refs', id, delta)
+    if delta > 0 and r == 1 then
+      local len = math.min(bs, size - i * bs)
+      redis.call('HSET', P .. 'blen', id, len)
+      redis.call('HINCRBY', P .. 'stats', 'ubytes', len)
+    elseif r <= 0 then
+      local len = tonumber(redis.call('HGET', P .. 'blen', id) or '0')
+      redis.call('HDEL', P .. 'refs', id)
+      redis.call('HDEL', P .. 'blen', id)
+      redis.call('HINCRBY', P .. 'stats', 'ubytes', -len)
+    end
+  end
+  redis.call('HINCRBY', P .. 'stats', 'refs', delta * n)
+end
+local function count(mode, delta, size)
+  local t = ftype(mode)
+  local field = (t == S_IFDIR and 'dirs') or (t == S_IFLNK and 'symlinks') or 'files'
+  redis.call('HINCRBY', P .. 'stats', field, delta)
+  if t == S_IFREG then redis.call('HINCRBY', P .. 'stats', 'bytes', delta * tonumber(size)) end
+end
+local function new_inode(mode, uid, gid, size, mtime, now, nlink)
+  local ino = redis.call('INCR', P .. 'next_ino')
+  redis.call('HSET', ikey(ino), 'mode', mode, 'uid', uid, 'gid', gid, 'size', size, 'atime', mtime,
+             'mtime', mtime, 'ctime', now, 'nlink', nlink)
+  count(mode, 1, size)
+  return ino
+end
+local function drop_entry(parent, name, ino, bs)
+  redis.call('HDEL', dkey(parent), name)
+  local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'nlink', 'blocks')
+  if tonumber(a[3]) <= 1 then
+    if ftype(a[1]) == S_IFREG then change_refs(a[4], tonumber(a[2]), bs, -1) end
+    count(a[1], -1, a[2])
+    redis.call('DEL', ikey(ino))
+  else
+    redis.call('HINCRBY', ikey(ino), 'nlink', -1)
+  end
+end
+"""
+
+# ARGV: P, parent, name, mode, uid, gid, mtime, now
+MKDIR = PRELUDE + r"""
+local parent, name = ARGV[2], ARGV[3]
+local err = parent_dir(parent) if err then return err end
+if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
+local ino = new_inode(ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 2)
+redis.call('HSET', dkey(parent), name, ino)
+touch(parent, ARGV[8], 1)
+return ino
+"""
+
+# ARGV: P, parent, name, target, uid, gid, mtime, now
+SYMLINK = PRELUDE + r"""
+local parent, name, target = ARGV[2], ARGV[3], ARGV[4]
+local err = parent_dir(parent) if err then return err end
+if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
+local ino = new_inode(S_IFLNK + 511, ARGV[5], ARGV[6], #target, ARGV[7], ARGV[8], 1)
+redis.call('HSET', ikey(ino), 'target', target)
+redis.call('HSET', dkey(parent), name, ino)
+touch(parent, ARGV[8], 0)
+return ino
+"""
+
+# ARGV: P, parent, name, mode, uid, gid, mtime, size, blocks, block_size, now
+PUBLISH = PRELUDE + r"""
+local parent, name, mode, size, blob, bs, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8]), ARGV[9],
+  tonumber(ARGV[10]), ARGV[11]
+local err = parent_dir(parent) if err then return err end
+local old = redis.call('HGET', dkey(parent), name)
+local ino
+if old then
+  local a = redis.call('HMGET', ikey(old), 'mode', 'size', 'blocks')
+  local t = ftype(a[1])
+  if t == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
+  if t == S_IFREG then
+    change_refs(a[3], tonumber(a[2]), bs, -1)
+    redis.call('HINCRBY', P .. 'stats', 'bytes', size - tonumber(a[2]))
+    redis.call('HSET', ikey(old), 'mode', mode, 'uid', ARGV[5], 'gid', ARGV[6], 'size', size, 'mtime', ARGV[7],
+               'ctime', now, 'blocks', blob)
+    ino = old
+  else
+    drop_entry(parent, name, old, bs)
+  end
+end
+if not ino then
+  ino = new_inode(mode, ARGV[5], ARGV[6], size, ARGV[7], now, 1)
+  redis.call('HSET', ikey(ino), 'blocks', blob)
+  redis.call('HSET', dkey(parent), name, ino)
+end
+change_refs(blob, size, bs, 1)
+touch(parent, now, 0)
+return ino
+"""
+
+# ARGV: P, parent, name, now, block_size
+UNLINK = PRELUDE + r"""
+local parent, name = ARGV[2], ARGV[3]
+local err = parent_dir(parent) if err then return err end
+local ino = redis.call('HGET', dkey(parent), name)
+if not ino then return redis.error_reply('ENOENT ' .. name) end
+if ftype(redis.call('HGET', ikey(ino), 'mode')) == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
+drop_entry(parent, name, ino, tonumber(ARGV[5]))
+touch(parent, ARGV[4], 0)
+return 1
+"""
+
+# ARGV: P, ino, mode, uid, gid, mtime, now  (empty string: keep)
+SET_ATTRS = PRELUDE + r"""
+local k = ikey(ARGV[2])
+local mode = redis.call('HGET', k, 'mode')
+if not mode then return redis.error_reply('ENOENT inode ' .. ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', k, 'mode', ftype(mode) + tonumber(ARGV[3])) end
+if ARGV[4] ~= '' then redis.call('HSET', k, 'uid', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', k, 'gid', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', k, 'mtime', ARGV[6]) end
+redis.call('HSET', k, 'ctime', ARGV[7])
+return 1
+"""
+
+# ARGV: P, format json, uid, gid, now
+FORMAT = PRELUDE + r"""
+redis.call('SET', P .. 'format', ARGV[2])
+if redis.call('EXISTS', ikey(1)) == 0 then
+  redis.call('SET', P .. 'next_ino', 1)
+  redis.call('HSET', ikey(1), 'mode', S_IFDIR + 493, 'uid', ARGV[3], 'gid', ARGV[4], 'size', 0, 'atime', ARGV[5],
+             'mtime', ARGV[5], 'ctime', ARGV[5], 'nlink', 2)
+  redis.call('HINCRBY', P .. 'stats', 'dirs', 1)
+end
+return 1
+"""
