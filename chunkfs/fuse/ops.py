@@ -167,7 +167,10 @@ class ChunkfsOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        """No extended attributes. ENOSYS makes the kernel remember that and answer every
+        later getxattr itself (EOPNOTSUPP), instead of one daemon round trip per call:
+        ``ls -l`` asks for ACL and SELinux attributes of every file it lists."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -128,7 +128,7 @@ class RedisMeta(MetaStore):
         self.client, self.prefix = connect(url)
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
-                         for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT")}
+                         for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR")}
         self._block_size: int | None = None
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
@@ -212,11 +212,12 @@ class RedisMeta(MetaStore):
         return self.getattr(int(child))
 
     def readdir(self, ino: int) -> list[tuple[bytes, Attr]]:
-        if not self.getattr(ino).is_dir:
-            raise FsError(errno.ENOTDIR, f"inode {ino}")
-        entries = sorted(self._call(self.client.hgetall, self._dkey(ino)).items())
-        attrs = self._attrs([int(child) for _name, child in entries])
-        return [(name, attr) for (name, _child), attr in zip(entries, attrs, strict=True)]
+        flat = self._run("READDIR", ino)  # one round trip for the whole directory
+        width = 2 + len(_ATTR_FIELDS)
+        out = [(bytes(flat[i]), Attr(*(int(v) for v in flat[i + 1 : i + width])))
+               for i in range(0, len(flat), width)]
+        out.sort(key=lambda entry: entry[0])
+        return out
 
     def readlink(self, ino: int) -> bytes:
         mode, target = self._call(self.client.hmget, self._ikey(ino), ["mode", "target"])

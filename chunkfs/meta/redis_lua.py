@@ -155,3 +155,23 @@ if redis.call('EXISTS', ikey(1)) == 0 then
 end
 return 1
 """
+
+# ARGV: P, ino -> flat array: name, child ino, mode, uid, gid, size, atime, mtime, ctime, nlink, ...
+# One command per directory instead of one per entry (readdir of a 100-file model directory).
+READDIR = PRELUDE + r"""
+local mode = redis.call('HGET', ikey(ARGV[2]), 'mode')
+if not mode then return redis.error_reply('ENOENT inode ' .. ARGV[2]) end
+if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR inode ' .. ARGV[2]) end
+local entries = redis.call('HGETALL', dkey(ARGV[2]))
+local out = {}
+for i = 1, #entries, 2 do
+  local a = redis.call('HMGET', ikey(entries[i + 1]), 'mode', 'uid', 'gid', 'size', 'atime', 'mtime', 'ctime',
+                       'nlink')
+  if a[1] then
+    table.insert(out, entries[i])
+    table.insert(out, entries[i + 1])
+    for j = 1, 8 do table.insert(out, a[j]) end
+  end
+end
+return out
+"""
