@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
-
-from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.errors import UsageError
 from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats
+from chunkfs.registry import import_backend
 from chunkfs.urls import mask_url, url_scheme
 
 __all__ = ["ROOT_INODE", "Attr", "MetaStore", "VolumeFormat", "VolumeStats", "open_meta"]
@@ -31,10 +30,4 @@ def open_meta(url: str, *, create: bool = False) -> MetaStore:
         known = ", ".join(sorted({f"{s}://" for s in _ENGINES}))
         raise UsageError(f"unsupported metadata URL {mask_url(url)!r} (supported: {known})")
     module_name, extra = _ENGINES[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("chunkfs"):
-            raise ChunkfsError(f"{scheme}:// metadata is not supported by this chunkfs build") from None
-        raise ChunkfsError(f"{scheme}:// metadata needs {exc.name}: pip install 'chunkfs[{extra}]'") from None
-    return module.open_url(url, create)
+    return import_backend(module_name, scheme, "metadata", extra).open_url(url, create)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from errno import EINVAL, ENAMETOOLONG
 
 from chunkfs.blocks import HASH_NAME
-from chunkfs.errors import ChunkfsError, FsError
+from chunkfs.errors import ChunkfsError, FsError, NotFormatted
 
 ROOT_INODE = 1
 FORMAT_VERSION = 1
@@ -106,6 +106,18 @@ class MetaStore(ABC):
 
     #: the engine URL with any password masked: safe to print
     url: str
+    #: the volume's block size once known (engines set it in ``save_format``)
+    _block_size: int | None = None
+
+    @property
+    def block_size(self) -> int:
+        """The volume's block size (needed to derive block lengths for reference counts)."""
+        if self._block_size is None:
+            fmt = self.load_format()
+            if fmt is None:
+                raise NotFormatted(f"no chunkfs volume at {self.url}")
+            self._block_size = fmt.block_size
+        return self._block_size
 
     # -- volume ---------------------------------------------------------------------------
     @abstractmethod

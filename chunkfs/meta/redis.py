@@ -129,7 +129,6 @@ class RedisMeta(MetaStore):
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR")}
-        self._block_size: int | None = None
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -153,15 +152,6 @@ class RedisMeta(MetaStore):
 
     def _dkey(self, ino: int) -> str:
         return f"{self.prefix}d:{ino}"
-
-    @property
-    def block_size(self) -> int:
-        if self._block_size is None:
-            fmt = self.load_format()
-            if fmt is None:
-                raise NotFormatted(f"no chunkfs volume at {self.url}")
-            self._block_size = fmt.block_size
-        return self._block_size
 
     @staticmethod
     def _attr(ino: int, values: list[bytes | None]) -> Attr:

@@ -96,7 +96,6 @@ class SqliteMeta(MetaStore):
         except sqlite3.DatabaseError as exc:
             raise ChunkfsError(f"cannot open {url}: {exc}") from exc
         self._lock = threading.RLock()
-        self._block_size: int | None = None
 
     def _check_schema(self) -> None:
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -119,15 +118,6 @@ class SqliteMeta(MetaStore):
     def _one(self, sql: str, args: tuple = ()) -> tuple | None:
         with self._lock:
             return self._conn.execute(sql, args).fetchone()
-
-    @property
-    def block_size(self) -> int:
-        if self._block_size is None:
-            fmt = self.load_format()
-            if fmt is None:
-                raise NotFormatted(f"no chunkfs volume at {self.url}")
-            self._block_size = fmt.block_size
-        return self._block_size
 
     def _attr_of(self, conn: sqlite3.Connection, ino: int) -> Attr:
         row = conn.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()

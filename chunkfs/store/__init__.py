@@ -7,11 +7,11 @@ install hint, not a traceback.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 
-from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.errors import UsageError
+from chunkfs.registry import import_backend
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError, StoreOptions
 from chunkfs.store.retry import RetryingStore
 from chunkfs.urls import mask_url, url_scheme
@@ -60,14 +60,6 @@ def _open_backend(url: str, create: bool, options: StoreOptions) -> ObjectStore:
         return _BUILTIN[scheme](url, create, options)
     if scheme in _OPTIONAL:
         module_name, extra = _OPTIONAL[scheme]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("chunkfs"):
-                raise ChunkfsError(f"{scheme}:// storage is not supported by this chunkfs build") from None
-            raise ChunkfsError(
-                f"{scheme}:// storage needs {exc.name}: pip install 'chunkfs[{extra}]'"
-            ) from None
-        return module.open_url(url, create, options)
+        return import_backend(module_name, scheme, "storage", extra).open_url(url, create, options)
     known = ", ".join(f"{s}://" for s in [*_BUILTIN, *_OPTIONAL])
     raise UsageError(f"unsupported storage URL {mask_url(url)!r} (supported: {known})")
