@@ -142,6 +142,17 @@ def mounted(vol: VolumeFixture, *extra: str, cache: Path | None = None, allow_er
     assert proc.returncode == 0, f"mount daemon exited {proc.returncode}:\n{text}"
 
 
+def background_mount(meta_url: str, tmp: Path) -> tuple[Path, Path, int, subprocess.CompletedProcess]:
+    """``chunkfs mount --background`` at tmp/bg, as a user runs it: (mountpoint, log, daemon pid, result)."""
+    mnt = tmp / "bg"
+    mnt.mkdir()
+    log = tmp / "bg.log"
+    result = chunkfs("mount", meta_url, str(mnt), "--read-only", "--background", "--cache-dir",
+                     str(tmp / "cache"), "--log-file", str(log))
+    pid = int(result.stderr.split("(pid ")[1].split(",")[0])
+    return mnt, log, pid, result
+
+
 def tree_listing(root: Path) -> list[tuple[str, str, int, int]]:
     """(relative path, kind, size-or-target-len, permission bits) for every entry under root."""
     out = []

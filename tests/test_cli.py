@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chunkfs.fuse.mountinfo import find_mount
-from tests.conftest import VolumeFixture, chunkfs, force_unmount, mounted, wait_mounted
+from tests.conftest import VolumeFixture, background_mount, chunkfs, force_unmount, mounted, wait_mounted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,12 +178,7 @@ def _pid_gone(pid: int, timeout: float = 15) -> bool:
 
 
 def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, source: Path) -> None:
-    mnt = tmp_path / "bg"
-    mnt.mkdir()
-    log = tmp_path / "bg.log"
-    result = chunkfs("mount", imported.meta_url, str(mnt), "--read-only", "--background", "--cache-dir",
-                     str(tmp_path / "cache"), "--log-file", str(log))
-    pid = int(result.stderr.split("(pid ")[1].split(",")[0])
+    mnt, log, pid, _result = background_mount(imported.meta_url, tmp_path)
     try:
         assert find_mount(str(mnt)) is not None  # ready when the command returns
         assert (mnt / "model/several").read_bytes() == (source / "several").read_bytes()

@@ -16,6 +16,7 @@ from chunkfs.fuse.mountinfo import find_mount
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
+    background_mount,
     chunkfs,
     force_unmount,
     meta_url,
@@ -114,12 +115,7 @@ def test_background_mount_hides_the_password(redis_tls_server, request: pytest.F
                                              tmp_path: Path, source: Path) -> None:
     vol = volume_on(request, tmp_path, "redis-tls")
     chunkfs("import", vol.meta_url, str(source), "/model")
-    mnt = tmp_path / "bg"
-    mnt.mkdir()
-    log = tmp_path / "bg.log"
-    result = chunkfs("mount", vol.meta_url, str(mnt), "--read-only", "--background", "--cache-dir",
-                     str(tmp_path / "cache"), "--log-file", str(log))
-    pid = int(result.stderr.split("(pid ")[1].split(",")[0])
+    mnt, log, pid, result = background_mount(vol.meta_url, tmp_path)
     try:
         assert (mnt / "model/several").read_bytes() == (source / "several").read_bytes()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -159,15 +159,6 @@ class RedisMeta(MetaStore):
             raise FsError(errno.ENOENT, f"inode {ino}")
         return Attr(ino, *(int(v) for v in values))  # type: ignore[arg-type]
 
-    def _attrs(self, inos: list[int]) -> list[Attr]:
-        def fetch() -> list:
-            pipe = self.client.pipeline(transaction=False)
-            for ino in inos:
-                pipe.hmget(self._ikey(ino), _ATTR_FIELDS)
-            return pipe.execute()
-
-        return [self._attr(ino, values) for ino, values in zip(inos, self._call(fetch), strict=True)]
-
     # -- volume ----------------------------------------------------------------------------
     def load_format(self) -> VolumeFormat | None:
         raw = self._call(self.client.get, self._format_key)
@@ -190,7 +181,7 @@ class RedisMeta(MetaStore):
 
     # -- reads -----------------------------------------------------------------------------
     def getattr(self, ino: int) -> Attr:
-        return self._attrs([ino])[0]
+        return self._attr(ino, self._call(self.client.hmget, self._ikey(ino), _ATTR_FIELDS))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         child = self._call(self.client.hget, self._dkey(parent), name)

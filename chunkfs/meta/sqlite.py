@@ -151,8 +151,7 @@ class SqliteMeta(MetaStore):
                 )
             else:
                 conn.execute("UPDATE blockrefs SET refs = refs + ? WHERE id=?", (delta, bid))
-        if delta < 0 and ids:
-            conn.execute("DELETE FROM blockrefs WHERE refs <= 0")
+                conn.execute("DELETE FROM blockrefs WHERE id=? AND refs <= 0", (bid,))
 
     def _new_inode(self, conn: sqlite3.Connection, mode: int, uid: int, gid: int, size: int,
                    mtime_ns: int, nlink: int, target: bytes | None = None,

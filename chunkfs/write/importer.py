@@ -211,12 +211,7 @@ class Importer:
     def _import_symlink(self, item: _Item) -> None:
         target = os.fsencode(os.readlink(item.source))
         parent, name = self._dir_inodes[item.parts[:-1]], item.parts[-1]
-        try:
-            old = self.meta.lookup(parent, name)
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            old = None
+        old = self._existing(parent, name)
         if old is not None:
             if old.is_dir:
                 self.report.failed.append(f"{item.source}: a directory of that name is in the volume")
