@@ -153,6 +153,31 @@ def background_mount(meta_url: str, tmp: Path) -> tuple[Path, Path, int, subproc
     return mnt, log, pid, result
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real small filesystem at ``path`` (tmpfs), so free space is under the test's control."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_up(path: Path) -> None:
+    """Write a file at ``path`` until its filesystem has no space left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def tree_listing(root: Path) -> list[tuple[str, str, int, int]]:
     """(relative path, kind, size-or-target-len, permission bits) for every entry under root."""
     out = []

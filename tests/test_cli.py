@@ -198,16 +198,25 @@ def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, so
     assert_one_line_error(chunkfs("umount", "/", check=False), "not a chunkfs mount")
 
 
-def test_daemon_command_line_masks_the_password() -> None:
-    import argparse
+def test_daemon_command_line_masks_the_password_and_keeps_every_option() -> None:
+    from chunkfs.cli.main import build_parser
+    from chunkfs.cli.mount import _daemon_argv, cache_dirs
 
-    from chunkfs.cli.mount import _daemon_argv
-
-    args = argparse.Namespace(meta="redis://:hunter2@10.0.0.7:6379/1", mountpoint="/mnt/m", debug=False,
-                              cache_dir="/c", max_downloads=4, attr_timeout=1.0, entry_timeout=1.0,
-                              read_only=True, io_retries=5, io_timeout=30.0)
+    user = ["mount", "redis://:hunter2@10.0.0.7:6379/1", "/mnt/m", "--read-only", "--cache-dir", "/c1:/c2",
+            "--cache-dir", "/c3", "--cache-size", "10G", "--free-space-ratio", "0.2", "--max-downloads", "4",
+            "--buffer-size", "64M", "--max-readahead", "1G", "--prefetch", "*.bin", "--kernel-readahead", "0",
+            "--metrics", "127.0.0.1:9567", "--attr-timeout", "1", "--entry-timeout", "2", "--io-retries", "3",
+            "--io-timeout", "9"]
+    args = build_parser().parse_args(user)
+    args.cache_dir = cache_dirs(args.cache_dir)
     argv = _daemon_argv(args, 9, 10)
     assert "hunter2" not in " ".join(argv) and "redis://:****@10.0.0.7:6379/1" in argv
+    daemon = build_parser().parse_args(argv[3:])
+    daemon.cache_dir = cache_dirs(daemon.cache_dir)
+    assert daemon.cache_dir == ["/c1", "/c2", "/c3"]
+    for name, value in vars(args).items():
+        if name not in ("meta", "background", "ready_fd", "meta_fd"):
+            assert getattr(daemon, name) == value, name
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -1,37 +1,53 @@
-"""BlockFetcher and DiskCache against a real local store, driven by trio (no FUSE)."""
+"""BlockFetcher and BlockCache against a real local store, driven by trio (no FUSE)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from chunkfs.blocks import BlockCodec, block_id, object_key
-from chunkfs.cache.disk import DiskCache
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.disk import CacheDir
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.slots import Priority
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.file import FileStore
 
 
 class CountingStore(FileStore):
-    """A real FileStore that counts GETs and can corrupt the next N bodies."""
+    """A real FileStore that records GETs (in order), can corrupt the next N bodies and can
+    be slowed down."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root, create=True)
-        self.gets = 0
+        self.keys: list[str] = []
         self.corrupt_next = 0
+        self.delay = 0.0
         self._lock = threading.Lock()
+
+    @property
+    def gets(self) -> int:
+        return len(self.keys)
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         with self._lock:
-            self.gets += 1
+            self.keys.append(key)
             corrupt = self.corrupt_next > 0
             self.corrupt_next -= corrupt
+        time.sleep(self.delay)
         data = super().get(key, start, end)
         return data[:-1] + bytes([data[-1] ^ 0xFF]) if corrupt else data
+
+
+def put_block(store: FileStore, codec: BlockCodec, data: bytes) -> bytes:
+    bid = block_id(data)
+    store.put(object_key(bid), codec.encode(data))
+    return bid
 
 
 @pytest.fixture
@@ -39,11 +55,14 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = CountingStore(tmp_path / "store")
     codec = BlockCodec("lz4")
     data = os.urandom(200_000)
-    bid = block_id(data)
-    store.put(object_key(bid), codec.encode(data))
-    cache = DiskCache(tmp_path / "cache")
-    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, recent_blocks=0)
+    bid = put_block(store, codec, data)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=4, recent_blocks=0)
     return store, cache, fetcher, bid, data
+
+
+def whole(fetcher: BlockFetcher, bid: bytes, data: bytes) -> bytes:
+    return trio.run(fetcher.read, bid, len(data), 0, len(data))
 
 
 def test_single_flight_many_readers_one_get(setup) -> None:  # type: ignore[no-untyped-def]
@@ -61,54 +80,145 @@ def test_single_flight_many_readers_one_get(setup) -> None:  # type: ignore[no-u
     trio.run(main)
     assert store.gets == 1 and fetcher.downloads == 1
     assert sorted(results) == sorted(data[i * 1000 : i * 1000 + 500] for i in range(50))
-    assert cache.contains(bid, len(data))
+    assert cache.is_verified(bid) and cache.contains(bid)
+    assert cache.metrics.cache_misses._value.get() == 50  # every reader waited for the download
+    assert whole(fetcher, bid, data) == data
+    assert cache.metrics.cache_hits._value.get() == 1
 
 
 def test_corrupt_body_is_retried_then_fails_with_eio_cause(setup) -> None:  # type: ignore[no-untyped-def]
     store, cache, fetcher, bid, data = setup
     store.corrupt_next = 2
-    assert trio.run(fetcher.load, bid, len(data)) == data
+    assert whole(fetcher, bid, data) == data
     assert store.gets == 3
     cache.drop(bid)
     store.corrupt_next = 10
     with pytest.raises(BlockUnavailable, match="failed 3 attempts"):
-        trio.run(fetcher.load, bid, len(data))
-    assert not cache.contains(bid, len(data))  # wrong bytes never reach the cache
+        whole(fetcher, bid, data)
+    assert not cache.contains(bid)  # wrong bytes never reach the cache
 
 
 def test_damaged_cache_entries_are_dropped_and_refetched(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     store, cache, fetcher, bid, data = setup
-    trio.run(fetcher.load, bid, len(data))
-    path = Path(cache.path(bid))
-    for damage in (lambda b: b[:-10], lambda b: b"\0" + b[1:]):  # truncated, then flipped
+    whole(fetcher, bid, data)
+    path = Path(cache.dir_for(bid).path(bid))
+    for damage in (lambda b: b[:-10], lambda b: b"\0" + b[1:], lambda b: b + b"x"):  # short, flipped, long
         path.write_bytes(damage(path.read_bytes()))
-        fresh = DiskCache(tmp_path / "cache")  # a restarted mount: nothing verified yet
+        fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)  # a restarted mount
         fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
         before = store.gets
-        assert trio.run(fetcher2.read, bid, len(data), 0, len(data)) == data
+        assert whole(fetcher2, bid, data) == data
         assert store.gets == before + 1
         assert path.read_bytes() == data
+        assert fresh.metrics.cache_corrupt._value.get() == 1
 
 
-def test_failing_cache_disk_degrades_to_store_reads(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _store, cache, fetcher, bid, data = setup
-    cache.tmp_dir = Path("/proc/chunkfs-no-such-dir")  # every cache write now fails (root ignores modes)
+def test_restarted_cache_serves_without_downloading(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, _cache, fetcher, bid, data = setup
+    whole(fetcher, bid, data)
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    assert fresh.load_index() == 1 and fresh.used_bytes == len(data)
+    fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
+    assert trio.run(fetcher2.read, bid, len(data), 5, 10) == data[5:10]
+    assert store.gets == 1 and fresh.metrics.cache_hits._value.get() == 1
+
+
+def test_failing_cache_disk_degrades_to_store_reads(setup) -> None:  # type: ignore[no-untyped-def]
+    store, cache, _fetcher, bid, data = setup
+    cache.dirs[0].tmp_dir = Path("/proc/chunkfs-no-such-dir")  # every cache write now fails (root ignores modes)
+    fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), cache, recent_blocks=2)
     assert trio.run(fetcher.read, bid, len(data), 10, 20) == data[10:20]
-    assert not cache.contains(bid, len(data))
-    assert trio.run(fetcher.read, bid, len(data), 0, 5) == data[:5]
+    assert not cache.contains(bid)
+    assert trio.run(fetcher.read, bid, len(data), 0, 5) == data[:5]  # kept in memory
+    assert store.gets == 1 and fetcher.cache_declined
+    assert cache.metrics.cache_write_errors._value.get() == 1
 
 
 def test_missing_block_is_unavailable(setup) -> None:  # type: ignore[no-untyped-def]
     _store, _cache, fetcher, _bid, _data = setup
     with pytest.raises(BlockUnavailable, match="missing"):
-        trio.run(fetcher.load, block_id(b"nothing"), 7)
+        trio.run(fetcher.read, block_id(b"nothing"), 7, 0, 7)
 
 
 def test_stale_tmp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
-    cache = DiskCache(tmp_path / "c")
+    cache = CacheDir(tmp_path / "c")
     dead = cache.tmp_dir / f"{'ab' * 32}.999999999.deadbeef"
     mine = cache.tmp_dir / f"{'cd' * 32}.{os.getpid()}.cafebabe"
     dead.write_bytes(b"partial")
     mine.write_bytes(b"in progress")
-    DiskCache(tmp_path / "c")
+    CacheDir(tmp_path / "c")
     assert not dead.exists() and mine.exists()
+
+
+def _blocks(store: CountingStore, n: int) -> list[tuple[bytes, bytes]]:
+    codec = BlockCodec("lz4")
+    out = []
+    for i in range(n):
+        data = bytes([i]) * 1000 + os.urandom(100)
+        out.append((put_block(store, codec, data), data))
+    return out
+
+
+def download_order(tmp_path: Path, count: int, queued: int, wanted: int) -> list[str]:
+    """Queue prefetches of blocks [0, queued) on one download slot, then read block
+    ``wanted``; the order in which the store saw the blocks (as indexes)."""
+    store = CountingStore(tmp_path / "store")
+    blocks = _blocks(store, count)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 1), BlockCodec("lz4"), cache, downloads=1)
+    store.delay = 0.05
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for bid, data in blocks[:queued]:
+                nursery.start_soon(fetcher.ensure, bid, len(data), Priority.PREFETCH)
+                await trio.sleep(0.001)  # queue them in order
+            bid, data = blocks[wanted]
+            assert await fetcher.read(bid, len(data), 0, len(data)) == data
+
+    trio.run(main)
+    index = {bid.hex(): i for i, (bid, _) in enumerate(blocks)}
+    return [index[key.rsplit("/", 1)[1]] for key in store.keys]
+
+
+def test_demand_reads_jump_the_prefetch_queue(tmp_path: Path) -> None:
+    assert download_order(tmp_path, 8, queued=6, wanted=7) == [0, 7, 1, 2, 3, 4, 5]
+
+
+def test_demand_read_raises_a_queued_prefetch(tmp_path: Path) -> None:
+    # block 5 was queued last as a prefetch; a reader wants it: it goes next, and only once
+    assert download_order(tmp_path, 6, queued=6, wanted=5) == [0, 5, 1, 2, 3, 4]
+
+
+def test_cancelled_prefetch_does_not_fail_its_waiters(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "store")
+    (bid, data), = _blocks(store, 1)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 1), BlockCodec("lz4"), cache, downloads=1)
+
+    async def main() -> None:
+        holder = fetcher.slots.ticket(Priority.DEMAND)
+        await fetcher.slots.acquire(holder)  # every download now waits for a slot
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def prefetch() -> None:
+                with scope:
+                    await fetcher.ensure(bid, len(data), Priority.PREFETCH)
+
+            nursery.start_soon(prefetch)
+            await trio.sleep(0.01)
+            result: list[bytes] = []
+
+            async def reader() -> None:
+                result.append(await fetcher.read(bid, len(data), 0, 3))
+
+            nursery.start_soon(reader)
+            await trio.sleep(0.01)
+            scope.cancel()  # the file closed: its prefetch stops
+            await trio.sleep(0.01)
+            fetcher.slots.release()
+        assert result == [data[:3]]
+
+    trio.run(main)
+    assert store.gets == 1

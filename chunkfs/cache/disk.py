@@ -1,36 +1,26 @@
-"""DiskCache: content-addressed block files on the node's local disk.
+"""CacheDir: the block files of one cache directory (plain file I/O, no policy).
 
-Layout under the cache directory (shared by every volume and mount on the node: a block id
-is the hash of its plain bytes, so an entry is valid for any volume that names it)::
+Layout (shared by every volume, mount and warmup on the node: a block id is the hash of its
+plain bytes, so an entry is valid for any volume that names it)::
 
-    blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600
+    blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700
     tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks/ when complete
 
 Invariants:
 
-- An entry is only ever created by ``put``, which writes a temporary file and renames it:
-  a crash never leaves a partial file under ``blocks/``. Temporary files of dead
-  processes are removed when a cache is opened.
-- ``put`` is only given bytes already verified against their id (``BlockCodec.decode``).
-- A reader never gets bytes from an entry whose size differs from the block length, and
-  the first read of an entry in a process re-verifies its hash (``verify``), so a file
-  damaged on disk is dropped and fetched again rather than served.
-- Cache failures (disk full, I/O errors) are logged and reported as a miss or a skipped
-  write; they never fail a read.
+- An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
+  partial file under ``blocks/``. Temporary files of dead processes are removed on open.
+- Methods raise ``OSError``; deciding what a failure means (miss, drop, skip) is the job of
+  ``BlockCache``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-
-from chunkfs.blocks import block_id
-
-log = logging.getLogger(__name__)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -43,15 +33,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class DiskCache:
+class CacheDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
         self.blocks_dir = self.root / "blocks"
         self.tmp_dir = self.root / "tmp"
         for d in (self.root, self.blocks_dir, self.tmp_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._verified: set[bytes] = set()
         self._remove_stale_tmp()
+
+    def __repr__(self) -> str:
+        return f"<CacheDir {self.root}>"
 
     def _remove_stale_tmp(self) -> None:
         for entry in os.scandir(self.tmp_dir):
@@ -66,54 +58,27 @@ class DiskCache:
         hexid = bid.hex()
         return f"{self.blocks_dir}/{hexid[:2]}/{hexid}"
 
-    def read(self, bid: bytes, length: int, start: int = 0, end: int | None = None) -> bytes | None:
-        """Bytes [start, end) of the cached block, or None on a miss (absent, wrong size,
-        damaged or unreadable entries count as misses and are dropped)."""
-        path = self.path(bid)
+    def read(self, bid: bytes, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the entry (fewer if the file is shorter)."""
+        fd = os.open(self.path(bid), os.O_RDONLY)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cache: cannot open %s: %s", path, exc.strerror)
-            return None
-        try:
-            if os.fstat(fd).st_size != length:
-                log.warning("cache: dropping %s: size differs from block length %d", path, length)
-                self.drop(bid)
-                return None
-            if bid not in self._verified:
-                if block_id(os.pread(fd, length, 0)) != bid:
-                    log.warning("cache: dropping %s: content does not match its hash", path)
-                    self.drop(bid)
-                    return None
-                self._verified.add(bid)
-            stop = length if end is None else end
-            return os.pread(fd, stop - start, start)
-        except OSError as exc:
-            log.warning("cache: reading %s failed: %s", path, exc.strerror)
-            return None
+            return os.pread(fd, end - start, start)
         finally:
             os.close(fd)
 
-    def is_verified(self, bid: bytes) -> bool:
-        """True once this process has checked (or written) the entry's content."""
-        return bid in self._verified
+    def read_whole(self, bid: bytes, limit: int) -> bytes:
+        """The entry's bytes, reading at most ``limit + 1`` (enough to tell it is too long)."""
+        with open(self.path(bid), "rb", buffering=0) as f:
+            return f.read(limit + 1)
 
-    def contains(self, bid: bytes, length: int) -> bool:
-        try:
-            return os.stat(self.path(bid)).st_size == length
-        except OSError:
-            return False
-
-    def put(self, bid: bytes, plain: bytes) -> bool:
-        """Store verified plain bytes of block ``bid``; False (logged) if the disk refused."""
+    def write(self, bid: bytes, data: bytes) -> None:
+        """Create the entry atomically (temporary file, then rename)."""
         final = self.path(bid)
         tmp = f"{self.tmp_dir}/{bid.hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(plain)
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
             finally:
@@ -123,16 +88,35 @@ class DiskCache:
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
                 os.rename(tmp, final)
-        except OSError as exc:
+        except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            level = logging.INFO if exc.errno == errno.ENOSPC else logging.WARNING
-            log.log(level, "cache: cannot store block %s: %s", bid.hex()[:16], exc.strerror)
-            return False
-        self._verified.add(bid)
-        return True
+            raise
 
-    def drop(self, bid: bytes) -> None:
-        self._verified.discard(bid)
-        with contextlib.suppress(OSError):
+    def remove(self, bid: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(bid))
+
+    def exists(self, bid: bytes) -> bool:
+        return os.path.exists(self.path(bid))
+
+    def scan(self) -> Iterator[tuple[bytes, int, float]]:
+        """(block id, size, last access time) of every entry, in no particular order."""
+        with os.scandir(self.blocks_dir) as fanout:
+            for sub in fanout:
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(sub.path) as entries:
+                    for entry in entries:
+                        try:
+                            bid = bytes.fromhex(entry.name)
+                            st = entry.stat(follow_symlinks=False)
+                        except (ValueError, OSError):
+                            continue
+                        if len(bid) == 32:
+                            yield bid, st.st_size, max(st.st_atime, st.st_mtime)
+
+    def free_space(self) -> tuple[int, int]:
+        """(bytes available to this process, total bytes) of the filesystem holding the cache."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize

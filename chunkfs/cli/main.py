@@ -15,6 +15,7 @@ import sys
 from chunkfs import __version__
 from chunkfs.blocks import COMPRESSIONS
 from chunkfs.errors import ChunkfsError, UsageError, first_error
+from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
 from chunkfs.units import parse_size
 
@@ -41,6 +42,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text}")
     return value
 
 
@@ -85,15 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
-    p.add_argument("--cache-dir", default=None, help=f"local block cache directory (default {default_cache_dir()})")
+    p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
+                   help=f"block cache directory; repeat it or join with ':' for several disks "
+                        f"(default {default_cache_dir()})")
+    p.add_argument("--cache-size", type=_size, default=100 << 30,
+                   help="most bytes the cache may hold; least recently used blocks are evicted (default 100G)")
+    p.add_argument("--free-space-ratio", type=_ratio, default=0.1,
+                   help="keep at least this fraction of each cache disk free (default 0.1)")
     p.add_argument("--background", "-d", action="store_true", help="return once mounted; serve in the background")
     p.add_argument("--log-file", default=None, help="log file of a background mount")
-    p.add_argument("--max-downloads", type=_positive_int, default=16, help="concurrent block downloads (default 16)")
+    p.add_argument("--max-downloads", type=_positive_int, default=32, help="concurrent block downloads (default 32)")
+    p.add_argument("--buffer-size", type=_size, default=256 << 20,
+                   help="memory for blocks being downloaded; limits --max-downloads (default 256M)")
+    p.add_argument("--max-readahead", type=_size, default=512 << 20,
+                   help="how far a sequential reader is read ahead, at most (default 512M)")
+    p.add_argument("--prefetch", default=",".join(DEFAULT_PREFETCH_PATTERNS), metavar="PATTERNS",
+                   help="comma-separated file-name patterns fetched whole, in parallel, when opened; "
+                        "'none' turns it off (default: %(default)s)")
+    p.add_argument("--kernel-readahead", type=_size, default=16 << 20,
+                   help="the kernel's readahead for this mount, 0 to keep the kernel default (default 16M)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9567")
     p.add_argument("--attr-timeout", type=float, default=300.0, help="kernel attribute cache seconds (default 300)")
     p.add_argument("--entry-timeout", type=float, default=300.0, help="kernel entry cache seconds (default 300)")
     _add_store_options(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--meta-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("stats", help="live view of a mount's throughput, cache hits and store requests")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default 1)")
+    p.add_argument("--count", type=_positive_int, default=None, help="stop after this many lines")
 
     p = sub.add_parser("umount", help="unmount a chunkfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -131,7 +164,7 @@ def _setup_logging(debug: bool, command: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug, args.command)
-    from chunkfs.cli import commands, mount
+    from chunkfs.cli import commands, mount, stats
 
     handlers = {
         "format": commands.cmd_format,
@@ -142,6 +175,7 @@ def run(argv: list[str] | None = None) -> int:
         "load": commands.cmd_load,
         "mount": mount.cmd_mount,
         "umount": mount.cmd_umount,
+        "stats": stats.cmd_stats,
     }
     return handlers[args.command](args)
 

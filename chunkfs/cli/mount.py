@@ -16,11 +16,12 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from chunkfs.cli.main import default_cache_dir, store_options
 from chunkfs.errors import ChunkfsError, UsageError
-from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount
+from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount, require_chunkfs_mount
 from chunkfs.urls import mask_url
 
 READY_TIMEOUT = 120.0
@@ -40,7 +41,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             args.meta = pipe.read().decode()
         if not args.meta:
             raise ChunkfsError("metadata URL expected on --meta-fd")
-    args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    args.cache_dir = cache_dirs(args.cache_dir)
     if args.background:
         return _spawn_daemon(args)
     try:
@@ -62,24 +63,63 @@ def _report_ready(fd: int | None, message: str) -> None:
         os.close(fd)
 
 
+def cache_dirs(values: list[str] | None) -> list[str]:
+    """``--cache-dir`` values (repeated and/or ':'-joined) as absolute paths, duplicates removed."""
+    dirs: list[str] = []
+    for value in values or [default_cache_dir()]:
+        for part in value.split(":"):
+            if part and os.path.abspath(part) not in dirs:
+                dirs.append(os.path.abspath(part))
+    if not dirs:
+        raise UsageError("--cache-dir needs a directory")
+    return dirs
+
+
+def prefetch_patterns(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def _serve_foreground(args: argparse.Namespace) -> None:
     from chunkfs.fuse.mount import ServeConfig, serve
     from chunkfs.fuse.ops import MountOptions
+    from chunkfs.metrics import Metrics, parse_address
     from chunkfs.volume import open_volume
 
     check_fuse_device()
     mountpoint = check_mountpoint(args.mountpoint)
+    for path in args.cache_dir:
+        try:
+            Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ChunkfsError(f"cannot create cache directory {path}: {exc.strerror}") from None
     try:
-        Path(args.cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ChunkfsError(f"cannot create cache directory {args.cache_dir}: {exc.strerror}") from None
+        metrics_address = parse_address(args.metrics) if args.metrics else None
+    except ValueError as exc:
+        raise UsageError(f"--metrics: {exc}") from None
     options = MountOptions(read_only=args.read_only, attr_timeout=args.attr_timeout,
                            entry_timeout=args.entry_timeout)
-    config = ServeConfig(mountpoint=mountpoint, cache_dir=Path(args.cache_dir), options=options,
-                         max_downloads=args.max_downloads)
-    with open_volume(args.meta, store_options(args, args.max_downloads)) as volume:
+    metrics = Metrics()
+    config = ServeConfig(
+        mountpoint=mountpoint, cache_dirs=[Path(d) for d in args.cache_dir], cache_size=args.cache_size,
+        free_space_ratio=args.free_space_ratio, options=options, max_downloads=args.max_downloads,
+        buffer_size=args.buffer_size, readahead_max=args.max_readahead,
+        prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
+        metrics_address=metrics_address, metrics=metrics,
+    )
+    with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics)) as volume:
         ready_fd = args.ready_fd
         serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
+
+
+#: mount options handed on unchanged to a background daemon: (flag, attribute)
+_PASSED_ON = [("--cache-size", "cache_size"), ("--free-space-ratio", "free_space_ratio"),
+              ("--max-downloads", "max_downloads"), ("--buffer-size", "buffer_size"),
+              ("--max-readahead", "max_readahead"), ("--prefetch", "prefetch"),
+              ("--kernel-readahead", "kernel_readahead"), ("--metrics", "metrics"),
+              ("--attr-timeout", "attr_timeout"), ("--entry-timeout", "entry_timeout"),
+              ("--io-retries", "io_retries"), ("--io-timeout", "io_timeout")]
 
 
 def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[str]:
@@ -87,10 +127,13 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[
     if args.debug:
         argv.append("--debug")
     argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-fd", str(meta_fd),
-             "--ready-fd", str(ready_fd), "--cache-dir", args.cache_dir,
-             "--max-downloads", str(args.max_downloads), "--attr-timeout", str(args.attr_timeout),
-             "--entry-timeout", str(args.entry_timeout), "--io-retries", str(args.io_retries),
-             "--io-timeout", str(args.io_timeout)]
+             "--ready-fd", str(ready_fd)]
+    for path in args.cache_dir:
+        argv += ["--cache-dir", path]
+    for flag, attr in _PASSED_ON:
+        value = getattr(args, attr)
+        if value is not None:
+            argv += [flag, str(value)]
     if args.read_only:
         argv.append("--read-only")
     return argv
@@ -148,12 +191,7 @@ def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
-    entry = find_mount(mountpoint)
-    if entry is None:
-        raise ChunkfsError(f"{mountpoint} is not mounted")
-    if entry.fstype != "fuse.chunkfs":
-        raise ChunkfsError(f"{mountpoint} is not a chunkfs mount ({entry.fstype})")
+    mountpoint = require_chunkfs_mount(args.mountpoint)
     cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)

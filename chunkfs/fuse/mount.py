@@ -1,8 +1,9 @@
 """Mount lifecycle: build the read path for a volume, mount it, serve until unmounted.
 
-``serve`` owns everything it starts: the pyfuse3 session, the trio nursery with the FUSE
-workers and the signal watcher. Teardown happens in reverse order in ``finally`` blocks:
-stop serving, unmount (if still mounted), close the volume.
+``serve`` owns everything it starts: the block cache, the metrics endpoint, the pyfuse3
+session and the trio nursery holding the FUSE workers, the reader's background fetches, the
+cache index scan and the signal watcher. Teardown happens in reverse order in ``finally``
+blocks: stop serving, unmount (if still mounted), stop the metrics endpoint.
 
 SIGTERM, SIGINT and SIGHUP end the session cleanly (unmount, exit 0). ``fusermount3 -u``
 (what ``chunkfs umount`` runs) ends it the same way from outside.
@@ -20,12 +21,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from chunkfs.cache.disk import DiskCache
+from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import ChunkfsError
+from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.fuse.ops import ChunkfsOperations, MountOptions
 from chunkfs.meta.aio import AsyncMeta
+from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
 from chunkfs.volume import Volume
 
@@ -35,10 +39,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServeConfig:
     mountpoint: str
-    cache_dir: Path
+    cache_dirs: list[Path]
+    cache_size: int = 100 << 30
+    free_space_ratio: float = 0.1
     options: MountOptions = field(default_factory=MountOptions)
-    max_downloads: int = 16
+    max_downloads: int = 32
+    buffer_size: int = 256 << 20  # memory for blocks in flight
+    readahead_max: int = 512 << 20
+    prefetch_patterns: tuple[str, ...] = DEFAULT_PREFETCH_PATTERNS
+    kernel_readahead: int = 16 << 20
+    metrics_address: tuple[str, int] | None = None
     fuse_workers: int = 64
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def download_slots(self, block_size: int, compressed: bool) -> int:
+        """Concurrent downloads: ``max_downloads``, fewer if their blocks would not fit in
+        ``buffer_size`` (a compressed block briefly needs twice its size)."""
+        per_block = block_size * (2 if compressed else 1)
+        return max(1, min(self.max_downloads, self.buffer_size // per_block))
 
 
 def fuse_mount_options(volume: Volume, options: MountOptions) -> set[str]:
@@ -53,37 +71,69 @@ def fuse_mount_options(volume: Volume, options: MountOptions) -> set[str]:
 
 def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount ``volume`` at ``config.mountpoint`` and serve requests until unmounted."""
-    cache = DiskCache(config.cache_dir)
-    fetcher = BlockFetcher(AsyncStore(volume.store, config.max_downloads), volume.codec, cache)
+    metrics = config.metrics
+    block_size = volume.fmt.block_size
+    slots = config.download_slots(block_size, volume.codec.compression != "none")
+    try:
+        cache = BlockCache(config.cache_dirs, config.cache_size, config.free_space_ratio, metrics)
+    except OSError as exc:
+        raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
+    fetcher = BlockFetcher(AsyncStore(volume.store, slots), volume.codec, cache, downloads=slots, metrics=metrics)
+    reader = FileReader(fetcher, ReadConfig(
+        block_size=block_size, readahead_max=config.readahead_max, prefetch_patterns=config.prefetch_patterns,
+        prefetch_workers=slots, prefetch_limit=max(block_size, config.cache_size // 2)), metrics)
     meta = AsyncMeta(volume.meta, immutable=config.options.read_only)
-    ops = ChunkfsOperations(meta, fetcher, volume.fmt.block_size, config.options)
+    ops = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
+    http = None
+    if config.metrics_address is not None:
+        host, port = config.metrics_address
+        try:
+            http = metrics.serve(host, port)
+        except OSError as exc:
+            raise ChunkfsError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     try:
-        pyfuse3.init(ops, config.mountpoint, fuse_mount_options(volume, config.options))
-    except RuntimeError as exc:
-        raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
-    unmounted = False
-    try:
-        trio.run(_run_session, config.mountpoint, config.fuse_workers, on_ready)
-        unmounted = find_mount(config.mountpoint) is None
+        try:
+            pyfuse3.init(ops, config.mountpoint, fuse_mount_options(volume, config.options))
+        except RuntimeError as exc:
+            raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
+        unmounted = False
+        try:
+            trio.run(_run_session, config, cache, reader, on_ready)
+            unmounted = find_mount(config.mountpoint) is None
+        finally:
+            pyfuse3.close(unmount=not unmounted)
+            log.info("unmounted %s", config.mountpoint)
     finally:
-        pyfuse3.close(unmount=not unmounted)
-        log.info("unmounted %s", config.mountpoint)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
 
-async def _run_session(mountpoint: str, workers: int, on_ready: Callable[[], None] | None) -> None:
+async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader,
+                       on_ready: Callable[[], None] | None) -> None:
+    mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        await nursery.start(reader.run)
 
         async def fuse_main() -> None:
-            await pyfuse3.main(min_tasks=4, max_tasks=workers)
+            await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_workers)
             nursery.cancel_scope.cancel()  # unmounted from outside
 
         nursery.start_soon(fuse_main)
         # The mount answers once a stat through it succeeds (served by fuse_main above).
         await trio.to_thread.run_sync(os.stat, mountpoint)
+        if config.kernel_readahead:
+            set_read_ahead(mountpoint, config.kernel_readahead)
+        nursery.start_soon(_load_cache_index, cache)
         log.info("mounted at %s", mountpoint)
         if on_ready is not None:
             on_ready()
+
+
+async def _load_cache_index(cache: BlockCache) -> None:
+    count = await trio.to_thread.run_sync(cache.load_index)
+    log.info("cache index: %d blocks on disk, %d MiB indexed", count, cache.used_bytes >> 20)
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

@@ -92,3 +92,14 @@ def check_fuse_device() -> None:
         raise ChunkfsError(f"{FUSE_DEVICE} does not exist: load the fuse kernel module (modprobe fuse)")
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         raise ChunkfsError(f"no permission to open {FUSE_DEVICE}: run as root or get access to the device")
+
+
+def require_chunkfs_mount(path: str) -> str:
+    """The absolute mountpoint, or a one-line ``ChunkfsError`` if no chunkfs mount is there."""
+    mountpoint = os.path.abspath(path)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        raise ChunkfsError(f"{mountpoint} is not mounted")
+    if entry.fstype != "fuse.chunkfs":
+        raise ChunkfsError(f"{mountpoint} is not a chunkfs mount ({entry.fstype})")
+    return mountpoint

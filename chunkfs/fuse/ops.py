@@ -1,7 +1,7 @@
 """pyfuse3 Operations for a chunkfs volume.
 
 Layer: thin. Each handler translates one kernel request into calls on ``AsyncMeta`` and
-``BlockFetcher`` and maps failures to errno: ``FsError`` -> its errno, ``BlockUnavailable``
+``FileReader`` and maps failures to errno: ``FsError`` -> its errno, ``BlockUnavailable``
 -> EIO (logged with the file and block). This is the only place ``FUSEError`` is raised.
 
 A read-only mount answers every modifying request with EROFS (the kernel also does, for
@@ -13,17 +13,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
-from chunkfs.blocks import block_length, block_spans
 from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import NAME_MAX, Attr
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.meta.base import NAME_MAX, ROOT_INODE, Attr
+from chunkfs.metrics import Metrics
+from chunkfs.read.fetcher import BlockUnavailable
+from chunkfs.read.reader import FileReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,30 +39,41 @@ class MountOptions:
     entry_timeout: float = 300.0
 
 
+#: A read-only file in the root of every mount with the daemon's metrics in Prometheus text
+#: (what ``chunkfs stats MOUNTPOINT`` reads). Only ``lookup`` finds it: ``readdir`` does not
+#: list it, and it hides a volume file of the same name.
+STATS_NAME = b".chunkfs-stats"
+STATS_INODE = (1 << 63) - 2
+
+
 @dataclass(slots=True)
 class OpenFile:
     ino: int
-    size: int
-    blocks: list[bytes]
+    snapshot: bytes | None = None  # contents of the stats file at open
 
 
 def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Translate exceptions into FUSEError at the boundary. An unexpected exception is
-    logged and answered with EIO: one failed request must never end the daemon."""
+    """Count and time the request, and translate exceptions into FUSEError at the boundary.
+    An unexpected exception is logged and answered with EIO: one failed request must never
+    end the daemon."""
+    op = fn.__name__
 
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(self: ChunkfsOperations, *args: Any, **kwargs: Any) -> T:
+        start = time.perf_counter()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except ChunkfsError as exc:  # e.g. the metadata engine is unreachable after retries
-            log.error("%s failed: %s", fn.__name__, exc)
+            log.error("%s failed: %s", op, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("%s failed", fn.__name__)
+            log.exception("%s failed", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.observe_op(op, time.perf_counter() - start)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -77,19 +90,38 @@ class ChunkfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, meta: AsyncMeta, fetcher: BlockFetcher, block_size: int,
-                 options: MountOptions) -> None:
+    def __init__(self, meta: AsyncMeta, reader: FileReader, block_size: int,
+                 options: MountOptions, metrics: Metrics) -> None:
         super().__init__()
         self.meta = meta
-        self.fetcher = fetcher
+        self.reader = reader
         self.block_size = block_size
         self.options = options
+        self.metrics = metrics
+        self._op_metrics: dict[str, tuple[Any, Any]] = {}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = 1
         self._names: dict[int, bytes] = {1: b"/"}  # last name seen per inode, for log messages
 
     # -- helpers ---------------------------------------------------------------------------
+    def observe_op(self, op: str, seconds: float) -> None:
+        pair = self._op_metrics.get(op)
+        if pair is None:
+            pair = self._op_metrics[op] = (self.metrics.fuse_ops.labels(op), self.metrics.fuse_seconds.labels(op))
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def _stats_entry(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = STATS_INODE
+        entry.st_mode = 0o100444
+        entry.st_nlink = 1
+        entry.st_size = 0  # generated at open; served with direct_io, so the size is not used
+        entry.st_blksize = 4096
+        entry.entry_timeout = entry.attr_timeout = 1.0
+        return entry
+
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
@@ -119,12 +151,16 @@ class ChunkfsOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if parent_inode == ROOT_INODE and name == STATS_NAME:
+            return self._stats_entry()
         attr = await self.meta.lookup(parent_inode, name)
         self._names[attr.ino] = name
         return self._entry(attr)
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == STATS_INODE:
+            return self._stats_entry()
         return self._entry(await self.meta.getattr(inode))
 
     @_fuse_errors
@@ -142,6 +178,7 @@ class ChunkfsOperations(pyfuse3.Operations):
         listing = self._dirs[fh]
         for index in range(start_id, len(listing)):
             name, attr = listing[index]
+            self._names[attr.ino] = name
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
                 break
 
@@ -184,32 +221,36 @@ class ChunkfsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS and self.options.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        fh = self._new_fh()
+        if inode == STATS_INODE:
+            self._files[fh] = OpenFile(inode, snapshot=self.metrics.text())
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         attr = await self.meta.getattr(inode)
         if attr.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         blocks = await self.meta.read_blocks(inode)
-        fh = self._new_fh()
-        self._files[fh] = OpenFile(inode, attr.size, blocks)
+        name = self._names.get(inode, b"?").decode(errors="replace")
+        self.reader.opened(inode, name, attr.size, blocks)
+        self._files[fh] = OpenFile(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.options.read_only)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         f = self._files[fh]
-        bs = self.block_size
-        parts = []
-        for index, start, end in block_spans(off, size, f.size, bs):
-            bid = f.blocks[index]
-            try:
-                parts.append(await self.fetcher.read(bid, block_length(index, f.size, bs), start, end))
-            except BlockUnavailable as exc:
-                name = self._names.get(f.ino, b"?").decode(errors="replace")
-                log.error("read of %r (inode %d) block %d failed: %s", name, f.ino, index, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if f.snapshot is not None:
+            return f.snapshot[off : off + size]
+        try:
+            return await self.reader.read(f.ino, off, size)
+        except BlockUnavailable as exc:
+            name = self._names.get(f.ino, b"?").decode(errors="replace")
+            log.error("read of %r (inode %d) at offset %d failed: %s", name, f.ino, off, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None and f.snapshot is None:
+            self.reader.released(f.ino)
 
     # -- modifying requests: refused on a read-only mount ----------------------------------
     create = mkdir = mknod = rmdir = unlink = rename = symlink = link = _refuse_read_only

@@ -1,18 +1,24 @@
-"""BlockFetcher: block bytes for readers, from memory, the disk cache or the object store.
+"""BlockFetcher: verified block bytes for readers, from the node cache or the object store.
 
 Layer: ``read/`` sees the store only through ``AsyncStore`` and the cache only through
-``DiskCache``; it knows nothing of FUSE.
+``BlockCache``; it knows nothing of FUSE.
 
 Invariants:
 
-- Single-flight: at most one download per block id at a time; concurrent readers of the
-  same block wait for that download and share its result (or its error).
+- Single-flight: at most one load (disk verification or download) per block id at a time;
+  concurrent callers wait for it and share its result. If the task doing the load is
+  cancelled (a prefetch stopped), a waiter starts its own load instead of failing.
+- Downloads hold one of ``downloads`` slots (``PrioritySlots``) from request to cache write,
+  so the memory held by in-flight blocks is at most ``downloads`` blocks (twice that with
+  compression) plus ``recent_blocks`` kept when the cache declines a block. Demand reads go
+  ahead of readahead, readahead ahead of prefetch; a demand read of a block a prefetch has
+  queued raises that queued request to demand priority.
 - No byte is returned unless it was verified against its id: store bytes go through
-  ``BlockCodec.decode``; disk-cache bytes through ``DiskCache.read``'s checks.
-- A corrupted or truncated body, or a temporary store error, is retried with backoff up to
+  ``BlockCodec.decode``; cache entries through ``BlockCache``'s checks.
+- A corrupt or truncated body, or a temporary store error, is retried with backoff up to
   ``attempts`` times; then ``BlockUnavailable`` names the block and the cause.
-- A cache that cannot store a block does not fail the read: the bytes are still returned
-  and kept in a small in-memory LRU (``recent_blocks`` entries).
+- A cache that cannot store a block does not fail the read: the bytes are returned and
+  kept in a small in-memory LRU.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from collections import OrderedDict
 import trio
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
-from chunkfs.cache.disk import DiskCache
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.metrics import Metrics
+from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import ObjectNotFound, StoreError
 
@@ -36,62 +44,118 @@ class BlockUnavailable(Exception):
 
 
 class _Pending:
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("cancelled", "data", "done", "downloaded", "error", "ticket")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.cancelled = False
+        self.downloaded = False
+        self.ticket: Ticket | None = None
 
 
 class BlockFetcher:
-    def __init__(self, store: AsyncStore, codec: BlockCodec, cache: DiskCache, *,
-                 attempts: int = 3, recent_blocks: int = 8) -> None:
+    def __init__(self, store: AsyncStore, codec: BlockCodec, cache: BlockCache, *, downloads: int = 16,
+                 attempts: int = 3, recent_blocks: int = 8, disk_threads: int = 8,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.codec = codec
         self.cache = cache
         self.attempts = attempts
+        self.metrics = metrics or cache.metrics
+        self.slots = PrioritySlots(downloads)
+        self._disk = trio.CapacityLimiter(disk_threads)
         self._recent: OrderedDict[bytes, bytes] = OrderedDict()
         self._recent_max = recent_blocks
         self._inflight: dict[bytes, _Pending] = {}
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
+        self.cache_declined = False  # the last block downloaded could not be stored on disk
+
+    def is_local(self, bid: bytes) -> bool:
+        """Readable now without a download or a disk verification."""
+        return self.cache.is_verified(bid) or bid in self._recent
 
     async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes:
-        """Bytes [start, end) of block ``bid`` (whose plain length is ``length``)."""
-        recent = self._recent.get(bid)
-        if recent is not None:
-            self._recent.move_to_end(bid)
-            return recent[start:end]
-        hit = await self._read_cache(bid, length, start, end)
-        if hit is not None:
-            return hit
-        return (await self.load(bid, length))[start:end]
+        """Bytes [start, end) of block ``bid`` (plain length ``length``) for a waiting reader."""
+        self.cache.pin(bid)
+        try:
+            data = self.cache.read(bid, start, end)
+            if data is None:
+                recent = self._recent.get(bid)
+                if recent is not None:
+                    self._recent.move_to_end(bid)
+                    data = recent[start:end]
+            downloaded = False
+            if data is None:
+                plain, downloaded = await self._obtain(bid, length, Priority.DEMAND)
+                data = plain[start:end]
+        finally:
+            self.cache.unpin(bid)
+        if downloaded:
+            self.metrics.cache_misses.inc()
+            self.metrics.cache_miss_bytes.inc(len(data))
+        else:
+            self.metrics.cache_hits.inc()
+            self.metrics.cache_hit_bytes.inc(len(data))
+        return data
 
-    async def _read_cache(self, bid: bytes, length: int, start: int, end: int) -> bytes | None:
-        if self.cache.is_verified(bid):  # cheap pread: no need to leave the event loop
-            return self.cache.read(bid, length, start, end)
-        return await trio.to_thread.run_sync(self.cache.read, bid, length, start, end)
+    async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
+        """Make the block readable locally (readahead, prefetch, warmup). True if this call
+        did a download or a disk verification; False if the block was local already or
+        another caller was loading it."""
+        if self.is_local(bid):
+            return False
+        someone_else = bid in self._inflight
+        await self._obtain(bid, length, priority)
+        return not someone_else
 
-    async def load(self, bid: bytes, length: int) -> bytes:
-        """The whole verified block, downloading it once however many callers ask."""
-        pending = self._inflight.get(bid)
-        if pending is not None:
+    async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes, bool]:
+        """(verified plain bytes, whether they were downloaded), one load per block at a time."""
+        while (pending := self._inflight.get(bid)) is not None:
+            if pending.ticket is not None:
+                PrioritySlots.raise_priority(pending.ticket, priority)
             await pending.done.wait()
+            if pending.cancelled:
+                continue  # its owner was cancelled: load it ourselves
             if pending.error is not None:
                 raise BlockUnavailable(str(pending.error)) from pending.error
             assert pending.data is not None
-            return pending.data
+            return pending.data, pending.downloaded
         pending = self._inflight[bid] = _Pending()
         try:
-            plain = await self._download(bid, length)
-            pending.data = plain
-            return plain
+            data = None
+            if self.cache.contains(bid):
+                data = await trio.to_thread.run_sync(self.cache.verify, bid, length, limiter=self._disk)
+            if data is None:
+                pending.ticket = self.slots.ticket(priority)
+                data = await self._download_and_store(bid, length, pending.ticket)
+                pending.downloaded = True
+            pending.data = data
+            return data, pending.downloaded
+        except trio.Cancelled:
+            pending.cancelled = True
+            raise
         except BaseException as exc:
             pending.error = exc
             raise
         finally:
             del self._inflight[bid]
             pending.done.set()
+
+    async def _download_and_store(self, bid: bytes, length: int, ticket: Ticket) -> bytes:
+        await self.slots.acquire(ticket)
+        try:
+            plain = await self._download(bid, length)
+            stored = await trio.to_thread.run_sync(self.cache.put, bid, plain, limiter=self._disk)
+        finally:
+            self.slots.release()
+        self.cache_declined = not stored
+        if not stored:
+            self._recent[bid] = plain
+            if len(self._recent) > self._recent_max:
+                self._recent.popitem(last=False)
+        return plain
 
     async def _download(self, bid: bytes, length: int) -> bytes:
         key = object_key(bid)
@@ -112,8 +176,4 @@ class BlockFetcher:
                 log.info("block %s attempt %d failed (%s); retrying", bid.hex()[:16], attempt, exc)
                 await trio.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
         self.downloads += 1
-        await trio.to_thread.run_sync(self.cache.put, bid, plain)
-        self._recent[bid] = plain
-        if len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
         return plain

@@ -50,7 +50,12 @@ def open_store(url: str, *, create: bool = False, options: StoreOptions | None =
     """Open the object store at ``url``, wrapped in the retry policy of ``options``.
     ``create`` makes a missing local directory or bucket (``format`` only)."""
     options = options or StoreOptions()
-    return RetryingStore(_open_backend(url, create, options), options.attempts)
+    backend = _open_backend(url, create, options)
+    if options.observer is not None:
+        from chunkfs.store.observed import ObservedStore
+
+        backend = ObservedStore(backend, options.observer)
+    return RetryingStore(backend, options.attempts)
 
 
 def _open_backend(url: str, create: bool, options: StoreOptions) -> ObjectStore:

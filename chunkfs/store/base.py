@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from chunkfs.errors import ChunkfsError
 
@@ -41,6 +42,8 @@ class StoreOptions:
     concurrency: int = 32  # HTTP connections per client: N concurrent requests really are N connections
     timeout: float = 30.0  # seconds per request (connect and each read)
     attempts: int = 5  # tries per request for temporary failures (1 = no retry)
+    #: told of every request attempt (``chunkfs.store.observed.RequestObserver``), e.g. metrics
+    observer: Any = None
 
 
 @dataclass(frozen=True)

@@ -195,8 +195,16 @@ class Importer:
                 raise
             mode, uid, gid = (st.st_mode, st.st_uid, st.st_gid) if st else (0o755, os.getuid(), os.getgid())
             mtime = st.st_mtime_ns if st else time.time_ns()
-            attr = self.meta.mkdir(parent, name, mode, uid, gid, mtime)
-            self.report.directories += 1
+            try:
+                attr = self.meta.mkdir(parent, name, mode, uid, gid, mtime)
+                self.report.directories += 1
+            except FsError as race:  # another importer made it between our lookup and mkdir
+                if race.errno != errno.EEXIST:
+                    raise
+                attr = self.meta.lookup(parent, name)
+                if not attr.is_dir:
+                    raise ChunkfsError(
+                        f"/{os.fsdecode(b'/'.join(parts))} exists in the volume and is not a directory") from None
         self._dir_inodes[parts] = attr.ino
         return attr.ino
 

@@ -1,0 +1,266 @@
+"""BlockCache: the node's bounded, verified block cache over one or more directories.
+
+Layer: ``cache/`` knows blocks (ids, hashes) and local files, nothing of FUSE or stores.
+Methods are blocking and thread-safe; async callers run the slow ones (``verify``, ``put``,
+``load_index``) in worker threads.
+
+Policy:
+
+- A block lives in exactly one directory, chosen by its id (``dir_for``), so every process
+  on the node looks for it in the same place.
+- Capacity: the bytes this process indexes stay within ``capacity``, and each directory's
+  filesystem keeps at least ``free_ratio`` of its space free. Room is made by evicting the
+  least recently used entries; an entry that is pinned (being read) is never evicted. When
+  no room can be made, ``put`` declines: the caller serves the bytes from memory instead.
+- The index is rebuilt from the directories at start-up (``load_index``), oldest access
+  first, so a restarted mount reuses its cache. Entries written by other processes (warmup,
+  another mount) join the index when this process first reads them.
+- Verification: bytes are only served from an entry this process has verified: written by
+  ``put`` (given bytes already checked against their id) or read back whole by ``verify``
+  (size and SHA-256). A wrong size or hash drops the entry (``chunkfs_cache_corrupt_total``)
+  and reports a miss, so the caller fetches the block again.
+- Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
+  answered as a miss or a declined ``put``: they never fail a read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+from chunkfs.blocks import block_id
+from chunkfs.cache.disk import CacheDir
+from chunkfs.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class BlockCache:
+    def __init__(self, dirs: Sequence[str | Path], capacity: int, free_ratio: float = 0.1,
+                 metrics: Metrics | None = None) -> None:
+        if not dirs:
+            raise ValueError("at least one cache directory is needed")
+        if not 0 <= free_ratio < 1:
+            raise ValueError("free_ratio must be in [0, 1)")
+        self.dirs = [CacheDir(d) for d in dirs]
+        self.capacity = capacity
+        self.free_ratio = free_ratio
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # id -> size, least recently used first
+        self._bytes = 0
+        self._pins: dict[bytes, int] = {}
+        self._verified: set[bytes] = set()
+        self._failing = False  # last write failed: log later failures quietly
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def dir_for(self, bid: bytes) -> CacheDir:
+        return self.dirs[int.from_bytes(bid[:4], "big") % len(self.dirs)]
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def block_count(self) -> int:
+        return len(self._index)
+
+    def _add(self, bid: bytes, size: int, *, recent: bool = True) -> None:
+        """Index an entry (caller holds the lock)."""
+        old = self._index.get(bid)
+        if old is None:
+            self._bytes += size
+        else:
+            self._bytes += size - old
+        self._index[bid] = size
+        if recent:
+            self._index.move_to_end(bid)
+        else:
+            self._index.move_to_end(bid, last=False)
+
+    def _forget(self, bid: bytes) -> None:
+        """Unindex an entry (caller holds the lock)."""
+        size = self._index.pop(bid, None)
+        if size is not None:
+            self._bytes -= size
+        self._verified.discard(bid)
+
+    def _publish(self) -> None:
+        self.metrics.cache_bytes.set(self._bytes)
+        self.metrics.cache_blocks.set(len(self._index))
+
+    def load_index(self) -> int:
+        """Index every entry already on disk (least recently accessed first); returns the count.
+        Entries beyond the capacity are evicted at once."""
+        found = []
+        for cache_dir in self.dirs:
+            try:
+                found.extend(cache_dir.scan())
+            except OSError as exc:
+                log.warning("cache: cannot scan %s: %s", cache_dir.root, exc.strerror)
+        found.sort(key=lambda entry: entry[2], reverse=True)
+        with self._lock:
+            for bid, size, _atime in found:  # newest first, each pushed to the old end
+                if bid not in self._index:
+                    self._add(bid, size, recent=False)
+        self._evict(0, None)
+        self._publish()
+        return len(found)
+
+    # -- pins ------------------------------------------------------------------------------
+    def pin(self, bid: bytes) -> None:
+        """Keep the entry from eviction until ``unpin`` (pins nest)."""
+        with self._lock:
+            self._pins[bid] = self._pins.get(bid, 0) + 1
+
+    def unpin(self, bid: bytes) -> None:
+        with self._lock:
+            left = self._pins[bid] - 1
+            if left:
+                self._pins[bid] = left
+            else:
+                del self._pins[bid]
+
+    # -- reads -----------------------------------------------------------------------------
+    def is_verified(self, bid: bytes) -> bool:
+        """True when ``read`` may serve the entry without checking it again."""
+        return bid in self._verified
+
+    def read(self, bid: bytes, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of a verified entry, or None (a miss) if it is not verified,
+        has gone or cannot be read."""
+        if bid not in self._verified:
+            return None
+        try:
+            data = self.dir_for(bid).read(bid, start, end)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
+            self.drop(bid)
+            return None
+        if len(data) != end - start:
+            log.warning("cache: block %s is shorter than it was; dropping it", bid.hex()[:16])
+            self.metrics.cache_corrupt.inc()
+            self.drop(bid)
+            return None
+        with self._lock:
+            if bid in self._index:
+                self._index.move_to_end(bid)
+        return data
+
+    def verify(self, bid: bytes, length: int) -> bytes | None:
+        """Check an entry found on disk (size and hash) and return its bytes; None if absent,
+        unreadable or damaged (a damaged entry is dropped)."""
+        cache_dir = self.dir_for(bid)
+        try:
+            data = cache_dir.read_whole(bid, length)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
+            return None
+        if len(data) != length or block_id(data) != bid:
+            what = "size differs from the block length" if len(data) != length else "content does not match its hash"
+            log.warning("cache: dropping %s: %s", cache_dir.path(bid), what)
+            self.metrics.cache_corrupt.inc()
+            self.drop(bid)
+            return None
+        with self._lock:
+            self._add(bid, length)
+            self._verified.add(bid)
+        self._publish()
+        return data
+
+    def contains(self, bid: bytes) -> bool:
+        """An entry exists on disk (not necessarily verified)."""
+        return bid in self._index or self.dir_for(bid).exists(bid)
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, bid: bytes, plain: bytes) -> bool:
+        """Store verified plain bytes of block ``bid``; False if no room could be made or the
+        disk refused (logged and counted)."""
+        if bid in self._verified:
+            return True
+        cache_dir = self.dir_for(bid)
+        if not self._evict(len(plain), cache_dir):
+            self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
+            return False
+        try:
+            cache_dir.write(bid, plain)
+        except OSError as exc:
+            self._declined(bid, exc.strerror or str(exc))
+            return False
+        self._failing = False
+        with self._lock:
+            self._add(bid, len(plain))
+            self._verified.add(bid)
+        self._publish()
+        return True
+
+    def _declined(self, bid: bytes, why: str) -> None:
+        self.metrics.cache_write_errors.inc()
+        level = logging.DEBUG if self._failing else logging.WARNING
+        log.log(level, "cache: not storing block %s: %s; serving it from memory", bid.hex()[:16], why)
+        self._failing = True
+
+    def drop(self, bid: bytes) -> None:
+        """Remove an entry (damaged or unreadable)."""
+        with self._lock:
+            self._forget(bid)
+        try:
+            self.dir_for(bid).remove(bid)
+        except OSError as exc:
+            log.warning("cache: cannot remove block %s: %s", bid.hex()[:16], exc.strerror)
+        self._publish()
+
+    # -- eviction --------------------------------------------------------------------------
+    def _evict(self, incoming: int, target: CacheDir | None) -> bool:
+        """Make room for ``incoming`` bytes in ``target``: within capacity overall, and above
+        the free-space ratio on ``target``'s filesystem. False if that is impossible."""
+        if incoming > self.capacity:
+            return False
+        deficit = 0
+        if target is not None and self.free_ratio > 0:
+            try:
+                free, total = target.free_space()
+            except OSError:
+                return False
+            deficit = max(0, int(self.free_ratio * total) + incoming - free)
+        victims: list[tuple[bytes, CacheDir]] = []
+        with self._lock:
+            over = self._bytes + incoming - self.capacity
+            if over <= 0 and deficit <= 0:
+                return True
+            chosen: list[tuple[bytes, int, CacheDir]] = []
+            for bid, size in self._index.items():
+                if over <= 0 and deficit <= 0:
+                    break
+                if bid in self._pins:
+                    continue
+                where = self.dir_for(bid)
+                if over <= 0 and where is not target:
+                    continue  # only the target's filesystem is short of space
+                chosen.append((bid, size, where))
+                over -= size
+                if where is target:
+                    deficit -= size
+            possible = over <= 0 and deficit <= 0
+            if not possible:
+                # Space taken by files that are not ours cannot be won back: keep the cache
+                # as it is and decline this block rather than empty the cache for nothing.
+                return False
+            for bid, _size, where in chosen:
+                self._forget(bid)
+                victims.append((bid, where))
+        for bid, where in victims:
+            try:
+                where.remove(bid)
+            except OSError as exc:
+                log.warning("cache: cannot evict block %s: %s", bid.hex()[:16], exc.strerror)
+        if victims:
+            self.metrics.cache_evictions.inc(len(victims))
+            self._publish()
+        return possible

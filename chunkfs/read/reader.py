@@ -1,0 +1,180 @@
+"""FileReader: (inode, offset, length) -> bytes, with readahead and model-file prefetch.
+
+Layer: ``read/``. Knows files as (size, ordered block ids) and the ``BlockFetcher``; nothing
+of FUSE handles or metadata engines.
+
+State is kept per open inode (not per handle: several processes mapping one file share one
+stream detector and one prefetch) and dropped at the last close, which also cancels the
+file's background fetches.
+
+- Readahead: each demand read feeds the file's ``StreamDetector``; the blocks it returns are
+  fetched in the background at ``READAHEAD`` priority.
+- Prefetch: opening a file whose name matches ``prefetch_patterns`` starts ``prefetch_workers``
+  tasks that fetch the whole file in order at ``PREFETCH`` priority, never more than
+  ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
+  cache does not evict its own unread blocks), and stop when the cache declines a block.
+- Demand reads run at ``DEMAND`` priority and so jump both queues.
+- Accounting: a block fetched ahead that no reader asked for before the last close counts as
+  wasted (``chunkfs_readahead_wasted_blocks_total``, ``chunkfs_prefetch_wasted_blocks_total``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from chunkfs.blocks import block_length, block_spans
+from chunkfs.metrics import Metrics
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.slots import Priority
+from chunkfs.read.streams import StreamDetector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFETCH_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx")
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    block_size: int
+    readahead_max: int = 512 << 20  # bytes a sequential stream may fetch ahead
+    prefetch_patterns: tuple[str, ...] = DEFAULT_PREFETCH_PATTERNS
+    prefetch_workers: int = 16
+    prefetch_limit: int = 1 << 62  # bytes prefetch may run ahead of the furthest read
+
+    def wants_prefetch(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.prefetch_patterns)
+
+
+@dataclass(eq=False)
+class _OpenInode:
+    ino: int
+    name: str
+    size: int
+    blocks: list[bytes]
+    detector: StreamDetector
+    opens: int = 0
+    furthest: int = -1  # furthest block index a reader asked for
+    progress: trio.Event = field(default_factory=trio.Event)
+    ahead: dict[int, str] = field(default_factory=dict)  # block -> "readahead"/"prefetch", unread
+    next_prefetch: int = 0
+    scopes: set[trio.CancelScope] = field(default_factory=set)
+
+
+class FileReader:
+    def __init__(self, fetcher: BlockFetcher, config: ReadConfig, metrics: Metrics | None = None) -> None:
+        self.fetcher = fetcher
+        self.config = config
+        self.metrics = metrics or fetcher.metrics
+        self._files: dict[int, _OpenInode] = {}
+        self._nursery: trio.Nursery | None = None
+        self._max_window = max(1, config.readahead_max // config.block_size)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background fetches; runs until cancelled (the mount's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- open / close ----------------------------------------------------------------------
+    def opened(self, ino: int, name: str, size: int, blocks: list[bytes]) -> None:
+        state = self._files.get(ino)
+        if state is None:
+            detector = StreamDetector(initial=1, maximum=self._max_window)
+            state = self._files[ino] = _OpenInode(ino, name, size, blocks, detector)
+            if blocks and self.config.wants_prefetch(name):
+                for _ in range(min(self.config.prefetch_workers, len(blocks))):
+                    self._spawn(state, self._prefetch_worker, state)
+        state.opens += 1
+
+    def released(self, ino: int) -> None:
+        state = self._files.get(ino)
+        if state is None:
+            return
+        state.opens -= 1
+        if state.opens > 0:
+            return
+        del self._files[ino]
+        for scope in state.scopes:
+            scope.cancel()
+        for kind in state.ahead.values():
+            (self.metrics.prefetch_wasted if kind == "prefetch" else self.metrics.readahead_wasted).inc()
+
+    # -- reads -----------------------------------------------------------------------------
+    async def read(self, ino: int, offset: int, length: int) -> bytes:
+        """Bytes of an open inode; ``BlockUnavailable`` if a block cannot be had."""
+        state = self._files[ino]
+        bs = self.config.block_size
+        parts = []
+        for index, start, end in block_spans(offset, length, state.size, bs):
+            self._note_read(state, index)
+            bid = state.blocks[index]
+            parts.append(await self.fetcher.read(bid, block_length(index, state.size, bs), start, end))
+        self.metrics.fuse_read_bytes.inc(sum(map(len, parts)))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _note_read(self, state: _OpenInode, index: int) -> None:
+        state.ahead.pop(index, None)
+        if index > state.furthest:
+            state.furthest = index
+            state.progress.set()
+            state.progress = trio.Event()
+        for ahead in state.detector.on_read(index, len(state.blocks)):
+            if ahead in state.ahead or self.fetcher.is_local(state.blocks[ahead]):
+                continue
+            state.ahead[ahead] = "readahead"
+            self._spawn(state, self._fetch_ahead, state, ahead, Priority.READAHEAD)
+
+    # -- background fetches ----------------------------------------------------------------
+    def _spawn(self, state: _OpenInode, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if self._nursery is None:
+            return  # not running (unit use without ``run``): no background work
+
+        async def guarded() -> None:
+            with trio.CancelScope() as scope:
+                state.scopes.add(scope)
+                try:
+                    await fn(*args)
+                finally:
+                    state.scopes.discard(scope)
+
+        self._nursery.start_soon(guarded)
+
+    async def _fetch_ahead(self, state: _OpenInode, index: int, priority: Priority) -> bool:
+        """Fetch one block ahead of readers; True if that took work."""
+        bid = state.blocks[index]
+        length = block_length(index, state.size, self.config.block_size)
+        try:
+            did = await self.fetcher.ensure(bid, length, priority)
+        except BlockUnavailable as exc:
+            log.debug("fetching block %d of %r ahead failed: %s", index, state.name, exc)
+            state.ahead.pop(index, None)
+            return False
+        if not did:
+            state.ahead.pop(index, None)
+        elif priority == Priority.PREFETCH:
+            self.metrics.prefetch_blocks.inc()
+        else:
+            self.metrics.readahead_blocks.inc()
+        return did
+
+    async def _prefetch_worker(self, state: _OpenInode) -> None:
+        bs = self.config.block_size
+        limit_blocks = max(1, self.config.prefetch_limit // bs)
+        while state.next_prefetch < len(state.blocks):
+            index = state.next_prefetch
+            state.next_prefetch += 1
+            while index - state.furthest > limit_blocks:
+                await state.progress.wait()
+            if index in state.ahead or self.fetcher.is_local(state.blocks[index]):
+                continue
+            state.ahead[index] = "prefetch"
+            await self._fetch_ahead(state, index, Priority.PREFETCH)
+            if self.fetcher.cache_declined:
+                log.info("prefetch of %r stopped at block %d: the cache declined a block", state.name, index)
+                state.next_prefetch = len(state.blocks)
+                return

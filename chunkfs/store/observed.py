@@ -1,0 +1,57 @@
+"""ObservedStore: reports every request of a backend to an observer (metrics).
+
+It sits between ``RetryingStore`` and the backend, so each attempt is one observation: a
+request retried three times counts as three requests and up to three errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
+
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
+
+T = TypeVar("T")
+
+
+class RequestObserver(Protocol):
+    def observe_request(self, op: str, seconds: float, nbytes: int, failed: bool) -> None: ...
+
+
+class ObservedStore(ObjectStore):
+    def __init__(self, inner: ObjectStore, observer: RequestObserver) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.observer = observer
+
+    def _timed(self, op: str, fn: Callable[[], T], size: Callable[[T], int]) -> T:
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except ObjectNotFound:
+            self.observer.observe_request(op, time.perf_counter() - start, 0, False)
+            raise
+        except Exception:
+            self.observer.observe_request(op, time.perf_counter() - start, 0, True)
+            raise
+        self.observer.observe_request(op, time.perf_counter() - start, size(result), False)
+        return result
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        return self._timed("get", lambda: self.inner.get(key, start, end), len)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._timed("put", lambda: self.inner.put(key, data), lambda _: len(data))
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return self._timed("head", lambda: self.inner.head(key), lambda _: 0)
+
+    def delete(self, key: str) -> None:
+        self._timed("delete", lambda: self.inner.delete(key), lambda _: 0)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._timed("list", lambda: iter(list(self.inner.list(prefix))), lambda _: 0)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,674 @@
+#!/usr/bin/env python3
+"""Read benchmark: load a safetensors model from S3 through chunkfs, JuiceFS, boto3 and a local disk.
+
+    scripts/bench [--size 2G] [--shards 4] [--runs 3] [--work /tmp/chunkfs-bench-read] [--json PATH]
+                  [--only NAME[,NAME...]] [--skip-juicefs] [--chunkfs-args "--max-downloads 32"] [--verify]
+                  [--rclone-md5-etag]
+
+(scripts/bench sets up the virtualenv and runs this file with .venv/bin/python.) One run builds a
+synthetic model with scripts/make_model.py (kept between invocations while size and shards are
+unchanged), starts ``rclone serve s3`` on a free loopback port over WORK/s3 (ETags off, see
+start_rclone), formats and fills a JuiceFS and a chunkfs volume in it, and then, --runs
+times, measures in this order:
+
+  raw_get              all shards fetched with 16 parallel 8 MiB ranged GETs (boto3), data discarded
+  local_disk           the model loaded from the local disk
+  boto3_download_load  boto3 download_file of each shard into an empty directory, then loaded (wall)
+  jfs_cold_default     JuiceFS mount with an empty cache, default flags
+  jfs_cold_tuned       JuiceFS mount with an empty cache, --max-readahead 1024 --buffer-size 2048
+                       --max-downloads 64
+  jfs_warm             JuiceFS mount (tuned flags) over the cache the cold run left
+  ck_cold              chunkfs mount with an empty cache
+  ck_warm              a fresh chunkfs mount over the cache the cold run left
+  ck_hot               the same mount as ck_warm, loaded again without dropping the page cache
+
+Page caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measurement except
+ck_hot, including raw_get, so the object store's files are read from disk in every cold case. A
+"load" is load_model() of scripts/load_model.py in a fresh Python (its own timing, which covers only
+the load); each load checks the tensor count and the bytes of tensor data against the source model,
+and --verify runs scripts/load_model.py --compare MODEL instead (bit-for-bit). Mount daemons' peak
+RSS is VmHWM from /proc just before unmounting (for JuiceFS the largest process of the mount's tree:
+a foreground `juicefs mount` serves from a child). Prints a Markdown table and the targets, and
+writes every timing to --json (default WORK/bench.json). Needs root (drop_caches, FUSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+S3_KEY, S3_SECRET = "chunkfs-test-key", "chunkfs-test-secret"  # as tests/servers.py; rclone refuses short keys
+REGION = "us-east-1"
+RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
+RANGE = 8 << 20
+JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
+NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
+         "ck_cold", "ck_warm", "ck_hot"]
+COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold"}
+WARM = {"jfs_warm", "ck_warm", "ck_hot"}
+MOUNTED = {"jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm", "ck_hot"}
+MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
+
+# Runs in a fresh interpreter: load_model() from scripts/load_model.py (it times only the load), plus
+# the bytes of tensor data actually decoded, which the bench checks against the source model.
+LOADER = """
+import importlib.util, json, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("load_model", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+tensors, nbytes, seconds = mod.load_model(Path(sys.argv[2]))
+print(json.dumps({"tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
+                  "tensor_bytes": sum(t.nbytes for t in tensors.values())}))
+"""
+
+
+class BenchError(Exception):
+    """A step failed; main() prints the message on one line and exits 1."""
+
+
+@dataclass
+class Sample:
+    seconds: float
+    rss_mib: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """Runs cmd, returns its stdout; raises BenchError with the last line of its output on failure."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"{what} failed: {e}") from e
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        raise BenchError(f"{what} failed (exit {proc.returncode}): {lines[-1][:300]}")
+    return proc.stdout
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop the page cache ({e}); the benchmark needs root") from e
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def reset_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def safetensors_payload(path: Path) -> tuple[int, int]:
+    """(tensor count, bytes of tensor data) from a safetensors header."""
+    with path.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    return len(entries), sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries)
+
+
+def mount_points() -> list[Path]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        raw = line.split()[4]
+        points.append(Path(raw.encode().decode("unicode_escape")))  # octal escapes like \040
+    return points
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from the ppid field of /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def vm_hwm_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss(pid: int) -> tuple[float, dict[int, float]]:
+    """The largest VmHWM (MiB) in pid's process tree, and every process's."""
+    per_pid = {p: round(vm_hwm_mib(p), 1) for p in process_tree(pid)}
+    return max(per_pid.values(), default=0.0), per_pid
+
+
+def version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return (out.stdout.strip() or out.stderr.strip()).splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def import_load_model() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("load_model", ROOT / "scripts" / "load_model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work: Path = args.work.resolve()
+        self.selected = set(args.only) if args.only else set(NAMES)
+        if args.skip_juicefs:
+            self.selected -= {n for n in NAMES if n.startswith("jfs_")}
+        self.juicefs, self.chunkfs, self.rclone = str(BIN / "juicefs"), str(BIN / "chunkfs"), str(BIN / "rclone")
+        self.model = self.work / "model"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.mounts: list[Path] = []
+        self.samples: dict[str, list[Sample]] = {n: [] for n in NAMES if n in self.selected}
+        self.commands: dict[str, list[str]] = {}
+        self.endpoint = ""
+        self.shards: list[Path] = []
+        self.model_bytes = self.tensor_count = self.tensor_bytes = 0
+        self.jfs_meta = f"sqlite3://{self.work / 'jfs.db'}"
+        self.ck_meta = f"sqlite://{self.work / 'ck.db'}"
+
+    # -- set-up --------------------------------------------------------------------------------
+    def wants(self, *names: str) -> bool:
+        return any(n in self.selected for n in names)
+
+    def prepare(self) -> None:
+        for point in mount_points():
+            if point.is_relative_to(self.work):
+                say(f"clearing a stale mount {point}")
+                subprocess.run(["fusermount3", "-u", "-z", str(point)], check=False)
+        self.work.mkdir(parents=True, exist_ok=True)
+        stamp, wanted = self.work / "model.stamp", f"{self.args.size} {self.args.shards}\n"
+        keep = {self.model, stamp} if stamp.exists() and stamp.read_text() == wanted else set()
+        for child in self.work.iterdir():
+            if child not in keep:
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        if not self.model.exists():
+            say(f"building a {self.args.size} model in {self.args.shards} shards ({self.model})")
+            run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(self.model), "--size", self.args.size,
+                 "--shards", str(self.args.shards)], "scripts/make_model.py", timeout=3600)
+            stamp.write_text(wanted)
+        self.shards = sorted(self.model.glob("*.safetensors"))
+        self.model_bytes = sum(p.stat().st_size for p in self.shards)
+        for shard in self.shards:
+            count, nbytes = safetensors_payload(shard)
+            self.tensor_count += count
+            self.tensor_bytes += nbytes
+        for binary in ([self.chunkfs, self.rclone] + ([self.juicefs] if self.wants(*self.jfs_names()) else [])):
+            if not Path(binary).exists():
+                hint = " (or pass --skip-juicefs)" if binary == self.juicefs else ""
+                raise BenchError(f"{binary} is missing; run scripts/bench, which installs it{hint}")
+
+    @staticmethod
+    def jfs_names() -> list[str]:
+        return [n for n in NAMES if n.startswith("jfs_")]
+
+    def start_rclone(self) -> None:
+        root = self.work / "s3"
+        for bucket in (RAW_BUCKET, JFS_BUCKET, CK_BUCKET):
+            (root / bucket).mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        # As tests/servers.py, plus --etag-hash "" by default: with rclone's default MD5 ETags, the first GET of
+        # each object after a (re)start or an upload hashes the whole object (16 ranged GETs of a 512 MiB shard
+        # hash it 16 times), which would time rclone rather than the client; --rclone-md5-etag keeps them.
+        etag = [] if self.args.rclone_md5_etag else ["--etag-hash", ""]
+        cmd = [self.rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
+               "--config", "/dev/null", *etag, str(root)]
+        self.commands["rclone"] = cmd
+        with (self.work / "rclone.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"rclone serve s3 exited with {proc.returncode}; see {self.work / 'rclone.log'}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"rclone serve s3 did not answer on {self.endpoint} within 30 s") from None
+                time.sleep(0.1)
+        say(f"rclone serve s3 on {self.endpoint} (pid {proc.pid})")
+
+    def client(self, pool: int | None = None) -> Any:
+        config = Config(s3={"addressing_style": "path"}, **({"max_pool_connections": pool} if pool else {}))
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name=REGION, config=config)
+
+    def upload_raw(self) -> None:
+        say(f"uploading {len(self.shards)} shards to s3://{RAW_BUCKET}")
+        client = self.client()
+        for shard in self.shards:
+            client.upload_file(str(shard), RAW_BUCKET, shard.name)
+
+    def setup_juicefs(self) -> None:
+        cmd = [self.juicefs, "format", "--no-update", self.jfs_meta, "bench", "--storage", "s3", "--bucket",
+               f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET]
+        self.commands["juicefs_format"] = cmd
+        say("juicefs format, and cp of the model through a JuiceFS mount")
+        run(cmd, "juicefs format", timeout=120)
+        mnt = self.work / "mnt"
+        proc = self.mount(self.jfs_mount_cmd(self.work / "jfs-cache-write", mnt, tuned=False), mnt, "juicefs-write")
+        run(["cp", "-r", str(self.model), str(mnt / "model")], "cp into the JuiceFS mount", timeout=3600)
+        self.unmount(proc, mnt, [self.juicefs, "umount"])
+        shutil.rmtree(self.work / "jfs-cache-write", ignore_errors=True)
+
+    def setup_chunkfs(self) -> None:
+        storage = f"s3://{CK_BUCKET}/bench?endpoint={self.endpoint}&path_style=true"
+        cmd = [self.chunkfs, "format", self.ck_meta, "--storage", storage]
+        self.commands["chunkfs_format"] = cmd
+        say("chunkfs format and import")
+        run(cmd, "chunkfs format", timeout=120)
+        run([self.chunkfs, "import", self.ck_meta, str(self.model), "/model", "-q"], "chunkfs import", timeout=3600)
+
+    # -- mounts --------------------------------------------------------------------------------
+    def jfs_mount_cmd(self, cache: Path, mnt: Path, tuned: bool) -> list[str]:
+        return [self.juicefs, "mount", "--no-usage-report", "--cache-dir", str(cache),
+                *(JFS_TUNED if tuned else []), self.jfs_meta, str(mnt)]
+
+    def ck_mount_cmd(self, cache: Path, mnt: Path) -> list[str]:
+        return [self.chunkfs, "mount", self.ck_meta, str(mnt), "--read-only", "--cache-dir", str(cache),
+                *shlex.split(self.args.chunkfs_args)]
+
+    def mount(self, cmd: list[str], mnt: Path, log_name: str) -> subprocess.Popen[bytes]:
+        """Starts a foreground mount daemon and waits until mnt is a mount point."""
+        mnt.mkdir(parents=True, exist_ok=True)
+        if os.path.ismount(mnt):
+            raise BenchError(f"{mnt} is already a mount point")
+        log_path = self.work / f"{log_name}.log"
+        with log_path.open("ab") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        self.mounts.append(mnt)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None:
+                raise BenchError(f"{Path(cmd[0]).name} mount exited with {proc.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{mnt} was not mounted within {MOUNT_TIMEOUT:.0f} s; see {log_path}")
+            time.sleep(0.05)
+        return proc
+
+    def unmount(self, proc: subprocess.Popen[bytes], mnt: Path, umount: list[str]) -> None:
+        result = subprocess.run([*umount, str(mnt)], capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT,
+                                check=False)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        try:
+            proc.wait(timeout=UNMOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+            say(f"warning: {Path(umount[0]).name} mount daemon (pid {proc.pid}) did not exit after unmount")
+        self.mounts.remove(mnt)
+        self.procs.remove(proc)
+        if result.returncode != 0:
+            lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+            raise BenchError(f"{shlex.join(umount)} {mnt} failed (exit {result.returncode}): {lines[-1]}")
+        if proc.returncode not in (0, None):
+            say(f"warning: {Path(umount[0]).name} mount daemon exited with {proc.returncode}")
+
+    # -- loads ---------------------------------------------------------------------------------
+    def load(self, model: Path, what: str) -> Sample:
+        """Loads model in a fresh Python and checks what it read; the seconds are the load's own."""
+        if self.args.verify:
+            cmd = [sys.executable, str(ROOT / "scripts" / "load_model.py"), str(model), "--json", "--compare",
+                   str(self.model)]
+        else:
+            cmd = [sys.executable, "-c", LOADER, str(ROOT / "scripts" / "load_model.py"), str(model)]
+        out = run(cmd, f"loading the model ({what})", timeout=LOAD_TIMEOUT)
+        result = json.loads(out.strip().splitlines()[-1])
+        if result["tensors"] != self.tensor_count or result["bytes"] != self.model_bytes:
+            raise BenchError(f"{what}: loaded {result['tensors']} tensors / {result['bytes']} bytes, expected "
+                             f"{self.tensor_count} / {self.model_bytes}")
+        if "tensor_bytes" in result and result["tensor_bytes"] != self.tensor_bytes:
+            raise BenchError(f"{what}: read {result['tensor_bytes']} bytes of tensor data, "
+                             f"expected {self.tensor_bytes}")
+        if result.get("differing"):
+            raise BenchError(f"{what}: {len(result['differing'])} tensors differ from the source")
+        return Sample(float(result["seconds"]))
+
+    def raw_get(self) -> Sample:
+        client = self.client(pool=32)
+        parts = [(shard.name, start, min(start + RANGE, size) - 1)
+                 for shard in self.shards for size in [shard.stat().st_size] for start in range(0, size, RANGE)]
+
+        def fetch(part: tuple[str, int, int]) -> int:
+            key, first, last = part
+            body = client.get_object(Bucket=RAW_BUCKET, Key=key, Range=f"bytes={first}-{last}")["Body"]
+            got = 0
+            while chunk := body.read(1 << 20):
+                got += len(chunk)
+            return got
+
+        drop_caches()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            total = sum(pool.map(fetch, parts))
+        seconds = time.perf_counter() - start
+        if total != self.model_bytes:
+            raise BenchError(f"raw_get: fetched {total} bytes, expected {self.model_bytes}")
+        return Sample(seconds, extra={"requests": len(parts)})
+
+    def local_disk(self) -> Sample:
+        drop_caches()
+        return self.load(self.model, "local_disk")
+
+    def boto3_download_load(self, loader: ModuleType) -> Sample:
+        # Timed in this process: download_file (default TransferConfig) of every shard, then load_model() of
+        # scripts/load_model.py imported with importlib, so the seconds are the wall time of both together.
+        client = self.client()
+        target = reset_dir(self.work / "download")
+        drop_caches()
+        start = time.perf_counter()
+        for shard in self.shards:
+            client.download_file(RAW_BUCKET, shard.name, str(target / shard.name))
+        downloaded = time.perf_counter()
+        tensors, nbytes, _ = loader.load_model(target)
+        seconds = time.perf_counter() - start
+        count, payload = len(tensors), sum(t.nbytes for t in tensors.values())
+        del tensors
+        shutil.rmtree(target)
+        if (count, payload, nbytes) != (self.tensor_count, self.tensor_bytes, self.model_bytes):
+            raise BenchError(f"boto3_download_load: got {count} tensors / {payload} bytes, expected "
+                             f"{self.tensor_count} / {self.tensor_bytes}")
+        return Sample(seconds, extra={"download_s": round(downloaded - start, 3),
+                                      "load_s": round(seconds - (downloaded - start), 3)})
+
+    def jfs_load(self, cache: Path, tuned: bool, cold: bool, name: str) -> Sample:
+        if cold:
+            reset_dir(cache)
+        mnt = self.work / "mnt"
+        cmd = self.jfs_mount_cmd(cache, mnt, tuned)
+        self.commands[f"{name}_mount"] = cmd
+        proc = self.mount(cmd, mnt, "juicefs")
+        drop_caches()
+        sample = self.load(mnt / "model", name)
+        sample.rss_mib, per_pid = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.juicefs, "umount"])
+        sample.extra.update(rss_by_pid=per_pid, cache_bytes=dir_bytes(cache))
+        return sample
+
+    def ck_cold(self, cache: Path) -> Sample:
+        reset_dir(cache)
+        mnt = self.work / "mnt"
+        cmd = self.ck_mount_cmd(cache, mnt)
+        self.commands["ck_mount"] = cmd
+        proc = self.mount(cmd, mnt, "chunkfs")
+        drop_caches()
+        sample = self.load(mnt / "model", "ck_cold")
+        sample.rss_mib, per_pid = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        sample.extra.update(rss_by_pid=per_pid, cache_bytes=dir_bytes(cache))
+        return sample
+
+    def ck_warm_hot(self, cache: Path) -> tuple[Sample, Sample]:
+        mnt = self.work / "mnt"
+        proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
+        drop_caches()
+        warm = self.load(mnt / "model", "ck_warm")
+        warm.rss_mib, _ = peak_rss(proc.pid)
+        hot = self.load(mnt / "model", "ck_hot")
+        hot.rss_mib, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        return warm, hot
+
+    # -- the run -------------------------------------------------------------------------------
+    def record(self, name: str, sample: Sample, run_index: int) -> None:
+        if name not in self.samples:
+            return
+        self.samples[name].append(sample)
+        rss = f", daemon peak RSS {sample.rss_mib:.0f} MiB" if sample.rss_mib is not None else ""
+        say(f"run {run_index + 1}/{self.args.runs}: {name} {sample.seconds:.2f} s "
+            f"({self.model_bytes / sample.seconds / 2**20:.0f} MiB/s){rss}")
+
+    def one_run(self, i: int, loader: ModuleType) -> None:
+        steps: list[tuple[str, Callable[[], Sample]]] = [
+            ("raw_get", self.raw_get), ("local_disk", self.local_disk),
+            ("boto3_download_load", lambda: self.boto3_download_load(loader))]
+        for name, step in steps:
+            if self.wants(name):
+                self.record(name, step(), i)
+        jfs_cache, ck_cache = self.work / "jfs-cache", self.work / "ck-cache"
+        if self.wants("jfs_cold_default"):
+            self.record("jfs_cold_default", self.jfs_load(jfs_cache, False, True, "jfs_cold_default"), i)
+        if self.wants("jfs_cold_tuned") or (self.wants("jfs_warm") and not self.wants("jfs_cold_default")):
+            self.record("jfs_cold_tuned", self.jfs_load(jfs_cache, True, True, "jfs_cold_tuned"), i)
+        if self.wants("jfs_warm"):
+            self.record("jfs_warm", self.jfs_load(jfs_cache, True, False, "jfs_warm"), i)
+        if self.wants("ck_cold", "ck_warm", "ck_hot"):
+            self.record("ck_cold", self.ck_cold(ck_cache), i)  # also fills the cache for warm/hot
+        if self.wants("ck_warm", "ck_hot"):
+            warm, hot = self.ck_warm_hot(ck_cache)
+            self.record("ck_warm", warm, i)
+            self.record("ck_hot", hot, i)
+
+    def execute(self) -> dict[str, Any]:
+        self.prepare()
+        self.start_rclone()
+        if self.wants("raw_get", "boto3_download_load"):
+            self.upload_raw()
+        if self.wants(*self.jfs_names()):
+            self.setup_juicefs()
+        if self.wants("ck_cold", "ck_warm", "ck_hot"):
+            self.setup_chunkfs()
+        loader = import_load_model()
+        for i in range(self.args.runs):
+            self.one_run(i, loader)
+        return self.report()
+
+    def cleanup(self) -> None:
+        for mnt in reversed(self.mounts):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, stderr=subprocess.DEVNULL)
+        for proc in reversed(self.procs):  # mount daemons first, rclone (started first) last
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.mounts.clear()
+        self.procs.clear()
+
+    # -- report --------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        summary: dict[str, dict[str, Any]] = {}
+        for name, samples in self.samples.items():
+            if not samples:
+                continue
+            secs = [s.seconds for s in samples]
+            rss = [s.rss_mib for s in samples if s.rss_mib is not None]
+            median = statistics.median(secs)
+            summary[name] = {"median_s": median, "min_s": min(secs), "max_s": max(secs),
+                             "mib_per_s": self.model_bytes / median / 2**20,
+                             "rss_mib_median": statistics.median(rss) if rss else None,
+                             "rss_mib_max": max(rss) if rss else None}
+
+        def ratio(name: str, base: str) -> float | None:
+            if name in summary and base in summary:
+                return summary[name]["median_s"] / summary[base]["median_s"]
+            return None
+
+        for name, row in summary.items():
+            row["vs_raw_get"] = ratio(name, "raw_get")
+            row["vs_jfs_cold_tuned"] = ratio(name, "jfs_cold_tuned") if name in COLD else None
+            row["vs_local_disk"] = ratio(name, "local_disk") if name in WARM else None
+
+        ck_rss = [s.rss_mib for n in ("ck_cold", "ck_warm", "ck_hot") for s in self.samples.get(n, [])
+                  if s.rss_mib is not None]
+        targets = [
+            {"target": "ck_cold <= 1.6 x raw_get", "value": ratio("ck_cold", "raw_get"), "limit": 1.6, "unit": "x"},
+            {"target": "ck_cold <= 0.6 x jfs_cold_tuned", "value": ratio("ck_cold", "jfs_cold_tuned"), "limit": 0.6,
+             "unit": "x"},
+            {"target": "ck_warm <= 1.15 x local_disk", "value": ratio("ck_warm", "local_disk"), "limit": 1.15,
+             "unit": "x"},
+            {"target": "ck peak RSS <= 400 MiB (max over all chunkfs mounts)", "value": max(ck_rss, default=None),
+             "limit": 400, "unit": " MiB"},
+        ]
+        for t in targets:
+            t["pass"] = None if t["value"] is None else t["value"] <= t["limit"]
+        return {"summary": summary, "targets": targets}
+
+    def markdown(self, result: dict[str, Any]) -> str:
+        def num(value: float | None, fmt: str, suffix: str = "") -> str:
+            return "" if value is None else f"{value:{fmt}}{suffix}"
+
+        mib = self.model_bytes / 2**20
+        lines = [f"Model: {mib:.0f} MiB in {len(self.shards)} shards ({self.tensor_count} tensors); "
+                 f"{self.args.runs} run(s); {os.cpu_count()} CPUs, Linux {platform.release()}; "
+                 f"object store: rclone serve s3 on loopback", "",
+                 "| measurement | median s | min s | max s | MiB/s | vs raw_get | vs jfs_cold_tuned | vs local_disk "
+                 "| daemon peak RSS MiB |",
+                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for name, row in result["summary"].items():
+            lines.append(f"| {name} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
+                         f"| {row['mib_per_s']:.0f} | {num(row['vs_raw_get'], '.2f', 'x')} "
+                         f"| {num(row['vs_jfs_cold_tuned'], '.2f', 'x')} | {num(row['vs_local_disk'], '.2f', 'x')} "
+                         f"| {num(row['rss_mib_median'], '.0f')} |")
+        lines.append("")
+        for t in result["targets"]:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+            value = "not measured" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+            lines.append(f"{verdict}  {t['target']}: {value}")
+        return "\n".join(lines)
+
+    def machine(self) -> dict[str, Any]:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "unknown")
+        mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemTotal")), "0")
+        import numpy
+        import safetensors
+        return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu,
+                "mem_total_mib": int(mem) // 1024, "python": platform.python_version(),
+                "versions": {"juicefs": version([self.juicefs, "version"]) if self.wants(*self.jfs_names()) else None,
+                             "rclone": version([self.rclone, "version"]),
+                             "chunkfs": version([self.chunkfs, "--version"]), "boto3": boto3.__version__,
+                             "safetensors": safetensors.__version__, "numpy": numpy.__version__}}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="measurements: " + ", ".join(NAMES))
+    parser.add_argument("--size", default="2G", help="model size for scripts/make_model.py (default 2G)")
+    parser.add_argument("--shards", type=int, default=4, help="model shards (default 4)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs; the table shows medians (default 3)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/chunkfs-bench-read"),
+                        help="work directory, wiped except for the model (default /tmp/chunkfs-bench-read)")
+    parser.add_argument("--json", type=Path, help="where to write all results (default WORK/bench.json)")
+    parser.add_argument("--only", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
+                        help="comma-separated measurements to run (default all)")
+    parser.add_argument("--skip-juicefs", action="store_true", help="leave out the JuiceFS measurements")
+    parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
+    parser.add_argument("--rclone-md5-etag", action="store_true",
+                        help="keep rclone's MD5 ETags (hashes each object on its first GET; off by default)")
+    parser.add_argument("--verify", action="store_true",
+                        help="load with scripts/load_model.py --compare MODEL (bit-for-bit check, slower)")
+    args = parser.parse_args()
+    unknown = set(args.only or []) - set(NAMES)
+    if unknown:
+        parser.error(f"unknown measurement(s) {', '.join(sorted(unknown))}; known: {', '.join(NAMES)}")
+    if args.runs < 1 or args.shards < 1:
+        parser.error("--runs and --shards must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below unmounts and stops servers
+    os.environ.update({"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": REGION,
+                       "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"})
+    bench = Bench(args)
+    try:
+        result = bench.execute()
+        print(bench.markdown(result))
+        out = args.json or bench.work / "bench.json"
+        data = {"machine": bench.machine(),
+                "model": {"size": args.size, "shards": args.shards, "bytes": bench.model_bytes,
+                          "tensors": bench.tensor_count, "tensor_bytes": bench.tensor_bytes},
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "commands": bench.commands, "runs": {n: [asdict(s) for s in v] for n, v in bench.samples.items()},
+                **result}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        say(f"wrote {out}")
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        bench.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""BlockCache policy on real directories: capacity, LRU eviction, pins, free space, restart."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chunkfs.blocks import block_id
+from chunkfs.cache.block_cache import BlockCache
+from tests.conftest import fill_up, tmpfs
+
+
+def block(i: int, size: int = 1000) -> tuple[bytes, bytes]:
+    data = i.to_bytes(4, "big") * (size // 4)
+    return block_id(data), data
+
+
+def test_lru_eviction_keeps_recently_read_blocks(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=3000, free_ratio=0)
+    blocks = [block(i) for i in range(4)]
+    for bid, data in blocks[:3]:
+        assert cache.put(bid, data)
+    assert cache.read(blocks[0][0], 0, 4) == blocks[0][1][:4]  # block 0 is now the most recent
+    assert cache.put(*blocks[3])
+    assert not cache.contains(blocks[1][0])  # the least recently used went
+    assert all(cache.contains(b) for b in (blocks[0][0], blocks[2][0], blocks[3][0]))
+    assert cache.used_bytes == 3000 and cache.block_count == 3
+    assert cache.metrics.cache_evictions._value.get() == 1
+
+
+def test_pinned_blocks_are_never_evicted(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=2000, free_ratio=0)
+    (a, da), (b, db), (c, dc) = block(1), block(2), block(3)
+    cache.put(a, da)
+    cache.put(b, db)
+    cache.pin(a)
+    assert cache.put(c, dc)
+    assert cache.contains(a) and not cache.contains(b)
+    cache.pin(c)
+    assert not cache.put(b, db)  # everything is being read: decline, evict nothing
+    assert cache.contains(a) and cache.contains(c)
+    assert cache.metrics.cache_write_errors._value.get() == 1
+    cache.unpin(a)
+    assert cache.put(b, db) and not cache.contains(a)
+
+
+def test_block_larger_than_capacity_is_declined(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=500, free_ratio=0)
+    assert not cache.put(*block(1))
+    assert cache.block_count == 0
+
+
+def test_index_is_rebuilt_at_start_and_trimmed_to_capacity(tmp_path: Path) -> None:
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    cache = BlockCache(dirs, capacity=1 << 20, free_ratio=0)
+    blocks = [block(i) for i in range(10)]
+    for n, (bid, data) in enumerate(blocks):
+        assert cache.put(bid, data)
+        os.utime(cache.dir_for(bid).path(bid), (1_000_000 + n, 1_000_000 + n))
+    assert {cache.dir_for(b) for b, _ in blocks} == set(cache.dirs)  # spread over both disks
+    restarted = BlockCache(dirs, capacity=5000, free_ratio=0)
+    assert restarted.load_index() == 10
+    assert restarted.used_bytes == 5000 and restarted.block_count == 5
+    assert [restarted.contains(b) for b, _ in blocks] == [False] * 5 + [True] * 5  # oldest went first
+    bid, data = blocks[9]
+    assert restarted.verify(bid, len(data)) == data and restarted.read(bid, 0, 8) == data[:8]
+
+
+def test_verify_drops_damaged_entries(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    bid, data = block(7)
+    cache.put(bid, data)
+    path = Path(cache.dir_for(bid).path(bid))
+    path.write_bytes(b"\xff" + data[1:])
+    restarted = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert restarted.read(bid, 0, 10) is None  # never served unverified
+    assert restarted.verify(bid, len(data)) is None
+    assert not path.exists() and restarted.metrics.cache_corrupt._value.get() == 1
+
+
+def test_cache_files_are_private(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path / "c"], capacity=1 << 20, free_ratio=0)
+    bid, data = block(3)
+    cache.put(bid, data)
+    path = Path(cache.dir_for(bid).path(bid))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for d in (path.parent, path.parent.parent, tmp_path / "c"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        yield disk
+
+
+def test_free_space_ratio_evicts_before_the_disk_fills(small_disk: Path) -> None:
+    cache = BlockCache([small_disk], capacity=1 << 30, free_ratio=0.5)
+    blocks = [block(i, 256 << 10) for i in range(12)]  # 3 MiB in all on a 4 MiB disk
+    for bid, data in blocks:
+        assert cache.put(bid, data)
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= 0.5 * st.f_blocks * st.f_frsize - (256 << 10)
+    assert cache.contains(blocks[-1][0]) and not cache.contains(blocks[0][0])
+    assert cache.metrics.cache_evictions._value.get() > 0
+
+
+def test_full_disk_declines_without_emptying_the_cache(small_disk: Path) -> None:
+    cache = BlockCache([small_disk], capacity=1 << 30, free_ratio=0.1)
+    kept = block(1, 256 << 10)
+    assert cache.put(*kept)
+    fill_up(small_disk / "filler")  # someone else fills the disk
+    assert not cache.put(*block(2, 256 << 10))
+    assert cache.contains(kept[0])  # not evicted for a write that could not fit anyway
+    cache_ff = BlockCache([small_disk], capacity=1 << 30, free_ratio=0)
+    assert not cache_ff.put(*block(3, 256 << 10))  # ENOSPC itself is a decline, not an error
