@@ -25,6 +25,7 @@ Policy:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -173,6 +174,14 @@ class BlockCache:
             self._verified.add(bid)
         self._publish()
         return data
+
+    def advise(self, bid: bytes, length: int) -> None:
+        """Ask the kernel to start reading a verified entry into the page cache (readahead of
+        blocks already on this node), so that later ``read`` calls do not wait for the disk."""
+        if bid not in self._verified:
+            return
+        with contextlib.suppress(OSError):  # only a hint: real problems show up (and are handled) in ``read``
+            self.dir_for(bid).advise(bid, length)
 
     def contains(self, bid: bytes) -> bool:
         """An entry exists on disk (not necessarily verified)."""

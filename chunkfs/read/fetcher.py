@@ -104,7 +104,11 @@ class BlockFetcher:
         """Make the block readable locally (readahead, prefetch, warmup). True if this call
         did a download or a disk verification; False if the block was local already or
         another caller was loading it."""
-        if self.is_local(bid):
+        if self.cache.is_verified(bid):
+            # on this node already: have the kernel page it in before the reader gets there
+            await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
+            return False
+        if bid in self._recent:
             return False
         someone_else = bid in self._inflight
         await self._obtain(bid, length, priority)

@@ -124,9 +124,10 @@ class FileReader:
             state.progress.set()
             state.progress = trio.Event()
         for ahead in state.detector.on_read(index, len(state.blocks)):
-            if ahead in state.ahead or self.fetcher.is_local(state.blocks[ahead]):
+            if ahead in state.ahead:
                 continue
-            state.ahead[ahead] = "readahead"
+            if not self.fetcher.is_local(state.blocks[ahead]):
+                state.ahead[ahead] = "readahead"
             self._spawn(state, self._fetch_ahead, state, ahead, Priority.READAHEAD)
 
     # -- background fetches ----------------------------------------------------------------
@@ -170,9 +171,10 @@ class FileReader:
             state.next_prefetch += 1
             while index - state.furthest > limit_blocks:
                 await state.progress.wait()
-            if index in state.ahead or self.fetcher.is_local(state.blocks[index]):
+            if index in state.ahead:
                 continue
-            state.ahead[index] = "prefetch"
+            if not self.fetcher.is_local(state.blocks[index]):
+                state.ahead[index] = "prefetch"
             await self._fetch_ahead(state, index, Priority.PREFETCH)
             if self.fetcher.cache_declined:
                 log.info("prefetch of %r stopped at block %d: the cache declined a block", state.name, index)
