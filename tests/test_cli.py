@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -254,3 +255,35 @@ def test_dead_mount_is_reported_and_lazy_umount_clears_it(imported: VolumeFixtur
         assert find_mount(str(mnt)) is None
     finally:
         force_unmount(mnt)
+
+
+@pytest.mark.parametrize("option,fragment", [
+    (["--cache-size", "abc"], "--cache-size"),
+    (["--free-space-ratio", "1.5"], "--free-space-ratio"),
+    (["--max-readahead", "1Q"], "--max-readahead"),
+    (["--metrics", "nonsense"], "expected HOST:PORT"),
+    (["--cache-dir", "/proc/chunkfs-nope"], "cannot create cache directory"),
+])
+def test_bad_read_path_options_are_one_line_errors(imported: VolumeFixture, tmp_path: Path, option: list[str],
+                                                   fragment: str) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    result = chunkfs("mount", imported.meta_url, str(mnt), "--read-only", *option, check=False)
+    assert_one_line_error(result, fragment)
+
+
+def test_metrics_port_in_use_is_a_one_line_error(imported: VolumeFixture, tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = chunkfs("mount", imported.meta_url, str(mnt), "--read-only", "--cache-dir", str(tmp_path / "c"),
+                         "--metrics", f"127.0.0.1:{port}", check=False)
+    assert_one_line_error(result, "cannot serve metrics", "Address already in use")
+    assert find_mount(str(mnt)) is None
+
+
+def test_stats_of_a_plain_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    assert_one_line_error(chunkfs("stats", str(tmp_path), check=False), "is not mounted")
