@@ -206,7 +206,8 @@ def test_metrics_and_stats_command(model_volume: VolumeFixture, port: int) -> No
 def test_kernel_readahead_is_raised_for_the_mount(model_volume: VolumeFixture) -> None:
     if os.geteuid() != 0:
         pytest.skip("setting read_ahead_kb needs root")
-    with mounted(model_volume) as m:
-        assert Path(bdi_path(str(m.path))).read_text().strip() == str(16 << 10)
-    with mounted(model_volume, "--kernel-readahead", "4M") as m:
-        assert Path(bdi_path(str(m.path))).read_text().strip() == str(4 << 10)
+    # the daemon sets it just after the mount starts answering, so give it a moment
+    for extra, kib in (((), 16 << 10), (("--kernel-readahead", "4M"), 4 << 10)):
+        with mounted(model_volume, *extra) as m:
+            bdi = Path(bdi_path(str(m.path)))
+            wait_for(lambda bdi=bdi, kib=kib: bdi.read_text().strip() == str(kib), timeout=10)

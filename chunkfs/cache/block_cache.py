@@ -89,6 +89,13 @@ class BlockCache:
             self._bytes -= size
         self._verified.discard(bid)
 
+    def _index_verified(self, bid: bytes, size: int) -> None:
+        """Record an entry this process wrote or checked: most recently used, servable."""
+        with self._lock:
+            self._add(bid, size)
+            self._verified.add(bid)
+        self._publish()
+
     def _publish(self) -> None:
         self.metrics.cache_bytes.set(self._bytes)
         self.metrics.cache_blocks.set(len(self._index))
@@ -169,10 +176,7 @@ class BlockCache:
             self.metrics.cache_corrupt.inc()
             self.drop(bid)
             return None
-        with self._lock:
-            self._add(bid, length)
-            self._verified.add(bid)
-        self._publish()
+        self._index_verified(bid, length)
         return data
 
     def advise(self, bid: bytes, length: int) -> None:
@@ -203,10 +207,7 @@ class BlockCache:
             self._declined(bid, exc.strerror or str(exc))
             return False
         self._failing = False
-        with self._lock:
-            self._add(bid, len(plain))
-            self._verified.add(bid)
-        self._publish()
+        self._index_verified(bid, len(plain))
         return True
 
     def _declined(self, bid: bytes, why: str) -> None:

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chunkfs.errors import ChunkfsError
 from chunkfs.fuse.mountinfo import require_chunkfs_mount
+from chunkfs.units import format_size
 
 STATS_FILE = ".chunkfs-stats"
 HEADER = (f"{'time':>8} {'read MiB/s':>10} {'ops/s':>7} {'hit %':>6} {'get/s':>6} {'get MiB/s':>9} "
@@ -34,13 +35,14 @@ class Sample:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sample name (with labels as ``name{k=v}``) -> value, summing nothing."""
+    """Prometheus text -> {sample name (labels as ``name{k=v,...}``): value}; histogram
+    buckets are left out (only their ``_sum`` and ``_count`` are used)."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
             if "le" in sample.labels:
-                continue  # histogram buckets: only _sum and _count are used
+                continue
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
 
@@ -52,14 +54,6 @@ def read_sample(path: str) -> Sample:
     except OSError as exc:
         raise ChunkfsError(f"cannot read {path}: {exc.strerror}") from None
     return Sample(time.monotonic(), parse_metrics(text))
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def format_line(prev: Sample, cur: Sample) -> str:
@@ -83,7 +77,7 @@ def format_line(prev: Sample, cur: Sample) -> str:
             f"{fuse_ops / dt:>7.0f} {hit:>6} {gets / dt:>6.1f} "
             f"{rate('chunkfs_object_request_bytes_total{op=get}') / 2**20:>9.1f} {latency:>7} "
             f"{delta('chunkfs_object_errors_total{op=get}'):>6.0f} {ahead:>7.1f} "
-            f"{_fmt_bytes(cur.get('chunkfs_cache_bytes')):>9}")
+            f"{format_size(cur.get('chunkfs_cache_bytes')):>9}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -131,7 +132,7 @@ class FileReader:
             self._spawn(state, self._fetch_ahead, state, ahead, Priority.READAHEAD)
 
     # -- background fetches ----------------------------------------------------------------
-    def _spawn(self, state: _OpenInode, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, state: _OpenInode, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         if self._nursery is None:
             return  # not running (unit use without ``run``): no background work
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from chunkfs.errors import ChunkfsError
 
@@ -35,6 +35,12 @@ class ObjectNotFound(StoreError):
     """The key does not exist in the store."""
 
 
+class RequestObserver(Protocol):
+    """Told of every request attempt a backend makes (``ObservedStore``), e.g. metrics."""
+
+    def observe_request(self, op: str, seconds: float, nbytes: int, failed: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """How a node talks to its store. Not part of the volume: each command may set them."""
@@ -42,8 +48,7 @@ class StoreOptions:
     concurrency: int = 32  # HTTP connections per client: N concurrent requests really are N connections
     timeout: float = 30.0  # seconds per request (connect and each read)
     attempts: int = 5  # tries per request for temporary failures (1 = no retry)
-    #: told of every request attempt (``chunkfs.store.observed.RequestObserver``), e.g. metrics
-    observer: Any = None
+    observer: RequestObserver | None = None
 
 
 @dataclass(frozen=True)

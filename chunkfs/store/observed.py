@@ -1,22 +1,19 @@
-"""ObservedStore: reports every request of a backend to an observer (metrics).
+"""ObservedStore: reports every request of a backend to a ``RequestObserver`` (metrics).
 
 It sits between ``RetryingStore`` and the backend, so each attempt is one observation: a
-request retried three times counts as three requests and up to three errors.
+request retried three times counts as three requests and up to three errors. A missing
+key is an answer, not an error.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, RequestObserver
 
 T = TypeVar("T")
-
-
-class RequestObserver(Protocol):
-    def observe_request(self, op: str, seconds: float, nbytes: int, failed: bool) -> None: ...
 
 
 class ObservedStore(ObjectStore):
@@ -29,11 +26,8 @@ class ObservedStore(ObjectStore):
         start = time.perf_counter()
         try:
             result = fn()
-        except ObjectNotFound:
-            self.observer.observe_request(op, time.perf_counter() - start, 0, False)
-            raise
-        except Exception:
-            self.observer.observe_request(op, time.perf_counter() - start, 0, True)
+        except Exception as exc:
+            self.observer.observe_request(op, time.perf_counter() - start, 0, not isinstance(exc, ObjectNotFound))
             raise
         self.observer.observe_request(op, time.perf_counter() - start, size(result), False)
         return result
@@ -51,7 +45,16 @@ class ObservedStore(ObjectStore):
         self._timed("delete", lambda: self.inner.delete(key), lambda _: 0)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self._timed("list", lambda: iter(list(self.inner.list(prefix))), lambda _: 0)
+        """Streams the listing; the whole listing is one observation, made when it ends."""
+        start = time.perf_counter()
+        failed = False
+        try:
+            yield from self.inner.list(prefix)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.observer.observe_request("list", time.perf_counter() - start, 0, failed)
 
     def close(self) -> None:
         self.inner.close()

@@ -38,7 +38,7 @@ class RetryingStore(ObjectStore):
         self.attempts = attempts
         self._sleep = sleep
 
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+    def _retry(self, op: str, key: str, fn: Callable[[], T]) -> T:
         delays = backoff_delays(self.attempts)
         while True:
             try:
@@ -49,20 +49,20 @@ class RetryingStore(ObjectStore):
                 delay = next(delays, None)
                 if delay is None:
                     raise StoreError(f"{exc} (gave up after {self.attempts} attempts)", temporary=True) from exc
-                log.debug("%s failed (%s); retrying in %.2fs", what, exc, delay)
+                log.debug("%s %s failed (%s); retrying in %.2fs", op, key, exc, delay)
                 self._sleep(delay)
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        return self._retry(f"GET {key}", lambda: self.inner.get(key, start, end))
+        return self._retry("GET", key, lambda: self.inner.get(key, start, end))
 
     def put(self, key: str, data: bytes) -> None:
-        self._retry(f"PUT {key}", lambda: self.inner.put(key, data))
+        self._retry("PUT", key, lambda: self.inner.put(key, data))
 
     def head(self, key: str) -> ObjectInfo | None:
-        return self._retry(f"HEAD {key}", lambda: self.inner.head(key))
+        return self._retry("HEAD", key, lambda: self.inner.head(key))
 
     def delete(self, key: str) -> None:
-        self._retry(f"DELETE {key}", lambda: self.inner.delete(key))
+        self._retry("DELETE", key, lambda: self.inner.delete(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Retried as a whole while nothing has been yielded yet."""

@@ -186,13 +186,8 @@ class Importer:
             return known
         parent = self._dir_ino(parts[:-1], None)
         name = parts[-1]
-        try:
-            attr = self.meta.lookup(parent, name)
-            if not attr.is_dir:
-                raise ChunkfsError(f"/{os.fsdecode(b'/'.join(parts))} exists in the volume and is not a directory")
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        attr = self._existing(parent, name)
+        if attr is None:
             mode, uid, gid = (st.st_mode, st.st_uid, st.st_gid) if st else (0o755, os.getuid(), os.getgid())
             mtime = st.st_mtime_ns if st else time.time_ns()
             try:
@@ -202,9 +197,8 @@ class Importer:
                 if race.errno != errno.EEXIST:
                     raise
                 attr = self.meta.lookup(parent, name)
-                if not attr.is_dir:
-                    raise ChunkfsError(
-                        f"/{os.fsdecode(b'/'.join(parts))} exists in the volume and is not a directory") from None
+        if not attr.is_dir:
+            raise ChunkfsError(f"/{os.fsdecode(b'/'.join(parts))} exists in the volume and is not a directory")
         self._dir_inodes[parts] = attr.ino
         return attr.ino
 
