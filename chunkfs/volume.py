@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import uuid as uuidlib
 from dataclasses import dataclass, replace
 
@@ -29,9 +30,11 @@ from chunkfs.blocks import (
 )
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.meta import MetaStore, VolumeFormat, open_meta
-from chunkfs.store import ObjectNotFound, ObjectStore, StoreOptions, normalize_storage_url, open_store
+from chunkfs.store import ObjectNotFound, ObjectStore, StoreError, StoreOptions, normalize_storage_url, open_store
 from chunkfs.units import format_size
 from chunkfs.urls import mask_url
+
+log = logging.getLogger(__name__)
 
 MARKER_KEY = "chunkfs.volume.json"
 
@@ -151,8 +154,13 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
         store.close()
 
 
-def open_volume(meta_url: str, store_options: StoreOptions | None = None) -> Volume:
-    """Open a formatted volume and its store, checking that they belong together."""
+def open_volume(meta_url: str, store_options: StoreOptions | None = None, *,
+                store_may_be_down: bool = False) -> Volume:
+    """Open a formatted volume and its store, checking that they belong together.
+
+    With ``store_may_be_down`` (read-only mounts, which can serve from the node cache), a
+    store that cannot be reached at all is logged and the check skipped; a store that
+    answers with another volume's marker is still refused."""
     meta = open_meta(meta_url)
     store = None
     try:
@@ -160,7 +168,14 @@ def open_volume(meta_url: str, store_options: StoreOptions | None = None) -> Vol
         if fmt is None:
             raise NotFormatted(f"no chunkfs volume at {meta.url} (run 'chunkfs format' first)")
         store = open_store(fmt.storage, options=store_options)
-        marker = read_marker(store)
+        try:
+            marker = read_marker(store)
+        except StoreError as exc:
+            if not (store_may_be_down and exc.temporary):
+                raise
+            log.warning("storage %s cannot be reached (%s); serving what the node cache holds until it answers",
+                        store.url, exc)
+            return Volume(meta=meta, store=store, fmt=fmt)
         if marker is None:
             raise ChunkfsError(f"storage {store.url} of volume {fmt.name!r} holds no chunkfs volume marker")
         if marker.get("uuid") != fmt.uuid:

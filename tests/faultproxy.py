@@ -34,6 +34,7 @@ class FaultConfig:
     seed: int = 1
     counts: dict[str, int] = field(default_factory=dict)
     requests: int = 0
+    block_gets: int = 0  # GETs of block objects (the store-side download count)
     connections: set = field(default_factory=set)  # client (host, port) pairs seen
     in_flight: int = 0
     max_in_flight: int = 0
@@ -85,6 +86,8 @@ class FaultProxy:
         cfg = self.config
         with self._lock:
             cfg.requests += 1
+            if method == "GET" and "/blocks/" in path:
+                cfg.block_gets += 1
             if not (cfg.all_requests or (method == "GET" and "/blocks/" in path)):
                 return None
             if self._rng.random() >= cfg.rate:

@@ -19,6 +19,8 @@ Policy:
   ``put`` (given bytes already checked against their id) or read back whole by ``verify``
   (size and SHA-256). A wrong size or hash drops the entry (``chunkfs_cache_corrupt_total``)
   and reports a miss, so the caller fetches the block again.
+- Node-wide single-flight: ``try_claim`` takes a block's download lock in its directory, so
+  two processes sharing the cache (a mount and a warmup, two mounts) download it once.
 - Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
   answered as a miss or a declined ``put``: they never fail a read.
 """
@@ -27,16 +29,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from chunkfs.blocks import block_id
 from chunkfs.cache.disk import CacheDir
 from chunkfs.metrics import Metrics
+from chunkfs.units import format_size
 
 log = logging.getLogger(__name__)
+
+#: ``try_claim`` result when locking is impossible (cache disk failing): download anyway
+NO_LOCK = -1
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Why a set of blocks cannot all be held by the cache at once."""
+
+    needed: int  # bytes that must be written (or, for the capacity limit, held)
+    room: int  # bytes that can be made available
+    where: str  # "cache size" or the directories on one filesystem
+
+    def __str__(self) -> str:
+        if self.where == "cache size":
+            return f"needs {format_size(self.needed)} but the cache size is {format_size(self.room)}"
+        return (f"needs {format_size(self.needed)} more in {self.where} but at most "
+                f"{format_size(max(0, self.room))} can be freed there")
 
 
 class BlockCache:
@@ -56,6 +79,7 @@ class BlockCache:
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
         self._failing = False  # last write failed: log later failures quietly
+        self.index_loaded = threading.Event()  # set once ``load_index`` has run
 
     # -- bookkeeping -----------------------------------------------------------------------
     def dir_for(self, bid: bytes) -> CacheDir:
@@ -102,21 +126,24 @@ class BlockCache:
 
     def load_index(self) -> int:
         """Index every entry already on disk (least recently accessed first); returns the count.
-        Entries beyond the capacity are evicted at once."""
-        found = []
-        for cache_dir in self.dirs:
-            try:
-                found.extend(cache_dir.scan())
-            except OSError as exc:
-                log.warning("cache: cannot scan %s: %s", cache_dir.root, exc.strerror)
-        found.sort(key=lambda entry: entry[2], reverse=True)
-        with self._lock:
-            for bid, size, _atime in found:  # newest first, each pushed to the old end
-                if bid not in self._index:
-                    self._add(bid, size, recent=False)
-        self._evict(0, None)
-        self._publish()
-        return len(found)
+        Entries beyond the capacity are evicted at once. Sets ``index_loaded`` in any case."""
+        try:
+            found = []
+            for cache_dir in self.dirs:
+                try:
+                    found.extend(cache_dir.scan())
+                except OSError as exc:
+                    log.warning("cache: cannot scan %s: %s", cache_dir.root, exc.strerror)
+            found.sort(key=lambda entry: entry[2], reverse=True)
+            with self._lock:
+                for bid, size, _atime in found:  # newest first, each pushed to the old end
+                    if bid not in self._index:
+                        self._add(bid, size, recent=False)
+            self._evict(0, None)
+            self._publish()
+            return len(found)
+        finally:
+            self.index_loaded.set()
 
     # -- pins ------------------------------------------------------------------------------
     def pin(self, bid: bytes) -> None:
@@ -187,9 +214,34 @@ class BlockCache:
         with contextlib.suppress(OSError):  # only a hint: real problems show up (and are handled) in ``read``
             self.dir_for(bid).advise(bid, length)
 
+    def entry_size(self, bid: bytes) -> int | None:
+        """Size of the block's file on disk (None if absent or unreadable); not verified."""
+        try:
+            return self.dir_for(bid).entry_size(bid)
+        except OSError:
+            return None
+
     def contains(self, bid: bytes) -> bool:
         """An entry exists on disk (not necessarily verified)."""
         return bid in self._index or self.dir_for(bid).exists(bid)
+
+    # -- node-wide download locks ------------------------------------------------------------
+    def try_claim(self, bid: bytes) -> int | None:
+        """Take the block's node-wide download lock: a token for ``release_claim``, or None
+        while another process downloads it. ``NO_LOCK`` if locking fails (go ahead)."""
+        try:
+            return self.dir_for(bid).try_lock(bid)
+        except OSError as exc:
+            log.debug("cache: cannot lock block %s: %s", bid.hex()[:16], exc.strerror)
+            return NO_LOCK
+
+    def release_claim(self, bid: bytes, token: int) -> None:
+        if token == NO_LOCK:
+            return
+        try:
+            self.dir_for(bid).unlock(bid, token)
+        except OSError as exc:
+            log.debug("cache: cannot unlock block %s: %s", bid.hex()[:16], exc.strerror)
 
     # -- writes ----------------------------------------------------------------------------
     def put(self, bid: bytes, plain: bytes) -> bool:
@@ -225,6 +277,55 @@ class BlockCache:
         except OSError as exc:
             log.warning("cache: cannot remove block %s: %s", bid.hex()[:16], exc.strerror)
         self._publish()
+
+    def drop_blocks(self, bids: Sequence[bytes]) -> tuple[int, int]:
+        """Remove these blocks' entries (``warmup --evict``): (entries removed, bytes)."""
+        count = size = 0
+        for bid in bids:
+            found = self.entry_size(bid)
+            if found is None:
+                continue
+            self.drop(bid)
+            count += 1
+            size += found
+        return count, size
+
+    def shortfalls(self, target: Mapping[bytes, int]) -> list[Shortfall]:
+        """Check that every block of ``target`` (id -> length) can be on disk at once, with
+        every other entry evictable: within the cache size, and on each filesystem within
+        its free space above the free-space ratio. Empty when they fit."""
+        found: list[Shortfall] = []
+        total = sum(target.values())
+        if total > self.capacity:
+            found.append(Shortfall(total, self.capacity, "cache size"))
+        with self._lock:
+            evictable_by_dir: dict[int, int] = {}
+            for bid, size in self._index.items():
+                if bid not in target and bid not in self._pins:
+                    key = id(self.dir_for(bid))
+                    evictable_by_dir[key] = evictable_by_dir.get(key, 0) + size
+        groups: dict[int, dict] = {}  # st_dev -> needed, room, dirs
+        for cache_dir in self.dirs:
+            try:
+                dev = os.stat(cache_dir.root).st_dev
+                free, disk = cache_dir.free_space()
+            except OSError as exc:
+                found.append(Shortfall(0, 0, f"{cache_dir.root} ({exc.strerror})"))
+                continue
+            group = groups.setdefault(dev, {"needed": 0, "room": free - int(self.free_ratio * disk), "dirs": []})
+            group["room"] += evictable_by_dir.get(id(cache_dir), 0)
+            group["dirs"].append(cache_dir)
+        for bid, length in target.items():
+            for group in groups.values():
+                if self.dir_for(bid) in group["dirs"]:
+                    if self.entry_size(bid) != length:
+                        group["needed"] += length
+                    break
+        for group in groups.values():
+            if group["needed"] > group["room"]:
+                where = ", ".join(str(d.root) for d in group["dirs"])
+                found.append(Shortfall(group["needed"], group["room"], where))
+        return found
 
     # -- eviction --------------------------------------------------------------------------
     def _evict(self, incoming: int, target: CacheDir | None) -> bool:

@@ -5,11 +5,16 @@ plain bytes, so an entry is valid for any volume that names it)::
 
     blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700
     tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks/ when complete
+    locks/<id hex>               flock'd by the one process on the node downloading the block
 
 Invariants:
 
 - An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
   partial file under ``blocks/``. Temporary files of dead processes are removed on open.
+- Download locks are advisory and only save work: a process that holds ``locks/<id>``
+  (``flock``) is downloading that block, so others wait for its entry instead of fetching
+  the same bytes. The kernel drops the lock when its holder dies; a lost race costs one
+  extra download, never a wrong entry (entries are content-addressed and renamed whole).
 - Methods raise ``OSError``; deciding what a failure means (miss, drop, skip) is the job of
   ``BlockCache``.
 """
@@ -17,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -38,9 +44,11 @@ class CacheDir:
         self.root = Path(root).absolute()
         self.blocks_dir = self.root / "blocks"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.root, self.blocks_dir, self.tmp_dir):
+        self.locks_dir = self.root / "locks"
+        for d in (self.root, self.blocks_dir, self.tmp_dir, self.locks_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._remove_stale_tmp()
+        self._remove_stale_locks()
 
     def __repr__(self) -> str:
         return f"<CacheDir {self.root}>"
@@ -53,6 +61,55 @@ class CacheDir:
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+
+    def _remove_stale_locks(self) -> None:
+        for entry in os.scandir(self.locks_dir):
+            with contextlib.suppress(OSError):
+                fd = os.open(entry.path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(entry.path)  # nobody holds it: its owner died
+                except BlockingIOError:
+                    pass
+                finally:
+                    os.close(fd)
+
+    def try_lock(self, bid: bytes) -> int | None:
+        """Take the node-wide download lock of a block without waiting: an fd to pass to
+        ``unlock``, or None if another process holds it."""
+        path = f"{self.locks_dir}/{bid.hex()}"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = -1
+            if current == os.fstat(fd).st_ino:
+                return fd
+            os.close(fd)  # the holder removed it as we opened it: take the new one
+
+    def unlock(self, bid: bytes, fd: int) -> None:
+        """Release a lock from ``try_lock`` (removing the file first, so it never piles up)."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.locks_dir}/{bid.hex()}")
+        finally:
+            os.close(fd)
+
+    def entry_size(self, bid: bytes) -> int | None:
+        """Size of the entry on disk, or None if there is none."""
+        try:
+            return os.stat(self.path(bid)).st_size
+        except FileNotFoundError:
+            return None
 
     def path(self, bid: bytes) -> str:
         hexid = bid.hex()

@@ -123,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--meta-fd", type=int, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("warmup", help="pre-plant files' blocks in the node cache (no mount needed)",
+                       description="Download every block of the named files and directories into the node "
+                                   "cache. Give the metadata URL first to work without a mount, or paths inside "
+                                   "a running chunkfs mount to have its daemon do it. Exit status 0 only when "
+                                   "every block is cached.")
+    p.add_argument("targets", nargs="*", metavar="[META_URL] PATH",
+                   help="META_URL then paths inside the volume (e.g. /llama-3-8b), or paths inside a mount")
+    p.add_argument("--list-file", "-f", action="append", default=None, metavar="FILE",
+                   help="read more paths from FILE, one per line ('-' for stdin)")
+    p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
+                   help=f"cache directory, as for mount (default {default_cache_dir()}); not with a mount's paths")
+    p.add_argument("--cache-size", type=_size, default=None,
+                   help="the cache size the node's mounts use (default 100G); not with a mount's paths")
+    p.add_argument("--free-space-ratio", type=_ratio, default=None,
+                   help="keep this fraction of each cache disk free (default 0.1); not with a mount's paths")
+    p.add_argument("--threads", type=_positive_int, default=32, help="blocks downloaded in parallel (default 32)")
+    p.add_argument("--check", action="store_true", help="report how much of each path is cached; download nothing")
+    p.add_argument("--evict", action="store_true", help="remove the paths' blocks from the cache")
+    p.add_argument("--force", action="store_true", help="warm what fits even if the paths exceed the cache")
+    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _add_store_options(p)
+
     p = sub.add_parser("stats", help="live view of a mount's throughput, cache hits and store requests")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default 1)")
@@ -164,7 +187,7 @@ def _setup_logging(debug: bool, command: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug, args.command)
-    from chunkfs.cli import commands, mount, stats
+    from chunkfs.cli import commands, mount, stats, warmup
 
     handlers = {
         "format": commands.cmd_format,
@@ -176,6 +199,7 @@ def run(argv: list[str] | None = None) -> int:
         "mount": mount.cmd_mount,
         "umount": mount.cmd_umount,
         "stats": stats.cmd_stats,
+        "warmup": warmup.cmd_warmup,
     }
     return handlers[args.command](args)
 

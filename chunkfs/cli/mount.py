@@ -108,7 +108,8 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
         metrics_address=metrics_address, metrics=metrics,
     )
-    with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics)) as volume:
+    with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics),
+                     store_may_be_down=args.read_only) as volume:
         ready_fd = args.ready_fd
         serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
 

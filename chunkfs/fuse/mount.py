@@ -32,6 +32,7 @@ from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
 from chunkfs.volume import Volume
+from chunkfs.warmup.control import ControlServer, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         prefetch_workers=slots, prefetch_limit=max(block_size, config.cache_size // 2)), metrics)
     meta = AsyncMeta(volume.meta, immutable=config.options.read_only)
     ops = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
+    control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:
         host, port = config.metrics_address
@@ -98,7 +100,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
             raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
         unmounted = False
         try:
-            trio.run(_run_session, config, cache, reader, on_ready)
+            trio.run(_run_session, config, cache, reader, control, on_ready)
             unmounted = find_mount(config.mountpoint) is None
         finally:
             pyfuse3.close(unmount=not unmounted)
@@ -109,7 +111,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
             http.server_close()
 
 
-async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader,
+async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, control: ControlServer,
                        on_ready: Callable[[], None] | None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
@@ -126,9 +128,23 @@ async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReade
         if config.kernel_readahead:
             set_read_ahead(mountpoint, config.kernel_readahead)
         nursery.start_soon(_load_cache_index, cache)
+        await _start_control(nursery, control, mountpoint)
         log.info("mounted at %s", mountpoint)
         if on_ready is not None:
             on_ready()
+
+
+async def _start_control(nursery: trio.Nursery, control: ControlServer, mountpoint: str) -> None:
+    """Serve warmup/check/evict on the mount's control socket; a mount without one still works."""
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    path = socket_path(entry.device)
+    try:
+        await nursery.start(control.serve, path)
+    except OSError as exc:
+        log.warning("no control socket at %s (%s): 'chunkfs warmup %s' will not work", path, exc.strerror,
+                    mountpoint)
 
 
 async def _load_cache_index(cache: BlockCache) -> None:

@@ -21,6 +21,7 @@ class MountEntry:
     fstype: str
     source: str
     device: str  # "major:minor"
+    root: str = "/"  # the directory of the filesystem mounted here ("/x" for a bind mount of x)
 
 
 def _unescape(field: str) -> str:
@@ -45,7 +46,8 @@ def list_mounts() -> list[MountEntry]:
             fields, rfields = left.split(), right.split()
             if len(fields) < 5 or len(rfields) < 2:
                 continue
-            entries.append(MountEntry(_unescape(fields[4]), rfields[0], _unescape(rfields[1]), fields[2]))
+            entries.append(MountEntry(_unescape(fields[4]), rfields[0], _unescape(rfields[1]), fields[2],
+                                      _unescape(fields[3])))
     return entries
 
 
@@ -57,6 +59,24 @@ def find_mount(path: str) -> MountEntry | None:
         if entry.mountpoint == path:
             found = entry
     return found
+
+
+def chunkfs_mount_of(path: str) -> tuple[MountEntry, str] | None:
+    """The chunkfs mount holding ``path`` (made absolute, links resolved) and the path inside
+    the volume, or None if no chunkfs mount holds it. Bind mounts of a volume directory (as
+    CSI publishes them) map back through mountinfo's root field."""
+    real = os.path.realpath(path)
+    best = None
+    for entry in list_mounts():
+        mp = entry.mountpoint
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mountpoint)):
+            best = entry
+    if best is None or best.fstype != "fuse.chunkfs":
+        return None
+    inside = real[len(best.mountpoint):].lstrip("/")
+    volume_path = "/" + "/".join(p for p in (best.root.strip("/"), inside) if p)
+    return best, volume_path
 
 
 def check_mountpoint(path: str) -> str:

@@ -8,6 +8,9 @@ Invariants:
 - Single-flight: at most one load (disk verification or download) per block id at a time;
   concurrent callers wait for it and share its result. If the task doing the load is
   cancelled (a prefetch stopped), a waiter starts its own load instead of failing.
+- Across processes sharing the cache directory (a mount and a warmup, several mounts), a
+  download holds the block's node-wide lock (``BlockCache.try_claim``); a process that finds
+  it taken waits for the entry to appear and verifies it instead of downloading.
 - Downloads hold one of ``downloads`` slots (``PrioritySlots``) from request to cache write,
   so the memory held by in-flight blocks is at most ``downloads`` blocks (twice that with
   compression) plus ``recent_blocks`` kept when the cache declines a block. Demand reads go
@@ -30,13 +33,17 @@ from collections import OrderedDict
 import trio
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
-from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.block_cache import NO_LOCK, BlockCache
 from chunkfs.metrics import Metrics
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
+
+
+#: seconds to wait for another process's download of a block before fetching it too
+OTHER_DOWNLOADER_PATIENCE = 60.0
 
 
 class BlockUnavailable(Exception):
@@ -114,6 +121,13 @@ class BlockFetcher:
         await self._obtain(bid, length, priority)
         return not someone_else
 
+    async def warm(self, bid: bytes, length: int, priority: Priority = Priority.PREFETCH) -> bool:
+        """Put the block in the node cache (warmup); True if this call downloaded it."""
+        if self.cache.is_verified(bid):
+            return False
+        _data, downloaded = await self._obtain(bid, length, priority)
+        return downloaded
+
     async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes, bool]:
         """(verified plain bytes, whether they were downloaded), one load per block at a time."""
         while (pending := self._inflight.get(bid)) is not None:
@@ -128,13 +142,9 @@ class BlockFetcher:
             return pending.data, pending.downloaded
         pending = self._inflight[bid] = _Pending()
         try:
-            data = None
-            if self.cache.contains(bid):
-                data = await trio.to_thread.run_sync(self.cache.verify, bid, length, limiter=self._disk)
+            data = await self._from_disk(bid, length)
             if data is None:
-                pending.ticket = self.slots.ticket(priority)
-                data = await self._download_and_store(bid, length, pending.ticket)
-                pending.downloaded = True
+                data, pending.downloaded = await self._download_once_on_node(bid, length, priority, pending)
             pending.data = data
             return data, pending.downloaded
         except trio.Cancelled:
@@ -146,6 +156,32 @@ class BlockFetcher:
         finally:
             del self._inflight[bid]
             pending.done.set()
+
+    async def _from_disk(self, bid: bytes, length: int) -> bytes | None:
+        if not self.cache.contains(bid):
+            return None
+        return await trio.to_thread.run_sync(self.cache.verify, bid, length, limiter=self._disk)
+
+    async def _download_once_on_node(self, bid: bytes, length: int, priority: Priority,
+                                     pending: _Pending) -> tuple[bytes, bool]:
+        """Download under the block's node-wide lock; if another process held it, use the
+        entry it wrote instead. (bytes, whether this process downloaded them)"""
+        give_up = trio.current_time() + OTHER_DOWNLOADER_PATIENCE
+        while (token := self.cache.try_claim(bid)) is None:
+            if trio.current_time() > give_up:
+                log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
+                            bid.hex()[:16], OTHER_DOWNLOADER_PATIENCE)
+                token = NO_LOCK
+                break
+            await trio.sleep(0.02)
+        try:
+            data = await self._from_disk(bid, length)  # another process may have just finished it
+            if data is not None:
+                return data, False
+            pending.ticket = self.slots.ticket(priority)
+            return await self._download_and_store(bid, length, pending.ticket), True
+        finally:
+            self.cache.release_claim(bid, token)
 
     async def _download_and_store(self, bid: bytes, length: int, ticket: Ticket) -> bytes:
         await self.slots.acquire(ticket)

@@ -1,0 +1,169 @@
+"""The mount daemon's control socket: warmup, check and evict through a running mount.
+
+``chunkfs warmup /mnt/models/x`` finds the chunkfs mount holding the path and talks to its
+daemon over a unix socket named after the mount's device number (the same number in every
+bind mount of it), so the work runs with the daemon's volume, credentials, cache and
+download single-flight. The socket is in a root-only directory (``/run/chunkfs`` for root)
+and is itself mode 0600: nothing secret crosses it, but it can make the daemon download.
+
+Protocol: one JSON line from the client ``{"op": "warmup"|"check"|"evict", "paths": [...],
+"threads": N, "force": bool}``; the daemon answers with ``{"progress": {...}}`` lines while
+a warmup runs, then one ``{"result": {...}}`` or ``{"error": "..."}`` line, and closes.
+Closing the connection early (Ctrl-C) cancels the warmup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from chunkfs.errors import ChunkfsError, first_error
+from chunkfs.meta.aio import AsyncMeta
+from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.warmup.engine import Warmup, coverage, evict
+from chunkfs.warmup.plan import Planner
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+PROGRESS_INTERVAL = 0.5
+OPS = ("warmup", "check", "evict")
+
+
+def runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/chunkfs"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "chunkfs") if base else f"/tmp/chunkfs-{os.getuid()}"
+
+
+def socket_path(device: str) -> str:
+    """The control socket of the mount whose device is ``major:minor``."""
+    return os.path.join(runtime_dir(), f"mount-{device.replace(':', '-')}.sock")
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+class ControlServer:
+    def __init__(self, fetcher: BlockFetcher, meta: AsyncMeta, block_size: int) -> None:
+        self.fetcher = fetcher
+        self.meta = meta
+        self.block_size = block_size
+
+    async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a daemon that died with this device number
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                try:
+                    request = await self._read_request(stream)
+                    try:
+                        result = await self._run(request, stream)
+                    except BaseExceptionGroup as group:
+                        raise first_error(group) from None
+                    await stream.send_all(_line({"result": result}))
+                except ChunkfsError as exc:
+                    await stream.send_all(_line({"error": str(exc)}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("control request failed")
+
+    async def _read_request(self, stream: trio.SocketStream) -> dict[str, Any]:
+        data = b""
+        with trio.move_on_after(10):
+            while b"\n" not in data and len(data) < MAX_REQUEST:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            request = json.loads(data.split(b"\n", 1)[0])
+        except ValueError:
+            raise ChunkfsError("malformed control request") from None
+        if not isinstance(request, dict) or request.get("op") not in OPS or not isinstance(request.get("paths"), list):
+            raise ChunkfsError(f"control request needs op (one of {', '.join(OPS)}) and paths")
+        return request
+
+    async def _run(self, request: dict[str, Any], stream: trio.SocketStream) -> Any:
+        plan = await Planner(self.meta, self.block_size).plan([str(p) for p in request["paths"]])
+        cache = self.fetcher.cache
+        if request["op"] == "check":
+            found = await trio.to_thread.run_sync(coverage, cache, plan)
+            return {"paths": [c.as_dict() for c in found], "skipped_links": plan.skipped_links}
+        if request["op"] == "evict":
+            return await trio.to_thread.run_sync(evict, cache, plan)
+        job = Warmup(self.fetcher, plan, threads=max(1, int(request.get("threads") or 32)),
+                     force=bool(request.get("force")))
+        report = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_hangup, stream, nursery.cancel_scope)
+            nursery.start_soon(_send_progress, stream, job)
+            try:
+                report = await job.run()
+            finally:
+                nursery.cancel_scope.cancel()
+        if report is None:
+            log.info("warmup of %s stopped: the client went away", ", ".join(job.report.paths))
+            raise trio.ClosedResourceError
+        log.info("warmup of %s: %d of %d bytes fetched, %s", ", ".join(report.paths), report.bytes_fetched,
+                 report.bytes_total, "complete" if report.complete else f"{report.failed_blocks} blocks failed")
+        return report.as_dict()
+
+
+async def _cancel_on_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while await stream.receive_some():
+            pass
+    scope.cancel()
+
+
+async def _send_progress(stream: trio.SocketStream, job: Warmup) -> None:
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL)
+        await stream.send_all(_line({"progress": job.snapshot()}))
+
+
+def request(path: str, message: dict[str, Any], mountpoint: str) -> Iterator[dict[str, Any]]:
+    """Send one request to the daemon at ``path``; yield the JSON lines it answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ChunkfsError(
+                f"the chunkfs daemon of {mountpoint} does not answer on {path} ({exc.strerror}); it may run in "
+                "another container, or be older than this command: give the metadata URL and --cache-dir instead"
+            ) from None
+        sock.sendall(_line(message))
+        with sock.makefile("rb") as answers:
+            for raw in answers:
+                yield json.loads(raw)
+    finally:
+        sock.close()

@@ -1,0 +1,189 @@
+"""Warmup, check and evict: put a plan's blocks in the node cache, report or drop them.
+
+Layer: above ``read/`` (``BlockFetcher``) and ``cache/``; the same code runs in the
+``chunkfs warmup`` process (no mount) and inside a mount daemon (``warmup`` through a mount).
+
+Invariants:
+
+- Every block goes through ``BlockFetcher.warm``: verified against its id, written tmp +
+  rename, one download per block on the node (in-process single-flight plus the cache's
+  node-wide download lock), so a mount reading the same model never fetches it twice.
+- A block whose entry is already on disk with the right size counts as cached and is not
+  fetched again (a damaged one is caught and refetched by whoever reads it).
+- Every block of the plan is pinned while the warmup runs: making room evicts other
+  entries, never the model being warmed. If the plan cannot fit (cache size, or free space
+  above the free-space ratio), the warmup refuses before fetching anything unless ``force``.
+- ``complete`` is true only if, at the end, every block of the plan is on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.errors import ChunkfsError
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.units import format_size
+from chunkfs.warmup.plan import WarmPlan
+
+MAX_LISTED_FAILURES = 20
+
+
+class CacheTooSmall(ChunkfsError):
+    """The paths do not fit in the cache (the message says how much is needed)."""
+
+
+@dataclass
+class WarmupReport:
+    paths: list[str]
+    files: int = 0
+    files_done: int = 0
+    blocks: int = 0
+    bytes_total: int = 0  # distinct block bytes of the paths
+    bytes_cached_before: int = 0
+    bytes_fetched: int = 0  # downloaded by this warmup
+    bytes_done: int = 0  # on disk so far (cached before + fetched + planted by others)
+    failures: list[str] = field(default_factory=list)
+    failed_blocks: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PathCoverage:
+    path: str
+    files: int
+    bytes: int
+    cached_bytes: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.cached_bytes / self.bytes if self.bytes else 100.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "percent": round(self.percent, 2)}
+
+
+class Warmup:
+    def __init__(self, fetcher: BlockFetcher, plan: WarmPlan, *, threads: int = 32, force: bool = False) -> None:
+        self.fetcher = fetcher
+        self.cache: BlockCache = fetcher.cache
+        self.plan = plan
+        self.threads = threads
+        self.force = force
+        files = plan.files()
+        self.report = WarmupReport([p.path for p in plan.paths], files=len(files))
+        self._started = time.monotonic()
+        self._target = plan.unique_blocks()
+        self._owners: dict[bytes, list[int]] = {}  # block -> indexes of files holding it
+        self._left: list[int] = []  # distinct blocks not yet done, per file
+        self._files = files
+        self._failed: set[bytes] = set()
+        for index, f in enumerate(files):
+            distinct = {bid for bid, _ in f.blocks}
+            self._left.append(len(distinct))
+            for bid in distinct:
+                self._owners.setdefault(bid, []).append(index)
+        self.report.blocks = len(self._target)
+        self.report.bytes_total = sum(self._target.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        self.report.seconds = round(time.monotonic() - self._started, 3)
+        return self.report.as_dict()
+
+    async def run(self) -> WarmupReport:
+        while not self.cache.index_loaded.is_set():  # a mount indexes its cache in the background
+            await trio.sleep(0.05)
+        for bid in self._target:
+            self.cache.pin(bid)
+        try:
+            await self._run_pinned()
+        finally:
+            for bid in self._target:
+                self.cache.unpin(bid)
+            self.snapshot()
+        return self.report
+
+    async def _run_pinned(self) -> None:
+        shortfalls = await trio.to_thread.run_sync(self.cache.shortfalls, self._target)
+        if shortfalls and not self.force:
+            raise CacheTooSmall(
+                f"the cache cannot hold {', '.join(self.report.paths)} ({format_size(self.report.bytes_total)}): "
+                + "; ".join(str(s) for s in shortfalls) + " (use --force to warm what fits)"
+            )
+        missing = await trio.to_thread.run_sync(self._missing_blocks)
+        for bid, length in self._target.items():
+            if bid not in missing:
+                self.report.bytes_cached_before += length
+                self._block_done(bid, length)
+        queue = iter(missing.items())
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.threads, len(missing)) or 0):
+                nursery.start_soon(self._worker, queue)
+        await trio.to_thread.run_sync(self._final_check)
+
+    def _missing_blocks(self) -> dict[bytes, int]:
+        return {bid: length for bid, length in self._target.items() if self.cache.entry_size(bid) != length}
+
+    async def _worker(self, queue: Any) -> None:
+        for bid, length in queue:
+            try:
+                downloaded = await self.fetcher.warm(bid, length)
+            except BlockUnavailable as exc:
+                self._fail(bid, str(exc))
+                continue
+            if downloaded:
+                self.report.bytes_fetched += length
+            self._block_done(bid, length)
+
+    def _block_done(self, bid: bytes, length: int) -> None:
+        self.report.bytes_done += length
+        for index in self._owners.get(bid, ()):
+            self._left[index] -= 1
+            if self._left[index] == 0:
+                self.report.files_done += 1
+
+    def _fail(self, bid: bytes, why: str) -> None:
+        self._failed.add(bid)
+        self.report.failed_blocks += 1
+        if len(self.report.failures) < MAX_LISTED_FAILURES:
+            owner = self._files[self._owners[bid][0]].path
+            self.report.failures.append(f"{owner}: {why}")
+
+    def _final_check(self) -> None:
+        """Count what is really on disk: a block the cache declined is not warm."""
+        absent = list(self._missing_blocks())
+        for bid in absent:
+            if bid not in self._failed:
+                self._fail(bid, f"block {bid.hex()[:16]} is not in the cache after its download "
+                                "(no room, or the cache disk refused it)")
+        self.report.complete = not absent
+
+
+def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
+    """How much of each path is on disk in the cache (blocking: one stat per block)."""
+    sizes: dict[bytes, int | None] = {}
+    out = []
+    for entry in plan.paths:
+        cached = 0
+        for f in entry.files:
+            for bid, length in f.blocks:
+                if bid not in sizes:
+                    sizes[bid] = cache.entry_size(bid)
+                if sizes[bid] == length:
+                    cached += length
+        out.append(PathCoverage(entry.path, len(entry.files), entry.size, cached))
+    return out
+
+
+def evict(cache: BlockCache, plan: WarmPlan) -> dict[str, int]:
+    """Drop every block of the plan from the cache (blocking)."""
+    count, size = cache.drop_blocks(list(plan.unique_blocks()))
+    return {"blocks_removed": count, "bytes_removed": size}
