@@ -6,6 +6,7 @@ password embedded in a URL (``redis://:secret@host``) never reaches a terminal o
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -31,3 +32,26 @@ def url_scheme(url: str) -> str:
     if not scheme:
         raise UsageError(f"{mask_url(url)!r} has no scheme")
     return scheme
+
+
+def meta_url_from_env(text: str) -> str | None:
+    """The metadata URL held by the environment variable named ``text`` (``CHUNKFS_META_URL``),
+    or None when ``text`` is not such a name. Lets secrets stay out of command lines: Kubernetes
+    passes the URL from a Secret as an environment variable and the command names the variable."""
+    if "://" in text or not text.isidentifier() or not text.isupper():
+        return None
+    return os.environ.get(text)
+
+
+def resolve_meta_arg(text: str) -> str:
+    """A META_URL argument: a URL, or the name of an environment variable holding one."""
+    if "://" in text:
+        return text
+    value = meta_url_from_env(text)
+    if value is None:
+        if text.isidentifier() and text.isupper():
+            raise UsageError(f"environment variable {text} (named as the metadata URL) is not set")
+        return text  # url_scheme() reports it as not a URL
+    if "://" not in value:
+        raise UsageError(f"environment variable {text} does not hold a metadata URL (expected scheme://...)")
+    return value

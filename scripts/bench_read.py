@@ -24,6 +24,8 @@ times, measures in this order:
   ck_warm              a fresh chunkfs mount over the cache the cold run left (a restarted daemon:
                        each block is read back and verified once)
   ck_hot               the same mount as ck_warm, loaded again without dropping the page cache
+  jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
+  ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount)
 
 Page caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measurement except
 ck_hot, including raw_get, so the object store's files are read from disk in every cold case. A
@@ -70,9 +72,10 @@ RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
-         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot"]
+         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "jfs_warmup", "ck_warmup"]
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold"}
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
+WARMUPS = {"jfs_warmup", "ck_warmup"}  # timed wall-clock, command start to exit
 MOUNTED = {"jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
 
@@ -491,6 +494,36 @@ class Bench:
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
 
+    def ck_warmup(self) -> Sample:
+        cache = reset_dir(self.work / "ck-warmup-cache")
+        cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
+        self.commands["ck_warmup"] = cmd
+        drop_caches()
+        start = time.perf_counter()
+        out = run(cmd, "chunkfs warmup", timeout=LOAD_TIMEOUT)
+        seconds = time.perf_counter() - start
+        report = json.loads(out)
+        if not report["complete"] or report["bytes_fetched"] < self.model_bytes:
+            raise BenchError(f"chunkfs warmup fetched {report['bytes_fetched']} bytes, expected {self.model_bytes}")
+        return Sample(seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache)})
+
+    def jfs_warmup(self) -> Sample:
+        cache = reset_dir(self.work / "jfs-warmup-cache")
+        mnt = self.work / "mnt"
+        proc = self.mount(self.jfs_mount_cmd(cache, mnt, tuned=False), mnt, "juicefs")
+        cmd = [self.juicefs, "warmup", str(mnt / "model")]
+        self.commands["jfs_warmup"] = cmd
+        drop_caches()
+        start = time.perf_counter()
+        run(cmd, "juicefs warmup", timeout=LOAD_TIMEOUT)
+        seconds = time.perf_counter() - start
+        rss, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.juicefs, "umount"])
+        cached = dir_bytes(cache)
+        if cached < self.model_bytes:
+            raise BenchError(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}")
+        return Sample(seconds, rss_mib=rss, extra={"cache_bytes": cached})
+
     # -- the run -------------------------------------------------------------------------------
     def record(self, name: str, sample: Sample, run_index: int) -> None:
         if name not in self.samples:
@@ -523,6 +556,10 @@ class Bench:
             warm, hot = self.ck_warm_hot(ck_cache)
             self.record("ck_warm", warm, i)
             self.record("ck_hot", hot, i)
+        if self.wants("jfs_warmup"):
+            self.record("jfs_warmup", self.jfs_warmup(), i)
+        if self.wants("ck_warmup"):
+            self.record("ck_warmup", self.ck_warmup(), i)
 
     def execute(self) -> dict[str, Any]:
         self.prepare()
@@ -531,7 +568,7 @@ class Bench:
             self.upload_raw()
         if self.wants(*self.jfs_names()):
             self.setup_juicefs()
-        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot"):
+        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup"):
             self.setup_chunkfs()
         loader = import_load_model()
         for i in range(self.args.runs):
@@ -586,6 +623,10 @@ class Bench:
              "limit": 1.15, "unit": "x"},
             {"target": "ck_warm <= 1.15 x local_disk", "value": ratio("ck_warm", "local_disk"), "limit": 1.15,
              "unit": "x"},
+            {"target": "ck_warmup throughput >= 0.9 x raw_get (time <= 1.11 x)",
+             "value": ratio("ck_warmup", "raw_get"), "limit": 1 / 0.9, "unit": "x"},
+            {"target": "ck_warmup throughput >= 1.5 x jfs_warmup (time <= 0.67 x)",
+             "value": ratio("ck_warmup", "jfs_warmup"), "limit": 1 / 1.5, "unit": "x"},
             {"target": "ck peak RSS <= 400 MiB (max over all chunkfs mounts)", "value": max(ck_rss, default=None),
              "limit": 400, "unit": " MiB"},
         ]

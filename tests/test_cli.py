@@ -3,6 +3,7 @@ nothing stored; mount lifecycle (background, SIGTERM, umount, dead mounts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,7 +116,6 @@ def test_store_gone_is_reported(imported: VolumeFixture) -> None:
 def test_status_reports_dedup(imported: VolumeFixture) -> None:
     out = chunkfs("status", imported.meta_url).stdout
     assert "10 files" in out and "dedup:" in out and "sha256" in out
-    import json
 
     data = json.loads(chunkfs("status", imported.meta_url, "--json").stdout)
     assert data["stats"]["unique_bytes"] < data["stats"]["logical_bytes"]
@@ -287,3 +287,15 @@ def test_metrics_port_in_use_is_a_one_line_error(imported: VolumeFixture, tmp_pa
 
 def test_stats_of_a_plain_directory_is_a_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(chunkfs("stats", str(tmp_path), check=False), "is not mounted")
+
+
+def test_meta_url_from_an_environment_variable(imported: VolumeFixture) -> None:
+    env = {**os.environ, "CHUNKFS_META_URL": imported.meta_url}
+    status = chunkfs("status", "CHUNKFS_META_URL", "--json", env=env)
+    assert json.loads(status.stdout)["metadata"] == imported.meta_url
+    unset = chunkfs("status", "CHUNKFS_META_URL", check=False)
+    assert unset.returncode == 2
+    assert unset.stderr.strip() == ("chunkfs: environment variable CHUNKFS_META_URL (named as the metadata URL) "
+                                    "is not set")
+    bad = chunkfs("status", "CHUNKFS_META_URL", check=False, env={**os.environ, "CHUNKFS_META_URL": "nope"})
+    assert bad.returncode == 2 and "does not hold a metadata URL" in bad.stderr

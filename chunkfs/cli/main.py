@@ -18,6 +18,7 @@ from chunkfs.errors import ChunkfsError, UsageError, first_error
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
 from chunkfs.units import parse_size
+from chunkfs.urls import resolve_meta_arg
 
 EXIT_INTERNAL = 70
 
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("format", help="create a volume (or update its settings with --force)")
-    p.add_argument("meta", metavar="META_URL", help="metadata engine, e.g. sqlite:///var/lib/chunkfs/models.db")
+    p.add_argument("meta", metavar="META_URL",
+                   help="metadata engine, e.g. sqlite:///var/lib/chunkfs/models.db, or the name of an environment "
+                        "variable holding the URL (e.g. CHUNKFS_META_URL), for every command")
     p.add_argument("--storage", help="object store URL, e.g. file:///var/lib/chunkfs/blocks or s3://bucket/prefix")
     p.add_argument("--name", help="volume name (default: chunkfs)")
     p.add_argument("--block-size", type=_size, default=None, help="block size, 64K to 64M (default 4M)")
@@ -187,6 +190,9 @@ def _setup_logging(debug: bool, command: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug, args.command)
+    meta = getattr(args, "meta", None)
+    if meta and getattr(args, "meta_fd", None) is None:  # a daemon gets its URL through --meta-fd
+        args.meta = resolve_meta_arg(meta)
     from chunkfs.cli import commands, mount, stats, warmup
 
     handlers = {

@@ -30,6 +30,7 @@ from chunkfs.cli.mount import cache_dirs
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.progress import format_duration
 from chunkfs.units import format_size
+from chunkfs.urls import resolve_meta_arg
 
 PLAIN_PROGRESS_INTERVAL = 5.0
 DEFAULT_CACHE_SIZE = 100 << 30
@@ -44,8 +45,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         raise UsageError("--check and --evict do not go together")
     targets = list(args.targets) + _read_list_files(args.list_file or [])
     op = "check" if args.check else "evict" if args.evict else "warmup"
-    if targets and "://" in targets[0]:
-        meta_url, paths = targets[0], targets[1:]
+    if targets and _names_volume(targets[0]):
+        meta_url, paths = resolve_meta_arg(targets[0]), targets[1:]
         if not paths:
             raise UsageError("name at least one path inside the volume to warm, e.g. "
                              f"chunkfs warmup {targets[0]} /llama-3-8b")
@@ -59,6 +60,11 @@ def cmd_warmup(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag} is for warming without a mount; a mount warms its own cache")
         result = _through_mount(args, op, targets)
     return _report(args, op, result)
+
+
+def _names_volume(text: str) -> bool:
+    """A metadata URL, or an upper-case environment variable name that is not a local path."""
+    return "://" in text or (text.isidentifier() and text.isupper() and not os.path.exists(text))
 
 
 def _read_list_files(names: list[str]) -> list[str]:
