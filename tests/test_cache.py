@@ -118,3 +118,23 @@ def test_full_disk_declines_without_emptying_the_cache(small_disk: Path) -> None
     assert cache.contains(kept[0])  # not evicted for a write that could not fit anyway
     cache_ff = BlockCache([small_disk], capacity=1 << 30, free_ratio=0)
     assert not cache_ff.put(*block(3, 256 << 10))  # ENOSPC itself is a decline, not an error
+
+
+def test_concurrent_puts_never_overshoot_the_capacity(tmp_path: Path) -> None:
+    import threading
+
+    cache = BlockCache([tmp_path / "c"], capacity=4 * 65536, free_ratio=0.0)
+    blocks = [bytes([i]) * 65536 for i in range(16)]
+    barrier = threading.Barrier(16)
+
+    def put(data: bytes) -> None:
+        barrier.wait()
+        cache.put(block_id(data), data)
+
+    threads = [threading.Thread(target=put, args=(data,)) for data in blocks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "c" / "blocks").rglob("*") if p.is_file())
+    assert cache.used_bytes <= cache.capacity and on_disk <= cache.capacity

@@ -76,6 +76,7 @@ class BlockCache:
         self._lock = threading.Lock()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # id -> size, least recently used first
         self._bytes = 0
+        self._reserved = 0  # room promised to writes in progress
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
         self._failing = False  # last write failed: log later failures quietly
@@ -250,17 +251,21 @@ class BlockCache:
         if bid in self._verified:
             return True
         cache_dir = self.dir_for(bid)
-        if not self._evict(len(plain), cache_dir):
+        if not self._evict(len(plain), cache_dir, reserve=True):
             self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
             return False
         try:
-            cache_dir.write(bid, plain)
-        except OSError as exc:
-            self._declined(bid, exc.strerror or str(exc))
-            return False
-        self._failing = False
-        self._index_verified(bid, len(plain))
-        return True
+            try:
+                cache_dir.write(bid, plain)
+            except OSError as exc:
+                self._declined(bid, exc.strerror or str(exc))
+                return False
+            self._failing = False
+            self._index_verified(bid, len(plain))
+            return True
+        finally:
+            with self._lock:
+                self._reserved -= len(plain)
 
     def _declined(self, bid: bytes, why: str) -> None:
         self.metrics.cache_write_errors.inc()
@@ -328,9 +333,11 @@ class BlockCache:
         return found
 
     # -- eviction --------------------------------------------------------------------------
-    def _evict(self, incoming: int, target: CacheDir | None) -> bool:
+    def _evict(self, incoming: int, target: CacheDir | None, reserve: bool = False) -> bool:
         """Make room for ``incoming`` bytes in ``target``: within capacity overall, and above
-        the free-space ratio on ``target``'s filesystem. False if that is impossible."""
+        the free-space ratio on ``target``'s filesystem. False if that is impossible. With
+        ``reserve``, the room is held (``_reserved``) until the caller releases it, so
+        concurrent writers cannot together overshoot the capacity."""
         if incoming > self.capacity:
             return False
         deficit = 0
@@ -342,8 +349,10 @@ class BlockCache:
             deficit = max(0, int(self.free_ratio * total) + incoming - free)
         victims: list[tuple[bytes, CacheDir]] = []
         with self._lock:
-            over = self._bytes + incoming - self.capacity
+            over = self._bytes + self._reserved + incoming - self.capacity
             if over <= 0 and deficit <= 0:
+                if reserve:
+                    self._reserved += incoming
                 return True
             chosen: list[tuple[bytes, int, CacheDir]] = []
             for bid, size in self._index.items():
@@ -366,6 +375,8 @@ class BlockCache:
             for bid, _size, where in chosen:
                 self._forget(bid)
                 victims.append((bid, where))
+            if reserve:
+                self._reserved += incoming
         for bid, where in victims:
             try:
                 where.remove(bid)
