@@ -9,6 +9,6 @@ install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl
 setup_venv test
 
 say "ruff"
-"$VENV/bin/ruff" check chunkfs tests scripts
+"$VENV/bin/ruff" check chunkfs csi tests scripts
 say "pytest"
 "$PY" -m pytest -p no:cacheprovider "$@"

@@ -28,15 +28,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from chunkfs.procs import pid_alive
 
 
 class CacheDir:
@@ -57,7 +49,7 @@ class CacheDir:
         for entry in os.scandir(self.tmp_dir):
             parts = entry.name.split(".")
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
-            if pid == os.getpid() or (pid and _pid_alive(pid)):
+            if pid == os.getpid() or (pid and pid_alive(pid)):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)

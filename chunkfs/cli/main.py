@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     _add_store_options(p)
 
+    p = sub.add_parser("csi", help="serve the Kubernetes CSI node plugin csi.chunkfs.io on a unix socket")
+    p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="gRPC socket (default unix:///csi/csi.sock)")
+    p.add_argument("--node-id", default=os.environ.get("NODE_NAME"),
+                   help="this node's name, as kubelet knows it (default $NODE_NAME)")
+    p.add_argument("--state-dir", default="/run/chunkfs/csi",
+                   help="where staged volumes are recorded, so a restarted plugin re-adopts them "
+                        "(default /run/chunkfs/csi)")
+    p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
+                   help="node cache of every mount, as for mount (default /var/cache/chunkfs)")
+    p.add_argument("--cache-size", default="100G", help="cache size of each mount (default 100G)")
+    p.add_argument("--check-interval", type=float, default=5.0,
+                   help="seconds between checks that every mount daemon is alive (default 5)")
+
     p = sub.add_parser("stats", help="live view of a mount's throughput, cache hits and store requests")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default 1)")
@@ -181,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(debug: bool, command: str) -> None:
-    level = logging.DEBUG if debug else (logging.INFO if command == "mount" else logging.WARNING)
+    level = logging.DEBUG if debug else (logging.INFO if command in ("mount", "csi") else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
@@ -193,7 +206,8 @@ def run(argv: list[str] | None = None) -> int:
     meta = getattr(args, "meta", None)
     if meta and getattr(args, "meta_fd", None) is None:  # a daemon gets its URL through --meta-fd
         args.meta = resolve_meta_arg(meta)
-    from chunkfs.cli import commands, mount, stats, warmup
+        args.meta_arg = meta if meta != args.meta else None  # an environment variable's name
+    from chunkfs.cli import commands, csi_node, mount, stats, warmup
 
     handlers = {
         "format": commands.cmd_format,
@@ -206,6 +220,7 @@ def run(argv: list[str] | None = None) -> int:
         "umount": mount.cmd_umount,
         "stats": stats.cmd_stats,
         "warmup": warmup.cmd_warmup,
+        "csi": csi_node.cmd_csi,
     }
     return handlers[args.command](args)
 

@@ -127,7 +127,10 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[
     argv = [sys.executable, "-m", "chunkfs"]
     if args.debug:
         argv.append("--debug")
-    argv += ["mount", mask_url(args.meta), os.path.abspath(args.mountpoint), "--meta-fd", str(meta_fd),
+    # The URL travels through --meta-fd; this argument only labels the process. When the user
+    # named an environment variable (a URL from a Kubernetes Secret), only that name is shown.
+    label = getattr(args, "meta_arg", None) or mask_url(args.meta)
+    argv += ["mount", label, os.path.abspath(args.mountpoint), "--meta-fd", str(meta_fd),
              "--ready-fd", str(ready_fd)]
     for path in args.cache_dir:
         argv += ["--cache-dir", path]

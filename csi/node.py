@@ -1,0 +1,330 @@
+"""The CSI Identity and Node services of csi.chunkfs.io.
+
+Volumes: one chunkfs mount per volume id per node, read-only, at kubelet's staging path (or,
+for an inline ephemeral volume, at a directory of the plugin's own), shared node cache. Each
+target path is a read-only bind mount of the volume's ``path`` directory (volume context).
+
+Rules every call follows (CSI spec v1):
+
+- Required fields are checked first, before any state is read: a missing volume id, path or
+  capability is INVALID_ARGUMENT.
+- Every call is idempotent: staging or publishing what is already there, or unstaging or
+  unpublishing what is gone, answers OK.
+- Any access mode is accepted; the volume is always mounted read-only (kubelet sends a
+  writer mode for inline volumes).
+- Secrets (``metaurl``, store keys) go to the mount daemon's environment and a root-only
+  state file; never to a command line, a log line or the volume context.
+- A ``path`` with ``..``, or one whose symlinks lead outside the volume, is refused.
+- One lock serialises the calls that change mounts, and the supervisor's repairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from chunkfs.fuse.mountinfo import find_mount
+from csi import csi_pb2, csi_pb2_grpc
+from csi.mounter import (
+    META_ENV,
+    DaemonSettings,
+    MountError,
+    bind_read_only,
+    chunkfs_mount_at,
+    healthy,
+    remove_target,
+    secrets_to_env,
+    start_daemon,
+    statvfs_within,
+    unmount,
+    wait_exit,
+)
+from csi.state import StateStore, Target, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+DRIVER_NAME = "csi.chunkfs.io"
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+Code = grpc.StatusCode
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    log.info("-> %s: %s", code.name, message)
+    context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _require(context: grpc.ServicerContext, value: str, name: str) -> None:
+    if not value:
+        _abort(context, Code.INVALID_ARGUMENT, f"{name} is required")
+
+
+def _require_capability(context: grpc.ServicerContext, request: Any, field: str) -> None:
+    if not request.HasField(field):
+        _abort(context, Code.INVALID_ARGUMENT, f"{field} is required")
+    if getattr(request, field).HasField("block"):
+        _abort(context, Code.FAILED_PRECONDITION, "chunkfs volumes are filesystems; block access is not supported")
+
+
+def volume_path(context: grpc.ServicerContext, volume_context: Any) -> str:
+    """The ``path`` attribute as ``/a/b``; refuses ``..`` (INVALID_ARGUMENT)."""
+    raw = volume_context.get("path", "/") or "/"
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts or "\0" in raw:
+        _abort(context, Code.INVALID_ARGUMENT, f"volume attribute path {raw!r} may not contain '..'")
+    return "/" + "/".join(parts)
+
+
+class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
+    def __init__(self, version: str, ready: Callable[[], str | None]) -> None:
+        self.version = version
+        self.ready = ready  # None when healthy, else the reason
+
+    def GetPluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=self.version)
+
+    def GetPluginCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[])  # a node plugin only: no controller
+
+    def Probe(self, request: Any, context: grpc.ServicerContext) -> Any:
+        problem = self.ready()
+        if problem is not None:
+            _abort(context, Code.FAILED_PRECONDITION, problem)
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
+
+
+class ChunkfsNode(csi_pb2_grpc.NodeServicer):
+    def __init__(self, node_id: str, state: StateStore, settings: DaemonSettings) -> None:
+        self.node_id = node_id
+        self.state = state
+        self.settings = settings
+        self.lock = threading.RLock()
+        self.records: dict[str, VolumeRecord] = {r.volume_id: r for r in state.load_all()}
+
+    # -- stage ---------------------------------------------------------------------------------
+    def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _require(context, request.volume_id, "volume_id")
+        _require(context, request.staging_target_path, "staging_target_path")
+        _require_capability(context, request, "volume_capability")
+        path = volume_path(context, request.volume_context)
+        log.info("NodeStageVolume %s at %s (path %s)", request.volume_id, request.staging_target_path, path)
+        with self.lock:
+            record = self.records.get(request.volume_id)
+            if record is not None:
+                if (record.staging_path, record.volume_path, record.ephemeral) != \
+                        (request.staging_target_path, path, False):
+                    _abort(context, Code.ALREADY_EXISTS,
+                           f"volume {request.volume_id} is staged at {record.staging_path} with path "
+                           f"{record.volume_path}")
+                self._ensure_running(context, record)
+                return csi_pb2.NodeStageVolumeResponse()
+            record = VolumeRecord(request.volume_id, request.staging_target_path, path)
+            self._stage(context, record, dict(request.secrets))
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def _stage(self, context: grpc.ServicerContext, record: VolumeRecord, secrets: dict[str, str]) -> None:
+        env = secrets_to_env(secrets)
+        if META_ENV not in env:
+            _abort(context, Code.INVALID_ARGUMENT, "the volume's secret has no 'metaurl' key")
+        self.state.save_env(record.volume_id, env)
+        try:
+            record.pid = start_daemon(record.staging_path, env, self.settings, self.state.log_path(record.volume_id))
+        except MountError as exc:
+            self.state.delete(record)
+            _abort(context, Code.INTERNAL, f"cannot mount volume {record.volume_id}: {exc}")
+        self.records[record.volume_id] = record
+        self.state.save(record)
+        try:
+            self._source(context, record)
+        except grpc.RpcError:
+            raise
+        except BaseException:
+            self._teardown(record)
+            raise
+
+    def _source(self, context: grpc.ServicerContext, record: VolumeRecord) -> str:
+        """The directory (or file) targets bind: the volume's path inside the staging mount."""
+        staging = os.path.realpath(record.staging_path)
+        source = os.path.realpath(staging + record.volume_path)
+        if source != staging and not source.startswith(staging + "/"):
+            self._teardown_if_unused(record)
+            _abort(context, Code.INVALID_ARGUMENT, f"path {record.volume_path} leads outside the volume")
+        if not os.path.exists(source):
+            self._teardown_if_unused(record)
+            _abort(context, Code.NOT_FOUND, f"path {record.volume_path} does not exist in volume {record.volume_id}")
+        return source
+
+    def _teardown_if_unused(self, record: VolumeRecord) -> None:
+        if not record.targets:
+            self._teardown(record)
+
+    def _teardown(self, record: VolumeRecord) -> None:
+        unmount(record.staging_path, fuse=True)
+        wait_exit(record.pid)
+        self.state.delete(record)
+        self.records.pop(record.volume_id, None)
+        if record.ephemeral:
+            remove_target(record.staging_path)
+
+    def _ensure_running(self, context: grpc.ServicerContext, record: VolumeRecord) -> None:
+        if not healthy(record.staging_path):
+            try:
+                self.revive(record)
+            except MountError as exc:
+                _abort(context, Code.UNAVAILABLE, f"volume {record.volume_id}: mount daemon cannot restart: {exc}")
+
+    def NodeUnstageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _require(context, request.volume_id, "volume_id")
+        _require(context, request.staging_target_path, "staging_target_path")
+        log.info("NodeUnstageVolume %s at %s", request.volume_id, request.staging_target_path)
+        with self.lock:
+            record = self.records.get(request.volume_id)
+            if record is None or record.staging_path != request.staging_target_path:
+                unmount_leftover(request.staging_target_path)
+                return csi_pb2.NodeUnstageVolumeResponse()
+            busy = [t for t in record.targets if _mounted(t)]
+            if busy:
+                _abort(context, Code.FAILED_PRECONDITION,
+                       f"volume {request.volume_id} is still published at {', '.join(sorted(busy))}")
+            try:
+                self._teardown(record)
+            except MountError as exc:
+                _abort(context, Code.INTERNAL, str(exc))
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # -- publish -------------------------------------------------------------------------------
+    def NodePublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _require(context, request.volume_id, "volume_id")
+        _require(context, request.target_path, "target_path")
+        _require_capability(context, request, "volume_capability")
+        ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
+        if not ephemeral and not request.staging_target_path:
+            _abort(context, Code.FAILED_PRECONDITION, "staging_target_path is required (the driver stages volumes)")
+        path = volume_path(context, request.volume_context)
+        target = request.target_path
+        log.info("NodePublishVolume %s at %s (path %s%s)", request.volume_id, target, path,
+                 ", inline" if ephemeral else "")
+        with self.lock:
+            owner = self._owner_of(target)
+            if owner is not None and owner.volume_id != request.volume_id:
+                _abort(context, Code.ALREADY_EXISTS, f"{target} already holds volume {owner.volume_id}")
+            record = self.records.get(request.volume_id)
+            if ephemeral and record is None:
+                record = VolumeRecord(request.volume_id, self.state.ephemeral_staging(request.volume_id), path,
+                                      ephemeral=True)
+                self._stage(context, record, dict(request.secrets))
+            elif record is None or (not ephemeral and record.staging_path != request.staging_target_path):
+                _abort(context, Code.FAILED_PRECONDITION,
+                       f"volume {request.volume_id} is not staged at {request.staging_target_path}")
+            if record.volume_path != path:
+                _abort(context, Code.ALREADY_EXISTS,
+                       f"volume {request.volume_id} is staged with path {record.volume_path}, not {path}")
+            self._ensure_running(context, record)
+            if target in record.targets and _mounted(target):
+                return csi_pb2.NodePublishVolumeResponse()
+            if _mounted(target):
+                _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
+            try:
+                bind_read_only(self._source(context, record), target)
+            except MountError as exc:
+                self._teardown_ephemeral_if_unused(record)
+                _abort(context, Code.INTERNAL, str(exc))
+            record.targets[target] = Target(target)
+            self.state.save(record)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _owner_of(self, target: str) -> VolumeRecord | None:
+        return next((r for r in self.records.values() if target in r.targets), None)
+
+    def _teardown_ephemeral_if_unused(self, record: VolumeRecord) -> None:
+        if record.ephemeral and not record.targets:
+            self._teardown(record)
+
+    def NodeUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _require(context, request.volume_id, "volume_id")
+        _require(context, request.target_path, "target_path")
+        target = request.target_path
+        log.info("NodeUnpublishVolume %s at %s", request.volume_id, target)
+        with self.lock:
+            try:
+                unmount(target, fuse=False)
+                remove_target(target)
+            except MountError as exc:
+                _abort(context, Code.INTERNAL, str(exc))
+            record = self.records.get(request.volume_id)
+            if record is not None and record.targets.pop(target, None) is not None:
+                self.state.save(record)
+                self._teardown_ephemeral_if_unused(record)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- information ---------------------------------------------------------------------------
+    def NodeGetVolumeStats(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _require(context, request.volume_id, "volume_id")
+        _require(context, request.volume_path, "volume_path")
+        record = self.records.get(request.volume_id)
+        path = request.volume_path
+        if record is None or (path not in record.targets and path != record.staging_path) or not _mounted(path):
+            _abort(context, Code.NOT_FOUND, f"volume {request.volume_id} is not mounted at {path}")
+        st = statvfs_within(path)
+        if st is None:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=csi_pb2.VolumeCondition(
+                abnormal=True, message="the chunkfs mount does not answer; the plugin is restarting its daemon"))
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        usage = [csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=total, available=free, used=total - free),
+                 csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                                     used=st.f_files - st.f_ffree)]
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=usage, volume_condition=csi_pb2.VolumeCondition(abnormal=False, message="ok"))
+
+    def NodeGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        kinds = [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION]
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[csi_pb2.NodeServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
+
+    def NodeGetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
+
+    # -- supervision ---------------------------------------------------------------------------
+    def revive(self, record: VolumeRecord) -> None:
+        """Bring back a dead mount daemon and re-bind every target onto the new mount."""
+        log.warning("volume %s: the chunkfs mount at %s is gone; restarting its daemon", record.volume_id,
+                    record.staging_path)
+        unmount(record.staging_path, fuse=True)
+        record.pid = start_daemon(record.staging_path, self.state.load_env(record.volume_id), self.settings,
+                                  self.state.log_path(record.volume_id))
+        self.state.save(record)
+        staging = os.path.realpath(record.staging_path)
+        source = os.path.realpath(staging + record.volume_path)
+        for target in list(record.targets):
+            unmount(target, fuse=False)
+            bind_read_only(source, target)
+        log.warning("volume %s: mount restored (daemon pid %d, %d targets re-bound)", record.volume_id,
+                    record.pid, len(record.targets))
+
+    def check_all(self) -> None:
+        """One supervisor pass: revive every staged volume whose mount is gone or dead."""
+        for record in list(self.records.values()):
+            with self.lock:
+                if record.volume_id not in self.records or healthy(record.staging_path):
+                    continue
+                try:
+                    self.revive(record)
+                except (MountError, OSError) as exc:
+                    log.error("volume %s: cannot restore the mount yet: %s", record.volume_id, exc)
+
+
+def _mounted(path: str) -> bool:
+    return find_mount(path) is not None
+
+
+def unmount_leftover(staging: str) -> None:
+    """Unstage of a volume the plugin does not know: remove a chunkfs mount left there, if any."""
+    if chunkfs_mount_at(staging) is not None:
+        unmount(staging, fuse=True)

@@ -1,0 +1,316 @@
+"""The CSI node plugin driven the way kubelet drives it: `chunkfs csi` in a subprocess on a unix
+socket, a gRPC client, real chunkfs FUSE mounts and real bind mounts. Every test removes the
+mounts and daemons it caused, even when it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chunkfs.fuse.mountinfo import list_mounts
+from chunkfs.procs import pid_alive
+from csi import csi_pb2, csi_pb2_grpc
+from tests.conftest import VolumeFixture, chunkfs
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Plugin:
+    """One `chunkfs csi` process and a client; ``restart`` kills and starts it again."""
+
+    def __init__(self, tmp: Path, vol: VolumeFixture) -> None:
+        self.tmp = tmp
+        self.vol = vol
+        self.socket = tmp / "plugin" / "csi.sock"
+        self.state = tmp / "state"
+        self.log = tmp / "plugin.log"
+        self.proc: subprocess.Popen | None = None
+        self.secrets = {"metaurl": vol.meta_url, "CHUNKFS_TEST_TOKEN": "tok-5ecret-value"}
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chunkfs", "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",
+                 "--state-dir", str(self.state), "--cache-dir", str(self.tmp / "cache"), "--check-interval", "0.3"],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            assert self.proc.poll() is None, f"plugin exited {self.proc.returncode}: {self.log.read_text()}"
+            assert time.monotonic() < deadline, "plugin socket did not appear"
+            time.sleep(0.05)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.channel.close()
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+
+    def daemon_pids(self) -> list[int]:
+        return [json.loads(p.read_text())["pid"] for p in (self.state / "volumes").glob("*.json")]
+
+    # requests as kubelet sends them
+    def stage(self, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
+              secrets: dict | None = None, mode: int = Mode.MULTI_NODE_READER_ONLY) -> None:
+        self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging"),
+            volume_capability=capability(mode), secrets=self.secrets if secrets is None else secrets,
+            volume_context={"path": path}), timeout=120)
+
+    def publish(self, target: Path, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
+                **extra) -> None:
+        self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging"), target_path=str(target),
+            volume_capability=capability(Mode.MULTI_NODE_READER_ONLY), readonly=True,
+            volume_context={"path": path, "csi.storage.k8s.io/pod.name": "vllm-0"}, **extra), timeout=120)
+
+    def unpublish(self, target: Path, volume_id: str = "model") -> None:
+        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id,
+                                                                         target_path=str(target)), timeout=60)
+
+    def unstage(self, volume_id: str = "model", staging: Path | None = None) -> None:
+        self.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging")), timeout=60)
+
+
+def capability(mode: int) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
+                                    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
+
+
+def make_model(root: Path) -> Path:
+    import random
+
+    rng = random.Random(3)
+    (root / "sub").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(rng.randbytes(300_000))
+    (root / "config.json").write_text('{"a": 1}\n')
+    (root / "sub" / "tokenizer.json").write_bytes(rng.randbytes(70_000))
+    (root / "escape").symlink_to("/etc")
+    return root
+
+
+def assert_reads(src: Path, target: Path) -> None:
+    for path in src.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert (target / path.relative_to(src)).read_bytes() == path.read_bytes(), path
+
+
+def mounts_under(root: Path) -> list[str]:
+    return [m.mountpoint for m in list_mounts() if m.mountpoint.startswith(str(root) + "/")]
+
+
+@pytest.fixture
+def plugin(volume: VolumeFixture, tmp_path: Path) -> Iterator[tuple[Plugin, Path]]:
+    src = make_model(tmp_path / "src")
+    chunkfs("import", volume.meta_url, str(src), "/m")
+    plugin = Plugin(tmp_path, volume)
+    try:
+        yield plugin, src
+    finally:
+        pids = plugin.daemon_pids()
+        plugin.stop()
+        for mountpoint in sorted(mounts_under(tmp_path), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
+        for pid in pids:
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    text = plugin.log.read_text()
+    assert "Traceback" not in text, text
+
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value.code()
+
+
+def test_identity_and_node_info(plugin) -> None:  # type: ignore[no-untyped-def]
+    p, _src = plugin
+    info = p.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+    assert info.name == "csi.chunkfs.io" and info.vendor_version
+    assert list(p.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest()).capabilities) == []
+    assert p.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
+    rpc = csi_pb2.NodeServiceCapability.RPC
+    kinds = {c.rpc.type for c in p.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities}
+    assert {rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS} <= kinds
+    assert p.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "node-1"
+
+
+def test_stage_publish_twice_read_and_tear_down_idempotently(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, src = plugin
+    t1, t2 = tmp_path / "pods" / "a" / "mount", tmp_path / "pods" / "b" / "mount"
+    p.stage()
+    p.stage()  # idempotent
+    p.publish(t1)
+    p.publish(t2)
+    p.publish(t1)  # idempotent
+    assert_reads(src, t1)
+    assert_reads(src, t2)
+    with pytest.raises(OSError) as err:
+        (t1 / "new").write_text("x")
+    assert err.value.errno == 30  # EROFS: the bind mount is read-only
+    stats = p.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id="model", volume_path=str(t1)))
+    by_unit = {u.unit: u for u in stats.usage}
+    assert by_unit[csi_pb2.VolumeUsage.BYTES].used >= 370_000 and not stats.volume_condition.abnormal
+    assert code_of(p.unstage) == grpc.StatusCode.FAILED_PRECONDITION  # still published
+    p.unpublish(t1)
+    p.unpublish(t1)  # idempotent
+    assert not t1.exists()
+    assert_reads(src, t2)
+    p.unpublish(t2)
+    [pid] = p.daemon_pids()
+    p.unstage()
+    p.unstage()  # idempotent
+    assert mounts_under(tmp_path) == []
+    assert not pid_alive(pid)
+    assert list((p.state / "volumes").iterdir()) == [] and list((p.state / "secrets").iterdir()) == []
+
+
+def test_error_codes(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, _src = plugin
+    node, cap = p.node, capability(Mode.MULTI_NODE_READER_ONLY)
+    invalid, staging = grpc.StatusCode.INVALID_ARGUMENT, str(tmp_path / "staging")
+    stage = csi_pb2.NodeStageVolumeRequest
+    # required fields first, whatever else is wrong
+    assert code_of(node.NodeStageVolume, stage(staging_target_path=staging, volume_capability=cap)) == invalid
+    assert code_of(node.NodeStageVolume, stage(volume_id="x", volume_capability=cap)) == invalid
+    assert code_of(node.NodeStageVolume, stage(volume_id="x", staging_target_path=staging)) == invalid
+    publish = csi_pb2.NodePublishVolumeRequest
+    assert code_of(node.NodePublishVolume, publish(target_path="/t", volume_capability=cap)) == invalid
+    assert code_of(node.NodePublishVolume, publish(volume_id="x", volume_capability=cap)) == invalid
+    assert code_of(node.NodePublishVolume, publish(volume_id="x", target_path="/t")) == invalid
+    assert code_of(node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(volume_id="x")) == invalid
+    assert code_of(node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest(staging_target_path=staging)) == invalid
+    assert code_of(node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(volume_id="x")) == invalid
+    block = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume())
+    assert code_of(node.NodeStageVolume, stage(volume_id="x", staging_target_path=staging, volume_capability=block,
+                                               secrets=p.secrets)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(p.stage, path="/m/../../etc") == invalid
+    assert code_of(p.stage, secrets={"access-key": "k"}) == invalid  # no metaurl
+    assert code_of(p.stage, path="/no-such-model") == grpc.StatusCode.NOT_FOUND
+    assert code_of(p.stage, path="/m/escape") == invalid  # a symlink out of the volume
+    assert mounts_under(tmp_path) == []  # refused stages leave nothing mounted
+    assert code_of(p.publish, tmp_path / "t") == grpc.StatusCode.FAILED_PRECONDITION  # not staged
+    no_staging = publish(volume_id="model", target_path=str(tmp_path / "t"), volume_capability=cap)
+    assert code_of(node.NodePublishVolume, no_staging) == grpc.StatusCode.FAILED_PRECONDITION
+    p.stage(mode=Mode.SINGLE_NODE_WRITER)  # a writer mode is accepted, and mounted read-only
+    assert code_of(p.stage, path="/m/sub") == grpc.StatusCode.ALREADY_EXISTS  # same id, other volume path
+    assert code_of(p.stage, staging=tmp_path / "other") == grpc.StatusCode.ALREADY_EXISTS
+    p.publish(tmp_path / "t")
+    p.stage(volume_id="second", staging=tmp_path / "staging2")
+    assert code_of(p.publish, tmp_path / "t", volume_id="second",
+                   staging=tmp_path / "staging2") == grpc.StatusCode.ALREADY_EXISTS
+    stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id="model", volume_path=str(tmp_path / "elsewhere"))
+    assert code_of(node.NodeGetVolumeStats, stats) == grpc.StatusCode.NOT_FOUND
+    p.unpublish(tmp_path / "t")
+    p.unstage()
+    p.unstage(volume_id="second", staging=tmp_path / "staging2")
+
+
+def test_secrets_stay_out_of_command_lines_logs_and_records(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, _src = plugin
+    p.stage()
+    p.publish(tmp_path / "t")
+    [pid] = p.daemon_pids()
+    secrets = [p.vol.meta_url, "tok-5ecret-value"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert b"CHUNKFS_TEST_TOKEN=tok-5ecret-value" in environ  # the daemon got them, through its environment
+    assert p.proc is not None
+    for proc_pid in (pid, p.proc.pid):
+        cmdline = Path(f"/proc/{proc_pid}/cmdline").read_bytes().decode()
+        assert not any(s in cmdline for s in secrets), cmdline
+    texts = [p.log.read_text(), *(f.read_text() for f in (p.state / "logs").iterdir()),
+             *(f.read_text() for f in (p.state / "volumes").iterdir())]
+    assert not any(s in text for s in secrets for text in texts)
+    for env_file in (p.state / "secrets").iterdir():
+        assert env_file.stat().st_mode & 0o777 == 0o600
+    p.unpublish(tmp_path / "t")
+    p.unstage()
+
+
+def test_plugin_restart_and_a_dead_daemon_are_survived(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, src = plugin
+    target = tmp_path / "t"
+    p.stage()
+    p.publish(target)
+    assert_reads(src, target)
+    [first] = p.daemon_pids()
+    p.kill()  # the plugin dies: the mount daemon, in its own session, keeps serving
+    assert_reads(src, target)
+    p.start()  # re-adopts the volume
+    stats = p.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id="model", volume_path=str(target)))
+    assert stats.usage
+    assert p.daemon_pids() == [first]
+    os.kill(first, signal.SIGKILL)  # now the daemon dies: "transport endpoint is not connected" ...
+    deadline = time.monotonic() + 60
+    while True:  # ... until the plugin brings it back and re-binds the target
+        with contextlib.suppress(OSError):
+            assert_reads(src, target)
+            break
+        assert time.monotonic() < deadline, f"the target never came back:\n{p.log.read_text()}"
+        time.sleep(0.2)
+    [second] = p.daemon_pids()
+    assert second != first and pid_alive(second)
+    p.publish(target)  # still idempotent
+    p.unpublish(target)
+    p.unstage()
+    assert mounts_under(tmp_path) == []
+
+
+def test_inline_ephemeral_volume(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, src = plugin
+    target = tmp_path / "pod" / "inline"
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id="csi-0123abcd", target_path=str(target), readonly=False,
+        volume_capability=capability(Mode.SINGLE_NODE_WRITER), secrets=p.secrets,
+        volume_context={"path": "/m/sub", "csi.storage.k8s.io/ephemeral": "true"})
+    p.node.NodePublishVolume(request, timeout=120)
+    p.node.NodePublishVolume(request, timeout=120)  # idempotent
+    assert_reads(src / "sub", target)
+    with pytest.raises(OSError):
+        (target / "x").write_text("no")
+    assert len(mounts_under(tmp_path)) == 2  # the plugin's own staging mount and the target
+    p.unpublish(target, volume_id="csi-0123abcd")
+    assert mounts_under(tmp_path) == [] and p.daemon_pids() == []
+
+
+def test_generated_grpc_modules_match_the_proto() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_csi_proto.py"), "--check"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_csi_command_bad_input_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NODE_NAME"}
+    cases = [(["csi"], "--node-id is required"),
+             (["csi", "--node-id", "n", "--endpoint", "tcp://0:1"], "must be a unix socket"),
+             (["csi", "--node-id", "n", "--cache-size", "lots"], "size")]
+    for args, message in cases:
+        result = chunkfs(*args, "--state-dir", str(tmp_path / "s"), check=False, env=env, timeout=30)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
