@@ -24,6 +24,9 @@ times, measures in this order:
   ck_warm              a fresh chunkfs mount over the cache the cold run left (a restarted daemon:
                        each block is read back and verified once)
   ck_hot               the same mount as ck_warm, loaded again without dropping the page cache
+  ck_cold_mmap4        4 processes at once, each mmap-reading its quarter of the rows of every tensor of
+                       every shard (safe_open + get_slice, as tensor-parallel loaders do), empty cache;
+                       the time is from the first rank's start to the last rank's end
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount)
 
@@ -72,8 +75,9 @@ RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
-         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "jfs_warmup", "ck_warmup"]
-COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold"}
+         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "jfs_warmup", "ck_warmup"]
+COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap4"}
+RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
 WARMUPS = {"jfs_warmup", "ck_warmup"}  # timed wall-clock, command start to exit
 MOUNTED = {"jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot"}
@@ -90,6 +94,23 @@ spec.loader.exec_module(mod)
 tensors, nbytes, seconds = mod.load_model(Path(sys.argv[2]))
 print(json.dumps({"tensors": len(tensors), "bytes": nbytes, "seconds": seconds,
                   "tensor_bytes": sum(t.nbytes for t in tensors.values())}))
+"""
+
+
+# One tensor-parallel rank: mmap every shard and read rows [rank/world, (rank+1)/world) of each tensor.
+RANK_LOADER = """
+import json, sys, time
+from pathlib import Path
+from safetensors import safe_open
+model, rank, world = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+start, nbytes = time.time(), 0
+for shard in sorted(model.glob("*.safetensors")):
+    with safe_open(str(shard), framework="np") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            rows = part.get_shape()[0]
+            nbytes += part[rows * rank // world: rows * (rank + 1) // world].nbytes
+print(json.dumps({"start": start, "end": time.time(), "tensor_bytes": nbytes}))
 """
 
 
@@ -494,6 +515,27 @@ class Bench:
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
 
+    def ck_cold_mmap(self, cache: Path) -> Sample:
+        reset_dir(cache)
+        mnt = self.work / "mnt"
+        proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
+        drop_caches()
+        ranks = [subprocess.Popen([sys.executable, "-c", RANK_LOADER, str(mnt / "model"), str(rank), str(RANKS)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+        results = []
+        for rank in ranks:
+            out, err = rank.communicate(timeout=LOAD_TIMEOUT)
+            if rank.returncode != 0:
+                raise BenchError(f"ck_cold_mmap4: a rank exited {rank.returncode}: {err.strip().splitlines()[-1:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        rss, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        payload = sum(r["tensor_bytes"] for r in results)
+        if payload != self.tensor_bytes:
+            raise BenchError(f"ck_cold_mmap4: the ranks read {payload} bytes of tensors, expected {self.tensor_bytes}")
+        seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+        return Sample(seconds, rss_mib=rss, extra={"ranks": RANKS})
+
     def ck_warmup(self) -> Sample:
         cache = reset_dir(self.work / "ck-warmup-cache")
         cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
@@ -556,6 +598,8 @@ class Bench:
             warm, hot = self.ck_warm_hot(ck_cache)
             self.record("ck_warm", warm, i)
             self.record("ck_hot", hot, i)
+        if self.wants("ck_cold_mmap4"):
+            self.record("ck_cold_mmap4", self.ck_cold_mmap(ck_cache), i)
         if self.wants("jfs_warmup"):
             self.record("jfs_warmup", self.jfs_warmup(), i)
         if self.wants("ck_warmup"):
@@ -568,7 +612,7 @@ class Bench:
             self.upload_raw()
         if self.wants(*self.jfs_names()):
             self.setup_juicefs()
-        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup"):
+        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap4"):
             self.setup_chunkfs()
         loader = import_load_model()
         for i in range(self.args.runs):
@@ -613,7 +657,8 @@ class Bench:
             row["vs_jfs_cold_tuned"] = ratio(name, "jfs_cold_tuned") if name in COLD else None
             row["vs_local_disk"] = ratio(name, "local_disk") if name in WARM else None
 
-        ck_rss = [s.rss_mib for n in ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot") for s in self.samples.get(n, [])
+        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4")
+        ck_rss = [s.rss_mib for n in ck_names for s in self.samples.get(n, [])
                   if s.rss_mib is not None]
         targets = [
             {"target": "ck_cold <= 1.6 x raw_get", "value": ratio("ck_cold", "raw_get"), "limit": 1.6, "unit": "x"},
@@ -623,6 +668,8 @@ class Bench:
              "limit": 1.15, "unit": "x"},
             {"target": "ck_warm <= 1.15 x local_disk", "value": ratio("ck_warm", "local_disk"), "limit": 1.15,
              "unit": "x"},
+            {"target": "ck_cold_mmap4 (4 mmap readers) as fast as ck_cold (one reader): time <= 1.1 x",
+             "value": ratio("ck_cold_mmap4", "ck_cold"), "limit": 1.1, "unit": "x"},
             {"target": "ck_warmup throughput >= 0.9 x raw_get (time <= 1.11 x)",
              "value": ratio("ck_warmup", "raw_get"), "limit": 1 / 0.9, "unit": "x"},
             {"target": "ck_warmup throughput >= 1.5 x jfs_warmup (time <= 0.67 x)",

@@ -146,3 +146,130 @@ def test_registry_and_unformatted(tmp_path: Path) -> None:
     alias = open_meta(f"sqlite3://{tmp_path / 'a.db'}", create=True)
     assert alias.load_format() is None
     alias.close()
+
+
+# -- writable mounts ---------------------------------------------------------------------------
+def names(meta: MetaStore, ino: int = ROOT_INODE) -> list[bytes]:
+    return [n for n, _ in meta.readdir(ino)]
+
+
+def test_create_commit_and_truncate(meta: MetaStore) -> None:
+    f = meta.create_file(ROOT_INODE, b"new.bin", 0o640, 5, 6, 10)
+    assert f.is_reg and f.size == 0 and f.nlink == 1 and stat.S_IMODE(f.mode) == 0o640
+    assert meta.read_blocks(f.ino) == []
+    with pytest.raises(FsError) as err:
+        meta.create_file(ROOT_INODE, b"new.bin", 0o640, 5, 6, 10)
+    assert err.value.errno == errno.EEXIST
+    after = meta.commit_file(f.ino, size=6, blocks=ids(b"abcd", b"ef"), mtime_ns=20)
+    assert after.size == 6 and after.mtime_ns == 20 and meta.read_blocks(f.ino) == ids(b"abcd", b"ef")
+    assert meta.stats().unique_blocks == 2 and meta.stats().logical_bytes == 6
+    meta.commit_file(f.ino, size=3, blocks=ids(b"abc"), mtime_ns=30)  # a truncate
+    stats = meta.stats()
+    assert (stats.unique_blocks, stats.block_refs, stats.logical_bytes) == (1, 1, 3)
+    assert not meta.block_known(block_id(b"abcd"))
+    d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
+    with pytest.raises(FsError) as err:
+        meta.commit_file(d.ino, size=0, blocks=[], mtime_ns=0)
+    assert err.value.errno == errno.EISDIR
+
+
+def test_rmdir(meta: MetaStore) -> None:
+    d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
+    meta.create_file(d.ino, b"f", 0o644, 0, 0, 0)
+    for name, code in ((b"d", errno.ENOTEMPTY), (b"nope", errno.ENOENT)):
+        with pytest.raises(FsError) as err:
+            meta.rmdir(ROOT_INODE, name)
+        assert err.value.errno == code
+    with pytest.raises(FsError) as err:
+        meta.rmdir(d.ino, b"f")
+    assert err.value.errno == errno.ENOTDIR
+    meta.unlink(d.ino, b"f")
+    assert meta.getattr(ROOT_INODE).nlink == 3
+    meta.rmdir(ROOT_INODE, b"d")
+    assert names(meta) == [] and meta.getattr(ROOT_INODE).nlink == 2
+    assert meta.stats().directories == 1 and meta.stats().files == 0
+
+
+def test_rename_moves_replaces_and_refuses(meta: MetaStore) -> None:
+    a = meta.mkdir(ROOT_INODE, b"a", 0o755, 0, 0, 0)
+    b = meta.mkdir(ROOT_INODE, b"b", 0o755, 0, 0, 0)
+    meta.mkdir(a.ino, b"sub", 0o755, 0, 0, 0)
+    f = meta.publish_file(a.ino, b"f", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"1111"))
+    g = meta.publish_file(b.ino, b"g", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"2222"))
+    meta.rename(a.ino, b"f", b.ino, b"g")  # over an existing file, across directories
+    assert names(meta, a.ino) == [b"sub"] and meta.lookup(b.ino, b"g").ino == f.ino
+    assert not meta.block_known(block_id(b"2222")) and meta.stats().files == 1
+    with pytest.raises(FsError):
+        meta.getattr(g.ino)
+    meta.rename(a.ino, b"sub", b.ino, b"sub2")  # a directory to another parent: nlinks follow
+    assert meta.getattr(a.ino).nlink == 2 and meta.getattr(b.ino).nlink == 3
+    meta.rename(b.ino, b"g", b.ino, b"g")  # onto itself: nothing happens
+    cases = [
+        ((ROOT_INODE, b"b", b.ino, b"inside"), errno.EINVAL),  # into itself
+        ((b.ino, b"sub2", ROOT_INODE, b"x"), None),  # fine
+        ((ROOT_INODE, b"x", b.ino, b"g"), errno.ENOTDIR),  # a directory over a file
+        ((b.ino, b"g", ROOT_INODE, b"a"), errno.EISDIR),  # a file over a directory
+        ((ROOT_INODE, b"nope", ROOT_INODE, b"y"), errno.ENOENT),
+    ]
+    for args, code in cases:
+        if code is None:
+            meta.rename(*args)
+            continue
+        with pytest.raises(FsError) as err:
+            meta.rename(*args)
+        assert err.value.errno == code, args
+    meta.create_file(a.ino, b"keep", 0o644, 0, 0, 0)
+    with pytest.raises(FsError) as err:
+        meta.rename(ROOT_INODE, b"x", ROOT_INODE, b"a")  # over a non-empty directory
+    assert err.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FsError) as err:
+        meta.rename(b.ino, b"g", a.ino, b"keep", noreplace=True)
+    assert err.value.errno == errno.EEXIST
+    meta.unlink(a.ino, b"keep")
+    meta.rename(ROOT_INODE, b"x", ROOT_INODE, b"a")  # over an empty directory
+    assert names(meta) == [b"a", b"b"] and meta.stats().directories == 3
+    assert meta.getattr(ROOT_INODE).nlink == 4
+
+
+def test_hard_links(meta: MetaStore) -> None:
+    f = meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"1111"))
+    d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
+    linked = meta.link(f.ino, d.ino, b"f2")
+    assert linked.ino == f.ino and linked.nlink == 2
+    for args, code in (((d.ino, ROOT_INODE, b"d2"), errno.EPERM), ((f.ino, ROOT_INODE, b"d"), errno.EEXIST)):
+        with pytest.raises(FsError) as err:
+            meta.link(*args)
+        assert err.value.errno == code
+    meta.rename(ROOT_INODE, b"f", d.ino, b"f2")  # both names are the same file: nothing happens
+    assert meta.getattr(f.ino).nlink == 2
+    meta.unlink(ROOT_INODE, b"f")
+    assert meta.getattr(f.ino).nlink == 1 and meta.block_known(block_id(b"1111"))
+    meta.unlink(d.ino, b"f2")
+    assert not meta.block_known(block_id(b"1111"))
+
+
+def test_xattrs_and_times(meta: MetaStore) -> None:
+    f = meta.create_file(ROOT_INODE, b"f", 0o644, 0, 0, 0)
+    assert meta.list_xattrs(f.ino) == []
+    meta.set_xattr(f.ino, b"user.a", b"1")
+    meta.set_xattr(f.ino, b"user.b", b"\x00\xff")
+    assert meta.get_xattr(f.ino, b"user.b") == b"\x00\xff"
+    assert meta.list_xattrs(f.ino) == [b"user.a", b"user.b"]
+    calls = [(lambda: meta.set_xattr(f.ino, b"user.a", b"2", create=True), errno.EEXIST),
+             (lambda: meta.set_xattr(f.ino, b"user.c", b"2", replace=True), errno.ENODATA),
+             (lambda: meta.get_xattr(f.ino, b"user.c"), errno.ENODATA),
+             (lambda: meta.remove_xattr(f.ino, b"user.c"), errno.ENODATA),
+             (lambda: meta.get_xattr(999, b"user.a"), errno.ENOENT),
+             (lambda: meta.set_xattr(f.ino, b"user.big", b"x" * 70000), errno.E2BIG)]
+    for call, code in calls:
+        with pytest.raises(FsError) as err:
+            call()
+        assert err.value.errno == code
+    meta.set_xattr(f.ino, b"user.a", b"3", replace=True)
+    meta.remove_xattr(f.ino, b"user.b")
+    assert meta.list_xattrs(f.ino) == [b"user.a"] and meta.get_xattr(f.ino, b"user.a") == b"3"
+    attr = meta.set_attrs(f.ino, atime_ns=111, mtime_ns=222)
+    assert (attr.atime_ns, attr.mtime_ns) == (111, 222) and attr.ctime_ns > 222
+    meta.unlink(ROOT_INODE, b"f")
+    g = meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, 0)
+    assert meta.list_xattrs(g.ino) == []  # nothing left behind by the deleted inode

@@ -21,7 +21,7 @@ import json
 import stat
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from errno import EINVAL, ENAMETOOLONG
+from errno import E2BIG, EINVAL, ENAMETOOLONG, ERANGE
 
 from chunkfs.blocks import HASH_NAME
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
@@ -187,11 +187,64 @@ class MetaStore(ABC):
     @abstractmethod
     def set_attrs(
         self, ino: int, *, mode: int | None = None, uid: int | None = None,
-        gid: int | None = None, mtime_ns: int | None = None,
-    ) -> Attr: ...
+        gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None,
+    ) -> Attr:
+        """Change the given attributes (the file type bits of ``mode`` are kept); ctime = now."""
+
+    # -- writable mounts (each one transaction) ----------------------------------------------
+    @abstractmethod
+    def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        """A new empty regular file; EEXIST if the name is taken."""
+
+    @abstractmethod
+    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
+        """Replace a regular file's size and whole block list (a write, a truncate) at once."""
+
+    @abstractmethod
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty directory (ENOTEMPTY, ENOTDIR, ENOENT)."""
+
+    @abstractmethod
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *,
+               noreplace: bool = False) -> None:
+        """Move an entry, replacing a file at the destination (or an empty directory by a
+        directory), as rename(2): EISDIR, ENOTDIR, ENOTEMPTY, EINVAL (into itself), EEXIST
+        with ``noreplace``."""
+
+    @abstractmethod
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        """A new name for a non-directory (nlink + 1); EPERM for directories."""
+
+    @abstractmethod
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        """ENODATA if absent."""
+
+    @abstractmethod
+    def list_xattrs(self, ino: int) -> list[bytes]: ...
+
+    @abstractmethod
+    def set_xattr(self, ino: int, name: bytes, value: bytes, *, create: bool = False,
+                  replace: bool = False) -> None:
+        """``create``: EEXIST if present; ``replace``: ENODATA if absent."""
+
+    @abstractmethod
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        """ENODATA if absent."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+
+
+def check_xattr(name: bytes, value: bytes) -> None:
+    """Reject what Linux would: empty or too long names, values over 64 KiB."""
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FsError(ERANGE, f"xattr name of {len(name)} bytes")
+    if len(value) > XATTR_SIZE_MAX:
+        raise FsError(E2BIG, f"xattr value of {len(value)} bytes")
 
 
 def check_name(name: bytes) -> None:

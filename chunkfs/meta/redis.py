@@ -15,6 +15,7 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:i:<ino>         hash     mode uid gid size atime mtime ctime nlink
                                         [target: symlink bytes] [blocks: 32-byte ids]
     chunkfs{P}:d:<ino>         hash     entry name -> child inode
+    chunkfs{P}:x:<ino>         hash     extended attribute name -> value
     chunkfs{P}:refs            hash     block id -> (file, index) slots naming it
     chunkfs{P}:blen            hash     block id -> plain length
     chunkfs{P}:stats           hash     files dirs symlinks bytes refs ubytes
@@ -43,7 +44,7 @@ from redis.retry import Retry
 from chunkfs.blocks import pack_ids, unpack_ids
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted, UsageError
 from chunkfs.meta import redis_lua
-from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name
+from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name, check_xattr
 from chunkfs.urls import mask_url
 
 T = TypeVar("T")
@@ -128,7 +129,8 @@ class RedisMeta(MetaStore):
         self.client, self.prefix = connect(url)
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
-                         for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR")}
+                         for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
+                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -239,13 +241,63 @@ class RedisMeta(MetaStore):
         self._run("UNLINK", parent, name, time.time_ns(), self.block_size)
 
     def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None, mtime_ns: int | None = None) -> Attr:
+                  gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None) -> Attr:
         def opt(v: int | None) -> int | str:
             return "" if v is None else v
 
         self._run("SET_ATTRS", ino, opt(None if mode is None else mode & 0o7777), opt(uid), opt(gid),
-                  opt(mtime_ns), time.time_ns())
+                  opt(mtime_ns), time.time_ns(), opt(atime_ns))
         return self.getattr(ino)
+
+    # -- writable mounts ---------------------------------------------------------------------
+    def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        ino = self._run("CREATE", parent, name, 0o100000 | (mode & 0o7777), uid, gid, mtime_ns, time.time_ns())
+        return self.getattr(int(ino))
+
+    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
+        self._run("COMMIT", ino, size, pack_ids(blocks), mtime_ns, self.block_size, time.time_ns())
+        return self.getattr(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._run("RMDIR", parent, name, time.time_ns())
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False) -> None:
+        check_name(new_name)
+        self._run("RENAME", parent, name, new_parent, new_name, int(noreplace), self.block_size, time.time_ns())
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        check_name(new_name)
+        self._run("LINK", ino, new_parent, new_name, time.time_ns())
+        return self.getattr(ino)
+
+    def _xkey(self, ino: int) -> str:
+        return f"{self.prefix}x:{ino}"
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        exists, value = self._call(self._pipeline_exists_hget, ino, name)
+        if not exists:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        if value is None:
+            raise FsError(errno.ENODATA, repr(name))
+        return bytes(value)
+
+    def _pipeline_exists_hget(self, ino: int, name: bytes) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self._ikey(ino))
+        pipe.hget(self._xkey(ino), name)
+        return pipe.execute()
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        self.getattr(ino)
+        return sorted(bytes(k) for k in self._call(self.client.hkeys, self._xkey(ino)))
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes, *, create: bool = False, replace: bool = False) -> None:
+        check_xattr(name, value)
+        self._run("XATTR", ino, name, value, "create" if create else "replace" if replace else "", time.time_ns())
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        self._run("XATTR", ino, name, b"", "remove", time.time_ns())
 
     def close(self) -> None:
         self.client.close()

@@ -43,7 +43,9 @@ local function count(mode, delta, size)
   local t = ftype(mode)
   local field = (t == S_IFDIR and 'dirs') or (t == S_IFLNK and 'symlinks') or 'files'
   redis.call('HINCRBY', P .. 'stats', field, delta)
-  if t == S_IFREG then redis.call('HINCRBY', P .. 'stats', 'bytes', delta * tonumber(size)) end
+  local bytes = delta * tonumber(size)
+  -- (-1 * 0 is -0 in Lua, which Redis refuses as an integer)
+  if t == S_IFREG and bytes ~= 0 then redis.call('HINCRBY', P .. 'stats', 'bytes', bytes) end
 end
 local function new_inode(mode, uid, gid, size, mtime, now, nlink)
   local ino = redis.call('INCR', P .. 'next_ino')
@@ -52,16 +54,25 @@ local function new_inode(mode, uid, gid, size, mtime, now, nlink)
   count(mode, 1, size)
   return ino
 end
+local function xkey(ino) return P .. 'x:' .. ino end
+local function delete_inode(ino, mode, size)
+  count(mode, -1, size)
+  redis.call('DEL', ikey(ino), xkey(ino))
+end
 local function drop_entry(parent, name, ino, bs)
   redis.call('HDEL', dkey(parent), name)
   local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'nlink', 'blocks')
   if tonumber(a[3]) <= 1 then
     if ftype(a[1]) == S_IFREG then change_refs(a[4], tonumber(a[2]), bs, -1) end
-    count(a[1], -1, a[2])
-    redis.call('DEL', ikey(ino))
+    delete_inode(ino, a[1], a[2])
   else
     redis.call('HINCRBY', ikey(ino), 'nlink', -1)
   end
+end
+local function child_of(parent, name)
+  local ino = redis.call('HGET', dkey(parent), name)
+  if not ino then return nil, nil end
+  return ino, redis.call('HGET', ikey(ino), 'mode')
 end
 """
 
@@ -131,7 +142,7 @@ touch(parent, ARGV[4], 0)
 return 1
 """
 
-# ARGV: P, ino, mode, uid, gid, mtime, now  (empty string: keep)
+# ARGV: P, ino, mode, uid, gid, mtime, now, atime  (empty string: keep)
 SET_ATTRS = PRELUDE + r"""
 local k = ikey(ARGV[2])
 local mode = redis.call('HGET', k, 'mode')
@@ -140,7 +151,125 @@ if ARGV[3] ~= '' then redis.call('HSET', k, 'mode', ftype(mode) + tonumber(ARGV[
 if ARGV[4] ~= '' then redis.call('HSET', k, 'uid', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', k, 'gid', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', k, 'mtime', ARGV[6]) end
+if ARGV[8] and ARGV[8] ~= '' then redis.call('HSET', k, 'atime', ARGV[8]) end
 redis.call('HSET', k, 'ctime', ARGV[7])
+return 1
+"""
+
+# ARGV: P, parent, name, mode, uid, gid, mtime, now
+CREATE = PRELUDE + r"""
+local parent, name = ARGV[2], ARGV[3]
+local err = parent_dir(parent) if err then return err end
+if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
+local ino = new_inode(ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 1)
+redis.call('HSET', ikey(ino), 'blocks', '')
+redis.call('HSET', dkey(parent), name, ino)
+touch(parent, ARGV[8], 0)
+return ino
+"""
+
+# ARGV: P, ino, size, blocks, mtime, block_size, now
+COMMIT = PRELUDE + r"""
+local ino, size, blob, bs = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
+local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'blocks')
+if not a[1] then return redis.error_reply('ENOENT inode ' .. ino) end
+local t = ftype(a[1])
+if t == S_IFDIR then return redis.error_reply('EISDIR inode ' .. ino) end
+if t ~= S_IFREG then return redis.error_reply('EINVAL inode ' .. ino) end
+change_refs(a[3], tonumber(a[2]), bs, -1)
+redis.call('HINCRBY', P .. 'stats', 'bytes', size - tonumber(a[2]))
+redis.call('HSET', ikey(ino), 'size', size, 'blocks', blob, 'mtime', ARGV[5], 'ctime', ARGV[7])
+change_refs(blob, size, bs, 1)
+return 1
+"""
+
+# ARGV: P, parent, name, now
+RMDIR = PRELUDE + r"""
+local parent, name = ARGV[2], ARGV[3]
+local err = parent_dir(parent) if err then return err end
+local ino, mode = child_of(parent, name)
+if not ino then return redis.error_reply('ENOENT ' .. name) end
+if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR ' .. name) end
+if redis.call('HLEN', dkey(ino)) > 0 then return redis.error_reply('ENOTEMPTY ' .. name) end
+redis.call('HDEL', dkey(parent), name)
+redis.call('DEL', dkey(ino))
+delete_inode(ino, mode, 0)
+touch(parent, ARGV[4], -1)
+return 1
+"""
+
+# ARGV: P, parent, name, new_parent, new_name, noreplace (0/1), block_size, now
+RENAME = PRELUDE + r"""
+local parent, name, np, nn, noreplace, bs, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1',
+  tonumber(ARGV[7]), ARGV[8]
+local err = parent_dir(parent) if err then return err end
+err = parent_dir(np) if err then return err end
+local src, smode = child_of(parent, name)
+if not src then return redis.error_reply('ENOENT ' .. name) end
+if parent == np and name == nn then return 1 end
+local src_is_dir = ftype(smode) == S_IFDIR
+if src_is_dir then  -- the destination may not be inside the directory being moved
+  local queue, i = {src}, 1
+  while queue[i] do
+    if queue[i] == np then return redis.error_reply('EINVAL cannot move a directory into itself') end
+    local entries = redis.call('HGETALL', dkey(queue[i]))
+    for j = 2, #entries, 2 do
+      if ftype(redis.call('HGET', ikey(entries[j]), 'mode') or '0') == S_IFDIR then
+        table.insert(queue, entries[j])
+      end
+    end
+    i = i + 1
+  end
+end
+local dst, dmode = child_of(np, nn)
+if dst then
+  if noreplace then return redis.error_reply('EEXIST ' .. nn) end
+  if dst == src then return 1 end
+  if src_is_dir then
+    if ftype(dmode) ~= S_IFDIR then return redis.error_reply('ENOTDIR ' .. nn) end
+    if redis.call('HLEN', dkey(dst)) > 0 then return redis.error_reply('ENOTEMPTY ' .. nn) end
+    redis.call('HDEL', dkey(np), nn)
+    redis.call('DEL', dkey(dst))
+    delete_inode(dst, dmode, 0)
+    touch(np, now, -1)
+  else
+    if ftype(dmode) == S_IFDIR then return redis.error_reply('EISDIR ' .. nn) end
+    drop_entry(np, nn, dst, bs)
+  end
+end
+redis.call('HDEL', dkey(parent), name)
+redis.call('HSET', dkey(np), nn, src)
+local moved_dir = src_is_dir and parent ~= np
+touch(parent, now, moved_dir and -1 or 0)
+touch(np, now, moved_dir and 1 or 0)
+redis.call('HSET', ikey(src), 'ctime', now)
+return 1
+"""
+
+# ARGV: P, ino, new_parent, new_name, now
+LINK = PRELUDE + r"""
+local ino, np, nn, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local mode = redis.call('HGET', ikey(ino), 'mode')
+if not mode then return redis.error_reply('ENOENT inode ' .. ino) end
+if ftype(mode) == S_IFDIR then return redis.error_reply('EPERM hard links to directories are not allowed') end
+local err = parent_dir(np) if err then return err end
+if redis.call('HEXISTS', dkey(np), nn) == 1 then return redis.error_reply('EEXIST ' .. nn) end
+redis.call('HSET', dkey(np), nn, ino)
+redis.call('HINCRBY', ikey(ino), 'nlink', 1)
+redis.call('HSET', ikey(ino), 'ctime', now)
+touch(np, now, 0)
+return 1
+"""
+
+# ARGV: P, ino, name, value, mode ('' | 'create' | 'replace' | 'remove'), now
+XATTR = PRELUDE + r"""
+local ino, name, mode = ARGV[2], ARGV[3], ARGV[5]
+if redis.call('EXISTS', ikey(ino)) == 0 then return redis.error_reply('ENOENT inode ' .. ino) end
+local exists = redis.call('HEXISTS', xkey(ino), name) == 1
+if mode == 'create' and exists then return redis.error_reply('EEXIST xattr') end
+if (mode == 'replace' or mode == 'remove') and not exists then return redis.error_reply('ENODATA xattr') end
+if mode == 'remove' then redis.call('HDEL', xkey(ino), name) else redis.call('HSET', xkey(ino), name, ARGV[4]) end
+redis.call('HSET', ikey(ino), 'ctime', ARGV[6])
 return 1
 """
 

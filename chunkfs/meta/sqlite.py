@@ -9,6 +9,7 @@ Schema (one database file per volume):
            blocks BLOB)                                  concatenated 32-byte block ids
     dentries(parent, name BLOB, ino, PRIMARY KEY(parent, name))
     blockrefs(id BLOB PRIMARY KEY, length, refs)         refs = (file, index) slots naming id
+    xattrs(ino, name BLOB, value BLOB, PRIMARY KEY(ino, name))   extended attributes
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -29,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 from chunkfs.blocks import block_length, pack_ids, unpack_ids
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
-from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name
+from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name, check_xattr
 
 SCHEMA_VERSION = 1
 _S_IFMT = 0o170000  # file type bits (stat.S_IFMT is a function)
@@ -52,6 +53,13 @@ CREATE TABLE IF NOT EXISTS dentries (
 CREATE TABLE IF NOT EXISTS blockrefs (
     id BLOB PRIMARY KEY, length INTEGER NOT NULL, refs INTEGER NOT NULL
 ) WITHOUT ROWID;
+"""
+# added for writable mounts: created on open if missing
+_UPGRADES = """
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
 """
 
 
@@ -93,6 +101,8 @@ class SqliteMeta(MetaStore):
             if create:
                 self._conn.executescript(_SCHEMA)
             self._check_schema()
+            with contextlib.suppress(sqlite3.OperationalError):  # a read-only database file
+                self._conn.executescript(_UPGRADES)
         except sqlite3.DatabaseError as exc:
             raise ChunkfsError(f"cannot open {url}: {exc}") from exc
         self._lock = threading.RLock()
@@ -308,9 +318,13 @@ class SqliteMeta(MetaStore):
             if attr.is_reg:
                 (blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (attr.ino,)).fetchone()
                 self._change_refs(conn, blob, attr.size, -1)
-            conn.execute("DELETE FROM inodes WHERE ino=?", (attr.ino,))
+            self._delete_inode(conn, attr.ino)
         else:
             conn.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE ino=?", (_now_ns(), attr.ino))
+
+    def _delete_inode(self, conn: sqlite3.Connection, ino: int) -> None:
+        conn.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        conn.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
 
     def unlink(self, parent: int, name: bytes) -> None:
         with self._tx() as conn:
@@ -324,16 +338,148 @@ class SqliteMeta(MetaStore):
             self._touch_dir(conn, parent)
 
     def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None, mtime_ns: int | None = None) -> Attr:
+                  gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None) -> Attr:
         with self._tx() as conn:
             attr = self._attr_of(conn, ino)
             new_mode = attr.mode if mode is None else (stat.S_IFMT(attr.mode) | stat.S_IMODE(mode))
             conn.execute(
-                "UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
+                "UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, atime_ns=?, ctime_ns=? WHERE ino=?",
                 (new_mode, attr.uid if uid is None else uid, attr.gid if gid is None else gid,
-                 attr.mtime_ns if mtime_ns is None else mtime_ns, _now_ns(), ino),
+                 attr.mtime_ns if mtime_ns is None else mtime_ns, attr.atime_ns if atime_ns is None else atime_ns,
+                 _now_ns(), ino),
             )
             return self._attr_of(conn, ino)
+
+    # -- writable mounts ---------------------------------------------------------------------
+    def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            if self._child(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST, repr(name))
+            ino = self._new_inode(conn, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 1, blocks=b"")
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+            self._touch_dir(conn, parent)
+            return self._attr_of(conn, ino)
+
+    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
+        blob = pack_ids(blocks)
+        with self._tx() as conn:
+            attr = self._attr_of(conn, ino)
+            if not attr.is_reg:
+                raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL, f"inode {ino}")
+            (old_blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (ino,)).fetchone()
+            self._change_refs(conn, old_blob, attr.size, -1)
+            conn.execute("UPDATE inodes SET size=?, blocks=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
+                         (size, blob, mtime_ns, _now_ns(), ino))
+            self._change_refs(conn, blob, size, +1)
+            return self._attr_of(conn, ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            attr = self._child(conn, parent, name)
+            if attr is None:
+                raise FsError(errno.ENOENT, repr(name))
+            self._remove_empty_dir(conn, parent, name, attr)
+
+    def _remove_empty_dir(self, conn: sqlite3.Connection, parent: int, name: bytes, attr: Attr) -> None:
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR, repr(name))
+        if conn.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (attr.ino,)).fetchone():
+            raise FsError(errno.ENOTEMPTY, repr(name))
+        conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        self._delete_inode(conn, attr.ino)
+        self._touch_dir(conn, parent, nlink_delta=-1)
+
+    def _is_ancestor(self, conn: sqlite3.Connection, ancestor: int, ino: int) -> bool:
+        """True if directory ``ancestor`` is ``ino`` or one of its ancestors."""
+        while ino != ROOT_INODE:
+            if ino == ancestor:
+                return True
+            row = conn.execute("SELECT parent FROM dentries WHERE ino=? LIMIT 1", (ino,)).fetchone()
+            if row is None:
+                return False
+            ino = row[0]
+        return ancestor == ROOT_INODE
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False) -> None:
+        check_name(new_name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            self._parent_dir(conn, new_parent)
+            src = self._child(conn, parent, name)
+            if src is None:
+                raise FsError(errno.ENOENT, repr(name))
+            if (parent, name) == (new_parent, new_name):
+                return
+            if src.is_dir and self._is_ancestor(conn, src.ino, new_parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            dst = self._child(conn, new_parent, new_name)
+            if dst is not None:
+                if noreplace:
+                    raise FsError(errno.EEXIST, repr(new_name))
+                if dst.ino == src.ino:
+                    return  # two names of one file: POSIX says do nothing
+                if src.is_dir:
+                    self._remove_empty_dir(conn, new_parent, new_name, dst)
+                else:
+                    if dst.is_dir:
+                        raise FsError(errno.EISDIR, repr(new_name))
+                    self._drop_entry(conn, new_parent, new_name, dst)
+            conn.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                         (new_parent, new_name, parent, name))
+            moved_dir = src.is_dir and parent != new_parent
+            self._touch_dir(conn, parent, nlink_delta=-1 if moved_dir else 0)
+            self._touch_dir(conn, new_parent, nlink_delta=1 if moved_dir else 0)
+            conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (_now_ns(), src.ino))
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        check_name(new_name)
+        with self._tx() as conn:
+            attr = self._attr_of(conn, ino)
+            if attr.is_dir:
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            self._parent_dir(conn, new_parent)
+            if self._child(conn, new_parent, new_name) is not None:
+                raise FsError(errno.EEXIST, repr(new_name))
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (new_parent, new_name, ino))
+            conn.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE ino=?", (_now_ns(), ino))
+            self._touch_dir(conn, new_parent)
+            return self._attr_of(conn, ino)
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        with self._lock:
+            self._attr_of(self._conn, ino)
+            row = self._conn.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+        if row is None:
+            raise FsError(errno.ENODATA, repr(name))
+        return bytes(row[0])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        with self._lock:
+            self._attr_of(self._conn, ino)
+            rows = self._conn.execute("SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes, *, create: bool = False, replace: bool = False) -> None:
+        check_xattr(name, value)
+        with self._tx() as conn:
+            self._attr_of(conn, ino)
+            exists = conn.execute("SELECT 1 FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+            if exists and create:
+                raise FsError(errno.EEXIST, repr(name))
+            if not exists and replace:
+                raise FsError(errno.ENODATA, repr(name))
+            conn.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
+            conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (_now_ns(), ino))
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        with self._tx() as conn:
+            self._attr_of(conn, ino)
+            if conn.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount == 0:
+                raise FsError(errno.ENODATA, repr(name))
+            conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (_now_ns(), ino))
 
     def close(self) -> None:
         with self._lock:
