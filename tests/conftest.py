@@ -114,16 +114,16 @@ def force_unmount(mountpoint: Path) -> None:
 
 @contextlib.contextmanager
 def mounted(vol: VolumeFixture, *extra: str, cache: Path | None = None, allow_errors: bool = False,
-            name: str = "mnt") -> Iterator[Mount]:
-    """A read-only mount of ``vol`` served by a child process; always unmounted afterwards."""
+            name: str = "mnt", read_only: bool = True) -> Iterator[Mount]:
+    """A mount of ``vol`` (read-only unless told) served by a child process; always unmounted afterwards."""
     mountpoint = vol.tmp / name
     mountpoint.mkdir(exist_ok=True)
     cache = cache or vol.tmp / "cache"
     log = vol.tmp / f"{name}.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mountpoint), "--read-only",
-             "--cache-dir", str(cache), *extra],
+            [sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mountpoint),
+             *(["--read-only"] if read_only else []), "--cache-dir", str(cache), *extra],
             stdout=logf, stderr=subprocess.STDOUT,
         )
     mount = Mount(proc, mountpoint, log)

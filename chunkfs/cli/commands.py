@@ -115,6 +115,45 @@ def cmd_objbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from chunkfs.maintenance import collect_garbage
+
+    with open_volume(args.meta, store_options(args, args.threads)) as volume:
+        report = collect_garbage(volume, grace=args.grace, dry_run=args.dry_run, threads=args.threads)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{report.objects} block objects: {report.referenced} in use, {report.kept_recent} unused but within "
+          f"the grace period, {verb} {report.deleted} ({format_size(report.deleted_bytes)})")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from chunkfs.maintenance import check_volume
+
+    with open_volume(args.meta, store_options(args, args.threads)) as volume:
+        report = check_volume(volume, check_content=args.check_content, threads=args.threads)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        checked = "sizes and hashes" if report.content_checked else "sizes"
+        print(f"{report.files} files, {report.blocks} distinct blocks, {report.objects} objects in the store "
+              f"({checked} checked)")
+        for title, entries in (("missing", report.missing), ("wrong size", report.wrong_size),
+                               ("corrupt", report.corrupt)):
+            for entry in entries:
+                print(f"{title}: {entry}")
+        if report.refcount_errors:
+            print(f"{report.refcount_errors} blocks whose reference record disagrees with the files")
+        if report.orphans:
+            print(f"{report.orphans} objects ({format_size(report.orphan_bytes)}) no file uses: 'chunkfs gc' "
+                  "removes them")
+    if not report.clean:
+        raise ChunkfsError(f"{mask_url(args.meta)}: fsck found problems")
+    return 0
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     meta = open_meta(args.meta)
     try:

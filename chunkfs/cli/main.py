@@ -46,6 +46,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m, 1h or 2d, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -98,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount a volume with FUSE")
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+    p.add_argument("--read-only", action="store_true",
+                   help="refuse every write with EROFS (what pods use); without it the mount is read-write")
     p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
                    help=f"block cache directory; repeat it or join with ':' for several disks "
                         f"(default {default_cache_dir()})")
@@ -120,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the kernel's readahead for this mount, 0 to keep the kernel default (default 16M)")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9567")
-    p.add_argument("--attr-timeout", type=float, default=300.0, help="kernel attribute cache seconds (default 300)")
-    p.add_argument("--entry-timeout", type=float, default=300.0, help="kernel entry cache seconds (default 300)")
+    p.add_argument("--attr-timeout", type=float, default=None,
+                   help="kernel attribute cache seconds (default 300 read-only, 1 read-write)")
+    p.add_argument("--entry-timeout", type=float, default=None,
+                   help="kernel entry cache seconds (default 300 read-only, 1 read-write)")
     _add_store_options(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--meta-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -179,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_store_options(p)
 
+    p = sub.add_parser("gc", help="delete block objects no file uses (after a grace period)")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
+    p.add_argument("--grace", type=_duration, default=3600.0,
+                   help="keep blocks freed or written less than this long ago, e.g. 30m, 1h, 2d (default 1h)")
+    p.add_argument("--threads", type=_positive_int, default=16, help="parallel deletes (default 16)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_store_options(p)
+
+    p = sub.add_parser("fsck", help="check that every file's blocks are in the store (changes nothing)")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("--check-content", action="store_true", help="also download every block and verify its hash")
+    p.add_argument("--threads", type=_positive_int, default=16, help="parallel downloads (default 16)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_store_options(p)
+
     p = sub.add_parser("dump", help="write a volume's metadata as JSON Lines (to stdout or -o FILE)")
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
@@ -214,6 +245,8 @@ def run(argv: list[str] | None = None) -> int:
         "import": commands.cmd_import,
         "status": commands.cmd_status,
         "objbench": commands.cmd_objbench,
+        "gc": commands.cmd_gc,
+        "fsck": commands.cmd_fsck,
         "dump": commands.cmd_dump,
         "load": commands.cmd_load,
         "mount": mount.cmd_mount,

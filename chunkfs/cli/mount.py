@@ -34,8 +34,6 @@ def default_log_file() -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    if not args.read_only:
-        raise UsageError("writable mounts are not supported yet: add --read-only")
     if args.meta_fd is not None:
         with os.fdopen(args.meta_fd, "rb") as pipe:
             args.meta = pipe.read().decode()
@@ -98,8 +96,12 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         metrics_address = parse_address(args.metrics) if args.metrics else None
     except ValueError as exc:
         raise UsageError(f"--metrics: {exc}") from None
-    options = MountOptions(read_only=args.read_only, attr_timeout=args.attr_timeout,
-                           entry_timeout=args.entry_timeout)
+    # a read-only volume is treated as frozen while mounted; a writable one may change under
+    # another mount's feet, so the kernel asks again after a second (close-to-open)
+    default_timeout = 300.0 if args.read_only else 1.0
+    options = MountOptions(read_only=args.read_only,
+                           attr_timeout=default_timeout if args.attr_timeout is None else args.attr_timeout,
+                           entry_timeout=default_timeout if args.entry_timeout is None else args.entry_timeout)
     metrics = Metrics()
     config = ServeConfig(
         mountpoint=mountpoint, cache_dirs=[Path(d) for d in args.cache_dir], cache_size=args.cache_size,

@@ -26,6 +26,7 @@ from chunkfs.errors import ChunkfsError
 from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.fuse.ops import ChunkfsOperations, MountOptions
+from chunkfs.fuse.write_ops import WritableOperations
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockFetcher
@@ -33,6 +34,7 @@ from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfi
 from chunkfs.store.aio import AsyncStore
 from chunkfs.volume import Volume
 from chunkfs.warmup.control import ControlServer, socket_path
+from chunkfs.write.file_writer import FileWriter
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,13 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         block_size=block_size, readahead_max=config.readahead_max, prefetch_patterns=config.prefetch_patterns,
         prefetch_workers=slots, prefetch_limit=max(block_size, config.cache_size // 2)), metrics)
     meta = AsyncMeta(volume.meta, immutable=config.options.read_only)
-    ops = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
+    writer = None
+    if config.options.read_only:
+        ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
+    else:
+        writer = FileWriter(meta, AsyncStore(volume.store, slots), volume.codec, fetcher, block_size,
+                            uploads=max(1, slots // 2), max_pending=max(4, config.buffer_size // block_size // 2))
+        ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
     control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:
@@ -100,7 +108,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
             raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
         unmounted = False
         try:
-            trio.run(_run_session, config, cache, reader, control, on_ready)
+            trio.run(_run_session, config, cache, reader, writer, control, on_ready)
             unmounted = find_mount(config.mountpoint) is None
         finally:
             pyfuse3.close(unmount=not unmounted)
@@ -111,12 +119,14 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
             http.server_close()
 
 
-async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, control: ControlServer,
-                       on_ready: Callable[[], None] | None) -> None:
+async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, writer: FileWriter | None,
+                       control: ControlServer, on_ready: Callable[[], None] | None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         await nursery.start(reader.run)
+        if writer is not None:
+            await nursery.start(writer.run)
 
         async def fuse_main() -> None:
             await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_workers)

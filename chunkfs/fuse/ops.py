@@ -50,6 +50,7 @@ STATS_INODE = (1 << 63) - 2
 class OpenFile:
     ino: int
     snapshot: bytes | None = None  # contents of the stats file at open
+    writable: bool = False  # opened for writing (writable mounts)
 
 
 def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -77,6 +78,7 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]  # subclasses call the plain handler
     return wrapper
 
 

@@ -84,3 +84,15 @@ class AsyncMeta:
 
     async def stats(self) -> VolumeStats:
         return await self._call(self.meta.stats)
+
+    async def change(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a modifying engine call (``mkdir``, ``rename``, ``commit_file``, ...) in a worker
+        thread. Only for mutable use: an immutable cache would go stale."""
+        if self.immutable:
+            raise RuntimeError("AsyncMeta(immutable=True) is for read-only mounts")
+        fn = getattr(self.meta, method)
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._limiter)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """A read the cache does not cover (``block_known``, ``get_xattr``, ``list_xattrs``)."""
+        return await self._call(getattr(self.meta, method), *args)

@@ -157,6 +157,19 @@ class MetaStore(ABC):
     def block_known(self, bid: bytes) -> bool:
         """True if some published file references the block (so it is in the store)."""
 
+    @abstractmethod
+    def referenced_blocks(self) -> dict[bytes, int]:
+        """Every block some file references, with its plain length (for gc and fsck)."""
+
+    @abstractmethod
+    def freed_blocks(self, since_ns: int) -> set[bytes]:
+        """Blocks whose last reference went away at or after ``since_ns`` (a reader that
+        opened the file before may still need them: gc leaves them for a grace period)."""
+
+    @abstractmethod
+    def forget_freed(self, before_ns: int) -> None:
+        """Drop the record of blocks freed before ``before_ns``."""
+
     # -- namespace changes (each one transaction) ------------------------------------------
     @abstractmethod
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr: ...

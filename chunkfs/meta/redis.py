@@ -19,6 +19,7 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:refs            hash     block id -> (file, index) slots naming it
     chunkfs{P}:blen            hash     block id -> plain length
     chunkfs{P}:stats           hash     files dirs symlinks bytes refs ubytes
+    chunkfs{P}:freed           hash     block id -> when (ns) its last reference went away
 
 Every change is one Lua script (``redis_lua``). Reads are plain commands, pipelined.
 Connection errors and timeouts are retried with exponential backoff by redis-py (a bounded
@@ -130,7 +131,7 @@ class RedisMeta(MetaStore):
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
-                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR")}
+                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR", "FORGET_FREED")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -218,6 +219,17 @@ class RedisMeta(MetaStore):
 
     def block_known(self, bid: bytes) -> bool:
         return bool(self._call(self.client.hexists, self.prefix + "refs", bid))
+
+    def referenced_blocks(self) -> dict[bytes, int]:
+        lengths = self._call(self.client.hgetall, self.prefix + "blen")
+        return {bytes(k): int(v) for k, v in lengths.items()}
+
+    def freed_blocks(self, since_ns: int) -> set[bytes]:
+        freed = self._call(self.client.hgetall, self.prefix + "freed")
+        return {bytes(k) for k, v in freed.items() if int(v) >= since_ns}
+
+    def forget_freed(self, before_ns: int) -> None:
+        self._run("FORGET_FREED", before_ns)
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:

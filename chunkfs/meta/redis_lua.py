@@ -34,6 +34,8 @@ local function change_refs(blob, size, bs, delta)
       local len = tonumber(redis.call('HGET', P .. 'blen', id) or '0')
       redis.call('HDEL', P .. 'refs', id)
       redis.call('HDEL', P .. 'blen', id)
+      local t = redis.call('TIME')
+      redis.call('HSET', P .. 'freed', id, t[1] .. string.format('%06d', tonumber(t[2])) .. '000')
       redis.call('HINCRBY', P .. 'stats', 'ubytes', -len)
     end
   end
@@ -74,6 +76,15 @@ local function child_of(parent, name)
   if not ino then return nil, nil end
   return ino, redis.call('HGET', ikey(ino), 'mode')
 end
+"""
+
+# ARGV: P, before_ns -> drops freed records older than before_ns
+FORGET_FREED = PRELUDE + r"""
+local all = redis.call('HGETALL', P .. 'freed')
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', P .. 'freed', all[i]) end
+end
+return 1
 """
 
 # ARGV: P, parent, name, mode, uid, gid, mtime, now

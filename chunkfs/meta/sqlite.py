@@ -10,6 +10,7 @@ Schema (one database file per volume):
     dentries(parent, name BLOB, ino, PRIMARY KEY(parent, name))
     blockrefs(id BLOB PRIMARY KEY, length, refs)         refs = (file, index) slots naming id
     xattrs(ino, name BLOB, value BLOB, PRIMARY KEY(ino, name))   extended attributes
+    freed(id BLOB PRIMARY KEY, at)                       when a block lost its last reference
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
+CREATE TABLE IF NOT EXISTS freed (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -161,7 +163,8 @@ class SqliteMeta(MetaStore):
                 )
             else:
                 conn.execute("UPDATE blockrefs SET refs = refs + ? WHERE id=?", (delta, bid))
-                conn.execute("DELETE FROM blockrefs WHERE id=? AND refs <= 0", (bid,))
+                if conn.execute("DELETE FROM blockrefs WHERE id=? AND refs <= 0", (bid,)).rowcount:
+                    conn.execute("INSERT OR REPLACE INTO freed VALUES (?, ?)", (bid, _now_ns()))
 
     def _new_inode(self, conn: sqlite3.Connection, mode: int, uid: int, gid: int, size: int,
                    mtime_ns: int, nlink: int, target: bytes | None = None,
@@ -261,6 +264,20 @@ class SqliteMeta(MetaStore):
 
     def block_known(self, bid: bytes) -> bool:
         return self._one("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)) is not None
+
+    def referenced_blocks(self) -> dict[bytes, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT id, length FROM blockrefs WHERE refs > 0").fetchall()
+        return {bytes(r[0]): r[1] for r in rows}
+
+    def freed_blocks(self, since_ns: int) -> set[bytes]:
+        with self._lock:
+            rows = self._conn.execute("SELECT id FROM freed WHERE at >= ?", (since_ns,)).fetchall()
+        return {bytes(r[0]) for r in rows}
+
+    def forget_freed(self, before_ns: int) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM freed WHERE at < ?", (before_ns,))
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:

@@ -83,6 +83,7 @@ class FileReader:
 
     # -- open / close ----------------------------------------------------------------------
     def opened(self, ino: int, name: str, size: int, blocks: list[bytes]) -> None:
+        self.refresh(ino, size, blocks)  # changed by a writer since another handle opened it
         state = self._files.get(ino)
         if state is None:
             detector = StreamDetector(initial=1, maximum=self._max_window)
@@ -91,6 +92,14 @@ class FileReader:
                 for _ in range(min(self.config.prefetch_workers, len(blocks))):
                     self._spawn(state, self._prefetch_worker, state)
         state.opens += 1
+
+    def refresh(self, ino: int, size: int, blocks: list[bytes]) -> None:
+        """The file was rewritten in this mount: handles still open read the new content."""
+        state = self._files.get(ino)
+        if state is not None and (state.size, state.blocks) != (size, blocks):
+            state.size, state.blocks = size, blocks
+            state.ahead.clear()
+            state.next_prefetch = len(blocks)
 
     def released(self, ino: int) -> None:
         state = self._files.get(ino)

@@ -55,6 +55,7 @@ class StoreOptions:
 class ObjectInfo:
     key: str
     size: int
+    mtime: float | None = None  # seconds since the epoch, when the store reports it
 
 
 class ObjectStore(ABC):

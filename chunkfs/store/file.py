@@ -85,7 +85,8 @@ class FileStore(ObjectStore):
                 key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
                 if key.startswith(prefix):
                     try:
-                        found.append(ObjectInfo(key, os.stat(os.path.join(dirpath, name)).st_size))
+                        st = os.stat(os.path.join(dirpath, name))
+                        found.append(ObjectInfo(key, st.st_size, st.st_mtime))
                     except FileNotFoundError:
                         continue
         yield from sorted(found, key=lambda o: o.key)

@@ -130,7 +130,8 @@ class GCSStore(ObjectStore):
         try:
             for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix + prefix, timeout=self.timeout,
                                                retry=None):
-                yield ObjectInfo(blob.name[skip:], int(blob.size or 0))
+                updated = blob.updated
+                yield ObjectInfo(blob.name[skip:], int(blob.size or 0), updated.timestamp() if updated else None)
         except Exception as exc:
             raise self._error("LIST", prefix, exc) from None
 

@@ -173,7 +173,8 @@ class S3Store(ObjectStore):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][skip:], int(obj["Size"]))
+                    modified = obj.get("LastModified")
+                    yield ObjectInfo(obj["Key"][skip:], int(obj["Size"]), modified.timestamp() if modified else None)
         except Exception as exc:
             raise self._error("LIST", prefix, exc) from None
 

@@ -1,0 +1,252 @@
+"""pyfuse3 Operations of a writable mount: the read-only operations plus every modifying one.
+
+Layer: thin, like ``ops.py``: namespace changes go to ``AsyncMeta.change`` (each one metadata
+transaction), file content to ``FileWriter``. Errors reach the kernel as errno values.
+
+Consistency: a file's content is published when a handle is closed (flush) or fsync'd, so
+another mount that opens it afterwards sees it (close-to-open, as NFS and JuiceFS give).
+Within this mount, every read of a file open for writing sees the unpublished bytes, and
+``getattr`` reports the size being written.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+import pyfuse3
+
+from chunkfs.errors import FsError
+from chunkfs.fuse.ops import STATS_INODE, ChunkfsOperations, OpenFile, _fuse_errors
+from chunkfs.meta.aio import AsyncMeta
+from chunkfs.meta.base import NAME_MAX, Attr
+from chunkfs.metrics import Metrics
+from chunkfs.read.reader import FileReader
+from chunkfs.write.file_writer import FileWriter, WriteFailed
+
+log = logging.getLogger(__name__)
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_WRITE_INTENT = os.O_WRONLY | os.O_RDWR
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+
+class WritableOperations(ChunkfsOperations):
+    def __init__(self, meta: AsyncMeta, reader: FileReader, writer: FileWriter, block_size: int, options: Any,
+                 metrics: Metrics) -> None:
+        super().__init__(meta, reader, block_size, options, metrics)
+        self.writer = writer
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = super()._entry(attr)
+        size = self.writer.size_of(attr.ino)
+        if size is not None:  # being written in this mount: the size readers of this mount see
+            entry.st_size = size
+            entry.st_blocks = -(-size // 512)
+        return entry
+
+    async def _attr_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.meta.getattr(ino))
+
+    # -- namespace -------------------------------------------------------------------------
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        return await self._new_entry("mkdir", parent_inode, name, mode, ctx)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.meta.change("rmdir", parent_inode, name)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.meta.change("unlink", parent_inode, name)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        _check_name(name_new)
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.meta.change("rename", parent_inode_old, name_old, parent_inode_new, name_new,
+                               noreplace=bool(flags & RENAME_NOREPLACE))
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        return await self._new_entry("symlink", parent_inode, name, target, ctx)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.EntryAttributes:
+        _check_name(new_name)
+        if inode == STATS_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._entry(await self.meta.change("link", inode, new_parent_inode, new_name))
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets have no place in a model store
+        return await self._new_entry("create_file", parent_inode, name, mode, ctx)
+
+    async def _new_entry(self, method: str, parent: int, name: bytes, mode_or_target: int | bytes,
+                         ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """mkdir, symlink or create_file, owned by the caller."""
+        _check_name(name)
+        attr = await self.meta.change(method, parent, name, mode_or_target, ctx.uid, ctx.gid, time.time_ns())
+        self._names[attr.ino] = name
+        return self._entry(attr)
+
+    # -- attributes ------------------------------------------------------------------------
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == STATS_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size:
+            await self._truncate(inode, attr.st_size)
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if changes or fields.update_ctime:
+            await self.meta.change("set_attrs", inode, **changes)
+        return await self._attr_entry(inode)
+
+    async def _truncate(self, inode: int, size: int) -> None:
+        if self.writer.is_open(inode):
+            await self.writer.truncate(inode, size)
+            return
+        current = await self.meta.getattr(inode)
+        if current.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        self.writer.opened(inode, current.size, await self.meta.read_blocks(inode))
+        try:
+            await self.writer.truncate(inode, size)
+        finally:
+            await self._release_writer(inode)
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == STATS_INODE:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self.meta.call("get_xattr", inode, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode == STATS_INODE:
+            return []
+        return await self.meta.call("list_xattrs", inode)
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(b"system.") or inode == STATS_INODE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # no ACLs: the mode bits are the permissions
+        await self.meta.change("set_xattr", inode, name, value)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.meta.change("remove_xattr", inode, name)
+
+    # -- file content ----------------------------------------------------------------------
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _check_name(name)
+        attr = await self.meta.change("create_file", parent_inode, name, mode, ctx.uid, ctx.gid, time.time_ns())
+        self._names[attr.ino] = name
+        self.writer.opened(attr.ino, 0, [])
+        fh = self._new_fh()
+        self._files[fh] = OpenFile(attr.ino, writable=True)
+        return pyfuse3.FileInfo(fh=fh), self._entry(attr)
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode == STATS_INODE or not flags & _WRITE_INTENT:
+            return await super().open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
+        attr = await self.meta.getattr(inode)
+        if attr.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not self.writer.is_open(inode):
+            self.writer.opened(inode, attr.size, await self.meta.read_blocks(inode))
+        else:
+            self.writer.opened(inode, 0, [])  # one more handle on the state already there
+        fh = self._new_fh()
+        self._files[fh] = OpenFile(inode, writable=True)
+        return pyfuse3.FileInfo(fh=fh)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files[fh]
+        if f.snapshot is None and self.writer.is_open(f.ino):
+            return await self.writer.read(f.ino, off, size)
+        return await super().read.__wrapped__(self, fh, off, size)  # type: ignore[attr-defined]
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self._files[fh]
+        if not f.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.writer.write(f.ino, off, buf)
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        f = self._files.get(fh)
+        if f is not None and f.writable:
+            await self._publish(f.ino)
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self._files.get(fh)
+        if f is not None and f.writable:
+            await self._publish(f.ino)
+
+    async def _publish(self, ino: int) -> None:
+        try:
+            attr = await self.writer.flush(ino)
+        except WriteFailed as exc:
+            log.error("publishing inode %d failed: %s", ino, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return  # unlinked while open: nothing to publish it under
+        if attr is not None:
+            self.reader.refresh(ino, attr.size, await self.meta.read_blocks(ino))
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        if not f.writable:
+            if f.snapshot is None:
+                self.reader.released(f.ino)
+            return
+        await self._release_writer(f.ino)
+
+    async def _release_writer(self, ino: int) -> None:
+        try:
+            attr = await self.writer.release(ino)
+        except (WriteFailed, FsError) as exc:
+            log.error("publishing inode %d at its last close failed: %s", ino, exc)
+            return
+        if attr is not None:
+            self.reader.refresh(ino, attr.size, await self.meta.read_blocks(ino))

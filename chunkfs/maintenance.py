@@ -1,0 +1,179 @@
+"""gc and fsck: keep a volume's object store and metadata in agreement.
+
+Layer: above ``volume`` (metadata + store); used by the CLI only.
+
+gc deletes block objects no file references, but never one that someone may still need:
+
+- a block whose last reference went away less than ``grace`` ago (a mount may have the file
+  open from before the unlink or rewrite, and keeps reading its blocks), and
+- an object written less than ``grace`` ago (a writer uploads blocks before it publishes
+  the file that names them; a crash leaves them behind, and a later gc removes them).
+
+Right before deleting, gc asks the metadata again whether the block is referenced, so a
+file published while gc ran keeps its blocks.
+
+fsck walks every file and reports blocks that are missing from the store, of the wrong
+size, or (with ``check_content``) whose bytes do not match their hash; reference counts
+that disagree with the files; and objects no file uses (which gc removes). It changes nothing.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chunkfs.blocks import BlockCorrupt, block_length, object_key
+from chunkfs.meta.base import ROOT_INODE
+from chunkfs.store.base import ObjectNotFound
+from chunkfs.volume import Volume
+
+MAX_LISTED = 50
+
+
+def _block_objects(volume: Volume) -> dict[bytes, Any]:
+    """Block id -> ObjectInfo of every block object in the store."""
+    found = {}
+    for info in volume.store.list("blocks/"):
+        name = info.key.rsplit("/", 1)[-1]
+        try:
+            bid = bytes.fromhex(name)
+        except ValueError:
+            continue
+        if len(bid) == 32 and info.key == object_key(bid):
+            found[bid] = info
+    return found
+
+
+@dataclass
+class GcReport:
+    objects: int = 0
+    referenced: int = 0
+    kept_recent: int = 0  # unreferenced, but freed or written within the grace period
+    deleted: int = 0
+    deleted_bytes: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int = 16) -> GcReport:
+    now = time.time()
+    cutoff = now - grace
+    meta = volume.meta
+    referenced = meta.referenced_blocks()
+    recently_freed = meta.freed_blocks(int(cutoff * 1e9))
+    objects = _block_objects(volume)
+    report = GcReport(objects=len(objects), dry_run=dry_run)
+    doomed = []
+    for bid, info in objects.items():
+        if bid in referenced:
+            report.referenced += 1
+        elif bid in recently_freed or info.mtime is None or info.mtime > cutoff:
+            report.kept_recent += 1
+        else:
+            doomed.append((bid, info))
+
+    def delete(item: tuple[bytes, Any]) -> int:
+        bid, info = item
+        if meta.block_known(bid):  # published while gc ran
+            return 0
+        volume.store.delete(info.key)
+        return info.size
+
+    if dry_run:
+        report.deleted, report.deleted_bytes = len(doomed), sum(info.size for _, info in doomed)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            sizes = list(pool.map(delete, doomed))
+        report.deleted = sum(1 for s in sizes if s)
+        report.deleted_bytes = sum(sizes)
+        meta.forget_freed(int(cutoff * 1e9))
+    return report
+
+
+@dataclass
+class FsckReport:
+    files: int = 0
+    blocks: int = 0  # distinct blocks the files name
+    objects: int = 0
+    missing: list[str] = field(default_factory=list)  # "path: block id"
+    wrong_size: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    refcount_errors: int = 0
+    orphans: int = 0  # objects no file uses (gc removes them)
+    orphan_bytes: int = 0
+    content_checked: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.wrong_size or self.corrupt or self.refcount_errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "clean": self.clean}
+
+
+def _walk_files(volume: Volume) -> list[tuple[str, int, int]]:
+    """(path, inode, size) of every regular file, each inode once."""
+    files, seen, stack = [], set(), [("/", ROOT_INODE)]
+    while stack:
+        path, ino = stack.pop()
+        for name, attr in volume.meta.readdir(ino):
+            child = posixpath.join(path, name.decode(errors="surrogateescape"))
+            if attr.is_dir:
+                stack.append((child, attr.ino))
+            elif attr.is_reg and attr.ino not in seen:
+                seen.add(attr.ino)
+                files.append((child, attr.ino, attr.size))
+    return sorted(files)
+
+
+def _note(bucket: list[str], entry: str) -> None:
+    if len(bucket) < MAX_LISTED:
+        bucket.append(entry)
+
+
+def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 16) -> FsckReport:
+    meta, bs = volume.meta, volume.fmt.block_size
+    report = FsckReport(content_checked=check_content)
+    objects = _block_objects(volume)
+    report.objects = len(objects)
+    slots: Counter[bytes] = Counter()
+    lengths: dict[bytes, tuple[int, str]] = {}
+    for path, ino, size in _walk_files(volume):
+        report.files += 1
+        for index, bid in enumerate(meta.read_blocks(ino)):
+            slots[bid] += 1
+            length = block_length(index, size, bs)
+            lengths.setdefault(bid, (length, path))
+            info = objects.get(bid)
+            if info is None:
+                _note(report.missing, f"{path}: block {index} ({bid.hex()[:16]}) is not in the store")
+            elif volume.fmt.compression == "none" and info.size != length:
+                _note(report.wrong_size, f"{path}: block {index} ({bid.hex()[:16]}) has {info.size} bytes, "
+                                         f"expected {length}")
+    report.blocks = len(slots)
+    referenced = meta.referenced_blocks()
+    report.refcount_errors = len(set(slots) ^ set(referenced))
+    orphans = [info for bid, info in objects.items() if bid not in slots]
+    report.orphans, report.orphan_bytes = len(orphans), sum(info.size for info in orphans)
+    if check_content:
+        def verify(bid: bytes) -> str | None:
+            length, path = lengths[bid]
+            try:
+                volume.codec.decode(bid, volume.store.get(object_key(bid)), length)
+            except ObjectNotFound:
+                return None  # already reported as missing
+            except BlockCorrupt as exc:
+                return f"{path}: {exc}"
+            return None
+
+        with ThreadPoolExecutor(threads) as pool:
+            for problem in pool.map(verify, [bid for bid in slots if bid in objects]):
+                if problem:
+                    _note(report.corrupt, problem)
+    return report

@@ -1,0 +1,277 @@
+"""FileWriter: writes through a writable mount, cut into content-addressed blocks.
+
+Layer: ``write/``. Sees files as (size, block ids), the store through ``AsyncStore``, block
+bytes through ``BlockFetcher`` (verified), and metadata through ``AsyncMeta``; nothing of FUSE.
+
+A file open for writing has one ``_Dirty`` state per inode (shared by its handles):
+
+- ``blocks[i]`` is the id of block ``i`` as stored, ``pending[i]`` the bytes of a block
+  changed since (a bytearray of exactly ``block_length(i, size)`` bytes: the invariant every
+  write, truncate and extension keeps, so a block is always cut where import cuts it and
+  identical content gets identical ids: writing a model the volume holds stores nothing).
+- A block that a write fills to its end is uploaded in the background (at most ``uploads``
+  at once; writers wait beyond that); a block rewritten while its upload runs stays pending
+  (a version number tells). With more than ``max_pending`` pending blocks, the oldest are
+  uploaded too, so memory stays bounded whatever the write pattern.
+- ``flush`` (close, fsync) uploads what is pending and publishes size + block list in one
+  metadata transaction (``commit_file``): another mount that opens the file afterwards sees
+  the new content (close-to-open). Before that, the volume still holds the previous version:
+  a crash loses unflushed writes, never a file closed before.
+- An upload is skipped when the volume already references the block (dedup) and the block
+  is also written to the node cache, so reading it back is local.
+- Blocks uploaded but never committed (a crash, a rewrite) are garbage for ``chunkfs gc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.meta.aio import AsyncMeta
+from chunkfs.meta.base import Attr
+from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.store.aio import AsyncStore
+
+log = logging.getLogger(__name__)
+
+HOLE = b""  # a block of zeros nobody wrote yet (a file extended by truncate or a write past its end)
+
+
+class WriteFailed(Exception):
+    """A block could not be stored; the file's new content was not published."""
+
+
+@dataclass(eq=False)
+class _Dirty:
+    ino: int
+    size: int
+    blocks: list[bytes]
+    pending: dict[int, bytearray] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)
+    uploading: int = 0
+    idle: trio.Event = field(default_factory=trio.Event)  # set when uploading drops to 0
+    handles: int = 0
+    changed: bool = False
+    mtime_ns: int = 0
+    error: str | None = None  # a background upload failed: the next flush reports it
+
+
+class FileWriter:
+    def __init__(self, meta: AsyncMeta, store: AsyncStore, codec: BlockCodec, fetcher: BlockFetcher,
+                 block_size: int, *, uploads: int = 8, max_pending: int = 32) -> None:
+        self.meta = meta
+        self.store = store
+        self.codec = codec
+        self.fetcher = fetcher
+        self.cache: BlockCache = fetcher.cache
+        self.block_size = block_size
+        self.max_pending = max_pending
+        self._upload_slots = trio.Semaphore(uploads)
+        self._files: dict[int, _Dirty] = {}
+        self._nursery: trio.Nursery | None = None
+        self._zero_ids: dict[int, bytes] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background uploads; runs until cancelled (the mount's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- handles ---------------------------------------------------------------------------
+    def opened(self, ino: int, size: int, blocks: list[bytes]) -> None:
+        state = self._files.get(ino)
+        if state is None:
+            state = self._files[ino] = _Dirty(ino, size, list(blocks))
+            state.idle.set()
+        state.handles += 1
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self._files
+
+    def size_of(self, ino: int) -> int | None:
+        state = self._files.get(ino)
+        return None if state is None else state.size
+
+    async def release(self, ino: int) -> Attr | None:
+        """A handle closed; the last one flushes and forgets the state."""
+        state = self._files[ino]
+        state.handles -= 1
+        if state.handles > 0:
+            return None
+        try:
+            return await self.flush(ino)
+        finally:
+            if state.handles == 0:
+                self._files.pop(ino, None)
+
+    # -- reads and writes ------------------------------------------------------------------
+    async def read(self, ino: int, offset: int, length: int) -> bytes:
+        state = self._files[ino]
+        parts = []
+        for index, start, end in block_spans(offset, length, state.size, self.block_size):
+            buf = state.pending.get(index)
+            if buf is not None:
+                parts.append(bytes(buf[start:end]))
+            elif state.blocks[index] == HOLE:
+                parts.append(bytes(end - start))
+            else:
+                parts.append(await self.fetcher.read(state.blocks[index], self._length(state, index), start, end))
+        return b"".join(parts)
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        state = self._files[ino]
+        end = offset + len(data)
+        if end > state.size:
+            await self._resize(state, end)
+        view = memoryview(data)
+        pos = 0
+        bs = self.block_size
+        while pos < len(data):
+            index, start = divmod(offset + pos, bs)
+            take = min(len(data) - pos, self._length(state, index) - start)
+            buf = await self._editable(state, index)
+            buf[start:start + take] = view[pos:pos + take]
+            self._bump(state, index)
+            pos += take
+            if start + take == bs:  # filled to its end: final unless rewritten
+                await self._start_upload(state, index)
+        state.changed = True
+        state.mtime_ns = time.time_ns()
+        await self._bound_pending(state)
+        return len(data)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        state = self._files[ino]
+        await self._resize(state, size)
+        state.changed = True
+        state.mtime_ns = time.time_ns()
+
+    async def flush(self, ino: int) -> Attr | None:
+        """Store what is pending and publish the file; None if nothing changed."""
+        state = self._files.get(ino)
+        if state is None:
+            return None
+        for index in sorted(state.pending):
+            await self._start_upload(state, index)
+        await self._wait_uploads(state)
+        if state.error is not None:
+            error, state.error = state.error, None
+            raise WriteFailed(error)
+        if state.pending:  # rewritten while uploading: go again
+            return await self.flush(ino)
+        if not state.changed:
+            return None
+        count = block_count(state.size, self.block_size)
+        for index in range(count):
+            if state.blocks[index] == HOLE:
+                state.blocks[index] = await self._zero_block(self._length(state, index))
+        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=state.blocks[:count],
+                                      mtime_ns=state.mtime_ns or time.time_ns())
+        state.changed = False
+        return attr
+
+    # -- block bookkeeping -----------------------------------------------------------------
+    def _length(self, state: _Dirty, index: int) -> int:
+        return block_length(index, state.size, self.block_size)
+
+    def _bump(self, state: _Dirty, index: int) -> None:
+        state.versions[index] = state.versions.get(index, 0) + 1
+
+    async def _editable(self, state: _Dirty, index: int) -> bytearray:
+        """The pending bytes of block ``index``, loading the stored block first if needed."""
+        buf = state.pending.get(index)
+        if buf is None:
+            length = self._length(state, index)
+            if state.blocks[index] == HOLE:
+                buf = state.pending[index] = bytearray(length)
+            else:
+                buf = state.pending[index] = bytearray(await self.fetcher.read(state.blocks[index], length, 0, length))
+        return buf
+
+    async def _resize(self, state: _Dirty, size: int) -> None:
+        """Change the size, keeping every block's length right: the old last block is cut or
+        zero-padded, and new blocks are holes (zeros, stored as one shared id only if they are
+        still holes when the file is published)."""
+        bs = self.block_size
+        old_count, new_count = block_count(state.size, bs), block_count(size, bs)
+        if size < state.size:
+            for index in [i for i in state.pending if i >= new_count]:
+                del state.pending[index]
+                self._bump(state, index)
+            del state.blocks[new_count:]
+            last = new_count - 1
+            if size % bs and last >= 0:
+                buf = await self._editable(state, last)
+                del buf[size - last * bs:]
+                self._bump(state, last)
+            state.size = size
+            return
+        if size == state.size:
+            return
+        last = old_count - 1
+        if last >= 0 and state.size % bs:  # the old last block grows to full (or to the new end)
+            buf = await self._editable(state, last)
+            buf.extend(bytes(min(bs, size - last * bs) - len(buf)))
+            self._bump(state, last)
+        state.size = size
+        del state.blocks[old_count:]
+        state.blocks.extend([HOLE] * (new_count - old_count))
+
+    async def _zero_block(self, length: int) -> bytes:
+        bid = self._zero_ids.get(length)
+        if bid is None:
+            bid = await self._store(bytes(length))
+            self._zero_ids[length] = bid
+        return bid
+
+    async def _bound_pending(self, state: _Dirty) -> None:
+        if len(state.pending) <= self.max_pending:
+            return
+        for index in sorted(state.pending)[: len(state.pending) - self.max_pending]:
+            await self._start_upload(state, index)
+
+    # -- uploads ---------------------------------------------------------------------------
+    async def _start_upload(self, state: _Dirty, index: int) -> None:
+        buf = state.pending.get(index)
+        if buf is None:
+            return
+        await self._upload_slots.acquire()  # backpressure: writers wait for upload slots
+        version, data = state.versions.get(index, 0), bytes(buf)
+        state.uploading += 1
+        state.idle = trio.Event()
+        assert self._nursery is not None, "FileWriter.run must be running"
+        self._nursery.start_soon(self._upload, state, index, version, data)
+
+    async def _upload(self, state: _Dirty, index: int, version: int, data: bytes) -> None:
+        try:
+            bid = await self._store(data)
+            if state.versions.get(index, 0) == version and index < len(state.blocks):
+                state.blocks[index] = bid
+                state.pending.pop(index, None)
+        except Exception as exc:  # reported by the next flush; the data stays pending
+            log.error("storing block %d of inode %d failed: %s", index, state.ino, exc)
+            state.error = f"storing block {index} failed: {exc}"
+        finally:
+            self._upload_slots.release()
+            state.uploading -= 1
+            if state.uploading == 0:
+                state.idle.set()
+
+    async def _wait_uploads(self, state: _Dirty) -> None:
+        while state.uploading:
+            await state.idle.wait()
+
+    async def _store(self, plain: bytes) -> bytes:
+        """Upload a block unless the volume already has it; also put it in the node cache."""
+        bid = await trio.to_thread.run_sync(block_id, plain)
+        if not await self.meta.call("block_known", bid):
+            stored = await trio.to_thread.run_sync(self.codec.encode, plain)
+            await self.store.put(object_key(bid), stored)
+        await trio.to_thread.run_sync(self.cache.put, bid, plain)
+        return bid

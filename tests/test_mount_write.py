@@ -1,0 +1,345 @@
+"""Writable mounts, on real FUSE mounts: POSIX operations and their error codes, a stateful
+property test against a plain directory, close-to-open between two mounts (SQLite and
+Redis), dedup of a model written twice, kill -9 during a write, and a model written through
+the mount then loaded with safetensors from a read-only mount."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+from tests.conftest import (
+    BLOCK,
+    VolumeFixture,
+    chunkfs,
+    force_unmount,
+    format_volume,
+    mounted,
+    volume_on,
+    wait_mounted,
+)
+
+
+@contextlib.contextmanager
+def rw_mount(vol: VolumeFixture, name: str = "rw", *extra: str) -> Iterator[Path]:
+    """A read-write mount of ``vol`` in a child process; always unmounted afterwards."""
+    with mounted(vol, *extra, cache=vol.tmp / f"{name}-cache", name=name, read_only=False) as mount:
+        yield mount.path
+
+
+def store_objects(vol: VolumeFixture) -> set[str]:
+    return {p.name for p in (vol.storage / "blocks").rglob("*") if p.is_file()}
+
+
+def expect_errno(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"{fn.__name__}{args}: {info.value}"
+
+
+def test_posix_operations_and_errors(volume: VolumeFixture) -> None:
+    with rw_mount(volume) as mnt:
+        data = os.urandom(3 * BLOCK + 1234)
+        (mnt / "f").write_bytes(data)
+        assert (mnt / "f").read_bytes() == data and (mnt / "f").stat().st_size == len(data)
+        with open(mnt / "f", "r+b") as f:  # random writes, inside and past the end, then fsync
+            f.seek(BLOCK - 2)
+            f.write(b"XXXX")
+            f.seek(5 * BLOCK + 10)
+            f.write(b"tail")
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            expected = data[:BLOCK - 2] + b"XXXX" + data[BLOCK + 2:] + bytes(5 * BLOCK + 10 - len(data)) + b"tail"
+            assert f.read() == expected
+        assert (mnt / "f").read_bytes() == expected
+        os.truncate(mnt / "f", BLOCK + 5)
+        assert (mnt / "f").read_bytes() == expected[:BLOCK + 5]
+        os.truncate(mnt / "f", 2 * BLOCK)
+        assert (mnt / "f").read_bytes() == expected[:BLOCK + 5] + bytes(BLOCK - 5)
+        (mnt / "d" / "e").mkdir(parents=True)
+        (mnt / "d" / "e" / "g").write_text("g")
+        os.rename(mnt / "f", mnt / "d" / "f2")  # across directories
+        (mnt / "over").write_text("old")
+        os.rename(mnt / "d" / "e" / "g", mnt / "over")  # over an existing file
+        assert (mnt / "over").read_text() == "g" and sorted(os.listdir(mnt / "d" / "e")) == []
+        os.symlink("d/f2", mnt / "s")
+        assert os.readlink(mnt / "s") == "d/f2" and (mnt / "s").read_bytes()[:5] == expected[:5]
+        os.link(mnt / "over", mnt / "hard")
+        assert (mnt / "over").stat().st_nlink == 2 and (mnt / "hard").stat().st_ino == (mnt / "over").stat().st_ino
+        os.chmod(mnt / "over", 0o600)
+        os.chown(mnt / "over", 1234, 5678)
+        os.utime(mnt / "over", ns=(1_500_000_000_000_000_000, 1_600_000_000_000_000_000))
+        st_over = (mnt / "hard").stat()
+        assert stat.S_IMODE(st_over.st_mode) == 0o600 and (st_over.st_uid, st_over.st_gid) == (1234, 5678)
+        assert st_over.st_mtime_ns == 1_600_000_000_000_000_000
+        os.setxattr(mnt / "over", "user.origin", b"hf://meta-llama")
+        assert os.getxattr(mnt / "hard", "user.origin") == b"hf://meta-llama"
+        assert os.listxattr(mnt / "over") == ["user.origin"]
+        os.removexattr(mnt / "over", "user.origin")
+        expect_errno(errno.ENODATA, os.getxattr, mnt / "over", "user.origin")
+        assert os.statvfs(mnt).f_bavail > 0
+        expect_errno(errno.ENOENT, os.stat, mnt / "nope")
+        expect_errno(errno.EEXIST, os.mkdir, mnt / "d")
+        expect_errno(errno.ENOTEMPTY, os.rmdir, mnt / "d")
+        expect_errno(errno.EISDIR, os.unlink, mnt / "d")
+        expect_errno(errno.ENOTDIR, os.rmdir, mnt / "over")
+        expect_errno(errno.ENOTDIR, os.mkdir, mnt / "over" / "x")
+        expect_errno(errno.ENAMETOOLONG, os.mkdir, mnt / ("x" * 256))
+        expect_errno(errno.EINVAL, os.rename, mnt / "d", mnt / "d" / "e" / "inside")
+        expect_errno(errno.EISDIR, os.rename, mnt / "over", mnt / "d")
+        expect_errno(errno.EPERM, os.link, mnt / "d", mnt / "dlink")
+        os.unlink(mnt / "hard")
+        os.rmdir(mnt / "d" / "e")
+        assert sorted(os.listdir(mnt)) == ["d", "over", "s"]
+    with rw_mount(volume, "again") as mnt:  # everything was published
+        assert (mnt / "d" / "f2").read_bytes() == expected[:BLOCK + 5] + bytes(BLOCK - 5)
+        assert (mnt / "over").read_text() == "g" and stat.S_IMODE((mnt / "over").stat().st_mode) == 0o600
+
+
+def test_two_mounts_see_each_others_files_after_close(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    for kind in ("sqlite", "redis"):
+        (tmp_path / kind).mkdir()
+        vol = volume_on(request, tmp_path / kind, kind)
+        with rw_mount(vol, "a") as a, rw_mount(vol, "b") as b:
+            payload = os.urandom(2 * BLOCK + 77)
+            (a / "model.bin").write_bytes(payload)
+            assert (b / "model.bin").read_bytes() == payload, kind
+            (b / "model.bin").write_bytes(payload[::-1])  # rewritten on the other mount
+            time.sleep(1.2)  # attribute caches are 1 s on writable mounts
+            assert (a / "model.bin").read_bytes() == payload[::-1], kind
+            (a / "dir").mkdir()
+            os.rename(a / "model.bin", a / "dir" / "m.bin")
+            time.sleep(1.2)
+            assert os.listdir(b / "dir") == ["m.bin"], kind
+
+
+def test_writing_a_model_the_volume_holds_stores_nothing_new(volume: VolumeFixture, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "w.safetensors").write_bytes(os.urandom(5 * BLOCK + 3))
+    chunkfs("import", volume.meta_url, str(src), "/imported")
+    before = store_objects(volume)
+    with rw_mount(volume) as mnt:
+        shutil.copytree(src, mnt / "copy")
+        assert (mnt / "copy" / "w.safetensors").read_bytes() == (src / "w.safetensors").read_bytes()
+    assert store_objects(volume) == before
+
+
+def test_kill_9_during_a_write_keeps_closed_files(volume: VolumeFixture, tmp_path: Path) -> None:
+    mnt = tmp_path / "rw"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", volume.meta_url, str(mnt), "--cache-dir",
+                             str(tmp_path / "c")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(mnt, proc)
+        kept = os.urandom(3 * BLOCK)
+        (mnt / "kept.bin").write_bytes(kept)
+        (mnt / "old.bin").write_bytes(b"old version")
+        fd = os.open(mnt / "old.bin", os.O_RDWR)  # being rewritten when the daemon dies
+        try:
+            os.write(fd, os.urandom(40 * BLOCK))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        force_unmount(mnt)
+        proc.wait()
+    with rw_mount(volume) as again:
+        assert (again / "kept.bin").read_bytes() == kept
+        assert (again / "old.bin").read_bytes() == b"old version"
+    report = json.loads(chunkfs("fsck", volume.meta_url, "--check-content", "--json").stdout)
+    assert report["clean"] and report["files"] == 2
+    assert report["orphans"] > 0  # blocks uploaded for the write that was never published: gc's job
+
+
+def test_gc_deletes_unused_blocks_after_the_grace_period_and_fsck_stays_clean(volume: VolumeFixture) -> None:
+    with rw_mount(volume) as mnt:
+        (mnt / "keep.bin").write_bytes(os.urandom(2 * BLOCK))
+        (mnt / "gone.bin").write_bytes(os.urandom(3 * BLOCK))
+        (mnt / "rewritten.bin").write_bytes(os.urandom(BLOCK))
+        (mnt / "rewritten.bin").write_bytes(os.urandom(BLOCK))
+        with open(mnt / "gone.bin", "rb") as reader:  # open before the unlink: its blocks must stay readable
+            os.unlink(mnt / "gone.bin")
+            kept = json.loads(chunkfs("gc", volume.meta_url, "--json").stdout)  # default grace: 1 hour
+            assert kept["deleted"] == 0 and kept["kept_recent"] == 4
+            assert len(reader.read()) == 3 * BLOCK
+    dry = json.loads(chunkfs("gc", volume.meta_url, "--grace", "0", "--dry-run", "--json").stdout)
+    assert (dry["deleted"], dry["referenced"]) == (4, 3) and len(store_objects(volume)) == 7
+    done = chunkfs("gc", volume.meta_url, "--grace", "0")
+    assert "deleted 4" in done.stdout and len(store_objects(volume)) == 3
+    fsck = json.loads(chunkfs("fsck", volume.meta_url, "--check-content", "--json").stdout)
+    assert fsck["clean"] and fsck["orphans"] == 0 and fsck["files"] == 2
+    with rw_mount(volume, "after") as mnt:
+        assert len((mnt / "keep.bin").read_bytes()) == 2 * BLOCK
+
+
+def test_fsck_reports_missing_and_corrupt_blocks(volume: VolumeFixture) -> None:
+    with rw_mount(volume) as mnt:
+        (mnt / "a.bin").write_bytes(os.urandom(2 * BLOCK))
+        (mnt / "b.bin").write_bytes(os.urandom(2 * BLOCK))
+    objects = sorted(p for p in (volume.storage / "blocks").rglob("*") if p.is_file())
+    objects[0].unlink()
+    objects[1].write_bytes(b"x" * BLOCK)  # same size, wrong content
+    result = chunkfs("fsck", volume.meta_url, "--check-content", check=False)
+    assert result.returncode == 1 and result.stderr.strip().endswith("fsck found problems")
+    assert result.stdout.count("missing: ") == 1 and result.stdout.count("corrupt: ") == 1
+
+
+def test_model_written_through_the_mount_loads_from_a_read_only_mount(volume: VolumeFixture, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {f"layer.{i}.weight": np.random.default_rng(i).standard_normal((64, 333)).astype(np.float32)
+               for i in range(6)}
+    with rw_mount(volume) as mnt:
+        (mnt / "llama").mkdir()
+        save_file(tensors, str(mnt / "llama" / "model.safetensors"))
+    with mounted(volume) as ro:
+        loaded = load_file(str(ro.path / "llama" / "model.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert np.array_equal(loaded[key], value), key
+
+
+# -- a stateful property test: the mount behaves like a local directory ------------------------
+NAMES = st.sampled_from(["a", "b", "c", "d"])
+
+
+class MountMatchesLocalDir(RuleBasedStateMachine):
+    """Random operations applied to the mount and to a plain directory; the trees must stay equal."""
+
+    mnt: Path
+    ref: Path
+
+    @initialize()
+    def clear(self) -> None:
+        for root in (self.mnt, self.ref):
+            for child in root.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+    def both(self, fn, *parts: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        """Apply fn to the same relative path(s) in both trees; both must fail alike."""
+        outcomes = []
+        for root in (self.mnt, self.ref):
+            try:
+                fn(*(root / p for p in parts), **kwargs)
+                outcomes.append(None)
+            except OSError as exc:
+                outcomes.append(exc.errno)
+        assert outcomes[0] == outcomes[1], f"{fn.__name__}{parts}: mount {outcomes[0]}, local {outcomes[1]}"
+
+    @rule(name=NAMES, sub=st.booleans(), size=st.integers(0, 3 * BLOCK), seed=st.integers(0, 255),
+          offset=st.integers(0, 3 * BLOCK))
+    def write(self, name: str, sub: bool, size: int, seed: int, offset: int) -> None:
+        import random
+
+        data = random.Random(seed).randbytes(size)  # large writes across block edges, cheap to shrink
+
+        def do(path: Path) -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+
+        self.both(do, f"d/{name}" if sub else name)
+
+    @rule(name=NAMES, size=st.integers(0, 4 * BLOCK))
+    def truncate(self, name: str, size: int) -> None:
+        def do(path: Path) -> None:
+            os.truncate(path, size)
+
+        self.both(do, name)
+
+    @rule(name=NAMES)
+    def mkdir(self, name: str) -> None:
+        self.both(os.mkdir, name)
+
+    @rule()
+    def mkdir_d(self) -> None:
+        self.both(os.mkdir, "d")
+
+    @rule(name=NAMES)
+    def rmdir(self, name: str) -> None:
+        self.both(os.rmdir, name)
+
+    @rule(name=NAMES)
+    def unlink(self, name: str) -> None:
+        self.both(os.unlink, name)
+
+    @rule(src=NAMES, dst=NAMES, into=st.booleans())
+    def rename(self, src: str, dst: str, into: bool) -> None:
+        self.both(os.rename, src, f"d/{dst}" if into else dst)
+
+    @rule(name=NAMES, pointee=NAMES)
+    def symlink(self, name: str, pointee: str) -> None:
+        def do(path: Path) -> None:
+            os.symlink(pointee, path)
+
+        self.both(do, name)
+
+    @rule(src=NAMES, dst=NAMES)
+    def link(self, src: str, dst: str) -> None:
+        self.both(os.link, src, dst, follow_symlinks=False)
+
+    @rule(name=NAMES, mode=st.sampled_from([0o600, 0o644, 0o755, 0o700]))
+    def chmod(self, name: str, mode: int) -> None:
+        self.both(os.chmod, name, mode=mode, follow_symlinks=True)
+
+    @invariant()
+    def trees_equal(self) -> None:
+        assert tree(self.mnt) == tree(self.ref)
+
+
+def tree(root: Path) -> list[tuple]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            st_ = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st_.st_mode):
+                out.append((rel, "link", os.readlink(path)))
+            elif stat.S_ISDIR(st_.st_mode):
+                out.append((rel, "dir", stat.S_IMODE(st_.st_mode)))
+            else:
+                out.append((rel, "file", st_.st_size, stat.S_IMODE(st_.st_mode), st_.st_nlink, path.read_bytes()))
+    return sorted(out)
+
+
+def test_mount_behaves_like_a_local_directory(tmp_path: Path) -> None:
+    vol = format_volume(tmp_path)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        with rw_mount(vol) as mnt:
+            MountMatchesLocalDir.mnt, MountMatchesLocalDir.ref = mnt, ref
+            run_state_machine_as_test(MountMatchesLocalDir, settings=settings(
+                max_examples=20, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
+    finally:
+        os.umask(old_umask)
