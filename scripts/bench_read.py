@@ -27,6 +27,9 @@ times, measures in this order:
   ck_cold_mmap4        4 processes at once, each mmap-reading its quarter of the rows of every tensor of
                        every shard (safe_open + get_slice, as tensor-parallel loaders do), empty cache;
                        the time is from the first rank's start to the last rank's end
+  jfs_write            `cp -r MODEL MNT/model` into a fresh JuiceFS volume (default mount flags); cp's wall time
+                       (each close waits for the file's upload)
+  ck_write             the same into a fresh chunkfs volume through a read-write mount (each close publishes)
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount)
 
@@ -75,7 +78,8 @@ RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
-         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "jfs_warmup", "ck_warmup"]
+         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "jfs_write", "ck_write",
+         "jfs_warmup", "ck_warmup"]
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
@@ -536,6 +540,45 @@ class Bench:
         seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
         return Sample(seconds, rss_mib=rss, extra={"ranks": RANKS})
 
+    def jfs_write(self, run_index: int) -> Sample:
+        meta, mnt = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}", self.work / "mnt"
+        run([self.juicefs, "format", "--no-update", meta, f"benchw{run_index}", "--storage", "s3", "--bucket",
+             f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET],
+            "juicefs format (write)", timeout=120)
+        cmd = [self.juicefs, "mount", "--no-usage-report", "--cache-dir", str(reset_dir(self.work / "jfs-wcache")),
+               meta, str(mnt)]
+        self.commands["jfs_write_mount"] = cmd
+        proc = self.mount(cmd, mnt, "juicefs")
+        seconds = self.copy_in(mnt, "jfs_write")
+        rss, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.juicefs, "umount"])
+        return Sample(seconds, rss_mib=rss)
+
+    def ck_write(self, run_index: int) -> Sample:
+        meta, mnt = f"sqlite://{self.work / f'ck-write-{run_index}.db'}", self.work / "mnt"
+        storage = f"s3://{CK_BUCKET}/write{run_index}?endpoint={self.endpoint}&path_style=true"
+        run([self.chunkfs, "format", meta, "--storage", storage], "chunkfs format (write)", timeout=120)
+        cmd = [self.chunkfs, "mount", meta, str(mnt), "--cache-dir", str(reset_dir(self.work / "ck-wcache")),
+               *shlex.split(self.args.chunkfs_args)]
+        self.commands["ck_write_mount"] = cmd
+        proc = self.mount(cmd, mnt, "chunkfs")
+        seconds = self.copy_in(mnt, "ck_write")
+        rss, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        return Sample(seconds, rss_mib=rss)
+
+    def copy_in(self, mnt: Path, what: str) -> float:
+        """cp -r of the model into mnt; the seconds of the copy, then a check of every size."""
+        drop_caches()
+        start = time.perf_counter()
+        run(["cp", "-r", str(self.model), str(mnt / "model")], f"cp into the mount ({what})", timeout=LOAD_TIMEOUT)
+        seconds = time.perf_counter() - start
+        for shard in self.shards:
+            copied, expected = (mnt / "model" / shard.name).stat().st_size, shard.stat().st_size
+            if copied != expected:
+                raise BenchError(f"{what}: {shard.name} has {copied} bytes in the mount, expected {expected}")
+        return seconds
+
     def ck_warmup(self) -> Sample:
         cache = reset_dir(self.work / "ck-warmup-cache")
         cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
@@ -600,6 +643,10 @@ class Bench:
             self.record("ck_hot", hot, i)
         if self.wants("ck_cold_mmap4"):
             self.record("ck_cold_mmap4", self.ck_cold_mmap(ck_cache), i)
+        if self.wants("jfs_write"):
+            self.record("jfs_write", self.jfs_write(i), i)
+        if self.wants("ck_write"):
+            self.record("ck_write", self.ck_write(i), i)
         if self.wants("jfs_warmup"):
             self.record("jfs_warmup", self.jfs_warmup(), i)
         if self.wants("ck_warmup"):
@@ -657,7 +704,7 @@ class Bench:
             row["vs_jfs_cold_tuned"] = ratio(name, "jfs_cold_tuned") if name in COLD else None
             row["vs_local_disk"] = ratio(name, "local_disk") if name in WARM else None
 
-        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4")
+        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "ck_write")
         ck_rss = [s.rss_mib for n in ck_names for s in self.samples.get(n, [])
                   if s.rss_mib is not None]
         targets = [
@@ -670,6 +717,8 @@ class Bench:
              "unit": "x"},
             {"target": "ck_cold_mmap4 (4 mmap readers) as fast as ck_cold (one reader): time <= 1.1 x",
              "value": ratio("ck_cold_mmap4", "ck_cold"), "limit": 1.1, "unit": "x"},
+            {"target": "ck_write throughput >= 0.8 x jfs_write (time <= 1.25 x)",
+             "value": ratio("ck_write", "jfs_write"), "limit": 1.25, "unit": "x"},
             {"target": "ck_warmup throughput >= 0.9 x raw_get (time <= 1.11 x)",
              "value": ratio("ck_warmup", "raw_get"), "limit": 1 / 0.9, "unit": "x"},
             {"target": "ck_warmup throughput >= 1.5 x jfs_warmup (time <= 0.67 x)",
