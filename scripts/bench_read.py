@@ -541,30 +541,30 @@ class Bench:
         return Sample(seconds, rss_mib=rss, extra={"ranks": RANKS})
 
     def jfs_write(self, run_index: int) -> Sample:
-        meta, mnt = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}", self.work / "mnt"
+        meta = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}"
         run([self.juicefs, "format", "--no-update", meta, f"benchw{run_index}", "--storage", "s3", "--bucket",
              f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET],
             "juicefs format (write)", timeout=120)
-        cmd = [self.juicefs, "mount", "--no-usage-report", "--cache-dir", str(reset_dir(self.work / "jfs-wcache")),
-               meta, str(mnt)]
-        self.commands["jfs_write_mount"] = cmd
-        proc = self.mount(cmd, mnt, "juicefs")
-        seconds = self.copy_in(mnt, "jfs_write")
-        rss, _ = peak_rss(proc.pid)
-        self.unmount(proc, mnt, [self.juicefs, "umount"])
-        return Sample(seconds, rss_mib=rss)
+        return self.write_through([self.juicefs, "mount", "--no-usage-report", "--cache-dir",
+                                   str(reset_dir(self.work / "jfs-wcache")), meta], "jfs_write",
+                                  [self.juicefs, "umount"])
 
     def ck_write(self, run_index: int) -> Sample:
-        meta, mnt = f"sqlite://{self.work / f'ck-write-{run_index}.db'}", self.work / "mnt"
+        meta = f"sqlite://{self.work / f'ck-write-{run_index}.db'}"
         storage = f"s3://{CK_BUCKET}/write{run_index}?endpoint={self.endpoint}&path_style=true"
         run([self.chunkfs, "format", meta, "--storage", storage], "chunkfs format (write)", timeout=120)
-        cmd = [self.chunkfs, "mount", meta, str(mnt), "--cache-dir", str(reset_dir(self.work / "ck-wcache")),
-               *shlex.split(self.args.chunkfs_args)]
-        self.commands["ck_write_mount"] = cmd
-        proc = self.mount(cmd, mnt, "chunkfs")
-        seconds = self.copy_in(mnt, "ck_write")
+        return self.write_through([self.chunkfs, "mount", meta, "--cache-dir", str(reset_dir(self.work / "ck-wcache")),
+                                   *shlex.split(self.args.chunkfs_args)], "ck_write", [self.chunkfs, "umount"])
+
+    def write_through(self, mount_cmd: list[str], name: str, umount: list[str]) -> Sample:
+        """Mount (mount_cmd + the mountpoint), time copy_in, unmount; with the daemon's peak RSS."""
+        mnt = self.work / "mnt"
+        cmd = [*mount_cmd, str(mnt)]
+        self.commands[f"{name}_mount"] = cmd
+        proc = self.mount(cmd, mnt, name.split("_")[0])
+        seconds = self.copy_in(mnt, name)
         rss, _ = peak_rss(proc.pid)
-        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        self.unmount(proc, mnt, umount)
         return Sample(seconds, rss_mib=rss)
 
     def copy_in(self, mnt: Path, what: str) -> float:
