@@ -207,7 +207,7 @@ def test_daemon_command_line_masks_the_password_and_keeps_every_option() -> None
             "--cache-dir", "/c3", "--cache-size", "10G", "--free-space-ratio", "0.2", "--max-downloads", "4",
             "--buffer-size", "64M", "--max-readahead", "1G", "--prefetch", "*.bin", "--kernel-readahead", "0",
             "--metrics", "127.0.0.1:9567", "--attr-timeout", "1", "--entry-timeout", "2", "--io-retries", "3",
-            "--io-timeout", "9"]
+            "--io-timeout", "9", "--cache-writes"]
     args = build_parser().parse_args(user)
     args.cache_dir = cache_dirs(args.cache_dir)
     argv = _daemon_argv(args, 9, 10)

@@ -141,6 +141,17 @@ def test_writing_a_model_the_volume_holds_stores_nothing_new(volume: VolumeFixtu
     assert store_objects(volume) == before
 
 
+def test_written_blocks_reach_the_node_cache_only_with_cache_writes(volume: VolumeFixture) -> None:
+    def cached(name: str) -> int:
+        return len([p for p in (volume.tmp / f"{name}-cache" / "blocks").rglob("*") if p.is_file()])
+
+    with rw_mount(volume, "plain") as mnt:
+        (mnt / "a.bin").write_bytes(os.urandom(3 * BLOCK))
+    with rw_mount(volume, "caching", "--cache-writes") as mnt:
+        (mnt / "b.bin").write_bytes(os.urandom(3 * BLOCK))
+    assert (cached("plain"), cached("caching")) == (0, 3)
+
+
 def test_kill_9_during_a_write_keeps_closed_files(volume: VolumeFixture, tmp_path: Path) -> None:
     mnt = tmp_path / "rw"
     mnt.mkdir()

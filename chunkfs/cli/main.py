@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'none' turns it off (default: %(default)s)")
     p.add_argument("--kernel-readahead", type=_size, default=16 << 20,
                    help="the kernel's readahead for this mount, 0 to keep the kernel default (default 16M)")
+    p.add_argument("--cache-writes", action="store_true",
+                   help="read-write mounts: also keep written blocks in the node cache (for reading them back here)")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9567")
     p.add_argument("--attr-timeout", type=float, default=None,

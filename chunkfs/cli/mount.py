@@ -108,7 +108,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         free_space_ratio=args.free_space_ratio, options=options, max_downloads=args.max_downloads,
         buffer_size=args.buffer_size, readahead_max=args.max_readahead,
         prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
-        metrics_address=metrics_address, metrics=metrics,
+        metrics_address=metrics_address, metrics=metrics, cache_writes=args.cache_writes,
     )
     with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics),
                      store_may_be_down=args.read_only) as volume:
@@ -142,6 +142,8 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[
             argv += [flag, str(value)]
     if args.read_only:
         argv.append("--read-only")
+    if args.cache_writes:
+        argv.append("--cache-writes")
     return argv
 
 

@@ -53,6 +53,7 @@ class ServeConfig:
     kernel_readahead: int = 16 << 20
     metrics_address: tuple[str, int] | None = None
     fuse_workers: int = 64
+    cache_writes: bool = False  # read-write mounts: also put written blocks in the node cache
     metrics: Metrics = field(default_factory=Metrics)
 
     def download_slots(self, block_size: int, compressed: bool) -> int:
@@ -91,7 +92,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
     else:
         writer = FileWriter(meta, AsyncStore(volume.store, slots), volume.codec, fetcher, block_size,
-                            uploads=max(1, slots // 2), max_pending=max(4, config.buffer_size // block_size // 2))
+                            uploads=max(1, slots // 2), max_pending=max(4, config.buffer_size // block_size // 2),
+                            cache_writes=config.cache_writes)
         ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
     control = ControlServer(fetcher, meta, block_size)
     http = None
