@@ -91,8 +91,10 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     if config.options.read_only:
         ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
     else:
+        # a few uploads at once keep the store busy; more threads only fight over the GIL
+        uploads = max(1, min(8, slots // 2))
         writer = FileWriter(meta, AsyncStore(volume.store, slots), volume.codec, fetcher, block_size,
-                            uploads=max(1, min(8, slots // 2)), max_pending=max(4, config.buffer_size // block_size // 2),
+                            uploads=uploads, max_pending=max(4, config.buffer_size // block_size // 2),
                             cache_writes=config.cache_writes)
         ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
     control = ControlServer(fetcher, meta, block_size)
