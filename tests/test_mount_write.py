@@ -279,6 +279,23 @@ class MountMatchesLocalDir(RuleBasedStateMachine):
 
         self.both(do, f"d/{name}" if sub else name)
 
+    @rule(name=NAMES, sizes=st.lists(st.integers(0, 2 * BLOCK), min_size=1, max_size=4), seed=st.integers(0, 255))
+    def append(self, name: str, sizes: list[int], seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        chunks = [rng.randbytes(size) for size in sizes]
+
+        def do(path: Path) -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                for chunk in chunks:  # successive writes at the end, at any offset within a block
+                    os.write(fd, chunk)
+            finally:
+                os.close(fd)
+
+        self.both(do, name)
+
     @rule(name=NAMES, size=st.integers(0, 4 * BLOCK))
     def truncate(self, name: str, size: int) -> None:
         def do(path: Path) -> None:

@@ -129,6 +129,37 @@ class FileWriter:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         state = self._files[ino]
+        if offset == state.size and (offset % self.block_size == 0 or offset // self.block_size in state.pending):
+            await self._append(state, data)  # cp, downloads, checkpoints: no zero-fill, one copy
+        else:
+            await self._write_at(state, offset, data)
+        state.changed = True
+        state.mtime_ns = time.time_ns()
+        await self._bound_pending(state)
+        return len(data)
+
+    async def _append(self, state: _Dirty, data: bytes) -> None:
+        """Write at the end of the file whose last block is pending or complete: extend the
+        pending block and start new ones, keeping every pending block exactly as long as the
+        size says."""
+        bs = self.block_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            index, start = divmod(state.size, bs)
+            take = min(len(data) - pos, bs - start)
+            if start == 0:
+                state.blocks.append(HOLE)  # placeholder until the block is uploaded
+                state.pending[index] = bytearray(view[pos:pos + take])
+            else:
+                state.pending[index] += view[pos:pos + take]
+            self._bump(state, index)
+            state.size += take
+            pos += take
+            if start + take == bs:
+                await self._start_upload(state, index)
+
+    async def _write_at(self, state: _Dirty, offset: int, data: bytes) -> None:
         end = offset + len(data)
         if end > state.size:
             await self._resize(state, end)
@@ -144,10 +175,6 @@ class FileWriter:
             pos += take
             if start + take == bs:  # filled to its end: final unless rewritten
                 await self._start_upload(state, index)
-        state.changed = True
-        state.mtime_ns = time.time_ns()
-        await self._bound_pending(state)
-        return len(data)
 
     async def truncate(self, ino: int, size: int) -> None:
         state = self._files[ino]
