@@ -70,6 +70,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from chunkfs.procs import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET = "chunkfs-test-key", "chunkfs-test-secret"  # as tests/servers.py; rclone refuses short keys
@@ -670,13 +672,7 @@ class Bench:
         for mnt in reversed(self.mounts):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, stderr=subprocess.DEVNULL)
         for proc in reversed(self.procs):  # mount daemons first, rclone (started first) last
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, timeout=15)
         self.mounts.clear()
         self.procs.clear()
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from chunkfs.procs import stop_process
+
 S3_KEY, S3_SECRET = "chunkfs-test-key", "chunkfs-test-secret"
 
 
@@ -43,16 +45,6 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -84,7 +76,7 @@ def rclone_s3(root: Path) -> Iterator[Server]:
         wait_http(f"http://127.0.0.1:{port}/", proc)
         yield Server(f"http://127.0.0.1:{port}", proc, root)
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -116,7 +108,7 @@ def fake_gcs(root: Path) -> Iterator[Server]:
         wait_http(f"{endpoint}/storage/v1/b", proc)
         yield Server(endpoint, proc, root)
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -154,7 +146,7 @@ class RedisServer:
 
     def restart(self, index: int = 0, down_seconds: float = 0.0) -> None:
         """Stop one server and start it again on the same port with the same data."""
-        stop(self.procs[index])
+        stop_process(self.procs[index])
         time.sleep(down_seconds)
         self.procs[index] = _spawn_redis(self.argv[index], self.root)
 
@@ -192,7 +184,7 @@ def redis_standalone(root: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         for proc in server.procs:
-            stop(proc)
+            stop_process(proc)
 
 
 def make_ca_and_cert(root: Path) -> dict[str, Path]:
@@ -231,7 +223,7 @@ def redis_tls_acl(root: Path, user: str = "chunkfs", password: str = "s3cret-pas
         yield server
     finally:
         for proc in server.procs:
-            stop(proc)
+            stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -260,4 +252,4 @@ def redis_cluster(root: Path, masters: int = 3) -> Iterator[RedisServer]:
         yield RedisServer(f"redis://127.0.0.1:{argvs[0][2]}", procs, root, argvs)
     finally:
         for proc in procs:
-            stop(proc)
+            stop_process(proc)

@@ -67,7 +67,7 @@ def test_metadata_outage_gives_eio_not_a_hang_and_the_daemon_survives(
     chunkfs("import", vol.meta_url, str(source), "/model")
     with mounted(vol, allow_errors=True) as m:
         (m.path / "model/one").read_bytes()
-        from tests.servers import stop
+        from chunkfs.procs import stop_process as stop
 
         stop(redis_server.procs[0])
         try:

@@ -95,7 +95,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         uploads = max(1, min(8, slots // 2))
         writer = FileWriter(meta, AsyncStore(volume.store, slots), volume.codec, fetcher, block_size,
                             uploads=uploads, max_pending=max(4, config.buffer_size // block_size // 2),
-                            cache_writes=config.cache_writes)
+                            cache_writes=config.cache_writes, on_publish=reader.refresh)
         ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
     control = ControlServer(fetcher, meta, block_size)
     http = None

@@ -220,7 +220,7 @@ class WritableOperations(ChunkfsOperations):
 
     async def _publish(self, ino: int) -> None:
         try:
-            attr = await self.writer.flush(ino)
+            await self.writer.flush(ino)
         except WriteFailed as exc:
             log.error("publishing inode %d failed: %s", ino, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -228,8 +228,6 @@ class WritableOperations(ChunkfsOperations):
             if exc.errno != errno.ENOENT:
                 raise
             return  # unlinked while open: nothing to publish it under
-        if attr is not None:
-            self.reader.refresh(ino, attr.size, await self.meta.read_blocks(ino))
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
@@ -244,9 +242,6 @@ class WritableOperations(ChunkfsOperations):
 
     async def _release_writer(self, ino: int) -> None:
         try:
-            attr = await self.writer.release(ino)
+            await self.writer.release(ino)
         except (WriteFailed, FsError) as exc:
             log.error("publishing inode %d at its last close failed: %s", ino, exc)
-            return
-        if attr is not None:
-            self.reader.refresh(ino, attr.size, await self.meta.read_blocks(ino))

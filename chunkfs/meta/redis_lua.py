@@ -71,6 +71,15 @@ local function drop_entry(parent, name, ino, bs)
     redis.call('HINCRBY', ikey(ino), 'nlink', -1)
   end
 end
+-- a new inode named parent/name (mkdir, symlink, create): the inode number, or an error reply
+local function add_entry(parent, name, mode, uid, gid, size, mtime, now, nlink)
+  local err = parent_dir(parent) if err then return nil, err end
+  if redis.call('HEXISTS', dkey(parent), name) == 1 then return nil, redis.error_reply('EEXIST ' .. name) end
+  local ino = new_inode(mode, uid, gid, size, mtime, now, nlink)
+  redis.call('HSET', dkey(parent), name, ino)
+  touch(parent, now, nlink == 2 and 1 or 0)  -- a subdirectory's '..' links to its parent
+  return ino
+end
 local function child_of(parent, name)
   local ino = redis.call('HGET', dkey(parent), name)
   if not ino then return nil, nil end
@@ -89,24 +98,16 @@ return 1
 
 # ARGV: P, parent, name, mode, uid, gid, mtime, now
 MKDIR = PRELUDE + r"""
-local parent, name = ARGV[2], ARGV[3]
-local err = parent_dir(parent) if err then return err end
-if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
-local ino = new_inode(ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 2)
-redis.call('HSET', dkey(parent), name, ino)
-touch(parent, ARGV[8], 1)
-return ino
+local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 2)
+return ino or err
 """
 
 # ARGV: P, parent, name, target, uid, gid, mtime, now
 SYMLINK = PRELUDE + r"""
-local parent, name, target = ARGV[2], ARGV[3], ARGV[4]
-local err = parent_dir(parent) if err then return err end
-if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
-local ino = new_inode(S_IFLNK + 511, ARGV[5], ARGV[6], #target, ARGV[7], ARGV[8], 1)
+local target = ARGV[4]
+local ino, err = add_entry(ARGV[2], ARGV[3], S_IFLNK + 511, ARGV[5], ARGV[6], #target, ARGV[7], ARGV[8], 1)
+if err then return err end
 redis.call('HSET', ikey(ino), 'target', target)
-redis.call('HSET', dkey(parent), name, ino)
-touch(parent, ARGV[8], 0)
 return ino
 """
 
@@ -169,13 +170,9 @@ return 1
 
 # ARGV: P, parent, name, mode, uid, gid, mtime, now
 CREATE = PRELUDE + r"""
-local parent, name = ARGV[2], ARGV[3]
-local err = parent_dir(parent) if err then return err end
-if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
-local ino = new_inode(ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 1)
+local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 1)
+if err then return err end
 redis.call('HSET', ikey(ino), 'blocks', '')
-redis.call('HSET', dkey(parent), name, ino)
-touch(parent, ARGV[8], 0)
 return ino
 """
 

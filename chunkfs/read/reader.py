@@ -96,7 +96,7 @@ class FileReader:
     def refresh(self, ino: int, size: int, blocks: list[bytes]) -> None:
         """The file was rewritten in this mount: handles still open read the new content."""
         state = self._files.get(ino)
-        if state is not None and (state.size, state.blocks) != (size, blocks):
+        if state is not None and blocks is not state.blocks and (state.size, state.blocks) != (size, blocks):
             state.size, state.blocks = size, blocks
             state.ahead.clear()
             state.next_prefetch = len(blocks)

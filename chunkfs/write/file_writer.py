@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -65,7 +66,8 @@ class _Dirty:
 
 class FileWriter:
     def __init__(self, meta: AsyncMeta, store: AsyncStore, codec: BlockCodec, fetcher: BlockFetcher,
-                 block_size: int, *, uploads: int = 8, max_pending: int = 32, cache_writes: bool = False) -> None:
+                 block_size: int, *, uploads: int = 8, max_pending: int = 32, cache_writes: bool = False,
+                 on_publish: Callable[[int, int, list[bytes]], None] | None = None) -> None:
         self.meta = meta
         self.store = store
         self.codec = codec
@@ -74,6 +76,7 @@ class FileWriter:
         self.block_size = block_size
         self.max_pending = max_pending
         self.cache_writes = cache_writes
+        self.on_publish = on_publish  # (ino, size, blocks) after each commit: readers of this mount follow
         self._upload_slots = trio.Semaphore(uploads)
         self._files: dict[int, _Dirty] = {}
         self._nursery: trio.Nursery | None = None
@@ -187,23 +190,27 @@ class FileWriter:
         state = self._files.get(ino)
         if state is None:
             return None
-        for index in sorted(state.pending):
-            await self._start_upload(state, index)
-        await self._wait_uploads(state)
-        if state.error is not None:
-            error, state.error = state.error, None
-            raise WriteFailed(error)
-        if state.pending:  # rewritten while uploading: go again
-            return await self.flush(ino)
+        while True:
+            for index in sorted(state.pending):
+                await self._start_upload(state, index)
+            await self._wait_uploads(state)
+            if state.error is not None:
+                error, state.error = state.error, None
+                raise WriteFailed(error)
+            if not state.pending:
+                break  # else: rewritten while uploading, go again
         if not state.changed:
             return None
         count = block_count(state.size, self.block_size)
         for index in range(count):
             if state.blocks[index] == HOLE:
                 state.blocks[index] = await self._zero_block(self._length(state, index))
-        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=state.blocks[:count],
+        blocks = state.blocks[:count]
+        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=blocks,
                                       mtime_ns=state.mtime_ns or time.time_ns())
         state.changed = False
+        if self.on_publish is not None:
+            self.on_publish(ino, state.size, blocks)
         return attr
 
     # -- block bookkeeping -----------------------------------------------------------------
