@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from chunkfs.fuse.mountinfo import find_mount
+from chunkfs.meta import open_meta
+from chunkfs.meta.base import ROOT_INODE
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -131,11 +133,30 @@ def test_background_mount_hides_the_password(redis_tls_server, request: pytest.F
 def test_dump_load_between_sqlite_and_redis(request: pytest.FixtureRequest, tmp_path: Path, source: Path) -> None:
     vol = volume_on(request, tmp_path, "sqlite")
     chunkfs("import", vol.meta_url, str(source), "/model")
+    meta = open_meta(vol.meta_url)
+    try:  # a hard link and extended attributes, which a dump must carry too
+        model = meta.lookup(ROOT_INODE, b"model")
+        several = meta.lookup(model.ino, b"several")
+        meta.link(several.ino, ROOT_INODE, b"several-link")
+        meta.set_xattr(several.ino, b"user.origin", b"hf:\x00\xff")
+        meta.set_xattr(model.ino, b"user.revision", b"main")
+    finally:
+        meta.close()
     dumped = chunkfs("dump", vol.meta_url).stdout
-    assert dumped.splitlines()[0].startswith('{"chunkfs_dump": 1')
+    assert dumped.splitlines()[0].startswith('{"chunkfs_dump": 2')
+    assert '"type": "hardlink"' in dumped
     redis_url = meta_url("redis", request, tmp_path)
     chunkfs("load", redis_url, input=dumped)
     assert chunkfs("dump", redis_url).stdout == dumped
+    loaded = open_meta(redis_url)
+    try:
+        link = loaded.lookup(ROOT_INODE, b"several-link")
+        model = loaded.lookup(ROOT_INODE, b"model")
+        assert link.nlink == 2 and loaded.lookup(model.ino, b"several").ino == link.ino
+        assert loaded.get_xattr(link.ino, b"user.origin") == b"hf:\x00\xff"
+        assert loaded.list_xattrs(model.ino) == [b"user.revision"]
+    finally:
+        loaded.close()
     back = f"sqlite://{tmp_path}/back.db"
     subprocess.run([sys.executable, "-m", "chunkfs", "dump", redis_url, "-o", str(tmp_path / "meta.json")],
                    check=True)

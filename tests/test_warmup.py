@@ -111,12 +111,18 @@ def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path) -> None:
     bid = block_id(b"x")
     held = cache_dir.try_lock(bid)
     assert held is not None
-    assert cache_dir.try_lock(bid) is None  # flock is per open file: a second taker is refused
+    assert cache_dir.try_lock(bid) is None  # a second taker in this process is refused...
+    other = CacheDir(tmp_path / "c")
+    assert other.try_lock(bid) is None  # ...through another CacheDir too (OFD locks)
+    assert other.try_lock(block_id(b"z")) is not None  # other blocks are free
     cache_dir.unlock(bid, held)
-    assert list((tmp_path / "c" / "locks").iterdir()) == []
+    again = other.try_lock(bid)
+    assert again is not None and cache_dir.try_lock(bid) is None
+    other.close()  # closing drops its locks
     again = cache_dir.try_lock(bid)
     assert again is not None
-    # a holder that died (here: a child process killed while holding it) leaves a free, stale file
+    assert [p.name for p in (tmp_path / "c" / "locks").iterdir()] == ["downloads"]  # no file per block
+    # a holder that died (here: a child process killed while holding it) leaves nothing held
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; from chunkfs.cache.disk import CacheDir; from chunkfs.blocks import block_id;"
         f"d=CacheDir({str(tmp_path / 'c')!r}); assert d.try_lock(block_id(b'y')) is not None;"
@@ -127,8 +133,13 @@ def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
-    CacheDir(tmp_path / "c")  # opening the directory removes lock files nobody holds
-    assert [p.name for p in (tmp_path / "c" / "locks").iterdir()] == [bid.hex()]
+    mine = cache_dir.try_lock(block_id(b"y"))
+    assert mine is not None
+    cache_dir.unlock(block_id(b"y"), mine)
+    # per-block lock files of older versions are removed on open unless someone holds them
+    (tmp_path / "c" / "locks" / bid.hex()).write_bytes(b"")
+    CacheDir(tmp_path / "c")
+    assert [p.name for p in (tmp_path / "c" / "locks").iterdir()] == ["downloads"]
     cache_dir.unlock(bid, again)
 
 
@@ -240,7 +251,7 @@ def test_kill_9_leaves_no_partial_block_and_a_rerun_resumes(s3_model, tmp_path: 
     assert report["complete"] and report["bytes_cached_before"] >= planted * BLOCK - BLOCK
     assert_cache_sound(cache)
     assert len(cache_files(cache)) == len(unique_blocks(src))
-    assert list((cache / "tmp").iterdir()) == [] and list((cache / "locks").iterdir()) == []
+    assert list((cache / "tmp").iterdir()) == [] and [p.name for p in (cache / "locks").iterdir()] == ["downloads"]
 
 
 def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -257,7 +268,7 @@ def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignor
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "chunkfs: warmup stopped by SIGTERM; run it again to resume"
     assert_cache_sound(cache)
-    assert list((cache / "tmp").iterdir()) == [] and list((cache / "locks").iterdir()) == []
+    assert list((cache / "tmp").iterdir()) == [] and [p.name for p in (cache / "locks").iterdir()] == ["downloads"]
 
 
 def test_warmup_and_a_mount_reading_download_each_block_once(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -5,16 +5,20 @@ plain bytes, so an entry is valid for any volume that names it)::
 
     blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700
     tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks/ when complete
-    locks/<id hex>               flock'd by the one process on the node downloading the block
+    locks/downloads              one byte per block id is write-locked (an OFD byte-range lock)
+                                 by the one process on the node downloading that block
 
 Invariants:
 
 - An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
   partial file under ``blocks/``. Temporary files of dead processes are removed on open.
-- Download locks are advisory and only save work: a process that holds ``locks/<id>``
-  (``flock``) is downloading that block, so others wait for its entry instead of fetching
-  the same bytes. The kernel drops the lock when its holder dies; a lost race costs one
-  extra download, never a wrong entry (entries are content-addressed and renamed whole).
+- Download locks are advisory and only save work: a process that holds the byte of
+  ``locks/downloads`` at the block's offset (from the id's first 62 bits) is downloading that
+  block, so others wait for its entry instead of fetching the same bytes. Taking and
+  dropping one is a single ``fcntl`` each: no file is created or removed per block. The
+  kernel drops the locks of a dead holder; a lost race (or two ids sharing 62 bits) costs
+  an extra download or a wait, never a wrong entry (entries are content-addressed and
+  renamed whole). Within one ``CacheDir`` a held id is refused to a second taker too.
 - Methods raise ``OSError``; deciding what a failure means (miss, drop, skip) is the job of
   ``BlockCache``.
 """
@@ -22,13 +26,30 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import struct
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from chunkfs.procs import pid_alive
+
+DOWNLOAD_LOCKS = "downloads"
+#: open-file-description locks (Linux 3.15+): owned by our descriptor, not by the process, so
+#: they conflict between two CacheDir objects of one process and survive unrelated closes
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+
+
+def _lock_offset(bid: bytes) -> int:
+    return int.from_bytes(bid[:8], "big") >> 2  # below 2**62: a valid, non-overflowing off_t
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
 
 
 class CacheDir:
@@ -39,6 +60,9 @@ class CacheDir:
         self.locks_dir = self.root / "locks"
         for d in (self.root, self.blocks_dir, self.tmp_dir, self.locks_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
         self._remove_stale_tmp()
         self._remove_stale_locks()
 
@@ -55,7 +79,11 @@ class CacheDir:
                 os.unlink(entry.path)
 
     def _remove_stale_locks(self) -> None:
+        """Remove per-block lock files left by chunkfs versions before ``locks/downloads``
+        (those nobody holds any more)."""
         for entry in os.scandir(self.locks_dir):
+            if entry.name == DOWNLOAD_LOCKS:
+                continue
             with contextlib.suppress(OSError):
                 fd = os.open(entry.path, os.O_RDWR)
                 try:
@@ -66,35 +94,41 @@ class CacheDir:
                 finally:
                     os.close(fd)
 
-    def try_lock(self, bid: bytes) -> int | None:
-        """Take the node-wide download lock of a block without waiting: an fd to pass to
-        ``unlock``, or None if another process holds it."""
-        path = f"{self.locks_dir}/{bid.hex()}"
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                current = os.stat(path).st_ino
-            except FileNotFoundError:
-                current = -1
-            if current == os.fstat(fd).st_ino:
-                return fd
-            os.close(fd)  # the holder removed it as we opened it: take the new one
+    def _locks_fd(self) -> int:
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.locks_dir / DOWNLOAD_LOCKS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._lock_fd
 
-    def unlock(self, bid: bytes, fd: int) -> None:
-        """Release a lock from ``try_lock`` (removing the file first, so it never piles up)."""
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.locks_dir}/{bid.hex()}")
-        finally:
-            os.close(fd)
+    def try_lock(self, bid: bytes) -> int | None:
+        """Take the node-wide download lock of a block without waiting: a token to pass to
+        ``unlock``, or None if another process (or another caller here) holds it."""
+        offset = _lock_offset(bid)
+        with self._held_lock:
+            if offset in self._held:
+                return None
+            try:
+                fcntl.fcntl(self._locks_fd(), F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            self._held.add(offset)
+        return offset
+
+    def unlock(self, bid: bytes, token: int) -> None:
+        """Release a lock from ``try_lock``."""
+        with self._held_lock:
+            self._held.discard(token)
+            if self._lock_fd is not None:
+                fcntl.fcntl(self._lock_fd, F_OFD_SETLK, _flock(fcntl.F_UNLCK, token))
+
+    def close(self) -> None:
+        """Drop every download lock this object holds (the kernel does so at exit too)."""
+        with self._held_lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._held.clear()
 
     def entry_size(self, bid: bytes) -> int | None:
         """Size of the entry on disk, or None if there is none."""

@@ -13,7 +13,7 @@ import os
 import sys
 
 from chunkfs import __version__
-from chunkfs.blocks import COMPRESSIONS
+from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE
 from chunkfs.errors import ChunkfsError, UsageError, first_error
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "variable holding the URL (e.g. CHUNKFS_META_URL), for every command")
     p.add_argument("--storage", help="object store URL, e.g. file:///var/lib/chunkfs/blocks or s3://bucket/prefix")
     p.add_argument("--name", help="volume name (default: chunkfs)")
-    p.add_argument("--block-size", type=_size, default=None, help="block size, 64K to 64M (default 4M)")
+    p.add_argument("--block-size", type=_size, default=None,
+                   help=f"block size, 64K to 64M (default {DEFAULT_BLOCK_SIZE >> 20}M)")
     p.add_argument("--compress", choices=COMPRESSIONS, default=None, help="per-block compression (default none)")
     p.add_argument("--force", action="store_true", help="update the settings of an existing volume")
 
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("objbench", help="measure an object store's latency and throughput from this node")
     p.add_argument("storage", metavar="STORAGE_URL", help="e.g. s3://bucket/prefix or gs://bucket/prefix")
-    p.add_argument("--block-size", type=_size, default=4 << 20, help="object size (default 4M)")
+    p.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE,
+                   help=f"object size (default {DEFAULT_BLOCK_SIZE >> 20}M, the default block size)")
     p.add_argument("--objects", type=_positive_int, default=64, help="objects per level (default 64)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

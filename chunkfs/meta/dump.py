@@ -3,8 +3,12 @@
 Line 1 is a header ``{"chunkfs_dump": 1, "format": {...}}``; then one object per entry in
 pre-order (a directory before its children): ``path`` (``/`` for the root), ``type``
 (``dir``, ``file``, ``symlink``), ``mode`` (permission bits), ``uid``, ``gid``,
-``mtime_ns``, and ``size`` + ``blocks`` (hex ids) for files or ``target`` for symlinks.
-Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``.
+``mtime_ns``, and ``size`` + ``blocks`` (hex ids) for files or ``target`` for symlinks;
+``xattrs`` (name -> base64 value) when the entry has extended attributes. A file reached
+again under another name (a hard link) is a ``{"path", "type": "hardlink", "link_to"}``
+record naming the path it was first dumped at, so ``load`` recreates one inode, not two.
+Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``. Version 1
+dumps (no xattrs, hard links dumped as copies) load unchanged.
 
 Uses only the ``MetaStore`` interface, so it works between any two engines. ``load``
 refuses a target that already holds a volume. Inode numbers are not preserved (nothing
@@ -13,6 +17,7 @@ refers to them outside the engine).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -21,9 +26,9 @@ from dataclasses import asdict
 from typing import IO
 
 from chunkfs.errors import ChunkfsError
-from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat
+from chunkfs.meta.base import ROOT_INODE, Attr, FsError, MetaStore, VolumeFormat
 
-DUMP_VERSION = 1
+DUMP_VERSION = 2
 
 
 def _entry(path: str, attr: Attr, meta: MetaStore) -> dict:
@@ -35,6 +40,9 @@ def _entry(path: str, attr: Attr, meta: MetaStore) -> dict:
         out.update(type="symlink", target=os.fsdecode(meta.readlink(attr.ino)))
     else:
         out.update(type="file", size=attr.size, blocks=[b.hex() for b in meta.read_blocks(attr.ino)])
+    names = meta.list_xattrs(attr.ino)
+    if names:
+        out["xattrs"] = {os.fsdecode(n): base64.b64encode(meta.get_xattr(attr.ino, n)).decode() for n in names}
     return out
 
 
@@ -44,8 +52,14 @@ def iter_dump(meta: MetaStore) -> Iterator[dict]:
         raise ChunkfsError(f"no chunkfs volume at {meta.url}")
     yield {"chunkfs_dump": DUMP_VERSION, "format": asdict(fmt)}
     stack = [("/", meta.getattr(ROOT_INODE))]
+    first_path: dict[int, str] = {}  # inode -> where a file with several links was dumped
     while stack:
         path, attr = stack.pop()
+        if not attr.is_dir and attr.nlink > 1:
+            if attr.ino in first_path:
+                yield {"path": path, "type": "hardlink", "link_to": first_path[attr.ino]}
+                continue
+            first_path[attr.ino] = path
         yield _entry(path, attr, meta)
         if attr.is_dir:
             children = meta.readdir(attr.ino)
@@ -74,7 +88,7 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
     if header["chunkfs_dump"] > DUMP_VERSION:
         raise ChunkfsError(f"dump version {header['chunkfs_dump']} is newer than this chunkfs reads ({DUMP_VERSION})")
     meta.save_format(VolumeFormat(**header["format"]))
-    inodes: dict[str, int] = {"/": ROOT_INODE}
+    inodes: dict[str, int] = {"/": ROOT_INODE}  # directories, and files that hard links name
     dirs: list[tuple[int, dict]] = []
     count = 0
     for number, line in enumerate(lines, start=2):
@@ -85,25 +99,38 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
             path = rec["path"]
             if path == "/":
                 dirs.append((ROOT_INODE, rec))
+                _load_xattrs(meta, ROOT_INODE, rec)
                 count += 1
                 continue
             parent_path, _, name = path.rpartition("/")
             parent = inodes[parent_path or "/"]
             bname = os.fsencode(name)
+            if rec["type"] == "hardlink":
+                meta.link(inodes[rec["link_to"]], parent, bname)
+                count += 1
+                continue
             if rec["type"] == "dir":
                 attr = meta.mkdir(parent, bname, rec["mode"], rec["uid"], rec["gid"], rec["mtime_ns"])
                 inodes[path] = attr.ino
                 dirs.append((attr.ino, rec))
             elif rec["type"] == "symlink":
-                meta.symlink(parent, bname, os.fsencode(rec["target"]), rec["uid"], rec["gid"], rec["mtime_ns"])
+                attr = meta.symlink(parent, bname, os.fsencode(rec["target"]), rec["uid"], rec["gid"],
+                                    rec["mtime_ns"])
             else:
-                meta.publish_file(parent, bname, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"],
-                                  mtime_ns=rec["mtime_ns"], size=rec["size"],
-                                  blocks=[bytes.fromhex(b) for b in rec["blocks"]])
-        except (ValueError, KeyError, TypeError) as exc:
+                attr = meta.publish_file(parent, bname, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"],
+                                         mtime_ns=rec["mtime_ns"], size=rec["size"],
+                                         blocks=[bytes.fromhex(b) for b in rec["blocks"]])
+                inodes[path] = attr.ino
+            _load_xattrs(meta, attr.ino, rec)
+        except (ValueError, KeyError, TypeError, FsError) as exc:
             raise ChunkfsError(f"dump line {number} is damaged ({type(exc).__name__}: {exc}); "
                                f"the target is partially loaded") from None
         count += 1
     for ino, rec in reversed(dirs):  # after the children, whose creation touched the mtimes
         meta.set_attrs(ino, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"], mtime_ns=rec["mtime_ns"])
     return count
+
+
+def _load_xattrs(meta: MetaStore, ino: int, rec: dict) -> None:
+    for name, value in rec.get("xattrs", {}).items():
+        meta.set_xattr(ino, os.fsencode(name), base64.b64decode(value, validate=True))
