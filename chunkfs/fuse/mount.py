@@ -47,7 +47,7 @@ class ServeConfig:
     free_space_ratio: float = 0.1
     options: MountOptions = field(default_factory=MountOptions)
     max_downloads: int = 32
-    buffer_size: int = 256 << 20  # memory for blocks in flight
+    buffer_size: int = 128 << 20  # memory for blocks in flight
     readahead_max: int = 512 << 20
     prefetch_patterns: tuple[str, ...] = DEFAULT_PREFETCH_PATTERNS
     kernel_readahead: int = 16 << 20
@@ -91,10 +91,11 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     if config.options.read_only:
         ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
     else:
-        # a few uploads at once keep the store busy; more threads only fight over the GIL
+        # a few uploads at once keep the store busy; more threads only fight over the GIL.
+        # Written blocks waiting for upload hold at most --buffer-size (at least 4 blocks).
         uploads = max(1, min(8, slots // 2))
         writer = FileWriter(meta, AsyncStore(volume.store, slots), volume.codec, fetcher, block_size,
-                            uploads=uploads, max_pending=max(4, config.buffer_size // block_size // 2),
+                            uploads=uploads, max_pending=max(4, config.buffer_size // block_size),
                             cache_writes=config.cache_writes, on_publish=reader.refresh)
         ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
     control = ControlServer(fetcher, meta, block_size)
