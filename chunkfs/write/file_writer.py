@@ -6,9 +6,12 @@ bytes through ``BlockFetcher`` (verified), and metadata through ``AsyncMeta``; n
 A file open for writing has one ``_Dirty`` state per inode (shared by its handles):
 
 - ``blocks[i]`` is the id of block ``i`` as stored, ``pending[i]`` the bytes of a block
-  changed since (a bytearray of exactly ``block_length(i, size)`` bytes: the invariant every
-  write, truncate and extension keeps, so a block is always cut where import cuts it and
-  identical content gets identical ids: writing a model the volume holds stores nothing).
+  changed since (exactly ``block_length(i, size)`` bytes: the invariant every write, truncate
+  and extension keeps, so a block is always cut where import cuts it and identical content
+  gets identical ids: writing a model the volume holds stores nothing). A block filled only
+  by appends is an ``_Appended`` (the written pieces, joined once for its upload, instead of
+  a bytearray regrown and copied at each write); any other change first turns it into a
+  bytearray.
 - A block that a write fills to its end is uploaded in the background (at most ``uploads``
   at once; writers wait beyond that); a block rewritten while its upload runs stays pending
   (a version number tells). With more than ``max_pending`` pending blocks, the oldest are
@@ -49,12 +52,33 @@ class WriteFailed(Exception):
     """A block could not be stored; the file's new content was not published."""
 
 
+class _Appended:
+    """The pending bytes of a block written only by appends: references to the pieces of the
+    writes (immutable bytes from FUSE), not copies."""
+
+    __slots__ = ("length", "pieces")
+
+    def __init__(self, piece: memoryview) -> None:
+        self.pieces = [piece]
+        self.length = len(piece)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def extend(self, piece: memoryview) -> None:
+        self.pieces.append(piece)
+        self.length += len(piece)
+
+    def joined(self) -> bytes:
+        return b"".join(self.pieces)
+
+
 @dataclass(eq=False)
 class _Dirty:
     ino: int
     size: int
     blocks: list[bytes]
-    pending: dict[int, bytearray] = field(default_factory=dict)
+    pending: dict[int, bytearray | _Appended] = field(default_factory=dict)
     versions: dict[int, int] = field(default_factory=dict)
     uploading: int = 0
     idle: trio.Event = field(default_factory=trio.Event)  # set when uploading drops to 0
@@ -123,7 +147,7 @@ class FileWriter:
         for index, start, end in block_spans(offset, length, state.size, self.block_size):
             buf = state.pending.get(index)
             if buf is not None:
-                parts.append(bytes(buf[start:end]))
+                parts.append(bytes(self._bytearray(state, index)[start:end]))
             elif state.blocks[index] == HOLE:
                 parts.append(bytes(end - start))
             else:
@@ -151,11 +175,14 @@ class FileWriter:
         while pos < len(data):
             index, start = divmod(state.size, bs)
             take = min(len(data) - pos, bs - start)
+            piece = view[pos:pos + take]
             if start == 0:
                 state.blocks.append(HOLE)  # placeholder until the block is uploaded
-                state.pending[index] = bytearray(view[pos:pos + take])
+                state.pending[index] = _Appended(piece)
+            elif isinstance(buf := state.pending[index], _Appended):
+                buf.extend(piece)
             else:
-                state.pending[index] += view[pos:pos + take]
+                buf += piece
             self._bump(state, index)
             state.size += take
             pos += take
@@ -214,6 +241,14 @@ class FileWriter:
         return attr
 
     # -- block bookkeeping -----------------------------------------------------------------
+    @staticmethod
+    def _bytearray(state: _Dirty, index: int) -> bytearray:
+        """The pending block ``index`` as a bytearray to edit in place (joining an appended one)."""
+        buf = state.pending[index]
+        if isinstance(buf, _Appended):
+            buf = state.pending[index] = bytearray(buf.joined())
+        return buf
+
     def _length(self, state: _Dirty, index: int) -> int:
         return block_length(index, state.size, self.block_size)
 
@@ -222,13 +257,13 @@ class FileWriter:
 
     async def _editable(self, state: _Dirty, index: int) -> bytearray:
         """The pending bytes of block ``index``, loading the stored block first if needed."""
-        buf = state.pending.get(index)
-        if buf is None:
-            length = self._length(state, index)
-            if state.blocks[index] == HOLE:
-                buf = state.pending[index] = bytearray(length)
-            else:
-                buf = state.pending[index] = bytearray(await self.fetcher.read(state.blocks[index], length, 0, length))
+        if index in state.pending:
+            return self._bytearray(state, index)
+        length = self._length(state, index)
+        if state.blocks[index] == HOLE:
+            buf = state.pending[index] = bytearray(length)
+        else:
+            buf = state.pending[index] = bytearray(await self.fetcher.read(state.blocks[index], length, 0, length))
         return buf
 
     async def _resize(self, state: _Dirty, size: int) -> None:
@@ -279,7 +314,8 @@ class FileWriter:
         if buf is None:
             return
         await self._upload_slots.acquire()  # backpressure: writers wait for upload slots
-        version, data = state.versions.get(index, 0), bytes(buf)
+        version = state.versions.get(index, 0)
+        data = buf.joined() if isinstance(buf, _Appended) else bytes(buf)
         state.uploading += 1
         state.idle = trio.Event()
         assert self._nursery is not None, "FileWriter.run must be running"
