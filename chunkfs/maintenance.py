@@ -9,8 +9,11 @@ gc deletes block objects no file references, but never one that someone may stil
 - an object written less than ``grace`` ago (a writer uploads blocks before it publishes
   the file that names them; a crash leaves them behind, and a later gc removes them).
 
-Right before deleting, gc asks the metadata again whether the block is referenced, so a
-file published while gc ran keeps its blocks.
+Right before deleting, gc marks the block in the metadata (``begin_delete``), in one
+transaction that fails if a file references it now or a writer claimed its upload within the
+grace period; a writer's claim (``claim_upload``) in turn waits while the mark is there. So a
+file published, or a block re-uploaded, while gc runs keeps its object: there is no window
+between gc's last check and its delete.
 
 fsck walks every file and reports blocks that are missing from the store, of the wrong
 size, or (with ``check_content``) whose bytes do not match their hash; reference counts
@@ -80,9 +83,12 @@ def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int
 
     def delete(item: tuple[bytes, Any]) -> int:
         bid, info = item
-        if meta.block_known(bid):  # published while gc ran
-            return 0
-        volume.store.delete(info.key)
+        if not meta.begin_delete(bid, int(cutoff * 1e9), time.time_ns()):
+            return 0  # published, or its upload claimed, while gc ran
+        try:
+            volume.store.delete(info.key)
+        finally:
+            meta.end_delete(bid)
         return info.size
 
     if dry_run:

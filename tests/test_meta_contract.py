@@ -14,6 +14,7 @@ import pytest
 from chunkfs.blocks import block_id
 from chunkfs.errors import FsError, NotFormatted, UsageError
 from chunkfs.meta import ROOT_INODE, MetaStore, VolumeFormat, open_meta
+from chunkfs.meta.base import BUSY, CLAIMED, DELETE_MARK_TTL_NS, KNOWN
 from tests.conftest import META_KINDS, meta_url
 
 FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
@@ -273,3 +274,27 @@ def test_xattrs_and_times(meta: MetaStore) -> None:
     meta.unlink(ROOT_INODE, b"f")
     g = meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, 0)
     assert meta.list_xattrs(g.ino) == []  # nothing left behind by the deleted inode
+
+
+def test_upload_claims_and_gc_delete_marks_exclude_each_other(meta: MetaStore) -> None:
+    bid, hour, ms = block_id(b"new block"), 3600 * 10**9, 10**6  # Redis Lua compares times as doubles
+    t0 = 10**18
+    assert meta.claim_upload(bid, t0) == CLAIMED
+    assert not meta.begin_delete(bid, t0 - hour, t0 + ms)  # a writer claimed it within the grace period
+    assert meta.begin_delete(bid, t0 + ms, t0 + 2 * ms)  # that claim is older than gc's grace: gc may delete
+    assert meta.claim_upload(bid, t0 + 3 * ms) == BUSY  # and a writer waits until gc is done with it
+    meta.end_delete(bid)
+    assert meta.claim_upload(bid, t0 + 4 * ms) == CLAIMED
+    # a gc that died mid-delete leaves its mark, which holds writers back for DELETE_MARK_TTL_NS only
+    assert meta.begin_delete(bid, t0 + 5 * ms, t0 + 6 * ms)
+    assert meta.claim_upload(bid, t0 + 7 * ms) == BUSY
+    late = t0 + 6 * ms + DELETE_MARK_TTL_NS + ms
+    assert meta.claim_upload(bid, late) == CLAIMED
+    assert not meta.begin_delete(bid, late - hour, late + ms)
+    meta.forget_freed(late + ms)  # drops claims older than that too
+    assert meta.begin_delete(bid, 0, late + 2 * ms)
+    meta.end_delete(bid)
+    # a block a file references is never deleted, and needs no upload
+    meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=1, size=2, blocks=[block_id(b"ab")])
+    assert meta.claim_upload(block_id(b"ab"), t0) == KNOWN
+    assert not meta.begin_delete(block_id(b"ab"), t0 + hour, t0 + hour)

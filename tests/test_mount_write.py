@@ -23,6 +23,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from chunkfs.blocks import block_id, object_key
+from chunkfs.maintenance import collect_garbage
+from chunkfs.meta.base import BUSY, CLAIMED
+from chunkfs.volume import open_volume
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -203,6 +207,38 @@ def test_gc_deletes_unused_blocks_after_the_grace_period_and_fsck_stays_clean(vo
     assert fsck["clean"] and fsck["orphans"] == 0 and fsck["files"] == 2
     with rw_mount(volume, "after") as mnt:
         assert len((mnt / "keep.bin").read_bytes()) == 2 * BLOCK
+
+
+def test_gc_never_deletes_a_block_whose_upload_a_writer_claimed(volume: VolumeFixture) -> None:
+    """The race gc used to have: a writer re-uploads an old unreferenced block (dedup found no
+    file naming it) while gc, which listed it as garbage, is about to delete it."""
+    with open_volume(volume.meta_url) as vol:
+        def orphan(content: bytes) -> bytes:
+            bid = block_id(content)
+            vol.store.put(object_key(bid), content)
+            two_hours_ago = time.time() - 7200
+            os.utime(volume.storage / object_key(bid), (two_hours_ago, two_hours_ago))
+            return bid
+
+        claimed, lone = orphan(b"claimed by a writer"), orphan(b"nobody wants this")
+        assert vol.meta.claim_upload(claimed, time.time_ns()) == CLAIMED
+        report = collect_garbage(vol, grace=3600, dry_run=False)
+        assert report.deleted == 1 and vol.store.exists(object_key(claimed))
+        assert not vol.store.exists(object_key(lone))
+        # a writer that arrives while gc deletes waits for it (BUSY), then uploads again
+        late = orphan(b"claimed during the delete")
+        answers = []
+        real_delete = vol.store.delete
+
+        def delete_as_a_writer_arrives(key: str) -> None:
+            if key == object_key(late):
+                answers.append(vol.meta.claim_upload(late, time.time_ns()))
+            real_delete(key)
+
+        vol.store.delete = delete_as_a_writer_arrives  # type: ignore[method-assign]
+        collect_garbage(vol, grace=0, dry_run=False)
+        vol.store.delete = real_delete  # type: ignore[method-assign]
+        assert answers == [BUSY] and vol.meta.claim_upload(late, time.time_ns()) == CLAIMED
 
 
 def test_fsck_reports_missing_and_corrupt_blocks(volume: VolumeFixture) -> None:

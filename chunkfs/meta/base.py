@@ -158,6 +158,25 @@ class MetaStore(ABC):
         """True if some published file references the block (so it is in the store)."""
 
     @abstractmethod
+    def claim_upload(self, bid: bytes, now_ns: int) -> str:
+        """Before storing block ``bid`` for a file about to be published, in one transaction:
+        ``KNOWN`` if a file references it (it is in the store: nothing to upload); ``BUSY``
+        while gc is deleting its object (ask again shortly); else ``CLAIMED``: an upload
+        intent with time ``now_ns`` is recorded, and gc leaves the object alone while the
+        intent is within its grace period."""
+
+    @abstractmethod
+    def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
+        """gc, before deleting block ``bid``'s object, in one transaction: True (and the
+        block is marked as being deleted at ``now_ns``) only if no file references it and
+        no upload was claimed at or after ``intents_since_ns``. A mark older than
+        ``DELETE_MARK_TTL_NS`` (a gc that died) no longer makes ``claim_upload`` wait."""
+
+    @abstractmethod
+    def end_delete(self, bid: bytes) -> None:
+        """Remove the mark ``begin_delete`` set (the object is gone, or was kept)."""
+
+    @abstractmethod
     def referenced_blocks(self) -> dict[bytes, int]:
         """Every block some file references, with its plain length (for gc and fsck)."""
 
@@ -168,7 +187,7 @@ class MetaStore(ABC):
 
     @abstractmethod
     def forget_freed(self, before_ns: int) -> None:
-        """Drop the record of blocks freed before ``before_ns``."""
+        """Drop the records of blocks freed, and of uploads claimed, before ``before_ns``."""
 
     # -- namespace changes (each one transaction) ------------------------------------------
     @abstractmethod
@@ -250,6 +269,14 @@ class MetaStore(ABC):
 
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+
+
+#: answers of ``MetaStore.claim_upload``
+KNOWN, BUSY, CLAIMED = "known", "busy", "claimed"
+#: a gc delete mark older than this (its gc died mid-delete) no longer holds writers back
+DELETE_MARK_TTL_NS = 600 * 10**9
+#: seconds between two claims of a block gc is deleting (a delete takes milliseconds)
+CLAIM_RETRY_S = 0.05
 
 
 def check_xattr(name: bytes, value: bytes) -> None:

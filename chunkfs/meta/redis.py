@@ -20,6 +20,8 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:blen            hash     block id -> plain length
     chunkfs{P}:stats           hash     files dirs symlinks bytes refs ubytes
     chunkfs{P}:freed           hash     block id -> when (ns) its last reference went away
+    chunkfs{P}:claims          hash     block id -> when (ns) a writer last claimed its upload
+    chunkfs{P}:deleting        hash     block id -> when (ns) gc began deleting its object
 
 Every change is one Lua script (``redis_lua``). Reads are plain commands, pipelined.
 Connection errors and timeouts are retried with exponential backoff by redis-py (a bounded
@@ -45,7 +47,16 @@ from redis.retry import Retry
 from chunkfs.blocks import pack_ids, unpack_ids
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted, UsageError
 from chunkfs.meta import redis_lua
-from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name, check_xattr
+from chunkfs.meta.base import (
+    DELETE_MARK_TTL_NS,
+    ROOT_INODE,
+    Attr,
+    MetaStore,
+    VolumeFormat,
+    VolumeStats,
+    check_name,
+    check_xattr,
+)
 from chunkfs.urls import mask_url
 
 T = TypeVar("T")
@@ -131,7 +142,8 @@ class RedisMeta(MetaStore):
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
-                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR", "FORGET_FREED")}
+                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR", "FORGET_FREED",
+                                      "CLAIM_UPLOAD", "BEGIN_DELETE")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -219,6 +231,16 @@ class RedisMeta(MetaStore):
 
     def block_known(self, bid: bytes) -> bool:
         return bool(self._call(self.client.hexists, self.prefix + "refs", bid))
+
+    def claim_upload(self, bid: bytes, now_ns: int) -> str:
+        answer = self._run("CLAIM_UPLOAD", bid, now_ns, DELETE_MARK_TTL_NS)
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
+        return bool(self._run("BEGIN_DELETE", bid, intents_since_ns, now_ns))
+
+    def end_delete(self, bid: bytes) -> None:
+        self._call(self.client.hdel, self.prefix + "deleting", bid)
 
     def referenced_blocks(self) -> dict[bytes, int]:
         lengths = self._call(self.client.hgetall, self.prefix + "blen")

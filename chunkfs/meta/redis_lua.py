@@ -93,6 +93,30 @@ local all = redis.call('HGETALL', P .. 'freed')
 for i = 1, #all, 2 do
   if tonumber(all[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', P .. 'freed', all[i]) end
 end
+local claims = redis.call('HGETALL', P .. 'claims')
+for i = 1, #claims, 2 do
+  if tonumber(claims[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', P .. 'claims', claims[i]) end
+end
+return 1
+"""
+
+# ARGV: P, block id, now_ns, mark ttl ns -> 'known' | 'busy' | 'claimed' (MetaStore.claim_upload)
+CLAIM_UPLOAD = PRELUDE + r"""
+local id = ARGV[2]
+if redis.call('HEXISTS', P .. 'refs', id) == 1 then return 'known' end
+local mark = redis.call('HGET', P .. 'deleting', id)
+if mark and tonumber(ARGV[3]) - tonumber(mark) < tonumber(ARGV[4]) then return 'busy' end
+redis.call('HSET', P .. 'claims', id, ARGV[3])
+return 'claimed'
+"""
+
+# ARGV: P, block id, claims_since_ns, now_ns -> 1 if marked for deletion (MetaStore.begin_delete)
+BEGIN_DELETE = PRELUDE + r"""
+local id = ARGV[2]
+if redis.call('HEXISTS', P .. 'refs', id) == 1 then return 0 end
+local claim = redis.call('HGET', P .. 'claims', id)
+if claim and tonumber(claim) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', P .. 'deleting', id, ARGV[4])
 return 1
 """
 

@@ -11,6 +11,8 @@ Schema (one database file per volume):
     blockrefs(id BLOB PRIMARY KEY, length, refs)         refs = (file, index) slots naming id
     xattrs(ino, name BLOB, value BLOB, PRIMARY KEY(ino, name))   extended attributes
     freed(id BLOB PRIMARY KEY, at)                       when a block lost its last reference
+    upload_claims(id BLOB PRIMARY KEY, at)               when a writer last claimed a block's upload
+    deleting(id BLOB PRIMARY KEY, at)                    blocks gc is deleting (since when)
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -31,7 +33,19 @@ from urllib.parse import unquote, urlsplit
 
 from chunkfs.blocks import block_length, pack_ids, unpack_ids
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
-from chunkfs.meta.base import ROOT_INODE, Attr, MetaStore, VolumeFormat, VolumeStats, check_name, check_xattr
+from chunkfs.meta.base import (
+    BUSY,
+    CLAIMED,
+    DELETE_MARK_TTL_NS,
+    KNOWN,
+    ROOT_INODE,
+    Attr,
+    MetaStore,
+    VolumeFormat,
+    VolumeStats,
+    check_name,
+    check_xattr,
+)
 
 SCHEMA_VERSION = 1
 _S_IFMT = 0o170000  # file type bits (stat.S_IFMT is a function)
@@ -62,6 +76,8 @@ CREATE TABLE IF NOT EXISTS xattrs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
 CREATE TABLE IF NOT EXISTS freed (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upload_claims (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deleting (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -265,6 +281,29 @@ class SqliteMeta(MetaStore):
     def block_known(self, bid: bytes) -> bool:
         return self._one("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)) is not None
 
+    def claim_upload(self, bid: bytes, now_ns: int) -> str:
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)).fetchone():
+                return KNOWN
+            mark = conn.execute("SELECT at FROM deleting WHERE id=?", (bid,)).fetchone()
+            if mark is not None and now_ns - mark[0] < DELETE_MARK_TTL_NS:
+                return BUSY
+            conn.execute("INSERT OR REPLACE INTO upload_claims VALUES (?, ?)", (bid, now_ns))
+            return CLAIMED
+
+    def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)).fetchone():
+                return False
+            if conn.execute("SELECT 1 FROM upload_claims WHERE id=? AND at >= ?", (bid, intents_since_ns)).fetchone():
+                return False
+            conn.execute("INSERT OR REPLACE INTO deleting VALUES (?, ?)", (bid, now_ns))
+            return True
+
+    def end_delete(self, bid: bytes) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM deleting WHERE id=?", (bid,))
+
     def referenced_blocks(self) -> dict[bytes, int]:
         with self._lock:
             rows = self._conn.execute("SELECT id, length FROM blockrefs WHERE refs > 0").fetchall()
@@ -278,6 +317,7 @@ class SqliteMeta(MetaStore):
     def forget_freed(self, before_ns: int) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM freed WHERE at < ?", (before_ns,))
+            conn.execute("DELETE FROM upload_claims WHERE at < ?", (before_ns,))
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:

@@ -20,7 +20,9 @@ A file open for writing has one ``_Dirty`` state per inode (shared by its handle
   metadata transaction (``commit_file``): another mount that opens the file afterwards sees
   the new content (close-to-open). Before that, the volume still holds the previous version:
   a crash loses unflushed writes, never a file closed before.
-- An upload is skipped when the volume already references the block (dedup). With
+- An upload is claimed in the metadata first (``claim_upload``) and skipped when the volume
+  already references the block (dedup); the claim keeps gc off the object until the file is
+  published (within gc's grace period). With
   ``cache_writes`` the block also goes to the node cache, so reading it back on this node is
   local; off by default: the node that writes a model is rarely the one that serves it, and
   the extra copy costs about a tenth of the write path's CPU.
@@ -39,7 +41,7 @@ import trio
 from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import Attr
+from chunkfs.meta.base import BUSY, CLAIM_RETRY_S, KNOWN, Attr
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 
@@ -341,9 +343,13 @@ class FileWriter:
             await state.idle.wait()
 
     async def _store(self, plain: bytes) -> bytes:
-        """Upload a block unless the volume already has it; also put it in the node cache."""
+        """Upload a block unless the volume already has it; also put it in the node cache.
+        The upload is claimed in the metadata first, so gc cannot delete the object before
+        the file naming it is published (it waits while gc is deleting an older copy)."""
         bid = await trio.to_thread.run_sync(block_id, plain)
-        if not await self.meta.call("block_known", bid):
+        while (claim := await self.meta.change("claim_upload", bid, time.time_ns())) == BUSY:
+            await trio.sleep(CLAIM_RETRY_S)
+        if claim != KNOWN:
             stored = await trio.to_thread.run_sync(self.codec.encode, plain)
             await self.store.put(object_key(bid), stored)
         if self.cache_writes:
