@@ -140,13 +140,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             _abort(context, Code.INTERNAL, f"cannot mount volume {record.volume_id}: {exc}")
         self.records[record.volume_id] = record
         self.state.save(record)
-        try:
-            self._source(context, record)
-        except grpc.RpcError:
-            raise
-        except BaseException:
-            self._teardown(record)
-            raise
+        self._source(context, record)  # refuses (and tears the mount down) a path that is missing or escapes
 
     def _source(self, context: grpc.ServicerContext, record: VolumeRecord) -> str:
         """The directory (or file) targets bind: the volume's path inside the staging mount."""
@@ -226,9 +220,10 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                 _abort(context, Code.ALREADY_EXISTS,
                        f"volume {request.volume_id} is staged with path {record.volume_path}, not {path}")
             self._ensure_running(context, record)
-            if target in record.targets and _mounted(target):
+            mounted = _mounted(target)
+            if target in record.targets and mounted:
                 return csi_pb2.NodePublishVolumeResponse()
-            if _mounted(target):
+            if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
             try:
                 bind_read_only(self._source(context, record), target)

@@ -85,8 +85,6 @@ NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jf
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
-WARMUPS = {"jfs_warmup", "ck_warmup"}  # timed wall-clock, command start to exit
-MOUNTED = {"jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
 
 # Runs in a fresh interpreter: load_model() from scripts/load_model.py (it times only the load), plus

@@ -86,9 +86,10 @@ class FaultProxy:
         cfg = self.config
         with self._lock:
             cfg.requests += 1
-            if method == "GET" and "/blocks/" in path:
+            block_get = method == "GET" and "/blocks/" in path
+            if block_get:
                 cfg.block_gets += 1
-            if not (cfg.all_requests or (method == "GET" and "/blocks/" in path)):
+            if not (cfg.all_requests or block_get):
                 return None
             if self._rng.random() >= cfg.rate:
                 return None

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 #: ``try_claim`` result when locking is impossible (cache disk failing): download anyway
 NO_LOCK = -1
+DEFAULT_CACHE_SIZE = 100 << 30  # --cache-size of mounts and warmups
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,12 @@ class BlockCache:
             size += found
         return count, size
 
-    def shortfalls(self, target: Mapping[bytes, int]) -> list[Shortfall]:
+    def shortfalls(self, target: Mapping[bytes, int],
+                   missing: Mapping[bytes, int] | None = None) -> list[Shortfall]:
         """Check that every block of ``target`` (id -> length) can be on disk at once, with
         every other entry evictable: within the cache size, and on each filesystem within
-        its free space above the free-space ratio. Empty when they fit."""
+        its free space above the free-space ratio. Empty when they fit. ``missing`` (the
+        blocks of ``target`` not on disk yet, if the caller knows) saves a stat per block."""
         found: list[Shortfall] = []
         total = sum(target.values())
         if total > self.capacity:
@@ -310,6 +313,7 @@ class BlockCache:
                     key = id(self.dir_for(bid))
                     evictable_by_dir[key] = evictable_by_dir.get(key, 0) + size
         groups: dict[int, dict] = {}  # st_dev -> needed, room, dirs
+        group_of: dict[int, dict] = {}  # id(CacheDir) -> its filesystem's group
         for cache_dir in self.dirs:
             try:
                 dev = os.stat(cache_dir.root).st_dev
@@ -320,12 +324,13 @@ class BlockCache:
             group = groups.setdefault(dev, {"needed": 0, "room": free - int(self.free_ratio * disk), "dirs": []})
             group["room"] += evictable_by_dir.get(id(cache_dir), 0)
             group["dirs"].append(cache_dir)
-        for bid, length in target.items():
-            for group in groups.values():
-                if self.dir_for(bid) in group["dirs"]:
-                    if self.entry_size(bid) != length:
-                        group["needed"] += length
-                    break
+            group_of[id(cache_dir)] = group
+        if missing is None:
+            missing = {bid: length for bid, length in target.items() if self.entry_size(bid) != length}
+        for bid, length in missing.items():
+            group = group_of.get(id(self.dir_for(bid)))
+            if group is not None:
+                group["needed"] += length
         for group in groups.values():
             if group["needed"] > group["room"]:
                 where = ", ".join(str(d.root) for d in group["dirs"])

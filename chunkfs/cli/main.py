@@ -14,6 +14,7 @@ import sys
 
 from chunkfs import __version__
 from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE
+from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE
 from chunkfs.errors import ChunkfsError, UsageError, first_error
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
                    help=f"block cache directory; repeat it or join with ':' for several disks "
                         f"(default {default_cache_dir()})")
-    p.add_argument("--cache-size", type=_size, default=100 << 30,
+    p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE,
                    help="most bytes the cache may hold; least recently used blocks are evicted (default 100G)")
     p.add_argument("--free-space-ratio", type=_ratio, default=0.1,
                    help="keep at least this fraction of each cache disk free (default 0.1)")

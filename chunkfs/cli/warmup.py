@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from chunkfs.cli.main import default_cache_dir, store_options
+from chunkfs.cli.main import store_options
 from chunkfs.cli.mount import cache_dirs
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.progress import format_duration
@@ -33,7 +33,6 @@ from chunkfs.units import format_size
 from chunkfs.urls import resolve_meta_arg
 
 PLAIN_PROGRESS_INTERVAL = 5.0
-DEFAULT_CACHE_SIZE = 100 << 30
 
 
 class Stopped(ChunkfsError):
@@ -82,11 +81,11 @@ def _read_list_files(names: list[str]) -> list[str]:
 
 # -- without a mount ---------------------------------------------------------------------------
 def _standalone(args: argparse.Namespace, op: str, meta_url: str, paths: list[str]) -> dict[str, Any]:
-    from chunkfs.cache.block_cache import BlockCache
+    from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE, BlockCache
     from chunkfs.meta import open_meta
     from chunkfs.metrics import Metrics
 
-    dirs = cache_dirs(args.cache_dir or [default_cache_dir()])
+    dirs = cache_dirs(args.cache_dir)
     try:
         cache = BlockCache(dirs, args.cache_size or DEFAULT_CACHE_SIZE,
                            0.1 if args.free_space_ratio is None else args.free_space_ratio, Metrics())
@@ -121,13 +120,10 @@ async def _plan_and_run(meta: Any, block_size: int, paths: list[str], runner: Ca
 
 
 def _inspect(op: str, cache: Any) -> Callable[..., Any]:
-    from chunkfs.warmup.engine import coverage, evict
+    from chunkfs.warmup.engine import inspect
 
     async def run(plan: Any) -> dict[str, Any]:
-        if op == "check":
-            found = await trio.to_thread.run_sync(coverage, cache, plan)
-            return {"paths": [c.as_dict() for c in found], "skipped_links": plan.skipped_links}
-        return await trio.to_thread.run_sync(evict, cache, plan)
+        return await trio.to_thread.run_sync(inspect, op, cache, plan)
 
     return run
 

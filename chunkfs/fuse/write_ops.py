@@ -53,9 +53,6 @@ class WritableOperations(ChunkfsOperations):
             entry.st_blocks = -(-size // 512)
         return entry
 
-    async def _attr_entry(self, ino: int) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.meta.getattr(ino))
-
     # -- namespace -------------------------------------------------------------------------
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
@@ -127,8 +124,8 @@ class WritableOperations(ChunkfsOperations):
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if changes or fields.update_ctime:
-            await self.meta.change("set_attrs", inode, **changes)
-        return await self._attr_entry(inode)
+            return self._entry(await self.meta.change("set_attrs", inode, **changes))
+        return self._entry(await self.meta.getattr(inode))
 
     async def _truncate(self, inode: int, size: int) -> None:
         if self.writer.is_open(inode):

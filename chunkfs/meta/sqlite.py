@@ -193,6 +193,24 @@ class SqliteMeta(MetaStore):
         )
         return int(cur.lastrowid)
 
+    def _add_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
+                   nlink: int, target: bytes | None = None, blocks: bytes | None = None) -> Attr:
+        """A new inode named ``parent/name`` (mkdir, symlink, create), in one transaction:
+        EEXIST if the name is taken; a new directory adds a link to its parent."""
+        check_name(name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            if self._child(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST, repr(name))
+            ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, nlink, target, blocks)
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+            self._touch_dir(conn, parent, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
+            return self._attr_of(conn, ino)
+
+    @staticmethod
+    def _referenced(conn: sqlite3.Connection, bid: bytes) -> bool:
+        return conn.execute("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)).fetchone() is not None
+
     def _touch_dir(self, conn: sqlite3.Connection, ino: int, nlink_delta: int = 0) -> None:
         now = _now_ns()
         conn.execute(
@@ -279,11 +297,12 @@ class SqliteMeta(MetaStore):
         return unpack_ids(row[0])
 
     def block_known(self, bid: bytes) -> bool:
-        return self._one("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)) is not None
+        with self._lock:
+            return self._referenced(self._conn, bid)
 
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
         with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)).fetchone():
+            if self._referenced(conn, bid):
                 return KNOWN
             mark = conn.execute("SELECT at FROM deleting WHERE id=?", (bid,)).fetchone()
             if mark is not None and now_ns - mark[0] < DELETE_MARK_TTL_NS:
@@ -293,7 +312,7 @@ class SqliteMeta(MetaStore):
 
     def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
         with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM blockrefs WHERE id=? AND refs > 0", (bid,)).fetchone():
+            if self._referenced(conn, bid):
                 return False
             if conn.execute("SELECT 1 FROM upload_claims WHERE id=? AND at >= ?", (bid, intents_since_ns)).fetchone():
                 return False
@@ -321,26 +340,10 @@ class SqliteMeta(MetaStore):
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
-        check_name(name)
-        with self._tx() as conn:
-            self._parent_dir(conn, parent)
-            if self._child(conn, parent, name) is not None:
-                raise FsError(errno.EEXIST, repr(name))
-            ino = self._new_inode(conn, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 2)
-            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            self._touch_dir(conn, parent, nlink_delta=1)
-            return self._attr_of(conn, ino)
+        return self._add_entry(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 2)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, mtime_ns: int) -> Attr:
-        check_name(name)
-        with self._tx() as conn:
-            self._parent_dir(conn, parent)
-            if self._child(conn, parent, name) is not None:
-                raise FsError(errno.EEXIST, repr(name))
-            ino = self._new_inode(conn, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, 1, target=target)
-            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            self._touch_dir(conn, parent)
-            return self._attr_of(conn, ino)
+        return self._add_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, 1, target=target)
 
     def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int,
                      mtime_ns: int, size: int, blocks: list[bytes]) -> Attr:
@@ -409,15 +412,7 @@ class SqliteMeta(MetaStore):
 
     # -- writable mounts ---------------------------------------------------------------------
     def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
-        check_name(name)
-        with self._tx() as conn:
-            self._parent_dir(conn, parent)
-            if self._child(conn, parent, name) is not None:
-                raise FsError(errno.EEXIST, repr(name))
-            ino = self._new_inode(conn, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 1, blocks=b"")
-            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            self._touch_dir(conn, parent)
-            return self._attr_of(conn, ino)
+        return self._add_entry(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 1, blocks=b"")
 
     def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
         blob = pack_ids(blocks)

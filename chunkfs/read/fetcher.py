@@ -121,11 +121,12 @@ class BlockFetcher:
         await self._obtain(bid, length, priority)
         return not someone_else
 
-    async def warm(self, bid: bytes, length: int, priority: Priority = Priority.PREFETCH) -> bool:
-        """Put the block in the node cache (warmup); True if this call downloaded it."""
+    async def warm(self, bid: bytes, length: int) -> bool:
+        """Put the block in the node cache (warmup, at prefetch priority); True if this call
+        downloaded it."""
         if self.cache.is_verified(bid):
             return False
-        _data, downloaded = await self._obtain(bid, length, priority)
+        _data, downloaded = await self._obtain(bid, length, Priority.PREFETCH)
         return downloaded
 
     async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes, bool]:

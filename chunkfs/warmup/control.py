@@ -27,7 +27,7 @@ import trio
 from chunkfs.errors import ChunkfsError, first_error
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.read.fetcher import BlockFetcher
-from chunkfs.warmup.engine import Warmup, coverage, evict
+from chunkfs.warmup.engine import Warmup, inspect
 from chunkfs.warmup.plan import Planner
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,8 @@ class ControlServer:
     async def _run(self, request: dict[str, Any], stream: trio.SocketStream) -> Any:
         plan = await Planner(self.meta, self.block_size).plan([str(p) for p in request["paths"]])
         cache = self.fetcher.cache
-        if request["op"] == "check":
-            found = await trio.to_thread.run_sync(coverage, cache, plan)
-            return {"paths": [c.as_dict() for c in found], "skipped_links": plan.skipped_links}
-        if request["op"] == "evict":
-            return await trio.to_thread.run_sync(evict, cache, plan)
+        if request["op"] in ("check", "evict"):
+            return await trio.to_thread.run_sync(inspect, request["op"], cache, plan)
         job = Warmup(self.fetcher, plan, threads=max(1, int(request.get("threads") or 32)),
                      force=bool(request.get("force")))
         report = None

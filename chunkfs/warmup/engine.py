@@ -112,20 +112,20 @@ class Warmup:
         return self.report
 
     async def _run_pinned(self) -> None:
-        shortfalls = await trio.to_thread.run_sync(self.cache.shortfalls, self._target)
+        missing = await trio.to_thread.run_sync(self._missing_blocks)
+        shortfalls = await trio.to_thread.run_sync(self.cache.shortfalls, self._target, missing)
         if shortfalls and not self.force:
             raise CacheTooSmall(
                 f"the cache cannot hold {', '.join(self.report.paths)} ({format_size(self.report.bytes_total)}): "
                 + "; ".join(str(s) for s in shortfalls) + " (use --force to warm what fits)"
             )
-        missing = await trio.to_thread.run_sync(self._missing_blocks)
         for bid, length in self._target.items():
             if bid not in missing:
                 self.report.bytes_cached_before += length
                 self._block_done(bid, length)
         queue = iter(missing.items())
         async with trio.open_nursery() as nursery:
-            for _ in range(min(self.threads, len(missing)) or 0):
+            for _ in range(min(self.threads, len(missing))):
                 nursery.start_soon(self._worker, queue)
         await trio.to_thread.run_sync(self._final_check)
 
@@ -187,3 +187,10 @@ def evict(cache: BlockCache, plan: WarmPlan) -> dict[str, int]:
     """Drop every block of the plan from the cache (blocking)."""
     count, size = cache.drop_blocks(list(plan.unique_blocks()))
     return {"blocks_removed": count, "bytes_removed": size}
+
+
+def inspect(op: str, cache: BlockCache, plan: WarmPlan) -> dict[str, Any]:
+    """``check`` (coverage per path) or ``evict`` as a JSON-able answer (blocking)."""
+    if op == "check":
+        return {"paths": [c.as_dict() for c in coverage(cache, plan)], "skipped_links": plan.skipped_links}
+    return evict(cache, plan)

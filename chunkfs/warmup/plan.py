@@ -18,6 +18,7 @@ import errno
 import posixpath
 from dataclasses import dataclass, field
 
+from chunkfs.blocks import block_length
 from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import ROOT_INODE, Attr
@@ -88,7 +89,7 @@ def normalize_volume_path(path: str) -> str:
 
 def block_layout(blocks: list[bytes], size: int, block_size: int) -> tuple[tuple[bytes, int], ...]:
     """(id, plain length) for each block of a file of ``size`` bytes."""
-    return tuple((bid, min(block_size, size - i * block_size)) for i, bid in enumerate(blocks))
+    return tuple((bid, block_length(i, size, block_size)) for i, bid in enumerate(blocks))
 
 
 class Planner:
@@ -111,13 +112,15 @@ class Planner:
         hops = 0
         pending = [p for p in path.split("/") if p]
         done: list[str] = []
-        attr = await self.meta.getattr(ROOT_INODE)
+        attrs = [await self.meta.getattr(ROOT_INODE)]  # of "/" and of each name in done
+        attr = attrs[0]
         while pending:
             name = pending.pop(0)
             if name == "..":
                 if done:
                     done.pop()
-                attr = await self._lookup_path(done, shown)
+                    attrs.pop()
+                attr = attrs[-1]
                 continue
             if not attr.is_dir:
                 raise ChunkfsError(f"{shown}: not a directory in the volume (at /{'/'.join(done)})")
@@ -135,14 +138,9 @@ class Planner:
                 pending = [p for p in target.split("/") if p and p != "."] + pending
                 continue
             done.append(name)
+            attrs.append(child)
             attr = child
         return attr, "/" + "/".join(done)
-
-    async def _lookup_path(self, parts: list[str], shown: str) -> Attr:
-        attr = await self.meta.getattr(ROOT_INODE)
-        for name in parts:
-            attr = await self.meta.lookup(attr.ino, name.encode())
-        return attr
 
     async def _collect(self, path: str, attr: Attr, entry: PathPlan, plan: WarmPlan, seen_dirs: set[int]) -> None:
         if attr.is_reg:

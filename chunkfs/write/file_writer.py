@@ -83,7 +83,8 @@ class _Dirty:
     pending: dict[int, bytearray | _Appended] = field(default_factory=dict)
     versions: dict[int, int] = field(default_factory=dict)
     uploading: int = 0
-    idle: trio.Event = field(default_factory=trio.Event)  # set when uploading drops to 0
+    in_flight: dict[int, int] = field(default_factory=dict)  # block index -> version being uploaded
+    idle: trio.Event = field(default_factory=trio.Event)  # replaced when uploads start, set when they end
     handles: int = 0
     changed: bool = False
     mtime_ns: int = 0
@@ -106,7 +107,6 @@ class FileWriter:
         self._upload_slots = trio.Semaphore(uploads)
         self._files: dict[int, _Dirty] = {}
         self._nursery: trio.Nursery | None = None
-        self._zero_ids: dict[int, bytes] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background uploads; runs until cancelled (the mount's nursery)."""
@@ -120,7 +120,6 @@ class FileWriter:
         state = self._files.get(ino)
         if state is None:
             state = self._files[ino] = _Dirty(ino, size, list(blocks))
-            state.idle.set()
         state.handles += 1
 
     def is_open(self, ino: int) -> bool:
@@ -231,9 +230,13 @@ class FileWriter:
         if not state.changed:
             return None
         count = block_count(state.size, self.block_size)
+        zero_ids: dict[int, bytes] = {}  # per flush: each store of a zero block is claimed (gc may delete one)
         for index in range(count):
             if state.blocks[index] == HOLE:
-                state.blocks[index] = await self._zero_block(self._length(state, index))
+                length = self._length(state, index)
+                if length not in zero_ids:
+                    zero_ids[length] = await self._store(bytes(length))
+                state.blocks[index] = zero_ids[length]
         blocks = state.blocks[:count]
         attr = await self.meta.change("commit_file", ino, size=state.size, blocks=blocks,
                                       mtime_ns=state.mtime_ns or time.time_ns())
@@ -248,7 +251,7 @@ class FileWriter:
         """The pending block ``index`` as a bytearray to edit in place (joining an appended one)."""
         buf = state.pending[index]
         if isinstance(buf, _Appended):
-            buf = state.pending[index] = bytearray(buf.joined())
+            buf = state.pending[index] = bytearray().join(buf.pieces)
         return buf
 
     def _length(self, state: _Dirty, index: int) -> int:
@@ -297,29 +300,33 @@ class FileWriter:
         del state.blocks[old_count:]
         state.blocks.extend([HOLE] * (new_count - old_count))
 
-    async def _zero_block(self, length: int) -> bytes:
-        bid = self._zero_ids.get(length)
-        if bid is None:
-            bid = await self._store(bytes(length))
-            self._zero_ids[length] = bid
-        return bid
-
     async def _bound_pending(self, state: _Dirty) -> None:
         if len(state.pending) <= self.max_pending:
             return
-        for index in sorted(state.pending)[: len(state.pending) - self.max_pending]:
+        waiting = [i for i in sorted(state.pending) if not self._uploading_now(state, i)]
+        for index in waiting[: len(state.pending) - self.max_pending]:
             await self._start_upload(state, index)
 
     # -- uploads ---------------------------------------------------------------------------
+    @staticmethod
+    def _uploading_now(state: _Dirty, index: int) -> bool:
+        """An upload of the block's current version is running (starting another is waste)."""
+        return index in state.in_flight and state.in_flight[index] == state.versions.get(index, 0)
+
     async def _start_upload(self, state: _Dirty, index: int) -> None:
-        buf = state.pending.get(index)
-        if buf is None:
+        if index not in state.pending or self._uploading_now(state, index):
             return
         await self._upload_slots.acquire()  # backpressure: writers wait for upload slots
+        buf = state.pending.get(index)
+        if buf is None or self._uploading_now(state, index):  # changed while this waited for a slot
+            self._upload_slots.release()
+            return
         version = state.versions.get(index, 0)
         data = buf.joined() if isinstance(buf, _Appended) else bytes(buf)
+        state.in_flight[index] = version
+        if state.uploading == 0:
+            state.idle = trio.Event()  # a flush waiting on the current event keeps it until uploads end
         state.uploading += 1
-        state.idle = trio.Event()
         assert self._nursery is not None, "FileWriter.run must be running"
         self._nursery.start_soon(self._upload, state, index, version, data)
 
@@ -334,6 +341,8 @@ class FileWriter:
             state.error = f"storing block {index} failed: {exc}"
         finally:
             self._upload_slots.release()
+            if state.in_flight.get(index) == version:
+                del state.in_flight[index]
             state.uploading -= 1
             if state.uploading == 0:
                 state.idle.set()
