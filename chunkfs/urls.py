@@ -34,13 +34,17 @@ def url_scheme(url: str) -> str:
     return scheme
 
 
+def is_env_name(text: str) -> bool:
+    """``text`` can name an environment variable holding a URL: an upper-case identifier
+    (``CHUNKFS_META_URL``), never a URL itself."""
+    return "://" not in text and text.isidentifier() and text.isupper()
+
+
 def meta_url_from_env(text: str) -> str | None:
     """The metadata URL held by the environment variable named ``text`` (``CHUNKFS_META_URL``),
     or None when ``text`` is not such a name. Lets secrets stay out of command lines: Kubernetes
     passes the URL from a Secret as an environment variable and the command names the variable."""
-    if "://" in text or not text.isidentifier() or not text.isupper():
-        return None
-    return os.environ.get(text)
+    return os.environ.get(text) if is_env_name(text) else None
 
 
 def resolve_meta_arg(text: str) -> str:
@@ -49,7 +53,7 @@ def resolve_meta_arg(text: str) -> str:
         return text
     value = meta_url_from_env(text)
     if value is None:
-        if text.isidentifier() and text.isupper():
+        if is_env_name(text):
             raise UsageError(f"environment variable {text} (named as the metadata URL) is not set")
         return text  # url_scheme() reports it as not a URL
     if "://" not in value:

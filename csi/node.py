@@ -99,6 +99,26 @@ class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
 
 
+class SourceRefused(Exception):
+    """The volume's ``path`` cannot be bound: it is missing or leads outside the volume."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def source_path(record: VolumeRecord) -> str:
+    """The real path of the volume's ``path`` inside its staging mount; ``SourceRefused`` if it
+    leads outside the mount (a symlink or ``..``) or does not exist."""
+    staging = os.path.realpath(record.staging_path)
+    source = os.path.realpath(staging + record.volume_path)
+    if source != staging and not source.startswith(staging + "/"):
+        raise SourceRefused(Code.INVALID_ARGUMENT, f"path {record.volume_path} leads outside the volume")
+    if not os.path.exists(source):
+        raise SourceRefused(Code.NOT_FOUND, f"path {record.volume_path} does not exist")
+    return source
+
+
 class ChunkfsNode(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, settings: DaemonSettings) -> None:
         self.node_id = node_id
@@ -140,19 +160,18 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             _abort(context, Code.INTERNAL, f"cannot mount volume {record.volume_id}: {exc}")
         self.records[record.volume_id] = record
         self.state.save(record)
-        self._source(context, record)  # refuses (and tears the mount down) a path that is missing or escapes
+        self._source(context, record, teardown=True)
 
-    def _source(self, context: grpc.ServicerContext, record: VolumeRecord) -> str:
-        """The directory (or file) targets bind: the volume's path inside the staging mount."""
-        staging = os.path.realpath(record.staging_path)
-        source = os.path.realpath(staging + record.volume_path)
-        if source != staging and not source.startswith(staging + "/"):
-            self._teardown_if_unused(record)
-            _abort(context, Code.INVALID_ARGUMENT, f"path {record.volume_path} leads outside the volume")
-        if not os.path.exists(source):
-            self._teardown_if_unused(record)
-            _abort(context, Code.NOT_FOUND, f"path {record.volume_path} does not exist in volume {record.volume_id}")
-        return source
+    def _source(self, context: grpc.ServicerContext, record: VolumeRecord, *, teardown: bool) -> str:
+        """The directory (or file) targets bind: the volume's path inside the staging mount.
+        A path that is missing or escapes aborts the call; with ``teardown`` (the volume was
+        staged by this very call) its mount is stopped first, if nothing is published."""
+        try:
+            return source_path(record)
+        except SourceRefused as exc:
+            if teardown:
+                self._teardown_if_unused(record)
+            _abort(context, exc.code, f"volume {record.volume_id}: {exc}")
 
     def _teardown_if_unused(self, record: VolumeRecord) -> None:
         if not record.targets:
@@ -212,7 +231,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             if ephemeral and record is None:
                 record = VolumeRecord(request.volume_id, self.state.ephemeral_staging(request.volume_id), path,
                                       ephemeral=True)
-                self._stage(context, record, dict(request.secrets))
+                self._stage(context, record, dict(request.secrets))  # refuses a bad path itself
             elif record is None or (not ephemeral and record.staging_path != request.staging_target_path):
                 _abort(context, Code.FAILED_PRECONDITION,
                        f"volume {request.volume_id} is not staged at {request.staging_target_path}")
@@ -226,7 +245,10 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
             try:
-                bind_read_only(self._source(context, record), target)
+                # a staged volume whose path went away refuses this publish but stays staged:
+                # the CO still holds it staged and will unstage it itself
+                source = self._source(context, record, teardown=record.ephemeral)
+                bind_read_only(source, target)
             except MountError as exc:
                 self._teardown_ephemeral_if_unused(record)
                 _abort(context, Code.INTERNAL, str(exc))
@@ -295,8 +317,11 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         record.pid = start_daemon(record.staging_path, self.state.load_env(record.volume_id), self.settings,
                                   self.state.log_path(record.volume_id))
         self.state.save(record)
-        staging = os.path.realpath(record.staging_path)
-        source = os.path.realpath(staging + record.volume_path)
+        try:
+            source = source_path(record)
+        except SourceRefused as exc:
+            log.error("volume %s: not re-binding %d targets: %s", record.volume_id, len(record.targets), exc)
+            return
         for target in list(record.targets):
             unmount(target, fuse=False)
             bind_read_only(source, target)

@@ -159,6 +159,16 @@ def drop_caches() -> None:
         raise BenchError(f"cannot drop the page cache ({e}); the benchmark needs root") from e
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (all cores; /proc/stat).
+    The difference over a measurement, divided by its seconds, is how many cores it kept
+    busy: near the core count, it was CPU-bound."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
@@ -442,13 +452,15 @@ class Bench:
             return got
 
         drop_caches()
-        start = time.perf_counter()
+        cpu, start = busy_cpu_seconds(), time.perf_counter()
         with ThreadPoolExecutor(16) as pool:
             total = sum(pool.map(fetch, parts))
         seconds = time.perf_counter() - start
+        cpu = busy_cpu_seconds() - cpu
         if total != self.model_bytes:
             raise BenchError(f"raw_get: fetched {total} bytes, expected {self.model_bytes}")
-        return Sample(seconds, extra={"requests": len(parts)})
+        return Sample(seconds, extra={"requests": len(parts), "cpu_s": round(cpu, 2),
+                                      "cores_busy": round(cpu / seconds, 2)})
 
     def local_disk(self) -> Sample:
         drop_caches()
@@ -584,13 +596,15 @@ class Bench:
         cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
         self.commands["ck_warmup"] = cmd
         drop_caches()
-        start = time.perf_counter()
+        cpu, start = busy_cpu_seconds(), time.perf_counter()
         out = run(cmd, "chunkfs warmup", timeout=LOAD_TIMEOUT)
         seconds = time.perf_counter() - start
+        cpu = busy_cpu_seconds() - cpu
         report = json.loads(out)
         if not report["complete"] or report["bytes_fetched"] < self.model_bytes:
             raise BenchError(f"chunkfs warmup fetched {report['bytes_fetched']} bytes, expected {self.model_bytes}")
-        return Sample(seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache)})
+        return Sample(seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache),
+                                      "cpu_s": round(cpu, 2), "cores_busy": round(cpu / seconds, 2)})
 
     def jfs_warmup(self) -> Sample:
         cache = reset_dir(self.work / "jfs-warmup-cache")
@@ -599,15 +613,17 @@ class Bench:
         cmd = [self.juicefs, "warmup", str(mnt / "model")]
         self.commands["jfs_warmup"] = cmd
         drop_caches()
-        start = time.perf_counter()
+        cpu, start = busy_cpu_seconds(), time.perf_counter()
         run(cmd, "juicefs warmup", timeout=LOAD_TIMEOUT)
         seconds = time.perf_counter() - start
+        cpu = busy_cpu_seconds() - cpu
         rss, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.juicefs, "umount"])
         cached = dir_bytes(cache)
         if cached < self.model_bytes:
             raise BenchError(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}")
-        return Sample(seconds, rss_mib=rss, extra={"cache_bytes": cached})
+        return Sample(seconds, rss_mib=rss, extra={"cache_bytes": cached, "cpu_s": round(cpu, 2),
+                                                   "cores_busy": round(cpu / seconds, 2)})
 
     # -- the run -------------------------------------------------------------------------------
     def record(self, name: str, sample: Sample, run_index: int) -> None:
@@ -615,8 +631,9 @@ class Bench:
             return
         self.samples[name].append(sample)
         rss = f", daemon peak RSS {sample.rss_mib:.0f} MiB" if sample.rss_mib is not None else ""
+        busy = f", {sample.extra['cores_busy']} cores busy" if "cores_busy" in sample.extra else ""
         say(f"run {run_index + 1}/{self.args.runs}: {name} {sample.seconds:.2f} s "
-            f"({self.model_bytes / sample.seconds / 2**20:.0f} MiB/s){rss}")
+            f"({self.model_bytes / sample.seconds / 2**20:.0f} MiB/s){rss}{busy}")
 
     def one_run(self, i: int, loader: ModuleType) -> None:
         steps: list[tuple[str, Callable[[], Sample]]] = [

@@ -314,3 +314,46 @@ def test_csi_command_bad_input_is_one_line(tmp_path: Path) -> None:
         result = chunkfs(*args, "--state-dir", str(tmp_path / "s"), check=False, env=env, timeout=30)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+class _AbortingContext:
+    """The part of grpc.ServicerContext the node servicer uses: ``abort`` raises."""
+
+    def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise grpc.RpcError(code, message)
+
+
+def test_publish_refused_for_a_vanished_path_leaves_the_volume_staged(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Unit test of the servicer alone (no daemon): a static volume whose ``path`` has gone
+    from the volume refuses the publish, and stays staged (the CO unstages it, not us)."""
+    from csi import node as node_module
+    from csi.mounter import DaemonSettings
+    from csi.state import StateStore, VolumeRecord
+
+    staging = tmp_path / "staging"
+    (staging / "m").mkdir(parents=True)
+    (staging / "out").symlink_to("/etc")
+    unmounted: list[str] = []
+    monkeypatch.setattr(node_module, "healthy", lambda _path: True)
+    monkeypatch.setattr(node_module, "unmount", lambda path, fuse: unmounted.append(path))
+    monkeypatch.setattr(node_module, "bind_read_only", lambda *_args: None)
+    monkeypatch.setattr(node_module, "_mounted", lambda _path: False)
+    node = node_module.ChunkfsNode("n", StateStore(tmp_path / "state"),
+                                   DaemonSettings(cache_dirs=(str(tmp_path / "c"),), cache_size="1G"))
+    cap = capability(Mode.MULTI_NODE_READER_ONLY)
+    for path, code in (("/m/gone", grpc.StatusCode.NOT_FOUND), ("/out", grpc.StatusCode.INVALID_ARGUMENT)):
+        record = VolumeRecord("v", str(staging), path)
+        node.records["v"] = record
+        request = csi_pb2.NodePublishVolumeRequest(
+            volume_id="v", target_path=str(tmp_path / "t"), staging_target_path=str(staging),
+            volume_capability=cap, volume_context={"path": path})
+        with pytest.raises(grpc.RpcError) as err:
+            node.NodePublishVolume(request, _AbortingContext())
+        assert err.value.args[0] == code, err.value.args
+        assert node.records.get("v") is record and unmounted == []  # still staged, nothing torn down
+    # a revived daemon whose path now leads outside binds nothing (and does not raise)
+    record.targets["/t"] = node_module.Target("/t")
+    node.state.save_env("v", {"CHUNKFS_META_URL": "sqlite:///unused.db"})
+    monkeypatch.setattr(node_module, "start_daemon", lambda *_args: 4242)
+    node.revive(record)
+    assert unmounted == [str(staging)] and record.pid == 4242

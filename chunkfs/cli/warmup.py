@@ -30,7 +30,7 @@ from chunkfs.cli.mount import cache_dirs
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.progress import format_duration
 from chunkfs.units import format_size
-from chunkfs.urls import resolve_meta_arg
+from chunkfs.urls import is_env_name, resolve_meta_arg
 
 PLAIN_PROGRESS_INTERVAL = 5.0
 
@@ -63,7 +63,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 def _names_volume(text: str) -> bool:
     """A metadata URL, or an upper-case environment variable name that is not a local path."""
-    return "://" in text or (text.isidentifier() and text.isupper() and not os.path.exists(text))
+    return "://" in text or (is_env_name(text) and not os.path.exists(text))
 
 
 def _read_list_files(names: list[str]) -> list[str]:

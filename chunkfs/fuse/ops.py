@@ -237,7 +237,7 @@ class ChunkfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.options.read_only)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         f = self._files[fh]
         if f.snapshot is not None:
             return f.snapshot[off : off + size]

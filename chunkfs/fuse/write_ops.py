@@ -142,7 +142,9 @@ class WritableOperations(ChunkfsOperations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == STATS_INODE:
+        if inode == STATS_INODE or name.startswith(b"system."):
+            # setxattr refuses system.* (ACLs): none can exist, so the kernel's ACL lookups
+            # at every `ls -l` need not reach the metadata engine
             raise pyfuse3.FUSEError(errno.ENODATA)
         return await self.meta.call("get_xattr", inode, name)
 
@@ -190,7 +192,7 @@ class WritableOperations(ChunkfsOperations):
         return pyfuse3.FileInfo(fh=fh)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         f = self._files[fh]
         if f.snapshot is None and self.writer.is_open(f.ino):
             return await self.writer.read(f.ino, off, size)

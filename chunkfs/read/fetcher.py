@@ -83,8 +83,10 @@ class BlockFetcher:
         """Readable now without a download or a disk verification."""
         return self.cache.is_verified(bid) or bid in self._recent
 
-    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes:
-        """Bytes [start, end) of block ``bid`` (plain length ``length``) for a waiting reader."""
+    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of block ``bid`` (plain length ``length``) for a waiting reader:
+        a view, not a copy, when the block is in memory (pyfuse3 replies from any buffer; a
+        caller must not keep the view beyond its reply)."""
         self.cache.pin(bid)
         try:
             data = self.cache.read(bid, start, end)
@@ -92,11 +94,11 @@ class BlockFetcher:
                 recent = self._recent.get(bid)
                 if recent is not None:
                     self._recent.move_to_end(bid)
-                    data = recent[start:end]
+                    data = memoryview(recent)[start:end]
             downloaded = False
             if data is None:
                 plain, downloaded = await self._obtain(bid, length, Priority.DEMAND)
-                data = plain[start:end]
+                data = memoryview(plain)[start:end]
         finally:
             self.cache.unpin(bid)
         if downloaded:

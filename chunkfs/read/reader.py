@@ -115,8 +115,9 @@ class FileReader:
             (self.metrics.prefetch_wasted if kind == "prefetch" else self.metrics.readahead_wasted).inc()
 
     # -- reads -----------------------------------------------------------------------------
-    async def read(self, ino: int, offset: int, length: int) -> bytes:
-        """Bytes of an open inode; ``BlockUnavailable`` if a block cannot be had."""
+    async def read(self, ino: int, offset: int, length: int) -> bytes | memoryview:
+        """Bytes of an open inode (possibly a view into a block in memory, for one reply);
+        ``BlockUnavailable`` if a block cannot be had."""
         state = self._files[ino]
         bs = self.config.block_size
         parts = []
