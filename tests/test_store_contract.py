@@ -63,18 +63,32 @@ def test_list_by_prefix_in_key_order(store: ObjectStore) -> None:
 
 
 def test_concurrent_puts_are_atomic(store: ObjectStore) -> None:
-    """Readers racing writers of the same key see one whole version, never a mix."""
+    """Readers racing writers of the same key see one whole version, never a mix, and no
+    thread fails. (The one exception: ``rclone serve s3``, our S3 test server, answers 404
+    to a GET that races an overwrite of its key; real S3 overwrites atomically. chunkfs
+    never overwrites a block with other bytes: keys are content hashes.)"""
     versions = [bytes([i]) * 200_000 for i in range(4)]
     seen: list[bytes] = []
+    errors: list[BaseException] = []
     store.put("race", versions[0])
+    rclone_gap = ObjectNotFound if store.url.startswith("s3://") else ()
 
     def writer(v: bytes) -> None:
-        for _ in range(5):
-            store.put("race", v)
+        try:
+            for _ in range(5):
+                store.put("race", v)
+        except BaseException as exc:
+            errors.append(exc)
 
     def reader() -> None:
         for _ in range(20):
-            seen.append(store.get("race"))
+            try:
+                seen.append(store.get("race"))
+            except rclone_gap:
+                continue
+            except BaseException as exc:
+                errors.append(exc)
+                return
 
     threads = [threading.Thread(target=writer, args=(v,)) for v in versions] + [
         threading.Thread(target=reader) for _ in range(2)]
@@ -82,7 +96,8 @@ def test_concurrent_puts_are_atomic(store: ObjectStore) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert all(s in versions for s in seen)
+    assert errors == []
+    assert seen and all(s in versions for s in seen)
 
 
 def test_invalid_keys_refused(tmp_path: Path) -> None:
