@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,11 +64,11 @@ class GcReport:
 
 
 def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int = 16) -> GcReport:
-    now = time.time()
-    cutoff = now - grace
+    cutoff = time.time() - grace
+    cutoff_ns = int(cutoff * 1e9)
     meta = volume.meta
     referenced = meta.referenced_blocks()
-    recently_freed = meta.freed_blocks(int(cutoff * 1e9))
+    recently_freed = meta.freed_blocks(cutoff_ns)
     objects = _block_objects(volume)
     report = GcReport(objects=len(objects), dry_run=dry_run)
     doomed = []
@@ -83,7 +82,7 @@ def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int
 
     def delete(item: tuple[bytes, Any]) -> int:
         bid, info = item
-        if not meta.begin_delete(bid, int(cutoff * 1e9), time.time_ns()):
+        if not meta.begin_delete(bid, cutoff_ns, time.time_ns()):
             return 0  # published, or its upload claimed, while gc ran
         try:
             volume.store.delete(info.key)
@@ -98,7 +97,7 @@ def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int
             sizes = list(pool.map(delete, doomed))
         report.deleted = sum(1 for s in sizes if s)
         report.deleted_bytes = sum(sizes)
-        meta.forget_freed(int(cutoff * 1e9))
+        meta.forget_freed(cutoff_ns)
     return report
 
 
@@ -148,12 +147,10 @@ def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 
     report = FsckReport(content_checked=check_content)
     objects = _block_objects(volume)
     report.objects = len(objects)
-    slots: Counter[bytes] = Counter()
     lengths: dict[bytes, tuple[int, str]] = {}
     for path, ino, size in _walk_files(volume):
         report.files += 1
         for index, bid in enumerate(meta.read_blocks(ino)):
-            slots[bid] += 1
             length = block_length(index, size, bs)
             lengths.setdefault(bid, (length, path))
             info = objects.get(bid)
@@ -162,10 +159,9 @@ def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 
             elif volume.fmt.compression == "none" and info.size != length:
                 _note(report.wrong_size, f"{path}: block {index} ({bid.hex()[:16]}) has {info.size} bytes, "
                                          f"expected {length}")
-    report.blocks = len(slots)
-    referenced = meta.referenced_blocks()
-    report.refcount_errors = len(set(slots) ^ set(referenced))
-    orphans = [info for bid, info in objects.items() if bid not in slots]
+    report.blocks = len(lengths)
+    report.refcount_errors = len(lengths.keys() ^ meta.referenced_blocks())
+    orphans = [info for bid, info in objects.items() if bid not in lengths]
     report.orphans, report.orphan_bytes = len(orphans), sum(info.size for info in orphans)
     if check_content:
         def verify(bid: bytes) -> str | None:
@@ -179,7 +175,7 @@ def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 
             return None
 
         with ThreadPoolExecutor(threads) as pool:
-            for problem in pool.map(verify, [bid for bid in slots if bid in objects]):
+            for problem in pool.map(verify, [bid for bid in lengths if bid in objects]):
                 if problem:
                     _note(report.corrupt, problem)
     return report

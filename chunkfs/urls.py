@@ -40,22 +40,15 @@ def is_env_name(text: str) -> bool:
     return "://" not in text and text.isidentifier() and text.isupper()
 
 
-def meta_url_from_env(text: str) -> str | None:
-    """The metadata URL held by the environment variable named ``text`` (``CHUNKFS_META_URL``),
-    or None when ``text`` is not such a name. Lets secrets stay out of command lines: Kubernetes
-    passes the URL from a Secret as an environment variable and the command names the variable."""
-    return os.environ.get(text) if is_env_name(text) else None
-
-
 def resolve_meta_arg(text: str) -> str:
-    """A META_URL argument: a URL, or the name of an environment variable holding one."""
-    if "://" in text:
-        return text
-    value = meta_url_from_env(text)
+    """A META_URL argument: a URL, or the name of an environment variable holding one
+    (``CHUNKFS_META_URL``). Lets secrets stay out of command lines: Kubernetes passes the URL
+    from a Secret as an environment variable and the command names the variable."""
+    if not is_env_name(text):
+        return text  # a URL, or something url_scheme() reports as not a URL
+    value = os.environ.get(text)
     if value is None:
-        if is_env_name(text):
-            raise UsageError(f"environment variable {text} (named as the metadata URL) is not set")
-        return text  # url_scheme() reports it as not a URL
+        raise UsageError(f"environment variable {text} (named as the metadata URL) is not set")
     if "://" not in value:
         raise UsageError(f"environment variable {text} does not hold a metadata URL (expected scheme://...)")
     return value

@@ -148,7 +148,9 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             self._stage(context, record, dict(request.secrets))
         return csi_pb2.NodeStageVolumeResponse()
 
-    def _stage(self, context: grpc.ServicerContext, record: VolumeRecord, secrets: dict[str, str]) -> None:
+    def _stage(self, context: grpc.ServicerContext, record: VolumeRecord, secrets: dict[str, str]) -> str:
+        """Start the volume's mount daemon; the source path targets bind (a bad path is refused
+        and the mount stopped)."""
         env = secrets_to_env(secrets)
         if META_ENV not in env:
             _abort(context, Code.INVALID_ARGUMENT, "the volume's secret has no 'metaurl' key")
@@ -160,7 +162,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             _abort(context, Code.INTERNAL, f"cannot mount volume {record.volume_id}: {exc}")
         self.records[record.volume_id] = record
         self.state.save(record)
-        self._source(context, record, teardown=True)
+        return self._source(context, record, teardown=True)
 
     def _source(self, context: grpc.ServicerContext, record: VolumeRecord, *, teardown: bool) -> str:
         """The directory (or file) targets bind: the volume's path inside the staging mount.
@@ -228,10 +230,11 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             if owner is not None and owner.volume_id != request.volume_id:
                 _abort(context, Code.ALREADY_EXISTS, f"{target} already holds volume {owner.volume_id}")
             record = self.records.get(request.volume_id)
+            source = None
             if ephemeral and record is None:
                 record = VolumeRecord(request.volume_id, self.state.ephemeral_staging(request.volume_id), path,
                                       ephemeral=True)
-                self._stage(context, record, dict(request.secrets))  # refuses a bad path itself
+                source = self._stage(context, record, dict(request.secrets))
             elif record is None or (not ephemeral and record.staging_path != request.staging_target_path):
                 _abort(context, Code.FAILED_PRECONDITION,
                        f"volume {request.volume_id} is not staged at {request.staging_target_path}")
@@ -245,9 +248,10 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
             try:
-                # a staged volume whose path went away refuses this publish but stays staged:
-                # the CO still holds it staged and will unstage it itself
-                source = self._source(context, record, teardown=record.ephemeral)
+                if source is None:
+                    # a staged volume whose path went away refuses this publish but stays
+                    # staged: the CO still holds it staged and will unstage it itself
+                    source = self._source(context, record, teardown=record.ephemeral)
                 bind_read_only(source, target)
             except MountError as exc:
                 self._teardown_ephemeral_if_unused(record)

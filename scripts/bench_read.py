@@ -169,6 +169,21 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+class Timed:
+    """Wall seconds and machine-wide busy CPU seconds of a ``with`` block."""
+
+    def __enter__(self) -> Timed:
+        self.cpu, self.start = busy_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.cpu = busy_cpu_seconds() - self.cpu
+
+    def cpu_extra(self) -> dict[str, float]:
+        return {"cpu_s": round(self.cpu, 2), "cores_busy": round(self.cpu / self.seconds, 2)}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
@@ -349,9 +364,16 @@ class Bench:
         for shard in self.shards:
             client.upload_file(str(shard), RAW_BUCKET, shard.name)
 
+    def jfs_format_cmd(self, meta: str, name: str) -> list[str]:
+        return [self.juicefs, "format", "--no-update", meta, name, "--storage", "s3", "--bucket",
+                f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET]
+
+    def ck_format_cmd(self, meta: str, prefix: str) -> list[str]:
+        storage = f"s3://{CK_BUCKET}/{prefix}?endpoint={self.endpoint}&path_style=true"
+        return [self.chunkfs, "format", meta, "--storage", storage]
+
     def setup_juicefs(self) -> None:
-        cmd = [self.juicefs, "format", "--no-update", self.jfs_meta, "bench", "--storage", "s3", "--bucket",
-               f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET]
+        cmd = self.jfs_format_cmd(self.jfs_meta, "bench")
         self.commands["juicefs_format"] = cmd
         say("juicefs format, and cp of the model through a JuiceFS mount")
         run(cmd, "juicefs format", timeout=120)
@@ -362,21 +384,20 @@ class Bench:
         shutil.rmtree(self.work / "jfs-cache-write", ignore_errors=True)
 
     def setup_chunkfs(self) -> None:
-        storage = f"s3://{CK_BUCKET}/bench?endpoint={self.endpoint}&path_style=true"
-        cmd = [self.chunkfs, "format", self.ck_meta, "--storage", storage]
+        cmd = self.ck_format_cmd(self.ck_meta, "bench")
         self.commands["chunkfs_format"] = cmd
         say("chunkfs format and import")
         run(cmd, "chunkfs format", timeout=120)
         run([self.chunkfs, "import", self.ck_meta, str(self.model), "/model", "-q"], "chunkfs import", timeout=3600)
 
     # -- mounts --------------------------------------------------------------------------------
-    def jfs_mount_cmd(self, cache: Path, mnt: Path, tuned: bool) -> list[str]:
+    def jfs_mount_cmd(self, cache: Path, mnt: Path, tuned: bool, meta: str | None = None) -> list[str]:
         return [self.juicefs, "mount", "--no-usage-report", "--cache-dir", str(cache),
-                *(JFS_TUNED if tuned else []), self.jfs_meta, str(mnt)]
+                *(JFS_TUNED if tuned else []), meta or self.jfs_meta, str(mnt)]
 
-    def ck_mount_cmd(self, cache: Path, mnt: Path) -> list[str]:
-        return [self.chunkfs, "mount", self.ck_meta, str(mnt), "--read-only", "--cache-dir", str(cache),
-                *shlex.split(self.args.chunkfs_args)]
+    def ck_mount_cmd(self, cache: Path, mnt: Path, meta: str | None = None, read_only: bool = True) -> list[str]:
+        return [self.chunkfs, "mount", meta or self.ck_meta, str(mnt), *(["--read-only"] if read_only else []),
+                "--cache-dir", str(cache), *shlex.split(self.args.chunkfs_args)]
 
     def mount(self, cmd: list[str], mnt: Path, log_name: str) -> subprocess.Popen[bytes]:
         """Starts a foreground mount daemon and waits until mnt is a mount point."""
@@ -452,15 +473,11 @@ class Bench:
             return got
 
         drop_caches()
-        cpu, start = busy_cpu_seconds(), time.perf_counter()
-        with ThreadPoolExecutor(16) as pool:
+        with Timed() as timed, ThreadPoolExecutor(16) as pool:
             total = sum(pool.map(fetch, parts))
-        seconds = time.perf_counter() - start
-        cpu = busy_cpu_seconds() - cpu
         if total != self.model_bytes:
             raise BenchError(f"raw_get: fetched {total} bytes, expected {self.model_bytes}")
-        return Sample(seconds, extra={"requests": len(parts), "cpu_s": round(cpu, 2),
-                                      "cores_busy": round(cpu / seconds, 2)})
+        return Sample(timed.seconds, extra={"requests": len(parts), **timed.cpu_extra()})
 
     def local_disk(self) -> Sample:
         drop_caches()
@@ -554,24 +571,19 @@ class Bench:
 
     def jfs_write(self, run_index: int) -> Sample:
         meta = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}"
-        run([self.juicefs, "format", "--no-update", meta, f"benchw{run_index}", "--storage", "s3", "--bucket",
-             f"{self.endpoint}/{JFS_BUCKET}", "--access-key", S3_KEY, "--secret-key", S3_SECRET],
-            "juicefs format (write)", timeout=120)
-        return self.write_through([self.juicefs, "mount", "--no-usage-report", "--cache-dir",
-                                   str(reset_dir(self.work / "jfs-wcache")), meta], "jfs_write",
-                                  [self.juicefs, "umount"])
+        run(self.jfs_format_cmd(meta, f"benchw{run_index}"), "juicefs format (write)", timeout=120)
+        cmd = self.jfs_mount_cmd(reset_dir(self.work / "jfs-wcache"), self.work / "mnt", tuned=False, meta=meta)
+        return self.write_through(cmd, "jfs_write", [self.juicefs, "umount"])
 
     def ck_write(self, run_index: int) -> Sample:
         meta = f"sqlite://{self.work / f'ck-write-{run_index}.db'}"
-        storage = f"s3://{CK_BUCKET}/write{run_index}?endpoint={self.endpoint}&path_style=true"
-        run([self.chunkfs, "format", meta, "--storage", storage], "chunkfs format (write)", timeout=120)
-        return self.write_through([self.chunkfs, "mount", meta, "--cache-dir", str(reset_dir(self.work / "ck-wcache")),
-                                   *shlex.split(self.args.chunkfs_args)], "ck_write", [self.chunkfs, "umount"])
+        run(self.ck_format_cmd(meta, f"write{run_index}"), "chunkfs format (write)", timeout=120)
+        cmd = self.ck_mount_cmd(reset_dir(self.work / "ck-wcache"), self.work / "mnt", meta=meta, read_only=False)
+        return self.write_through(cmd, "ck_write", [self.chunkfs, "umount"])
 
-    def write_through(self, mount_cmd: list[str], name: str, umount: list[str]) -> Sample:
-        """Mount (mount_cmd + the mountpoint), time copy_in, unmount; with the daemon's peak RSS."""
+    def write_through(self, cmd: list[str], name: str, umount: list[str]) -> Sample:
+        """Mount with cmd (on WORK/mnt), time copy_in, unmount; with the daemon's peak RSS."""
         mnt = self.work / "mnt"
-        cmd = [*mount_cmd, str(mnt)]
         self.commands[f"{name}_mount"] = cmd
         proc = self.mount(cmd, mnt, name.split("_")[0])
         seconds = self.copy_in(mnt, name)
@@ -596,15 +608,13 @@ class Bench:
         cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
         self.commands["ck_warmup"] = cmd
         drop_caches()
-        cpu, start = busy_cpu_seconds(), time.perf_counter()
-        out = run(cmd, "chunkfs warmup", timeout=LOAD_TIMEOUT)
-        seconds = time.perf_counter() - start
-        cpu = busy_cpu_seconds() - cpu
+        with Timed() as timed:
+            out = run(cmd, "chunkfs warmup", timeout=LOAD_TIMEOUT)
         report = json.loads(out)
         if not report["complete"] or report["bytes_fetched"] < self.model_bytes:
             raise BenchError(f"chunkfs warmup fetched {report['bytes_fetched']} bytes, expected {self.model_bytes}")
-        return Sample(seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache),
-                                      "cpu_s": round(cpu, 2), "cores_busy": round(cpu / seconds, 2)})
+        return Sample(timed.seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache),
+                                            **timed.cpu_extra()})
 
     def jfs_warmup(self) -> Sample:
         cache = reset_dir(self.work / "jfs-warmup-cache")
@@ -613,17 +623,14 @@ class Bench:
         cmd = [self.juicefs, "warmup", str(mnt / "model")]
         self.commands["jfs_warmup"] = cmd
         drop_caches()
-        cpu, start = busy_cpu_seconds(), time.perf_counter()
-        run(cmd, "juicefs warmup", timeout=LOAD_TIMEOUT)
-        seconds = time.perf_counter() - start
-        cpu = busy_cpu_seconds() - cpu
+        with Timed() as timed:
+            run(cmd, "juicefs warmup", timeout=LOAD_TIMEOUT)
         rss, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.juicefs, "umount"])
         cached = dir_bytes(cache)
         if cached < self.model_bytes:
             raise BenchError(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}")
-        return Sample(seconds, rss_mib=rss, extra={"cache_bytes": cached, "cpu_s": round(cpu, 2),
-                                                   "cores_busy": round(cpu / seconds, 2)})
+        return Sample(timed.seconds, rss_mib=rss, extra={"cache_bytes": cached, **timed.cpu_extra()})
 
     # -- the run -------------------------------------------------------------------------------
     def record(self, name: str, sample: Sample, run_index: int) -> None:
@@ -674,7 +681,7 @@ class Bench:
         self.start_rclone()
         if self.wants("raw_get", "boto3_download_load"):
             self.upload_raw()
-        if self.wants(*self.jfs_names()):
+        if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
         if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap4"):
             self.setup_chunkfs()

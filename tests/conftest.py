@@ -178,6 +178,18 @@ def fill_up(path: Path) -> None:
         os.close(fd)
 
 
+def block_files(root: Path) -> list[Path]:
+    """The files under ``root/blocks``: a cache directory's entries or a file store's objects."""
+    return [p for p in (root / "blocks").rglob("*") if p.is_file()]
+
+
+def expect_errno(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    """``fn(*args)`` fails with OSError ``code``."""
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"{fn.__name__}{args}: {info.value}"
+
+
 def tree_listing(root: Path) -> list[tuple[str, str, int, int]]:
     """(relative path, kind, size-or-target-len, permission bits) for every entry under root."""
     out = []

@@ -11,7 +11,7 @@ import pytest
 
 from chunkfs.blocks import block_id
 from chunkfs.cache.block_cache import BlockCache
-from tests.conftest import fill_up, tmpfs
+from tests.conftest import block_files, fill_up, tmpfs
 
 
 def block(i: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -136,5 +136,5 @@ def test_concurrent_puts_never_overshoot_the_capacity(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "c" / "blocks").rglob("*") if p.is_file())
+    on_disk = sum(p.stat().st_size for p in block_files(tmp_path / "c"))
     assert cache.used_bytes <= cache.capacity and on_disk <= cache.capacity

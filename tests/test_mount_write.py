@@ -30,7 +30,9 @@ from chunkfs.volume import open_volume
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
+    block_files,
     chunkfs,
+    expect_errno,
     force_unmount,
     format_volume,
     mounted,
@@ -47,13 +49,7 @@ def rw_mount(vol: VolumeFixture, name: str = "rw", *extra: str) -> Iterator[Path
 
 
 def store_objects(vol: VolumeFixture) -> set[str]:
-    return {p.name for p in (vol.storage / "blocks").rglob("*") if p.is_file()}
-
-
-def expect_errno(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno == code, f"{fn.__name__}{args}: {info.value}"
+    return {p.name for p in block_files(vol.storage)}
 
 
 def test_posix_operations_and_errors(volume: VolumeFixture) -> None:
@@ -147,7 +143,7 @@ def test_writing_a_model_the_volume_holds_stores_nothing_new(volume: VolumeFixtu
 
 def test_written_blocks_reach_the_node_cache_only_with_cache_writes(volume: VolumeFixture) -> None:
     def cached(name: str) -> int:
-        return len([p for p in (volume.tmp / f"{name}-cache" / "blocks").rglob("*") if p.is_file()])
+        return len(block_files(volume.tmp / f"{name}-cache"))
 
     with rw_mount(volume, "plain") as mnt:
         (mnt / "a.bin").write_bytes(os.urandom(3 * BLOCK))
@@ -245,7 +241,7 @@ def test_fsck_reports_missing_and_corrupt_blocks(volume: VolumeFixture) -> None:
     with rw_mount(volume) as mnt:
         (mnt / "a.bin").write_bytes(os.urandom(2 * BLOCK))
         (mnt / "b.bin").write_bytes(os.urandom(2 * BLOCK))
-    objects = sorted(p for p in (volume.storage / "blocks").rglob("*") if p.is_file())
+    objects = sorted(block_files(volume.storage))
     objects[0].unlink()
     objects[1].write_bytes(b"x" * BLOCK)  # same size, wrong content
     result = chunkfs("fsck", volume.meta_url, "--check-content", check=False)

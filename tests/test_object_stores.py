@@ -17,7 +17,7 @@ import pytest
 from chunkfs.store import StoreError, StoreOptions, open_store
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
 from chunkfs.store.retry import RetryingStore
-from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, storage_url, unique_bucket
+from tests.conftest import BLOCK, VolumeFixture, block_files, chunkfs, mounted, storage_url, unique_bucket
 from tests.faultproxy import FaultConfig, FaultProxy
 from tests.test_mount_read import FILES
 
@@ -140,7 +140,7 @@ def proxied_volume(s3_server, tmp_path: Path, source: Path):  # type: ignore[no-
 
 
 def _cache_is_clean(cache: Path) -> int:
-    files = [p for p in (cache / "blocks").rglob("*") if p.is_file()]
+    files = block_files(cache)
     for p in files:
         assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"corrupt cache entry {p}"
     return len(files)

@@ -25,7 +25,7 @@ from chunkfs.errors import ChunkfsError
 from chunkfs.meta import open_meta
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.warmup.plan import Planner, normalize_volume_path
-from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, unique_bucket
+from tests.conftest import BLOCK, VolumeFixture, block_files, chunkfs, mounted, unique_bucket
 from tests.faultproxy import FaultProxy
 
 
@@ -55,13 +55,9 @@ def unique_blocks(root: Path) -> dict[bytes, int]:
     return blocks
 
 
-def cache_files(cache: Path) -> list[Path]:
-    return [p for p in (cache / "blocks").rglob("*") if p.is_file()]
-
-
 def assert_cache_sound(cache: Path) -> None:
     """Every block file's content matches its name (the hash of its bytes)."""
-    for path in cache_files(cache):
+    for path in block_files(cache):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} does not match its hash"
 
 
@@ -226,7 +222,7 @@ def test_check_and_evict(s3_model, tmp_path: Path) -> None:  # type: ignore[no-u
     warmup(vol.meta_url, "/m", "--cache-dir", cache, "--evict")
     report = json.loads(warmup(vol.meta_url, "/m", "--cache-dir", cache, "--check", "--json", check=False).stdout)
     assert report["paths"][0]["percent"] == 0.0
-    assert cache_files(Path(cache)) == []
+    assert block_files(Path(cache)) == []
 
 
 def test_kill_9_leaves_no_partial_block_and_a_rerun_resumes(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -237,20 +233,20 @@ def test_kill_9_leaves_no_partial_block_and_a_rerun_resumes(s3_model, tmp_path: 
                              "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while len(cache_files(cache)) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        while len(block_files(cache)) < 4 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    planted = len(cache_files(cache))
+    planted = len(block_files(cache))
     assert 4 <= planted < len(unique_blocks(src))
     assert_cache_sound(cache)
     proxy.config.rate = 0.0
     report = json.loads(warmup(vol.meta_url, "/m", "--cache-dir", str(cache), "--json").stdout)
     assert report["complete"] and report["bytes_cached_before"] >= planted * BLOCK - BLOCK
     assert_cache_sound(cache)
-    assert len(cache_files(cache)) == len(unique_blocks(src))
+    assert len(block_files(cache)) == len(unique_blocks(src))
     assert list((cache / "tmp").iterdir()) == [] and [p.name for p in (cache / "locks").iterdir()] == ["downloads"]
 
 
@@ -261,7 +257,7 @@ def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignor
     proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/m", "--cache-dir", str(cache),
                              "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not cache_files(cache) and time.monotonic() < deadline:
+    while not block_files(cache) and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
@@ -334,7 +330,7 @@ def test_bad_warmup_input_gets_one_line(s3_model, tmp_path: Path) -> None:  # ty
     forced = warmup(vol.meta_url, "/m", "--cache-dir", cache, "--cache-size", "256K", "--force", "--json", check=False)
     assert forced.returncode == 1 and "warmup incomplete" in forced.stderr
     assert not json.loads(forced.stdout)["complete"]
-    assert sum(p.stat().st_size for p in cache_files(Path(cache))) <= 256 << 10
+    assert sum(p.stat().st_size for p in block_files(Path(cache))) <= 256 << 10
     listed = tmp_path / "list.txt"
     listed.write_text("# models\n/m/config.json\n\n/m/model-00002.safetensors\n")
     report = json.loads(warmup(vol.meta_url, "--list-file", str(listed), "--cache-dir", cache, "--json").stdout)

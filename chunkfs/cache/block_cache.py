@@ -296,6 +296,11 @@ class BlockCache:
             size += found
         return count, size
 
+    def missing(self, target: Mapping[bytes, int]) -> dict[bytes, int]:
+        """The blocks of ``target`` (id -> length) with no entry of that length on disk (one
+        stat each; not verified)."""
+        return {bid: length for bid, length in target.items() if self.entry_size(bid) != length}
+
     def shortfalls(self, target: Mapping[bytes, int],
                    missing: Mapping[bytes, int] | None = None) -> list[Shortfall]:
         """Check that every block of ``target`` (id -> length) can be on disk at once, with
@@ -326,7 +331,7 @@ class BlockCache:
             group["dirs"].append(cache_dir)
             group_of[id(cache_dir)] = group
         if missing is None:
-            missing = {bid: length for bid, length in target.items() if self.entry_size(bid) != length}
+            missing = self.missing(target)
         for bid, length in missing.items():
             group = group_of.get(id(self.dir_for(bid)))
             if group is not None:

@@ -123,6 +123,7 @@ _PASSED_ON = [("--cache-size", "cache_size"), ("--free-space-ratio", "free_space
               ("--kernel-readahead", "kernel_readahead"), ("--metrics", "metrics"),
               ("--attr-timeout", "attr_timeout"), ("--entry-timeout", "entry_timeout"),
               ("--io-retries", "io_retries"), ("--io-timeout", "io_timeout")]
+_FLAGS_PASSED_ON = [("--read-only", "read_only"), ("--cache-writes", "cache_writes")]
 
 
 def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[str]:
@@ -140,10 +141,7 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[
         value = getattr(args, attr)
         if value is not None:
             argv += [flag, str(value)]
-    if args.read_only:
-        argv.append("--read-only")
-    if args.cache_writes:
-        argv.append("--cache-writes")
+    argv += [flag for flag, attr in _FLAGS_PASSED_ON if getattr(args, attr)]
     return argv
 
 

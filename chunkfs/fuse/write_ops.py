@@ -11,6 +11,7 @@ Within this mount, every read of a file open for writing sees the unpublished by
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -23,7 +24,7 @@ import pyfuse3
 from chunkfs.errors import FsError
 from chunkfs.fuse.ops import STATS_INODE, ChunkfsOperations, OpenFile, _fuse_errors
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import NAME_MAX, Attr
+from chunkfs.meta.base import Attr
 from chunkfs.metrics import Metrics
 from chunkfs.read.reader import FileReader
 from chunkfs.write.file_writer import FileWriter, WriteFailed
@@ -34,11 +35,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR
 
 
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-
-
 class WritableOperations(ChunkfsOperations):
     def __init__(self, meta: AsyncMeta, reader: FileReader, writer: FileWriter, block_size: int, options: Any,
                  metrics: Metrics) -> None:
@@ -46,12 +42,10 @@ class WritableOperations(ChunkfsOperations):
         self.writer = writer
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
-        entry = super()._entry(attr)
         size = self.writer.size_of(attr.ino)
         if size is not None:  # being written in this mount: the size readers of this mount see
-            entry.st_size = size
-            entry.st_blocks = -(-size // 512)
-        return entry
+            attr = dataclasses.replace(attr, size=size)
+        return super()._entry(attr)
 
     # -- namespace -------------------------------------------------------------------------
     @_fuse_errors
@@ -70,7 +64,6 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
-        _check_name(name_new)
         if flags & RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         await self.meta.change("rename", parent_inode_old, name_old, parent_inode_new, name_new,
@@ -84,7 +77,6 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.EntryAttributes:
-        _check_name(new_name)
         if inode == STATS_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._entry(await self.meta.change("link", inode, new_parent_inode, new_name))
@@ -99,7 +91,6 @@ class WritableOperations(ChunkfsOperations):
     async def _new_entry(self, method: str, parent: int, name: bytes, mode_or_target: int | bytes,
                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """mkdir, symlink or create_file, owned by the caller."""
-        _check_name(name)
         attr = await self.meta.change(method, parent, name, mode_or_target, ctx.uid, ctx.gid, time.time_ns())
         self._names[attr.ino] = name
         return self._entry(attr)
@@ -110,8 +101,7 @@ class WritableOperations(ChunkfsOperations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == STATS_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if fields.update_size:
-            await self._truncate(inode, attr.st_size)
+        truncated = await self._truncate(inode, attr.st_size) if fields.update_size else None
         changes: dict[str, int] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -125,20 +115,31 @@ class WritableOperations(ChunkfsOperations):
             changes["atime_ns"] = attr.st_atime_ns
         if changes or fields.update_ctime:
             return self._entry(await self.meta.change("set_attrs", inode, **changes))
-        return self._entry(await self.meta.getattr(inode))
+        return self._entry(truncated or await self.meta.getattr(inode))
 
-    async def _truncate(self, inode: int, size: int) -> None:
+    async def _truncate(self, inode: int, size: int) -> Attr | None:
+        """Truncate through the writer; a file not open for writing is opened for this and
+        published at once (its new ``Attr``; failures reach the caller as EIO)."""
         if self.writer.is_open(inode):
             await self.writer.truncate(inode, size)
-            return
-        current = await self.meta.getattr(inode)
-        if current.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        self.writer.opened(inode, current.size, await self.meta.read_blocks(inode))
+            return None
+        await self._open_writer(inode)
         try:
             await self.writer.truncate(inode, size)
-        finally:
+        except BaseException:
             await self._release_writer(inode)
+            raise
+        return await self._publish(inode, last_handle=True)
+
+    async def _open_writer(self, inode: int) -> None:
+        """One more write handle on the inode (its state loaded when it is the first)."""
+        if not self.writer.is_open(inode):
+            attr = await self.meta.getattr(inode)
+            if attr.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            self.writer.opened(inode, attr.size, await self.meta.read_blocks(inode))
+        else:
+            self.writer.opened(inode, 0, [])  # one more handle on the state already there
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -156,8 +157,8 @@ class WritableOperations(ChunkfsOperations):
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if name.startswith(b"system.") or inode == STATS_INODE:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # no ACLs: the mode bits are the permissions
+        if inode == STATS_INODE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         await self.meta.change("set_xattr", inode, name, value)
 
     @_fuse_errors
@@ -168,25 +169,17 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        _check_name(name)
-        attr = await self.meta.change("create_file", parent_inode, name, mode, ctx.uid, ctx.gid, time.time_ns())
-        self._names[attr.ino] = name
-        self.writer.opened(attr.ino, 0, [])
+        entry = await self._new_entry("create_file", parent_inode, name, mode, ctx)
+        self.writer.opened(entry.st_ino, 0, [])
         fh = self._new_fh()
-        self._files[fh] = OpenFile(attr.ino, writable=True)
-        return pyfuse3.FileInfo(fh=fh), self._entry(attr)
+        self._files[fh] = OpenFile(entry.st_ino, writable=True)
+        return pyfuse3.FileInfo(fh=fh), entry
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode == STATS_INODE or not flags & _WRITE_INTENT:
             return await super().open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
-        attr = await self.meta.getattr(inode)
-        if attr.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if not self.writer.is_open(inode):
-            self.writer.opened(inode, attr.size, await self.meta.read_blocks(inode))
-        else:
-            self.writer.opened(inode, 0, [])  # one more handle on the state already there
+        await self._open_writer(inode)
         fh = self._new_fh()
         self._files[fh] = OpenFile(inode, writable=True)
         return pyfuse3.FileInfo(fh=fh)
@@ -217,26 +210,25 @@ class WritableOperations(ChunkfsOperations):
         if f is not None and f.writable:
             await self._publish(f.ino)
 
-    async def _publish(self, ino: int) -> None:
+    async def _publish(self, ino: int, *, last_handle: bool = False) -> Attr | None:
+        """Publish what was written (closing the last handle too with ``last_handle``): the
+        new ``Attr``, or None if nothing changed or the file was unlinked; EIO if storing failed."""
         try:
-            await self.writer.flush(ino)
+            return await (self.writer.release if last_handle else self.writer.flush)(ino)
         except WriteFailed as exc:
             log.error("publishing inode %d failed: %s", ino, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            return  # unlinked while open: nothing to publish it under
+            return None  # unlinked while open: nothing to publish it under
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
-        f = self._files.pop(fh, None)
-        if f is None:
-            return
-        if not f.writable:
-            if f.snapshot is None:
-                self.reader.released(f.ino)
-            return
+        f = self._files.get(fh)
+        if f is None or not f.writable:
+            return await super().release.__wrapped__(self, fh)  # type: ignore[attr-defined]
+        del self._files[fh]
         await self._release_writer(f.ino)
 
     async def _release_writer(self, ino: int) -> None:

@@ -8,6 +8,7 @@ a model load makes one metadata round trip per object, not one per FUSE request.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -90,9 +91,8 @@ class AsyncMeta:
         thread. Only for mutable use: an immutable cache would go stale."""
         if self.immutable:
             raise RuntimeError("AsyncMeta(immutable=True) is for read-only mounts")
-        fn = getattr(self.meta, method)
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._limiter)
+        return await self._call(functools.partial(getattr(self.meta, method), *args, **kwargs))
 
     async def call(self, method: str, *args: Any) -> Any:
-        """A read the cache does not cover (``block_known``, ``get_xattr``, ``list_xattrs``)."""
+        """A read the cache does not cover (``get_xattr``, ``list_xattrs``)."""
         return await self._call(getattr(self.meta, method), *args)

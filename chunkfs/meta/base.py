@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from errno import E2BIG, EINVAL, ENAMETOOLONG, ERANGE
+from errno import E2BIG, EINVAL, ENAMETOOLONG, EOPNOTSUPP, ERANGE
 
 from chunkfs.blocks import HASH_NAME
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
@@ -165,6 +166,13 @@ class MetaStore(ABC):
         intent with time ``now_ns`` is recorded, and gc leaves the object alone while the
         intent is within its grace period."""
 
+    def claim_upload_waiting(self, bid: bytes) -> str:
+        """``claim_upload`` now, asked again every ``CLAIM_RETRY_S`` while gc is deleting the
+        block's object (blocking): ``KNOWN`` or ``CLAIMED``."""
+        while (claim := self.claim_upload(bid, time.time_ns())) == BUSY:
+            time.sleep(CLAIM_RETRY_S)
+        return claim
+
     @abstractmethod
     def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
         """gc, before deleting block ``bid``'s object, in one transaction: True (and the
@@ -177,8 +185,8 @@ class MetaStore(ABC):
         """Remove the mark ``begin_delete`` set (the object is gone, or was kept)."""
 
     @abstractmethod
-    def referenced_blocks(self) -> dict[bytes, int]:
-        """Every block some file references, with its plain length (for gc and fsck)."""
+    def referenced_blocks(self) -> set[bytes]:
+        """Every block some file references (for gc and fsck)."""
 
     @abstractmethod
     def freed_blocks(self, since_ns: int) -> set[bytes]:
@@ -280,7 +288,10 @@ CLAIM_RETRY_S = 0.05
 
 
 def check_xattr(name: bytes, value: bytes) -> None:
-    """Reject what Linux would: empty or too long names, values over 64 KiB."""
+    """Reject what Linux would (empty or too long names, values over 64 KiB) and ``system.*``
+    names: chunkfs has no ACLs, so none is ever stored (mounts answer for them unasked)."""
+    if name.startswith(b"system."):
+        raise FsError(EOPNOTSUPP, "system.* extended attributes are not supported (no ACLs)")
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(ERANGE, f"xattr name of {len(name)} bytes")
     if len(value) > XATTR_SIZE_MAX:

@@ -88,7 +88,7 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
     if header["chunkfs_dump"] > DUMP_VERSION:
         raise ChunkfsError(f"dump version {header['chunkfs_dump']} is newer than this chunkfs reads ({DUMP_VERSION})")
     meta.save_format(VolumeFormat(**header["format"]))
-    inodes: dict[str, int] = {"/": ROOT_INODE}  # directories, and files that hard links name
+    inodes: dict[str, int] = {"/": ROOT_INODE}  # every path loaded so far
     dirs: list[tuple[int, dict]] = []
     count = 0
     for number, line in enumerate(lines, start=2):
@@ -111,7 +111,6 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
                 continue
             if rec["type"] == "dir":
                 attr = meta.mkdir(parent, bname, rec["mode"], rec["uid"], rec["gid"], rec["mtime_ns"])
-                inodes[path] = attr.ino
                 dirs.append((attr.ino, rec))
             elif rec["type"] == "symlink":
                 attr = meta.symlink(parent, bname, os.fsencode(rec["target"]), rec["uid"], rec["gid"],
@@ -120,7 +119,7 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
                 attr = meta.publish_file(parent, bname, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"],
                                          mtime_ns=rec["mtime_ns"], size=rec["size"],
                                          blocks=[bytes.fromhex(b) for b in rec["blocks"]])
-                inodes[path] = attr.ino
+            inodes[path] = attr.ino  # directories, and any inode a later hard link names
             _load_xattrs(meta, attr.ino, rec)
         except (ValueError, KeyError, TypeError, FsError) as exc:
             raise ChunkfsError(f"dump line {number} is damaged ({type(exc).__name__}: {exc}); "
@@ -133,6 +132,4 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
 
 def _load_xattrs(meta: MetaStore, ino: int, rec: dict) -> None:
     for name, value in rec.get("xattrs", {}).items():
-        if name.startswith("system."):  # mounts refuse these (no ACLs), so no dump has them
-            raise ValueError(f"extended attribute {name!r}: system.* attributes are not supported")
         meta.set_xattr(ino, os.fsencode(name), base64.b64decode(value, validate=True))

@@ -242,9 +242,8 @@ class RedisMeta(MetaStore):
     def end_delete(self, bid: bytes) -> None:
         self._call(self.client.hdel, self.prefix + "deleting", bid)
 
-    def referenced_blocks(self) -> dict[bytes, int]:
-        lengths = self._call(self.client.hgetall, self.prefix + "blen")
-        return {bytes(k): int(v) for k, v in lengths.items()}
+    def referenced_blocks(self) -> set[bytes]:
+        return {bytes(k) for k in self._call(self.client.hkeys, self.prefix + "refs")}
 
     def freed_blocks(self, since_ns: int) -> set[bytes]:
         freed = self._call(self.client.hgetall, self.prefix + "freed")

@@ -20,7 +20,7 @@ local function touch(ino, now, nlink_delta)
   redis.call('HSET', ikey(ino), 'mtime', now, 'ctime', now)
   if nlink_delta ~= 0 then redis.call('HINCRBY', ikey(ino), 'nlink', nlink_delta) end
 end
-local function change_refs(blob, size, bs, delta)
+local function change_refs(blob, size, bs, delta, now)
   if not blob or #blob == 0 then return end
   local n = #blob / 32
   for i = 0, n - 1 do
@@ -34,8 +34,7 @@ local function change_refs(blob, size, bs, delta)
       local len = tonumber(redis.call('HGET', P .. 'blen', id) or '0')
       redis.call('HDEL', P .. 'refs', id)
       redis.call('HDEL', P .. 'blen', id)
-      local t = redis.call('TIME')
-      redis.call('HSET', P .. 'freed', id, t[1] .. string.format('%06d', tonumber(t[2])) .. '000')
+      redis.call('HSET', P .. 'freed', id, now)  -- the client's clock, like claims and gc's cutoff
       redis.call('HINCRBY', P .. 'stats', 'ubytes', -len)
     end
   end
@@ -61,11 +60,11 @@ local function delete_inode(ino, mode, size)
   count(mode, -1, size)
   redis.call('DEL', ikey(ino), xkey(ino))
 end
-local function drop_entry(parent, name, ino, bs)
+local function drop_entry(parent, name, ino, bs, now)
   redis.call('HDEL', dkey(parent), name)
   local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'nlink', 'blocks')
   if tonumber(a[3]) <= 1 then
-    if ftype(a[1]) == S_IFREG then change_refs(a[4], tonumber(a[2]), bs, -1) end
+    if ftype(a[1]) == S_IFREG then change_refs(a[4], tonumber(a[2]), bs, -1, now) end
     delete_inode(ino, a[1], a[2])
   else
     redis.call('HINCRBY', ikey(ino), 'nlink', -1)
@@ -87,15 +86,14 @@ local function child_of(parent, name)
 end
 """
 
-# ARGV: P, before_ns -> drops freed records older than before_ns
+# ARGV: P, before_ns -> drops freed records and upload claims older than before_ns
 FORGET_FREED = PRELUDE + r"""
-local all = redis.call('HGETALL', P .. 'freed')
-for i = 1, #all, 2 do
-  if tonumber(all[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', P .. 'freed', all[i]) end
-end
-local claims = redis.call('HGETALL', P .. 'claims')
-for i = 1, #claims, 2 do
-  if tonumber(claims[i + 1]) < tonumber(ARGV[2]) then redis.call('HDEL', P .. 'claims', claims[i]) end
+local before = tonumber(ARGV[2])
+for _, hash in ipairs({'freed', 'claims'}) do
+  local all = redis.call('HGETALL', P .. hash)
+  for i = 1, #all, 2 do
+    if tonumber(all[i + 1]) < before then redis.call('HDEL', P .. hash, all[i]) end
+  end
 end
 return 1
 """
@@ -147,13 +145,13 @@ if old then
   local t = ftype(a[1])
   if t == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
   if t == S_IFREG then
-    change_refs(a[3], tonumber(a[2]), bs, -1)
+    change_refs(a[3], tonumber(a[2]), bs, -1, now)
     redis.call('HINCRBY', P .. 'stats', 'bytes', size - tonumber(a[2]))
     redis.call('HSET', ikey(old), 'mode', mode, 'uid', ARGV[5], 'gid', ARGV[6], 'size', size, 'mtime', ARGV[7],
                'ctime', now, 'blocks', blob)
     ino = old
   else
-    drop_entry(parent, name, old, bs)
+    drop_entry(parent, name, old, bs, now)
   end
 end
 if not ino then
@@ -161,7 +159,7 @@ if not ino then
   redis.call('HSET', ikey(ino), 'blocks', blob)
   redis.call('HSET', dkey(parent), name, ino)
 end
-change_refs(blob, size, bs, 1)
+change_refs(blob, size, bs, 1, now)
 touch(parent, now, 0)
 return ino
 """
@@ -173,7 +171,7 @@ local err = parent_dir(parent) if err then return err end
 local ino = redis.call('HGET', dkey(parent), name)
 if not ino then return redis.error_reply('ENOENT ' .. name) end
 if ftype(redis.call('HGET', ikey(ino), 'mode')) == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
-drop_entry(parent, name, ino, tonumber(ARGV[5]))
+drop_entry(parent, name, ino, tonumber(ARGV[5]), ARGV[4])
 touch(parent, ARGV[4], 0)
 return 1
 """
@@ -202,16 +200,16 @@ return ino
 
 # ARGV: P, ino, size, blocks, mtime, block_size, now
 COMMIT = PRELUDE + r"""
-local ino, size, blob, bs = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6])
+local ino, size, blob, bs, now = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6]), ARGV[7]
 local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'blocks')
 if not a[1] then return redis.error_reply('ENOENT inode ' .. ino) end
 local t = ftype(a[1])
 if t == S_IFDIR then return redis.error_reply('EISDIR inode ' .. ino) end
 if t ~= S_IFREG then return redis.error_reply('EINVAL inode ' .. ino) end
-change_refs(a[3], tonumber(a[2]), bs, -1)
+change_refs(a[3], tonumber(a[2]), bs, -1, now)
 redis.call('HINCRBY', P .. 'stats', 'bytes', size - tonumber(a[2]))
-redis.call('HSET', ikey(ino), 'size', size, 'blocks', blob, 'mtime', ARGV[5], 'ctime', ARGV[7])
-change_refs(blob, size, bs, 1)
+redis.call('HSET', ikey(ino), 'size', size, 'blocks', blob, 'mtime', ARGV[5], 'ctime', now)
+change_refs(blob, size, bs, 1, now)
 return 1
 """
 
@@ -266,7 +264,7 @@ if dst then
     touch(np, now, -1)
   else
     if ftype(dmode) == S_IFDIR then return redis.error_reply('EISDIR ' .. nn) end
-    drop_entry(np, nn, dst, bs)
+    drop_entry(np, nn, dst, bs, now)
   end
 end
 redis.call('HDEL', dkey(parent), name)

@@ -323,10 +323,10 @@ class SqliteMeta(MetaStore):
         with self._tx() as conn:
             conn.execute("DELETE FROM deleting WHERE id=?", (bid,))
 
-    def referenced_blocks(self) -> dict[bytes, int]:
+    def referenced_blocks(self) -> set[bytes]:
         with self._lock:
-            rows = self._conn.execute("SELECT id, length FROM blockrefs WHERE refs > 0").fetchall()
-        return {bytes(r[0]): r[1] for r in rows}
+            rows = self._conn.execute("SELECT id FROM blockrefs WHERE refs > 0").fetchall()
+        return {bytes(r[0]) for r in rows}
 
     def freed_blocks(self, since_ns: int) -> set[bytes]:
         with self._lock:

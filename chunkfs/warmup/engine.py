@@ -112,7 +112,7 @@ class Warmup:
         return self.report
 
     async def _run_pinned(self) -> None:
-        missing = await trio.to_thread.run_sync(self._missing_blocks)
+        missing = await trio.to_thread.run_sync(self.cache.missing, self._target)
         shortfalls = await trio.to_thread.run_sync(self.cache.shortfalls, self._target, missing)
         if shortfalls and not self.force:
             raise CacheTooSmall(
@@ -128,9 +128,6 @@ class Warmup:
             for _ in range(min(self.threads, len(missing))):
                 nursery.start_soon(self._worker, queue)
         await trio.to_thread.run_sync(self._final_check)
-
-    def _missing_blocks(self) -> dict[bytes, int]:
-        return {bid: length for bid, length in self._target.items() if self.cache.entry_size(bid) != length}
 
     async def _worker(self, queue: Any) -> None:
         for bid, length in queue:
@@ -159,7 +156,7 @@ class Warmup:
 
     def _final_check(self) -> None:
         """Count what is really on disk: a block the cache declined is not warm."""
-        absent = list(self._missing_blocks())
+        absent = list(self.cache.missing(self._target))
         for bid in absent:
             if bid not in self._failed:
                 self._fail(bid, f"block {bid.hex()[:16]} is not in the cache after its download "

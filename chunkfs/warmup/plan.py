@@ -113,19 +113,17 @@ class Planner:
         pending = [p for p in path.split("/") if p]
         done: list[str] = []
         attrs = [await self.meta.getattr(ROOT_INODE)]  # of "/" and of each name in done
-        attr = attrs[0]
         while pending:
             name = pending.pop(0)
             if name == "..":
                 if done:
                     done.pop()
                     attrs.pop()
-                attr = attrs[-1]
                 continue
-            if not attr.is_dir:
+            if not attrs[-1].is_dir:
                 raise ChunkfsError(f"{shown}: not a directory in the volume (at /{'/'.join(done)})")
             try:
-                child = await self.meta.lookup(attr.ino, name.encode())
+                child = await self.meta.lookup(attrs[-1].ino, name.encode())
             except FsError as exc:
                 if exc.errno == errno.ENOENT:
                     raise ChunkfsError(f"{shown}: no such file or directory in the volume") from None
@@ -139,8 +137,7 @@ class Planner:
                 continue
             done.append(name)
             attrs.append(child)
-            attr = child
-        return attr, "/" + "/".join(done)
+        return attrs[-1], "/" + "/".join(done)
 
     async def _collect(self, path: str, attr: Attr, entry: PathPlan, plan: WarmPlan, seen_dirs: set[int]) -> None:
         if attr.is_reg:

@@ -41,7 +41,7 @@ import trio
 from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import BUSY, CLAIM_RETRY_S, KNOWN, Attr
+from chunkfs.meta.base import KNOWN, Attr
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 
@@ -86,19 +86,20 @@ class _Dirty:
     in_flight: dict[int, int] = field(default_factory=dict)  # block index -> version being uploaded
     idle: trio.Event = field(default_factory=trio.Event)  # replaced when uploads start, set when they end
     handles: int = 0
-    changed: bool = False
+    edits: int = 0  # writes and truncates so far
+    published_edits: int = 0  # of those, how many the last commit published
     mtime_ns: int = 0
     error: str | None = None  # a background upload failed: the next flush reports it
 
 
 class FileWriter:
-    def __init__(self, meta: AsyncMeta, store: AsyncStore, codec: BlockCodec, fetcher: BlockFetcher,
-                 block_size: int, *, uploads: int = 8, max_pending: int = 32, cache_writes: bool = False,
+    def __init__(self, meta: AsyncMeta, store: AsyncStore, fetcher: BlockFetcher, block_size: int, *,
+                 uploads: int = 8, max_pending: int = 32, cache_writes: bool = False,
                  on_publish: Callable[[int, int, list[bytes]], None] | None = None) -> None:
         self.meta = meta
         self.store = store
-        self.codec = codec
         self.fetcher = fetcher
+        self.codec: BlockCodec = fetcher.codec
         self.cache: BlockCache = fetcher.cache
         self.block_size = block_size
         self.max_pending = max_pending
@@ -142,18 +143,18 @@ class FileWriter:
                 self._files.pop(ino, None)
 
     # -- reads and writes ------------------------------------------------------------------
-    async def read(self, ino: int, offset: int, length: int) -> bytes:
+    async def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         state = self._files[ino]
         parts = []
         for index, start, end in block_spans(offset, length, state.size, self.block_size):
             buf = state.pending.get(index)
             if buf is not None:
-                parts.append(bytes(self._bytearray(state, index)[start:end]))
+                parts.append(self._bytearray(state, index)[start:end])  # a copy: the block may change
             elif state.blocks[index] == HOLE:
                 parts.append(bytes(end - start))
             else:
                 parts.append(await self.fetcher.read(state.blocks[index], self._length(state, index), start, end))
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         state = self._files[ino]
@@ -161,8 +162,7 @@ class FileWriter:
             await self._append(state, data)  # cp, downloads, checkpoints: no zero-fill, one copy
         else:
             await self._write_at(state, offset, data)
-        state.changed = True
-        state.mtime_ns = time.time_ns()
+        self._edited(state)
         await self._bound_pending(state)
         return len(data)
 
@@ -210,7 +210,11 @@ class FileWriter:
     async def truncate(self, ino: int, size: int) -> None:
         state = self._files[ino]
         await self._resize(state, size)
-        state.changed = True
+        self._edited(state)
+
+    @staticmethod
+    def _edited(state: _Dirty) -> None:
+        state.edits += 1
         state.mtime_ns = time.time_ns()
 
     async def flush(self, ino: int) -> Attr | None:
@@ -227,8 +231,9 @@ class FileWriter:
                 raise WriteFailed(error)
             if not state.pending:
                 break  # else: rewritten while uploading, go again
-        if not state.changed:
+        if state.edits == state.published_edits:
             return None
+        edits = state.edits  # a write landing while this commits is published by the next flush
         count = block_count(state.size, self.block_size)
         zero_ids: dict[int, bytes] = {}  # per flush: each store of a zero block is claimed (gc may delete one)
         for index in range(count):
@@ -238,9 +243,8 @@ class FileWriter:
                     zero_ids[length] = await self._store(bytes(length))
                 state.blocks[index] = zero_ids[length]
         blocks = state.blocks[:count]
-        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=blocks,
-                                      mtime_ns=state.mtime_ns or time.time_ns())
-        state.changed = False
+        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=blocks, mtime_ns=state.mtime_ns)
+        state.published_edits = edits
         if self.on_publish is not None:
             self.on_publish(ino, state.size, blocks)
         return attr
@@ -356,9 +360,7 @@ class FileWriter:
         The upload is claimed in the metadata first, so gc cannot delete the object before
         the file naming it is published (it waits while gc is deleting an older copy)."""
         bid = await trio.to_thread.run_sync(block_id, plain)
-        while (claim := await self.meta.change("claim_upload", bid, time.time_ns())) == BUSY:
-            await trio.sleep(CLAIM_RETRY_S)
-        if claim != KNOWN:
+        if await self.meta.change("claim_upload_waiting", bid) != KNOWN:
             stored = await trio.to_thread.run_sync(self.codec.encode, plain)
             await self.store.put(object_key(bid), stored)
         if self.cache_writes:

@@ -30,7 +30,7 @@ import trio
 
 from chunkfs.blocks import block_count, block_id, block_length, object_key
 from chunkfs.errors import ChunkfsError, FsError, UsageError, first_error
-from chunkfs.meta.base import BUSY, CLAIM_RETRY_S, KNOWN, ROOT_INODE, Attr
+from chunkfs.meta.base import KNOWN, ROOT_INODE, Attr
 from chunkfs.progress import Progress
 from chunkfs.volume import Volume
 
@@ -313,9 +313,7 @@ class Importer:
         The upload is claimed first, so a concurrent gc cannot delete the object between
         this check and the publish of the file that names it."""
         key = object_key(bid)
-        while (claim := self.meta.claim_upload(bid, time.time_ns())) == BUSY:
-            time.sleep(CLAIM_RETRY_S)  # gc is deleting this object right now
-        if claim == KNOWN or self.store.exists(key):
+        if self.meta.claim_upload_waiting(bid) == KNOWN or self.store.exists(key):
             return False
         self.store.put(key, self.codec.encode(data))
         return True
