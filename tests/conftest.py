@@ -8,6 +8,7 @@ test fails, and its log is checked for tracebacks (a daemon must never crash).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -181,6 +182,23 @@ def fill_up(path: Path) -> None:
 def block_files(root: Path) -> list[Path]:
     """The files under ``root/blocks``: a cache directory's entries or a file store's objects."""
     return [p for p in (root / "blocks").rglob("*") if p.is_file()]
+
+
+def assert_cache_sound(cache: Path) -> int:
+    """Every entry of a cache directory holds exactly the block its name is the hash of.
+    Returns the number of entries."""
+    files = block_files(cache)
+    for path in files:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} does not match its hash"
+    return len(files)
+
+
+def listed_inodes(directory: Path) -> list[tuple[str, int]]:
+    """(name, inode number) of each entry as ``readdir`` returns them, ``.`` and ``..``
+    included, in the order the filesystem gives (``ls -f``: unsorted)."""
+    out = subprocess.run(["ls", "-1fi", str(directory)], capture_output=True, text=True, check=True).stdout
+    pairs = [line.split(maxsplit=1) for line in out.splitlines()]
+    return [(name, int(ino)) for ino, name in pairs]
 
 
 def expect_errno(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]

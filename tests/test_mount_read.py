@@ -14,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BLOCK, VolumeFixture, block_files, chunkfs, expect_errno, mounted, tree_listing
+from tests.conftest import (
+    BLOCK,
+    VolumeFixture,
+    block_files,
+    chunkfs,
+    expect_errno,
+    listed_inodes,
+    mounted,
+    tree_listing,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -41,6 +50,17 @@ def test_listing_sizes_modes_and_links_match_source(imported: VolumeFixture, sou
         ls = subprocess.run(["ls", "-l", str(m.path / "model")], capture_output=True, text=True, check=True)
         assert "-rw------- 1" in ls.stdout  # the 0600 file
         assert f" {5 * BLOCK + 123} " in ls.stdout
+
+
+def test_listings_start_with_dot_and_dotdot(imported: VolumeFixture) -> None:
+    with mounted(imported) as m:
+        model = m.path / "model"
+        assert listed_inodes(m.path)[0] == (".", 1)
+        for d, parent in ((model, m.path), (model / "nested", model), (model / "nested" / "deeper", model / "nested")):
+            listed = listed_inodes(d)
+            assert listed[:2] == [(".", d.stat().st_ino), ("..", parent.stat().st_ino)], d
+            assert sorted(name for name, _ in listed[2:]) == sorted(os.listdir(d))
+            assert {ino for _, ino in listed[2:]} == {(d / name).lstat().st_ino for name, _ in listed[2:]}
 
 
 def test_random_ranges_match_source(imported: VolumeFixture, source: Path) -> None:

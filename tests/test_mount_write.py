@@ -35,6 +35,7 @@ from tests.conftest import (
     expect_errno,
     force_unmount,
     format_volume,
+    listed_inodes,
     mounted,
     volume_on,
     wait_mounted,
@@ -110,6 +111,16 @@ def test_posix_operations_and_errors(volume: VolumeFixture) -> None:
     with rw_mount(volume, "again") as mnt:  # everything was published
         assert (mnt / "d" / "f2").read_bytes() == expected[:BLOCK + 5] + bytes(BLOCK - 5)
         assert (mnt / "over").read_text() == "g" and stat.S_IMODE((mnt / "over").stat().st_mode) == 0o600
+
+
+def test_a_moved_directory_lists_its_new_parent_as_dotdot(volume: VolumeFixture) -> None:
+    with rw_mount(volume, "rw", "--entry-timeout", "60") as mnt:  # the kernel keeps the moved entry
+        (mnt / "a" / "sub").mkdir(parents=True)
+        (mnt / "b").mkdir()
+        assert listed_inodes(mnt / "a" / "sub")[1] == ("..", (mnt / "a").stat().st_ino)
+        os.rename(mnt / "a" / "sub", mnt / "b" / "sub")
+        moved = mnt / "b" / "sub"
+        assert listed_inodes(moved) == [(".", moved.stat().st_ino), ("..", (mnt / "b").stat().st_ino)]
 
 
 def test_two_mounts_see_each_others_files_after_close(request: pytest.FixtureRequest, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ in front of the S3 server: every byte right at 10% faults, prompt EIO at 100%.""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import threading
@@ -17,7 +16,15 @@ import pytest
 from chunkfs.store import StoreError, StoreOptions, open_store
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
 from chunkfs.store.retry import RetryingStore
-from tests.conftest import BLOCK, VolumeFixture, block_files, chunkfs, mounted, storage_url, unique_bucket
+from tests.conftest import (
+    BLOCK,
+    VolumeFixture,
+    assert_cache_sound,
+    chunkfs,
+    mounted,
+    storage_url,
+    unique_bucket,
+)
 from tests.faultproxy import FaultConfig, FaultProxy
 from tests.test_mount_read import FILES
 
@@ -139,13 +146,6 @@ def proxied_volume(s3_server, tmp_path: Path, source: Path):  # type: ignore[no-
         yield vol, proxy
 
 
-def _cache_is_clean(cache: Path) -> int:
-    files = block_files(cache)
-    for p in files:
-        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"corrupt cache entry {p}"
-    return len(files)
-
-
 @pytest.mark.mount
 def test_ten_percent_faults_every_byte_right(proxied_volume, source: Path) -> None:  # type: ignore[no-untyped-def]
     vol, proxy = proxied_volume
@@ -156,7 +156,7 @@ def test_ten_percent_faults_every_byte_right(proxied_volume, source: Path) -> No
             assert (m.path / "model" / rel).read_bytes() == (source / rel).read_bytes(), rel
     counts = proxy.config.counts
     assert sum(counts.values()) >= 5 and len(counts) >= 3, counts  # the faults really happened
-    assert _cache_is_clean(vol.tmp / "cache") > 64
+    assert assert_cache_sound(vol.tmp / "cache") > 64
 
 
 @pytest.mark.mount
@@ -174,7 +174,7 @@ def test_total_failure_is_prompt_eio_and_recovers(proxied_volume, source: Path) 
         proxy.config.rate = 0.0  # the store recovers: so do reads, nothing was poisoned
         assert (m.path / "model/big.bin").read_bytes() == (source / "big.bin").read_bytes()
     assert "big.bin" in m.log_text()
-    _cache_is_clean(vol.tmp / "cache")
+    assert_cache_sound(vol.tmp / "cache")
 
 
 def test_connection_pool_is_sized_to_the_concurrency(s3_server) -> None:  # type: ignore[no-untyped-def]

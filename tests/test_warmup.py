@@ -5,7 +5,6 @@ warmup through a running mount."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ from chunkfs.errors import ChunkfsError
 from chunkfs.meta import open_meta
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.warmup.plan import Planner, normalize_volume_path
-from tests.conftest import BLOCK, VolumeFixture, block_files, chunkfs, mounted, unique_bucket
+from tests.conftest import BLOCK, VolumeFixture, assert_cache_sound, block_files, chunkfs, mounted, unique_bucket
 from tests.faultproxy import FaultProxy
 
 
@@ -53,12 +52,6 @@ def unique_blocks(root: Path) -> dict[bytes, int]:
                 chunk = data[off:off + BLOCK]
                 blocks[block_id(chunk)] = len(chunk)
     return blocks
-
-
-def assert_cache_sound(cache: Path) -> None:
-    """Every block file's content matches its name (the hash of its bytes)."""
-    for path in block_files(cache):
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} does not match its hash"
 
 
 def assert_same_tree(src: Path, mnt: Path) -> None:

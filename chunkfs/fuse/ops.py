@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class MountOptions:
 #: list it, and it hides a volume file of the same name.
 STATS_NAME = b".chunkfs-stats"
 STATS_INODE = (1 << 63) - 2
+UNKNOWN_INODE = 0xFFFFFFFF  # FUSE_UNKNOWN_INO: what libfuse reports when it has no inode number
 
 
 @dataclass(slots=True)
@@ -102,9 +104,10 @@ class ChunkfsOperations(pyfuse3.Operations):
         self.metrics = metrics
         self._op_metrics: dict[str, tuple[Any, Any]] = {}
         self._files: dict[int, OpenFile] = {}
-        self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, Attr]]]] = {}  # fh -> (inode, listing)
         self._next_fh = 1
-        self._names: dict[int, bytes] = {1: b"/"}  # last name seen per inode, for log messages
+        self._names: dict[int, bytes] = {ROOT_INODE: b"/"}  # last name seen per inode, for log messages
+        self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}  # directory -> its parent, as seen
 
     # -- helpers ---------------------------------------------------------------------------
     def observe_op(self, op: str, seconds: float) -> None:
@@ -143,6 +146,20 @@ class ChunkfsOperations(pyfuse3.Operations):
         entry.st_ctime_ns = attr.ctime_ns
         return entry
 
+    def _seen(self, parent: int, name: bytes, attr: Attr) -> None:
+        """Remember what a lookup, listing or creation showed: the name (for log messages)
+        and, for a directory, its parent (for its ``..`` entry)."""
+        self._names[attr.ino] = name
+        if attr.is_dir:
+            self._parents[attr.ino] = parent
+
+    def _dot_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        """A ``.`` or ``..`` listing entry: the kernel takes only its inode number and type."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = ino
+        entry.st_mode = stat.S_IFDIR
+        return entry
+
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -156,7 +173,7 @@ class ChunkfsOperations(pyfuse3.Operations):
         if parent_inode == ROOT_INODE and name == STATS_NAME:
             return self._stats_entry()
         attr = await self.meta.lookup(parent_inode, name)
-        self._names[attr.ino] = name
+        self._seen(parent_inode, name, attr)
         return self._entry(attr)
 
     @_fuse_errors
@@ -172,16 +189,25 @@ class ChunkfsOperations(pyfuse3.Operations):
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         fh = self._new_fh()
-        self._dirs[fh] = await self.meta.readdir(inode)
+        self._dirs[fh] = (inode, await self.meta.readdir(inode))
         return fh
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._dirs[fh]
-        for index in range(start_id, len(listing)):
-            name, attr = listing[index]
-            self._names[attr.ino] = name
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
+        """Entries in order ``.``, ``..``, then the directory's; an entry's offset is its
+        position plus one. A directory's parent is the one its last lookup or listing showed
+        (the kernel looks a renamed directory up again); one never seen (none is reached
+        otherwise) gets FUSE's unknown inode number for ``..``."""
+        inode, listing = self._dirs[fh]
+        for position in range(start_id, len(listing) + 2):
+            if position < 2:
+                name = b"." if position == 0 else b".."
+                entry = self._dot_entry(inode if position == 0 else self._parents.get(inode, UNKNOWN_INODE))
+            else:
+                name, attr = listing[position - 2]
+                self._seen(inode, name, attr)
+                entry = self._entry(attr)
+            if not pyfuse3.readdir_reply(token, name, entry, position + 1):
                 break
 
     @_fuse_errors

@@ -92,7 +92,7 @@ class WritableOperations(ChunkfsOperations):
                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """mkdir, symlink or create_file, owned by the caller."""
         attr = await self.meta.change(method, parent, name, mode_or_target, ctx.uid, ctx.gid, time.time_ns())
-        self._names[attr.ino] = name
+        self._seen(parent, name, attr)
         return self._entry(attr)
 
     # -- attributes ------------------------------------------------------------------------

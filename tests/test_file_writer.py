@@ -1,0 +1,122 @@
+"""FileWriter against a real SQLite volume and file store, without FUSE: orderings that a
+mount test cannot force (a write landing while another handle's flush commits)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.meta.aio import AsyncMeta
+from chunkfs.meta.base import ROOT_INODE
+from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.store.aio import AsyncStore
+from chunkfs.volume import Volume, open_volume
+from chunkfs.write.file_writer import FileWriter
+from tests.conftest import BLOCK, VolumeFixture
+
+
+@dataclass
+class Parts:
+    volume: Volume
+    meta: AsyncMeta
+    fetcher: BlockFetcher
+    writer: FileWriter
+
+
+@pytest.fixture
+def parts(volume: VolumeFixture) -> Iterator[Parts]:
+    vol = open_volume(volume.meta_url)
+    cache = BlockCache([volume.tmp / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(vol.store, 4), vol.codec, cache)
+    meta = AsyncMeta(vol.meta)
+    writer = FileWriter(meta, AsyncStore(vol.store, 4), fetcher, vol.fmt.block_size)
+    try:
+        yield Parts(vol, meta, fetcher, writer)
+    finally:
+        vol.close()
+
+
+def published(p: Parts, ino: int) -> bytes:
+    """The file's content as the metadata names it (what another mount would read)."""
+    size = p.volume.meta.getattr(ino).size
+    blocks = p.volume.meta.read_blocks(ino)
+
+    async def read() -> bytes:
+        parts = []
+        for index, bid in enumerate(blocks):
+            length = min(BLOCK, size - index * BLOCK)
+            parts.append(bytes(await p.fetcher.read(bid, length, 0, length)))
+        return b"".join(parts)
+
+    return trio.run(read)
+
+
+def test_a_write_during_another_handles_commit_is_published_by_the_next_flush(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    ino = parts.volume.meta.create_file(ROOT_INODE, b"f", 0o644, 0, 0, time.time_ns()).ino
+    committing, proceed = trio.Event(), trio.Event()
+    commits: list[int] = []
+    real_change = parts.meta.change
+
+    async def paused_change(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "commit_file":
+            commits.append(kwargs["size"])
+            if len(commits) == 1:
+                committing.set()
+                await proceed.wait()  # hold the first commit open
+        return await real_change(method, *args, **kwargs)
+
+    monkeypatch.setattr(parts.meta, "change", paused_change)
+    first, second = b"a" * (BLOCK + 10), b"b" * 20
+
+    async def main() -> None:
+        async with trio.open_nursery() as background:
+            await background.start(parts.writer.run)
+            parts.writer.opened(ino, 0, [])  # handle A
+            parts.writer.opened(ino, 0, [])  # handle B
+            await parts.writer.write(ino, 0, first)
+            async with trio.open_nursery() as flushes:
+                flushes.start_soon(parts.writer.flush, ino)  # A: fsync
+                await committing.wait()
+                await parts.writer.write(ino, len(first), second)  # B writes while A's commit runs
+                proceed.set()
+            await parts.writer.release(ino)  # A closes
+            await parts.writer.release(ino)  # B closes: the last handle publishes what is left
+            background.cancel_scope.cancel()
+
+    trio.run(main)
+    assert commits == [len(first), len(first) + len(second)]
+    assert published(parts, ino) == first + second
+
+
+def test_a_flush_with_nothing_new_commits_nothing(parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    ino = parts.volume.meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, time.time_ns()).ino
+    commits: list[int] = []
+    real_change = parts.meta.change
+
+    async def counted_change(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "commit_file":
+            commits.append(kwargs["size"])
+        return await real_change(method, *args, **kwargs)
+
+    monkeypatch.setattr(parts.meta, "change", counted_change)
+
+    async def main() -> None:
+        async with trio.open_nursery() as background:
+            await background.start(parts.writer.run)
+            parts.writer.opened(ino, 0, [])
+            await parts.writer.write(ino, 0, b"x" * 100)
+            assert await parts.writer.flush(ino) is not None
+            assert await parts.writer.flush(ino) is None  # nothing written since
+            assert await parts.writer.release(ino) is None
+            background.cancel_scope.cancel()
+
+    trio.run(main)
+    assert commits == [100]
+    assert published(parts, ino) == b"x" * 100
