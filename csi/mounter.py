@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from chunkfs.fuse.mountinfo import MountEntry, find_mount
 from chunkfs.procs import pid_alive
+from chunkfs.urls import is_env_name
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def secrets_to_env(secrets: dict[str, str]) -> dict[str, str]:
     """The mount daemon's environment from a CSI secret: ``metaurl``, ``access-key`` and
     ``secret-key`` by name, and every UPPER_CASE key as is (AWS_SESSION_TOKEN, AWS_REGION,
     CHUNKFS_META_PASSWORD, ...)."""
-    env = {key: value for key, value in secrets.items() if key.isidentifier() and key.isupper()}
+    env = {key: value for key, value in secrets.items() if is_env_name(key)}
     aliases = {"metaurl": META_ENV, "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
     for key, name in aliases.items():
         if secrets.get(key):

@@ -428,8 +428,7 @@ class Bench:
         try:
             proc.wait(timeout=UNMOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_process(proc)
             say(f"warning: {Path(umount[0]).name} mount daemon (pid {proc.pid}) did not exit after unmount")
         self.mounts.remove(mnt)
         self.procs.remove(proc)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 
+from chunkfs.blocks import block_length
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import ROOT_INODE
@@ -50,29 +51,38 @@ def published(p: Parts, ino: int) -> bytes:
     async def read() -> bytes:
         parts = []
         for index, bid in enumerate(blocks):
-            length = min(BLOCK, size - index * BLOCK)
+            length = block_length(index, size, BLOCK)
             parts.append(bytes(await p.fetcher.read(bid, length, 0, length)))
         return b"".join(parts)
 
     return trio.run(read)
 
 
+def record_commits(parts: Parts, monkeypatch: pytest.MonkeyPatch,
+                   hold_first: tuple[trio.Event, trio.Event] | None = None) -> list[int]:
+    """The size of each ``commit_file`` the writer makes, in order. With ``hold_first``
+    (committing, proceed), the first commit sets ``committing`` and waits for ``proceed``."""
+    commits: list[int] = []
+    real_change = parts.meta.change
+
+    async def change(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "commit_file":
+            commits.append(kwargs["size"])
+            if hold_first is not None and len(commits) == 1:
+                committing, proceed = hold_first
+                committing.set()
+                await proceed.wait()
+        return await real_change(method, *args, **kwargs)
+
+    monkeypatch.setattr(parts.meta, "change", change)
+    return commits
+
+
 def test_a_write_during_another_handles_commit_is_published_by_the_next_flush(
         parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
     ino = parts.volume.meta.create_file(ROOT_INODE, b"f", 0o644, 0, 0, time.time_ns()).ino
     committing, proceed = trio.Event(), trio.Event()
-    commits: list[int] = []
-    real_change = parts.meta.change
-
-    async def paused_change(method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "commit_file":
-            commits.append(kwargs["size"])
-            if len(commits) == 1:
-                committing.set()
-                await proceed.wait()  # hold the first commit open
-        return await real_change(method, *args, **kwargs)
-
-    monkeypatch.setattr(parts.meta, "change", paused_change)
+    commits = record_commits(parts, monkeypatch, hold_first=(committing, proceed))
     first, second = b"a" * (BLOCK + 10), b"b" * 20
 
     async def main() -> None:
@@ -97,15 +107,7 @@ def test_a_write_during_another_handles_commit_is_published_by_the_next_flush(
 
 def test_a_flush_with_nothing_new_commits_nothing(parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
     ino = parts.volume.meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, time.time_ns()).ino
-    commits: list[int] = []
-    real_change = parts.meta.change
-
-    async def counted_change(method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "commit_file":
-            commits.append(kwargs["size"])
-        return await real_change(method, *args, **kwargs)
-
-    monkeypatch.setattr(parts.meta, "change", counted_change)
+    commits = record_commits(parts, monkeypatch)
 
     async def main() -> None:
         async with trio.open_nursery() as background:
@@ -120,3 +122,41 @@ def test_a_flush_with_nothing_new_commits_nothing(parts: Parts, monkeypatch: pyt
     trio.run(main)
     assert commits == [100]
     assert published(parts, ino) == b"x" * 100
+
+
+def test_a_write_while_a_flush_stores_holes_is_left_to_the_next_flush(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush publishes the size and blocks of one moment, even if a write lands while it
+    stores the zero block of a hole."""
+    ino = parts.volume.meta.create_file(ROOT_INODE, b"h", 0o644, 0, 0, time.time_ns()).ino
+    commits = record_commits(parts, monkeypatch)
+    storing, proceed = trio.Event(), trio.Event()
+    real_store = parts.writer._store
+
+    async def paused_store(plain: bytes) -> bytes:
+        if not storing.is_set() and not any(plain):
+            storing.set()
+            await proceed.wait()
+        return await real_store(plain)
+
+    monkeypatch.setattr(parts.writer, "_store", paused_store)
+    tail = b"z" * 10
+
+    async def main() -> None:
+        async with trio.open_nursery() as background:
+            await background.start(parts.writer.run)
+            parts.writer.opened(ino, 0, [])
+            parts.writer.opened(ino, 0, [])
+            await parts.writer.truncate(ino, 2 * BLOCK)  # two holes
+            async with trio.open_nursery() as flushes:
+                flushes.start_soon(parts.writer.flush, ino)
+                await storing.wait()
+                await parts.writer.write(ino, 2 * BLOCK, tail)  # the other handle appends meanwhile
+                proceed.set()
+            await parts.writer.release(ino)
+            await parts.writer.release(ino)
+            background.cancel_scope.cancel()
+
+    trio.run(main)
+    assert commits == [2 * BLOCK, 2 * BLOCK + len(tail)]
+    assert published(parts, ino) == bytes(2 * BLOCK) + tail

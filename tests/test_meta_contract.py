@@ -298,3 +298,17 @@ def test_upload_claims_and_gc_delete_marks_exclude_each_other(meta: MetaStore) -
     meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=1, size=2, blocks=[block_id(b"ab")])
     assert meta.claim_upload(block_id(b"ab"), t0) == KNOWN
     assert not meta.begin_delete(block_id(b"ab"), t0 + hour, t0 + hour)
+
+
+def test_a_second_gc_cannot_mark_a_block_another_gc_is_deleting(meta: MetaStore) -> None:
+    """Two gc runs at once: the second must not take over (and later lose) the first's mark,
+    or the first's end_delete would let a writer re-upload while the second deletes."""
+    bid, ms, t0 = block_id(b"contested"), 10**6, 10**18
+    assert meta.begin_delete(bid, t0, t0)
+    assert not meta.begin_delete(bid, t0, t0 + ms)
+    assert meta.claim_upload(bid, t0 + 2 * ms) == BUSY
+    meta.end_delete(bid)
+    assert meta.begin_delete(bid, t0, t0 + 3 * ms)  # free again
+    assert meta.begin_delete(bid, t0, t0 + 3 * ms + DELETE_MARK_TTL_NS + ms)  # a dead gc's mark expires
+    meta.forget_freed(t0 + 5 * ms + 2 * DELETE_MARK_TTL_NS)  # and is swept with old records
+    assert meta.claim_upload(bid, t0 + 3 * ms + DELETE_MARK_TTL_NS + 2 * ms) == CLAIMED

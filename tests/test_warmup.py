@@ -104,7 +104,7 @@ def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path) -> None:
     other = CacheDir(tmp_path / "c")
     assert other.try_lock(bid) is None  # ...through another CacheDir too (OFD locks)
     assert other.try_lock(block_id(b"z")) is not None  # other blocks are free
-    cache_dir.unlock(bid, held)
+    cache_dir.unlock(held)
     again = other.try_lock(bid)
     assert again is not None and cache_dir.try_lock(bid) is None
     other.close()  # closing drops its locks
@@ -124,12 +124,12 @@ def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path) -> None:
         child.wait()
     mine = cache_dir.try_lock(block_id(b"y"))
     assert mine is not None
-    cache_dir.unlock(block_id(b"y"), mine)
+    cache_dir.unlock(mine)
     # per-block lock files of older versions are removed on open unless someone holds them
     (tmp_path / "c" / "locks" / bid.hex()).write_bytes(b"")
     CacheDir(tmp_path / "c")
     assert [p.name for p in (tmp_path / "c" / "locks").iterdir()] == ["downloads"]
-    cache_dir.unlock(bid, again)
+    cache_dir.unlock(again)
 
 
 def test_shortfalls_name_the_cache_size_and_the_disk(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ class BlockCache:
         if token == NO_LOCK:
             return
         try:
-            self.dir_for(bid).unlock(bid, token)
+            self.dir_for(bid).unlock(token)
         except OSError as exc:
             log.debug("cache: cannot unlock block %s: %s", bid.hex()[:16], exc.strerror)
 
@@ -312,13 +312,13 @@ class BlockCache:
         if total > self.capacity:
             found.append(Shortfall(total, self.capacity, "cache size"))
         with self._lock:
-            evictable_by_dir: dict[int, int] = {}
+            evictable_by_dir: dict[CacheDir, int] = {}
             for bid, size in self._index.items():
                 if bid not in target and bid not in self._pins:
-                    key = id(self.dir_for(bid))
-                    evictable_by_dir[key] = evictable_by_dir.get(key, 0) + size
+                    where = self.dir_for(bid)
+                    evictable_by_dir[where] = evictable_by_dir.get(where, 0) + size
         groups: dict[int, dict] = {}  # st_dev -> needed, room, dirs
-        group_of: dict[int, dict] = {}  # id(CacheDir) -> its filesystem's group
+        group_of: dict[CacheDir, dict] = {}  # cache directory -> its filesystem's group
         for cache_dir in self.dirs:
             try:
                 dev = os.stat(cache_dir.root).st_dev
@@ -327,13 +327,13 @@ class BlockCache:
                 found.append(Shortfall(0, 0, f"{cache_dir.root} ({exc.strerror})"))
                 continue
             group = groups.setdefault(dev, {"needed": 0, "room": free - int(self.free_ratio * disk), "dirs": []})
-            group["room"] += evictable_by_dir.get(id(cache_dir), 0)
+            group["room"] += evictable_by_dir.get(cache_dir, 0)
             group["dirs"].append(cache_dir)
-            group_of[id(cache_dir)] = group
+            group_of[cache_dir] = group
         if missing is None:
             missing = self.missing(target)
         for bid, length in missing.items():
-            group = group_of.get(id(self.dir_for(bid)))
+            group = group_of.get(self.dir_for(bid))
             if group is not None:
                 group["needed"] += length
         for group in groups.values():

@@ -38,9 +38,6 @@ from pathlib import Path
 from chunkfs.procs import pid_alive
 
 DOWNLOAD_LOCKS = "downloads"
-#: open-file-description locks (Linux 3.15+): owned by our descriptor, not by the process, so
-#: they conflict between two CacheDir objects of one process and survive unrelated closes
-F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
 
 
@@ -96,7 +93,7 @@ class CacheDir:
 
     def _locks_fd(self) -> int:
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.locks_dir / DOWNLOAD_LOCKS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = os.open(self.locks_dir / DOWNLOAD_LOCKS, os.O_RDWR | os.O_CREAT, 0o600)
         return self._lock_fd
 
     def try_lock(self, bid: bytes) -> int | None:
@@ -107,7 +104,7 @@ class CacheDir:
             if offset in self._held:
                 return None
             try:
-                fcntl.fcntl(self._locks_fd(), F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+                fcntl.fcntl(self._locks_fd(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     return None
@@ -115,12 +112,12 @@ class CacheDir:
             self._held.add(offset)
         return offset
 
-    def unlock(self, bid: bytes, token: int) -> None:
+    def unlock(self, token: int) -> None:
         """Release a lock from ``try_lock``."""
         with self._held_lock:
             self._held.discard(token)
             if self._lock_fd is not None:
-                fcntl.fcntl(self._lock_fd, F_OFD_SETLK, _flock(fcntl.F_UNLCK, token))
+                fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, token))
 
     def close(self) -> None:
         """Drop every download lock this object holds (the kernel does so at exit too)."""

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"block cache directory; repeat it or join with ':' for several disks "
                         f"(default {default_cache_dir()})")
     p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE,
-                   help="most bytes the cache may hold; least recently used blocks are evicted (default 100G)")
+                   help="most bytes the cache may hold; least recently used blocks are evicted "
+                        f"(default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--free-space-ratio", type=_ratio, default=0.1,
                    help="keep at least this fraction of each cache disk free (default 0.1)")
     p.add_argument("--background", "-d", action="store_true", help="return once mounted; serve in the background")
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
                    help=f"cache directory, as for mount (default {default_cache_dir()}); not with a mount's paths")
     p.add_argument("--cache-size", type=_size, default=None,
-                   help="the cache size the node's mounts use (default 100G); not with a mount's paths")
+                   help=f"the cache size the node's mounts use (default {DEFAULT_CACHE_SIZE >> 30}G); "
+                        "not with a mount's paths")
     p.add_argument("--free-space-ratio", type=_ratio, default=None,
                    help="keep this fraction of each cache disk free (default 0.1); not with a mount's paths")
     p.add_argument("--threads", type=_positive_int, default=32, help="blocks downloaded in parallel (default 32)")
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default /run/chunkfs/csi)")
     p.add_argument("--cache-dir", action="append", default=None, metavar="DIR",
                    help="node cache of every mount, as for mount (default /var/cache/chunkfs)")
-    p.add_argument("--cache-size", default="100G", help="cache size of each mount (default 100G)")
+    p.add_argument("--cache-size", default=f"{DEFAULT_CACHE_SIZE >> 30}G",
+                   help=f"cache size of each mount (default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--check-interval", type=float, default=5.0,
                    help="seconds between checks that every mount daemon is alive (default 5)")
 

@@ -92,7 +92,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
     else:
         # a few uploads at once keep the store busy; more threads only fight over the GIL.
-        # Written blocks waiting for upload hold at most --buffer-size (at least 4 blocks).
+        # Written blocks waiting for upload hold at most --buffer-size per file being written (at
+        # least 4 blocks).
         uploads = max(1, min(8, slots // 2))
         writer = FileWriter(meta, AsyncStore(volume.store, slots), fetcher, block_size,
                             uploads=uploads, max_pending=max(4, config.buffer_size // block_size),

@@ -195,9 +195,9 @@ class ChunkfsOperations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Entries in order ``.``, ``..``, then the directory's; an entry's offset is its
-        position plus one. A directory's parent is the one its last lookup or listing showed
-        (the kernel looks a renamed directory up again); one never seen (none is reached
-        otherwise) gets FUSE's unknown inode number for ``..``."""
+        position plus one. A directory's parent is the one its last lookup, listing, creation
+        or rename showed; one never seen (none is reached otherwise) gets FUSE's unknown inode
+        number for ``..``."""
         inode, listing = self._dirs[fh]
         for position in range(start_id, len(listing) + 2):
             if position < 2:

@@ -66,8 +66,13 @@ class WritableOperations(ChunkfsOperations):
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         if flags & RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        # a directory moved to another parent: its ``..`` must follow (kernels may keep the
+        # moved entry cached and never look it up again)
+        moved = await self.meta.lookup(parent_inode_old, name_old) if parent_inode_old != parent_inode_new else None
         await self.meta.change("rename", parent_inode_old, name_old, parent_inode_new, name_new,
                                noreplace=bool(flags & RENAME_NOREPLACE))
+        if moved is not None:
+            self._seen(parent_inode_new, name_new, moved)
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext

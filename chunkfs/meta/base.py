@@ -154,9 +154,10 @@ class MetaStore(ABC):
     def read_blocks(self, ino: int) -> list[bytes]:
         """The ordered block ids of a regular file."""
 
-    @abstractmethod
     def block_known(self, bid: bytes) -> bool:
-        """True if some published file references the block (so it is in the store)."""
+        """True if some published file references the block (so it is in the store); for
+        tests and tools (writers ask ``claim_upload``)."""
+        return bid in self.referenced_blocks()
 
     @abstractmethod
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
@@ -177,8 +178,9 @@ class MetaStore(ABC):
     def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
         """gc, before deleting block ``bid``'s object, in one transaction: True (and the
         block is marked as being deleted at ``now_ns``) only if no file references it and
-        no upload was claimed at or after ``intents_since_ns``. A mark older than
-        ``DELETE_MARK_TTL_NS`` (a gc that died) no longer makes ``claim_upload`` wait."""
+        no upload was claimed at or after ``intents_since_ns`` and no other gc's mark is live.
+        A mark older than ``DELETE_MARK_TTL_NS`` (a gc that died) no longer makes
+        ``claim_upload`` or another gc wait."""
 
     @abstractmethod
     def end_delete(self, bid: bytes) -> None:
@@ -195,7 +197,8 @@ class MetaStore(ABC):
 
     @abstractmethod
     def forget_freed(self, before_ns: int) -> None:
-        """Drop the records of blocks freed, and of uploads claimed, before ``before_ns``."""
+        """Drop the records of blocks freed, and of uploads claimed, before ``before_ns``,
+        and delete marks older than that by ``DELETE_MARK_TTL_NS`` (left by a gc that died)."""
 
     # -- namespace changes (each one transaction) ------------------------------------------
     @abstractmethod

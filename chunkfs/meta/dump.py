@@ -1,6 +1,6 @@
 """Copy a volume's metadata between engines as a versioned JSON Lines stream.
 
-Line 1 is a header ``{"chunkfs_dump": 1, "format": {...}}``; then one object per entry in
+Line 1 is a header ``{"chunkfs_dump": 2, "format": {...}}``; then one object per entry in
 pre-order (a directory before its children): ``path`` (``/`` for the root), ``type``
 (``dir``, ``file``, ``symlink``), ``mode`` (permission bits), ``uid``, ``gid``,
 ``mtime_ns``, and ``size`` + ``blocks`` (hex ids) for files or ``target`` for symlinks;

@@ -229,15 +229,11 @@ class RedisMeta(MetaStore):
             raise FsError(errno.ENOENT, f"inode {ino}")
         return unpack_ids(blob)
 
-    def block_known(self, bid: bytes) -> bool:
-        return bool(self._call(self.client.hexists, self.prefix + "refs", bid))
-
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
-        answer = self._run("CLAIM_UPLOAD", bid, now_ns, DELETE_MARK_TTL_NS)
-        return answer.decode() if isinstance(answer, bytes) else str(answer)
+        return self._run("CLAIM_UPLOAD", bid, now_ns, DELETE_MARK_TTL_NS).decode()
 
     def begin_delete(self, bid: bytes, intents_since_ns: int, now_ns: int) -> bool:
-        return bool(self._run("BEGIN_DELETE", bid, intents_since_ns, now_ns))
+        return bool(self._run("BEGIN_DELETE", bid, intents_since_ns, now_ns, DELETE_MARK_TTL_NS))
 
     def end_delete(self, bid: bytes) -> None:
         self._call(self.client.hdel, self.prefix + "deleting", bid)
@@ -250,7 +246,7 @@ class RedisMeta(MetaStore):
         return {bytes(k) for k, v in freed.items() if int(v) >= since_ns}
 
     def forget_freed(self, before_ns: int) -> None:
-        self._run("FORGET_FREED", before_ns)
+        self._run("FORGET_FREED", before_ns, DELETE_MARK_TTL_NS)
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:

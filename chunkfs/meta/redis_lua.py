@@ -71,12 +71,13 @@ local function drop_entry(parent, name, ino, bs, now)
   end
 end
 -- a new inode named parent/name (mkdir, symlink, create): the inode number, or an error reply
-local function add_entry(parent, name, mode, uid, gid, size, mtime, now, nlink)
+local function add_entry(parent, name, mode, uid, gid, size, mtime, now)
   local err = parent_dir(parent) if err then return nil, err end
   if redis.call('HEXISTS', dkey(parent), name) == 1 then return nil, redis.error_reply('EEXIST ' .. name) end
-  local ino = new_inode(mode, uid, gid, size, mtime, now, nlink)
+  local is_dir = ftype(mode) == S_IFDIR
+  local ino = new_inode(mode, uid, gid, size, mtime, now, is_dir and 2 or 1)
   redis.call('HSET', dkey(parent), name, ino)
-  touch(parent, now, nlink == 2 and 1 or 0)  -- a subdirectory's '..' links to its parent
+  touch(parent, now, is_dir and 1 or 0)  -- a subdirectory's '..' links to its parent
   return ino
 end
 local function child_of(parent, name)
@@ -86,13 +87,14 @@ local function child_of(parent, name)
 end
 """
 
-# ARGV: P, before_ns -> drops freed records and upload claims older than before_ns
+# ARGV: P, before_ns, mark ttl ns -> drops freed records and upload claims older than
+# before_ns, and delete marks older than that by the mark ttl (left by a gc that died)
 FORGET_FREED = PRELUDE + r"""
 local before = tonumber(ARGV[2])
-for _, hash in ipairs({'freed', 'claims'}) do
+for hash, cutoff in pairs({freed = before, claims = before, deleting = before - tonumber(ARGV[3])}) do
   local all = redis.call('HGETALL', P .. hash)
   for i = 1, #all, 2 do
-    if tonumber(all[i + 1]) < before then redis.call('HDEL', P .. hash, all[i]) end
+    if tonumber(all[i + 1]) < cutoff then redis.call('HDEL', P .. hash, all[i]) end
   end
 end
 return 1
@@ -108,26 +110,29 @@ redis.call('HSET', P .. 'claims', id, ARGV[3])
 return 'claimed'
 """
 
-# ARGV: P, block id, claims_since_ns, now_ns -> 1 if marked for deletion (MetaStore.begin_delete)
+# ARGV: P, block id, claims_since_ns, now_ns, mark ttl ns -> 1 if marked for deletion
+# (MetaStore.begin_delete)
 BEGIN_DELETE = PRELUDE + r"""
 local id = ARGV[2]
 if redis.call('HEXISTS', P .. 'refs', id) == 1 then return 0 end
 local claim = redis.call('HGET', P .. 'claims', id)
 if claim and tonumber(claim) >= tonumber(ARGV[3]) then return 0 end
+local mark = redis.call('HGET', P .. 'deleting', id)
+if mark and tonumber(ARGV[4]) - tonumber(mark) < tonumber(ARGV[5]) then return 0 end
 redis.call('HSET', P .. 'deleting', id, ARGV[4])
 return 1
 """
 
 # ARGV: P, parent, name, mode, uid, gid, mtime, now
 MKDIR = PRELUDE + r"""
-local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 2)
+local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8])
 return ino or err
 """
 
 # ARGV: P, parent, name, target, uid, gid, mtime, now
 SYMLINK = PRELUDE + r"""
 local target = ARGV[4]
-local ino, err = add_entry(ARGV[2], ARGV[3], S_IFLNK + 511, ARGV[5], ARGV[6], #target, ARGV[7], ARGV[8], 1)
+local ino, err = add_entry(ARGV[2], ARGV[3], S_IFLNK + 511, ARGV[5], ARGV[6], #target, ARGV[7], ARGV[8])
 if err then return err end
 redis.call('HSET', ikey(ino), 'target', target)
 return ino
@@ -192,7 +197,7 @@ return 1
 
 # ARGV: P, parent, name, mode, uid, gid, mtime, now
 CREATE = PRELUDE + r"""
-local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8], 1)
+local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 0, ARGV[7], ARGV[8])
 if err then return err end
 redis.call('HSET', ikey(ino), 'blocks', '')
 return ino

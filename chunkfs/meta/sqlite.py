@@ -194,7 +194,7 @@ class SqliteMeta(MetaStore):
         return int(cur.lastrowid)
 
     def _add_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
-                   nlink: int, target: bytes | None = None, blocks: bytes | None = None) -> Attr:
+                   target: bytes | None = None, blocks: bytes | None = None) -> Attr:
         """A new inode named ``parent/name`` (mkdir, symlink, create), in one transaction:
         EEXIST if the name is taken; a new directory adds a link to its parent."""
         check_name(name)
@@ -202,9 +202,10 @@ class SqliteMeta(MetaStore):
             self._parent_dir(conn, parent)
             if self._child(conn, parent, name) is not None:
                 raise FsError(errno.EEXIST, repr(name))
-            ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, nlink, target, blocks)
+            is_dir = stat.S_ISDIR(mode)
+            ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, 2 if is_dir else 1, target, blocks)
             conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            self._touch_dir(conn, parent, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
+            self._touch_dir(conn, parent, nlink_delta=1 if is_dir else 0)
             return self._attr_of(conn, ino)
 
     @staticmethod
@@ -296,10 +297,6 @@ class SqliteMeta(MetaStore):
             raise FsError(errno.ENOENT, f"inode {ino}")
         return unpack_ids(row[0])
 
-    def block_known(self, bid: bytes) -> bool:
-        with self._lock:
-            return self._referenced(self._conn, bid)
-
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
         with self._tx() as conn:
             if self._referenced(conn, bid):
@@ -316,6 +313,9 @@ class SqliteMeta(MetaStore):
                 return False
             if conn.execute("SELECT 1 FROM upload_claims WHERE id=? AND at >= ?", (bid, intents_since_ns)).fetchone():
                 return False
+            if conn.execute("SELECT 1 FROM deleting WHERE id=? AND ? - at < ?",
+                            (bid, now_ns, DELETE_MARK_TTL_NS)).fetchone():
+                return False  # another gc is deleting it
             conn.execute("INSERT OR REPLACE INTO deleting VALUES (?, ?)", (bid, now_ns))
             return True
 
@@ -337,13 +337,14 @@ class SqliteMeta(MetaStore):
         with self._tx() as conn:
             conn.execute("DELETE FROM freed WHERE at < ?", (before_ns,))
             conn.execute("DELETE FROM upload_claims WHERE at < ?", (before_ns,))
+            conn.execute("DELETE FROM deleting WHERE at < ?", (before_ns - DELETE_MARK_TTL_NS,))
 
     # -- namespace changes -----------------------------------------------------------------
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
-        return self._add_entry(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 2)
+        return self._add_entry(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, 0, mtime_ns)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, mtime_ns: int) -> Attr:
-        return self._add_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, 1, target=target)
+        return self._add_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, target=target)
 
     def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int,
                      mtime_ns: int, size: int, blocks: list[bytes]) -> Attr:
@@ -412,7 +413,7 @@ class SqliteMeta(MetaStore):
 
     # -- writable mounts ---------------------------------------------------------------------
     def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
-        return self._add_entry(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, 1, blocks=b"")
+        return self._add_entry(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, blocks=b"")
 
     def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
         blob = pack_ids(blocks)

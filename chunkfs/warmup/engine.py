@@ -166,16 +166,10 @@ class Warmup:
 
 def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
     """How much of each path is on disk in the cache (blocking: one stat per block)."""
-    sizes: dict[bytes, int | None] = {}
+    missing = cache.missing(plan.unique_blocks())
     out = []
     for entry in plan.paths:
-        cached = 0
-        for f in entry.files:
-            for bid, length in f.blocks:
-                if bid not in sizes:
-                    sizes[bid] = cache.entry_size(bid)
-                if sizes[bid] == length:
-                    cached += length
+        cached = sum(length for f in entry.files for bid, length in f.blocks if bid not in missing)
         out.append(PathCoverage(entry.path, len(entry.files), entry.size, cached))
     return out
 

@@ -58,21 +58,20 @@ class _Appended:
     """The pending bytes of a block written only by appends: references to the pieces of the
     writes (immutable bytes from FUSE), not copies."""
 
-    __slots__ = ("length", "pieces")
+    __slots__ = ("pieces",)
 
     def __init__(self, piece: memoryview) -> None:
         self.pieces = [piece]
-        self.length = len(piece)
-
-    def __len__(self) -> int:
-        return self.length
 
     def extend(self, piece: memoryview) -> None:
         self.pieces.append(piece)
-        self.length += len(piece)
 
     def joined(self) -> bytes:
-        return b"".join(self.pieces)
+        """The bytes, joined once: the pieces are replaced by a view of them, so a block
+        being uploaded is not held twice."""
+        data = b"".join(self.pieces)
+        self.pieces = [memoryview(data)]
+        return data
 
 
 @dataclass(eq=False)
@@ -233,20 +232,23 @@ class FileWriter:
                 break  # else: rewritten while uploading, go again
         if state.edits == state.published_edits:
             return None
-        edits = state.edits  # a write landing while this commits is published by the next flush
-        count = block_count(state.size, self.block_size)
+        # One snapshot, taken with nothing pending: a write landing during the awaits below
+        # changes ``state`` but not what this flush publishes (the next flush publishes it).
+        edits, size, mtime_ns = state.edits, state.size, state.mtime_ns
+        blocks = state.blocks[:block_count(size, self.block_size)]
         zero_ids: dict[int, bytes] = {}  # per flush: each store of a zero block is claimed (gc may delete one)
-        for index in range(count):
-            if state.blocks[index] == HOLE:
-                length = self._length(state, index)
+        for index, bid in enumerate(blocks):
+            if bid == HOLE:
+                length = block_length(index, size, self.block_size)
                 if length not in zero_ids:
                     zero_ids[length] = await self._store(bytes(length))
-                state.blocks[index] = zero_ids[length]
-        blocks = state.blocks[:count]
-        attr = await self.meta.change("commit_file", ino, size=state.size, blocks=blocks, mtime_ns=state.mtime_ns)
+                blocks[index] = zero_ids[length]
+        if state.edits == edits:
+            state.blocks[:len(blocks)] = blocks  # holes stored: not stored again by the next flush
+        attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns)
         state.published_edits = edits
         if self.on_publish is not None:
-            self.on_publish(ino, state.size, blocks)
+            self.on_publish(ino, size, blocks)
         return attr
 
     # -- block bookkeeping -----------------------------------------------------------------
@@ -315,7 +317,7 @@ class FileWriter:
     @staticmethod
     def _uploading_now(state: _Dirty, index: int) -> bool:
         """An upload of the block's current version is running (starting another is waste)."""
-        return index in state.in_flight and state.in_flight[index] == state.versions.get(index, 0)
+        return state.in_flight.get(index) == state.versions.get(index, 0)
 
     async def _start_upload(self, state: _Dirty, index: int) -> None:
         if index not in state.pending or self._uploading_now(state, index):
