@@ -18,6 +18,8 @@ chunkfs_cache_blocks                       gauge      block files this process i
 chunkfs_cache_evictions_total              counter    block files removed to stay within limits
 chunkfs_cache_write_errors_total           counter    blocks the cache could not store (full/failing)
 chunkfs_cache_corrupt_total                counter    cache files dropped (wrong size or hash)
+chunkfs_cache_entry_checks_total{how}      counter    entries from other processes admitted: by
+                                                      ``seal`` (no read) or ``hash`` (read whole)
 chunkfs_object_requests_total{op}          counter    object-store requests (each attempt)
 chunkfs_object_request_bytes_total{op}     counter    bytes moved by them
 chunkfs_object_errors_total{op}            counter    failed attempts
@@ -56,6 +58,8 @@ class Metrics:
         self.cache_write_errors = Counter("chunkfs_cache_write_errors", "Blocks the cache could not store",
                                           registry=r)
         self.cache_corrupt = Counter("chunkfs_cache_corrupt", "Cache files dropped as damaged", registry=r)
+        self.cache_entry_checks = Counter("chunkfs_cache_entry_checks", "Cache entries admitted before first use",
+                                          ["how"], registry=r)
         self.object_requests = Counter("chunkfs_object_requests", "Object-store requests", ["op"], registry=r)
         self.object_bytes = Counter("chunkfs_object_request_bytes", "Object-store bytes", ["op"], registry=r)
         self.object_errors = Counter("chunkfs_object_errors", "Failed object-store requests", ["op"], registry=r)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +82,69 @@ def test_verify_drops_damaged_entries(tmp_path: Path) -> None:
     assert restarted.read(bid, 0, 10) is None  # never served unverified
     assert restarted.verify(bid, len(data)) is None
     assert not path.exists() and restarted.metrics.cache_corrupt._value.get() == 1
+
+
+def sealed_entry(tmp_path: Path) -> tuple[bytes, bytes, Path]:
+    bid, data = block(11)
+    assert BlockCache([tmp_path], capacity=1 << 20, free_ratio=0).put(bid, data)
+    return bid, data, Path(BlockCache([tmp_path], capacity=1 << 20).dir_for(bid).path(bid))
+
+
+def test_a_restarted_cache_admits_a_sealed_entry_without_reading_it(tmp_path: Path) -> None:
+    bid, data, _path = sealed_entry(tmp_path)
+    restarted = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert restarted.read(bid, 0, 10) is None  # nothing is served before it is admitted
+    assert not restarted.admit(bid, len(data) - 1)  # the block's length is part of the seal
+    assert restarted.admit(bid, len(data)) and restarted.read(bid, 5, 25) == data[5:25]
+    checks = restarted.metrics.cache_entry_checks
+    assert checks.labels("seal")._value.get() == 1 and checks.labels("hash")._value.get() == 0
+    assert not BlockCache([tmp_path], capacity=1 << 20, free_ratio=0, trust_seals=False).admit(bid, len(data))
+
+
+@pytest.mark.parametrize("change", ["same bytes rewritten", "byte flipped", "truncated", "touched",
+                                    "copied over with its times and xattrs", "another entry renamed onto it"])
+def test_any_change_to_a_sealed_entry_breaks_its_seal(tmp_path: Path, change: str) -> None:
+    bid, data, path = sealed_entry(tmp_path)
+    if change == "same bytes rewritten":
+        path.write_bytes(data)
+    elif change == "byte flipped":
+        with open(path, "r+b") as f:
+            f.seek(100)
+            f.write(bytes([data[100] ^ 1]))
+    elif change == "truncated":
+        os.truncate(path, len(data) - 1)
+    elif change == "touched":
+        path.touch()
+    elif change == "copied over with its times and xattrs":
+        copy = tmp_path / "copy"
+        shutil.copy2(path, copy)  # same bytes, mtime and seal, another inode
+        os.rename(copy, path)
+    else:
+        other, other_data = block(12)  # same length, sealed as block 12
+        cache = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+        assert cache.put(other, other_data)
+        os.rename(cache.dir_for(other).path(other), path)
+    restarted = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert not restarted.admit(bid, len(data))
+    expected = data if change in ("same bytes rewritten", "touched", "copied over with its times and xattrs") else None
+    assert restarted.verify(bid, len(data)) == expected  # hashed whole instead; damage is dropped
+    assert path.exists() == (expected is not None)
+
+
+def test_a_filesystem_without_user_xattrs_leaves_entries_unsealed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    cache = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    for i in (1, 2):
+        bid, data = block(i)
+        assert cache.put(bid, data) and cache.read(bid, 0, 4) == data[:4]  # stored and served all the same
+    assert not cache.dirs[0].sealing
+    monkeypatch.undo()
+    restarted = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert not restarted.admit(bid, len(data)) and restarted.verify(bid, len(data)) == data
 
 
 def test_cache_files_are_private(tmp_path: Path) -> None:

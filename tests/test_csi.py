@@ -43,7 +43,8 @@ class Plugin:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "chunkfs", "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",
-                 "--state-dir", str(self.state), "--cache-dir", str(self.tmp / "cache"), "--check-interval", "0.3"],
+                 "--state-dir", str(self.state), "--cache-dir", str(self.tmp / "cache"), "--check-interval", "0.3",
+                 "--verify-cache", "full"],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.socket.exists():
@@ -244,6 +245,7 @@ def test_secrets_stay_out_of_command_lines_logs_and_records(plugin, tmp_path: Pa
     for proc_pid in (pid, p.proc.pid):
         cmdline = Path(f"/proc/{proc_pid}/cmdline").read_bytes().decode()
         assert not any(s in cmdline for s in secrets), cmdline
+    assert "\0--verify-cache\0full\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()  # handed on
     texts = [p.log.read_text(), *(f.read_text() for f in (p.state / "logs").iterdir()),
              *(f.read_text() for f in (p.state / "volumes").iterdir())]
     assert not any(s in text for s in secrets for text in texts)

@@ -68,7 +68,8 @@ def port() -> int:
     return free_port()
 
 
-def test_restarted_mount_reuses_its_cache(model_volume: VolumeFixture, port: int) -> None:
+@pytest.mark.parametrize("verify_cache", ["seal", "full"])
+def test_restarted_mount_reuses_its_cache(model_volume: VolumeFixture, port: int, verify_cache: str) -> None:
     src = model_volume.src  # type: ignore[attr-defined]
     with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--prefetch", "none") as m:
         for name in ("model.safetensors", "notes.txt"):
@@ -77,12 +78,17 @@ def test_restarted_mount_reuses_its_cache(model_volume: VolumeFixture, port: int
         assert gets(first) == MODEL_BLOCKS + TEXT_BLOCKS  # one GET per block, no more
         assert first["chunkfs_cache_misses_total"] > 0
         assert first["chunkfs_cache_blocks"] == MODEL_BLOCKS + TEXT_BLOCKS
-    with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--prefetch", "none") as m:
+    with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--prefetch", "none",
+                 "--verify-cache", verify_cache) as m:
         for name in ("model.safetensors", "notes.txt"):
             assert sha(m.path / "m" / name) == sha(src / name)
         again = scrape(port)
         assert gets(again) == 0
         assert again["chunkfs_cache_misses_total"] == 0 and again["chunkfs_cache_hits_total"] > 0
+        # the entries this mount found were admitted by their seals, or hashed with "full"
+        how, other = ("seal", "hash") if verify_cache == "seal" else ("hash", "seal")
+        assert again[f"chunkfs_cache_entry_checks_total{{how={how}}}"] == MODEL_BLOCKS + TEXT_BLOCKS
+        assert again.get(f"chunkfs_cache_entry_checks_total{{how={other}}}", 0) == 0
         wait_for(lambda: scrape(port)["chunkfs_cache_blocks"] == MODEL_BLOCKS + TEXT_BLOCKS)  # index rebuilt
 
 

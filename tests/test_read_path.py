@@ -121,6 +121,41 @@ def test_restarted_cache_serves_without_downloading(setup, tmp_path: Path) -> No
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
     assert trio.run(fetcher2.read, bid, len(data), 5, 10) == data[5:10]
     assert store.gets == 1 and fresh.metrics.cache_hits._value.get() == 1
+    checks = fresh.metrics.cache_entry_checks
+    assert checks.labels("seal")._value.get() == 1 and checks.labels("hash")._value.get() == 0
+
+
+@pytest.mark.parametrize("trust_seals", [True, False])
+def test_prefetch_admits_an_entry_another_process_wrote(setup, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                         trust_seals: bool) -> None:
+    store, _cache, fetcher, bid, data = setup
+    whole(fetcher, bid, data)  # "another process" planted the entry
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0, trust_seals=trust_seals)
+    fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
+    assert trio.run(fetcher2.ensure, bid, len(data), Priority.PREFETCH)  # admitted: by seal or by hash
+    assert fetcher2.is_local(bid)
+    assert trio.run(fetcher2.read, bid, len(data), 0, len(data)) == data
+    checks = fresh.metrics.cache_entry_checks
+    assert checks.labels("seal" if trust_seals else "hash")._value.get() == 1
+    assert checks.labels("hash" if trust_seals else "seal")._value.get() == 0
+    assert store.gets == 1
+
+
+def test_a_reader_downloads_a_block_whose_admitted_entry_vanished(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, _cache, fetcher, bid, data = setup
+    whole(fetcher, bid, data)
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
+    admit = fresh.admit
+
+    def admit_then_lose(b: bytes, length: int) -> bool:
+        ok = admit(b, length)
+        os.unlink(fresh.dir_for(b).path(b))  # gone between the seal check and the read
+        return ok
+
+    fresh.admit = admit_then_lose  # type: ignore[method-assign]
+    assert trio.run(fetcher2.read, bid, len(data), 7, 70) == data[7:70]
+    assert store.gets == 2 and fresh.metrics.cache_misses._value.get() == 1
 
 
 def test_failing_cache_disk_degrades_to_store_reads(setup) -> None:  # type: ignore[no-untyped-def]

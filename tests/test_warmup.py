@@ -20,6 +20,7 @@ import trio
 from chunkfs.blocks import block_id
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import CacheDir
+from chunkfs.cli.stats import parse_metrics
 from chunkfs.errors import ChunkfsError
 from chunkfs.meta import open_meta
 from chunkfs.meta.aio import AsyncMeta
@@ -189,6 +190,10 @@ def test_warm_then_read_everything_with_the_store_stopped(tmp_path: Path) -> Non
     assert after["paths"][0]["percent"] == 100.0
     with mounted(vol, "--io-retries", "1", "--io-timeout", "2", cache=cache) as mnt:
         assert_same_tree(src, mnt.path / "m")
+        stats = parse_metrics((mnt.path / ".chunkfs-stats").read_text())
+    # the warmup's seals let the mount use its entries without hashing them again
+    assert stats["chunkfs_cache_entry_checks_total{how=seal}"] == len(expected)
+    assert stats.get("chunkfs_cache_entry_checks_total{how=hash}", 0) == 0
     assert_cache_sound(cache)
 
 

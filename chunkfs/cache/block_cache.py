@@ -15,10 +15,13 @@ Policy:
 - The index is rebuilt from the directories at start-up (``load_index``), oldest access
   first, so a restarted mount reuses its cache. Entries written by other processes (warmup,
   another mount) join the index when this process first reads them.
-- Verification: bytes are only served from an entry this process has verified: written by
-  ``put`` (given bytes already checked against their id) or read back whole by ``verify``
-  (size and SHA-256). A wrong size or hash drops the entry (``chunkfs_cache_corrupt_total``)
-  and reports a miss, so the caller fetches the block again.
+- Verification: bytes are only served from an entry this process has admitted: written by
+  ``put`` (given bytes already checked against their id), found unchanged since a chunkfs
+  process sealed it after writing verified bytes (``admit``, one ``fstat`` and one xattr
+  read; see ``CacheDir``), or read back whole by ``verify`` (size and SHA-256). With
+  ``trust_seals`` off, every entry from elsewhere is hashed. A wrong size or hash drops the
+  entry (``chunkfs_cache_corrupt_total``) and reports a miss, so the caller fetches the
+  block again.
 - Node-wide single-flight: ``try_claim`` takes a block's download lock in its directory, so
   two processes sharing the cache (a mount and a warmup, two mounts) download it once.
 - Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
@@ -65,7 +68,7 @@ class Shortfall:
 
 class BlockCache:
     def __init__(self, dirs: Sequence[str | Path], capacity: int, free_ratio: float = 0.1,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, trust_seals: bool = True) -> None:
         if not dirs:
             raise ValueError("at least one cache directory is needed")
         if not 0 <= free_ratio < 1:
@@ -73,6 +76,7 @@ class BlockCache:
         self.dirs = [CacheDir(d) for d in dirs]
         self.capacity = capacity
         self.free_ratio = free_ratio
+        self.trust_seals = trust_seals
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # id -> size, least recently used first
@@ -188,6 +192,21 @@ class BlockCache:
                 self._index.move_to_end(bid)
         return data
 
+    def admit(self, bid: bytes, length: int) -> bool:
+        """Admit an entry found on disk without reading it, if its seal shows it unchanged
+        since a chunkfs process wrote verified bytes there. False (not an error) when there
+        is no entry, no matching seal, or seals are not trusted: then ``verify`` it."""
+        if not self.trust_seals:
+            return False
+        try:
+            if not self.dir_for(bid).sealed(bid, length):
+                return False
+        except OSError:
+            return False
+        self._index_verified(bid, length)
+        self.metrics.cache_entry_checks.labels("seal").inc()
+        return True
+
     def verify(self, bid: bytes, length: int) -> bytes | None:
         """Check an entry found on disk (size and hash) and return its bytes; None if absent,
         unreadable or damaged (a damaged entry is dropped)."""
@@ -206,6 +225,7 @@ class BlockCache:
             self.drop(bid)
             return None
         self._index_verified(bid, length)
+        self.metrics.cache_entry_checks.labels("hash").inc()
         return data
 
     def advise(self, bid: bytes, length: int) -> None:

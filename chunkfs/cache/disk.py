@@ -3,7 +3,8 @@
 Layout (shared by every volume, mount and warmup on the node: a block id is the hash of its
 plain bytes, so an entry is valid for any volume that names it)::
 
-    blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700
+    blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700; xattr
+                                 ``user.chunkfs.seal`` (see below)
     tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks/ when complete
     locks/downloads              one byte per block id is write-locked (an OFD byte-range lock)
                                  by the one process on the node downloading that block
@@ -12,6 +13,14 @@ Invariants:
 
 - An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
   partial file under ``blocks/``. Temporary files of dead processes are removed on open.
+- A seal vouches for the bytes an entry was written with. ``write`` (given bytes already
+  verified against their id) stamps the temporary file's mtime with the fine-grained clock,
+  then records (id, inode, size, that mtime) in the ``user.chunkfs.seal`` xattr before the
+  rename. Any later change through the filesystem (a write, a truncation, a copy over it,
+  another block's file renamed onto the name) changes the inode, size or mtime, so
+  ``sealed`` no longer matches. A seal does not detect corruption below the filesystem that
+  the disk does not report; the same is true of an entry a live process reads back. A
+  filesystem without user xattrs gets no seals: its entries are hashed by ``BlockCache``.
 - Download locks are advisory and only save work: a process that holds the byte of
   ``locks/downloads`` at the block's offset (from the id's first 62 bits) is downloading that
   block, so others wait for its entry instead of fetching the same bytes. Taking and
@@ -28,16 +37,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from chunkfs.procs import pid_alive
 
+log = logging.getLogger(__name__)
+
 DOWNLOAD_LOCKS = "downloads"
+SEAL_XATTR = "user.chunkfs.seal"
+_SEAL = struct.Struct(">4s32sQqQ")  # magic, block id, inode, mtime in ns, size
+_SEAL_MAGIC = b"CFS1"
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
 
 
@@ -60,6 +77,7 @@ class CacheDir:
         self._lock_fd: int | None = None
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
+        self.sealing = True  # False once the filesystem refused a user xattr
         self._remove_stale_tmp()
         self._remove_stale_locks()
 
@@ -169,6 +187,7 @@ class CacheDir:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                self._seal(fd, bid)
             finally:
                 os.close(fd)
             try:
@@ -180,6 +199,39 @@ class CacheDir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def _seal(self, fd: int, bid: bytes) -> None:
+        """Seal a complete temporary file (see the module's invariants); a filesystem that
+        refuses is remembered and entries stay unsealed."""
+        if not self.sealing:
+            return
+        now = time.time_ns()  # not the filesystem's coarse clock: a later write cannot repeat it
+        os.utime(fd, ns=(now, now))
+        st = os.fstat(fd)
+        try:
+            os.setxattr(fd, SEAL_XATTR, _SEAL.pack(_SEAL_MAGIC, bid, st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                raise
+            self.sealing = False
+            log.info("cache: %s does not keep user xattrs (%s); restarted processes will hash its "
+                     "entries before use", self.root, exc.strerror)
+
+    def sealed(self, bid: bytes, size: int) -> bool:
+        """True when the entry is the one ``write`` sealed: same inode, size and mtime, and
+        the seal names this block. Raises ``FileNotFoundError`` if there is no entry."""
+        fd = os.open(self.path(bid), os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                return False
+            try:
+                seal = os.getxattr(fd, SEAL_XATTR)
+            except OSError:
+                return False
+            return seal == _SEAL.pack(_SEAL_MAGIC, bid, st.st_ino, st.st_mtime_ns, size)
+        finally:
+            os.close(fd)
 
     def remove(self, bid: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):

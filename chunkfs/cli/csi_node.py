@@ -21,5 +21,6 @@ def cmd_csi(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ChunkfsError(f"the CSI plugin needs gRPC: pip install 'chunkfs[csi]' ({exc})") from None
     dirs = tuple(cache_dirs(args.cache_dir or ["/var/cache/chunkfs"]))
-    serve(args.endpoint, args.node_id, args.state_dir, DaemonSettings(dirs, args.cache_size), args.check_interval)
+    settings = DaemonSettings(dirs, args.cache_size, ("--verify-cache", args.verify_cache))
+    serve(args.endpoint, args.node_id, args.state_dir, settings, args.check_interval)
     return 0

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--free-space-ratio", type=_ratio, default=0.1,
                    help="keep at least this fraction of each cache disk free (default 0.1)")
+    p.add_argument("--verify-cache", choices=("seal", "full"), default="seal",
+                   help="cache entries written by another process (a warmup, an earlier mount): 'seal' "
+                        "serves those unchanged since chunkfs sealed them, 'full' hashes each one whole "
+                        "first (default seal)")
     p.add_argument("--background", "-d", action="store_true", help="return once mounted; serve in the background")
     p.add_argument("--log-file", default=None, help="log file of a background mount")
     p.add_argument("--max-downloads", type=_positive_int, default=32, help="concurrent block downloads (default 32)")
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache size of each mount (default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--check-interval", type=float, default=5.0,
                    help="seconds between checks that every mount daemon is alive (default 5)")
+    p.add_argument("--verify-cache", choices=("seal", "full"), default="seal",
+                   help="--verify-cache of each mount (default seal)")
 
     p = sub.add_parser("stats", help="live view of a mount's throughput, cache hits and store requests")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -105,7 +105,8 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     metrics = Metrics()
     config = ServeConfig(
         mountpoint=mountpoint, cache_dirs=[Path(d) for d in args.cache_dir], cache_size=args.cache_size,
-        free_space_ratio=args.free_space_ratio, options=options, max_downloads=args.max_downloads,
+        free_space_ratio=args.free_space_ratio, verify_cache=args.verify_cache, options=options,
+        max_downloads=args.max_downloads,
         buffer_size=args.buffer_size, readahead_max=args.max_readahead,
         prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
         metrics_address=metrics_address, metrics=metrics, cache_writes=args.cache_writes,
@@ -118,6 +119,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
 
 #: mount options handed on unchanged to a background daemon: (flag, attribute)
 _PASSED_ON = [("--cache-size", "cache_size"), ("--free-space-ratio", "free_space_ratio"),
+              ("--verify-cache", "verify_cache"),
               ("--max-downloads", "max_downloads"), ("--buffer-size", "buffer_size"),
               ("--max-readahead", "max_readahead"), ("--prefetch", "prefetch"),
               ("--kernel-readahead", "kernel_readahead"), ("--metrics", "metrics"),

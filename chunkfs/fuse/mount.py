@@ -45,6 +45,7 @@ class ServeConfig:
     cache_dirs: list[Path]
     cache_size: int = 100 << 30
     free_space_ratio: float = 0.1
+    verify_cache: str = "seal"  # "seal": trust sealed entries of other processes; "full": hash them
     options: MountOptions = field(default_factory=MountOptions)
     max_downloads: int = 32
     buffer_size: int = 128 << 20  # memory for blocks in flight
@@ -79,7 +80,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     block_size = volume.fmt.block_size
     slots = config.download_slots(block_size, volume.codec.compression != "none")
     try:
-        cache = BlockCache(config.cache_dirs, config.cache_size, config.free_space_ratio, metrics)
+        cache = BlockCache(config.cache_dirs, config.cache_size, config.free_space_ratio, metrics,
+                           trust_seals=config.verify_cache == "seal")
     except OSError as exc:
         raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
     fetcher = BlockFetcher(AsyncStore(volume.store, slots), volume.codec, cache, downloads=slots, metrics=metrics)

@@ -89,16 +89,17 @@ class BlockFetcher:
         caller must not keep the view beyond its reply)."""
         self.cache.pin(bid)
         try:
-            data = self.cache.read(bid, start, end)
-            if data is None:
-                recent = self._recent.get(bid)
-                if recent is not None:
-                    self._recent.move_to_end(bid)
-                    data = memoryview(recent)[start:end]
             downloaded = False
-            if data is None:
+            for _ in range(3):  # an admitted entry read from disk, unless it vanished meanwhile
+                data = self._local(bid, start, end)
+                if data is not None:
+                    break
                 plain, downloaded = await self._obtain(bid, length, Priority.DEMAND)
-                data = memoryview(plain)[start:end]
+                if plain is not None:
+                    data = memoryview(plain)[start:end]
+                    break
+            else:
+                raise BlockUnavailable(f"block {bid.hex()}: its cache entry keeps vanishing")
         finally:
             self.cache.unpin(bid)
         if downloaded:
@@ -107,6 +108,14 @@ class BlockFetcher:
         else:
             self.metrics.cache_hits.inc()
             self.metrics.cache_hit_bytes.inc(len(data))
+        return data
+
+    def _local(self, bid: bytes, start: int, end: int) -> bytes | memoryview | None:
+        """Bytes [start, end) from an admitted cache entry or the in-memory LRU; None if neither."""
+        data = self.cache.read(bid, start, end)
+        if data is None and (recent := self._recent.get(bid)) is not None:
+            self._recent.move_to_end(bid)
+            return memoryview(recent)[start:end]
         return data
 
     async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
@@ -131,8 +140,10 @@ class BlockFetcher:
         _data, downloaded = await self._obtain(bid, length, Priority.PREFETCH)
         return downloaded
 
-    async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes, bool]:
-        """(verified plain bytes, whether they were downloaded), one load per block at a time."""
+    async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes | None, bool]:
+        """(verified plain bytes, whether they were downloaded), one load per block at a time.
+        The bytes are None when a sealed entry was admitted without reading it: read it from
+        the cache."""
         while (pending := self._inflight.get(bid)) is not None:
             if pending.ticket is not None:
                 PrioritySlots.raise_priority(pending.ticket, priority)
@@ -141,12 +152,11 @@ class BlockFetcher:
                 continue  # its owner was cancelled: load it ourselves
             if pending.error is not None:
                 raise BlockUnavailable(str(pending.error)) from pending.error
-            assert pending.data is not None
             return pending.data, pending.downloaded
         pending = self._inflight[bid] = _Pending()
         try:
-            data = await self._from_disk(bid, length)
-            if data is None:
+            found, data = await self._from_disk(bid, length)
+            if not found:
                 data, pending.downloaded = await self._download_once_on_node(bid, length, priority, pending)
             pending.data = data
             return data, pending.downloaded
@@ -160,13 +170,21 @@ class BlockFetcher:
             del self._inflight[bid]
             pending.done.set()
 
-    async def _from_disk(self, bid: bytes, length: int) -> bytes | None:
+    async def _from_disk(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
+        """(whether an intact entry is on disk, its bytes if checking it meant reading it)."""
         if not self.cache.contains(bid):
-            return None
-        return await trio.to_thread.run_sync(self.cache.verify, bid, length, limiter=self._disk)
+            return False, None
+        return await trio.to_thread.run_sync(self._check_entry, bid, length, limiter=self._disk)
+
+    def _check_entry(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
+        if self.cache.admit(bid, length):
+            self.cache.advise(bid, length)  # page it in, as a whole-entry read would have
+            return True, None
+        data = self.cache.verify(bid, length)
+        return data is not None, data
 
     async def _download_once_on_node(self, bid: bytes, length: int, priority: Priority,
-                                     pending: _Pending) -> tuple[bytes, bool]:
+                                     pending: _Pending) -> tuple[bytes | None, bool]:
         """Download under the block's node-wide lock; if another process held it, use the
         entry it wrote instead. (bytes, whether this process downloaded them)"""
         give_up = trio.current_time() + OTHER_DOWNLOADER_PATIENCE
@@ -178,8 +196,8 @@ class BlockFetcher:
                 break
             await trio.sleep(0.02)
         try:
-            data = await self._from_disk(bid, length)  # another process may have just finished it
-            if data is not None:
+            found, data = await self._from_disk(bid, length)  # another process may have just finished it
+            if found:
                 return data, False
             pending.ticket = self.slots.ticket(priority)
             return await self._download_and_store(bid, length, pending.ticket), True
