@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from chunkfs.blocks import block_id
+from chunkfs.cache import disk
 from chunkfs.cache.block_cache import BlockCache
 from tests.conftest import block_files, fill_up, tmpfs
 
@@ -105,6 +106,7 @@ def test_a_restarted_cache_admits_a_sealed_entry_without_reading_it(tmp_path: Pa
                                     "copied over with its times and xattrs", "another entry renamed onto it"])
 def test_any_change_to_a_sealed_entry_breaks_its_seal(tmp_path: Path, change: str) -> None:
     bid, data, path = sealed_entry(tmp_path)
+    assert BlockCache([tmp_path], capacity=1 << 20, free_ratio=0).admit(bid, len(data))  # sealed before
     if change == "same bytes rewritten":
         path.write_bytes(data)
     elif change == "byte flipped":
@@ -129,6 +131,46 @@ def test_any_change_to_a_sealed_entry_breaks_its_seal(tmp_path: Path, change: st
     expected = data if change in ("same bytes rewritten", "touched", "copied over with its times and xattrs") else None
     assert restarted.verify(bid, len(data)) == expected  # hashed whole instead; damage is dropped
     assert path.exists() == (expected is not None)
+    # an intact entry is sealed again once hashed, so the next process need not hash it
+    assert BlockCache([tmp_path], capacity=1 << 20, free_ratio=0).admit(bid, len(data)) == path.exists()
+
+
+def test_seals_from_an_earlier_boot_are_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bid, data, _path = sealed_entry(tmp_path)
+    monkeypatch.setattr(disk, "BOOT_ID", bytes(16))  # the machine rebooted since
+    after_reboot = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert not after_reboot.admit(bid, len(data))
+    assert after_reboot.verify(bid, len(data)) == data  # hashed, then sealed for this boot
+    assert BlockCache([tmp_path], capacity=1 << 20, free_ratio=0).admit(bid, len(data))
+
+
+def test_a_filesystem_with_coarse_mtimes_gets_no_seals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_utime = os.utime
+
+    def whole_seconds(fd: int, *, ns: tuple[int, int]) -> None:
+        real_utime(fd, ns=(ns[0] // 10**9 * 10**9, ns[1] // 10**9 * 10**9))
+
+    monkeypatch.setattr(os, "utime", whole_seconds)
+    cache = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    bid, data = block(5)
+    assert cache.put(bid, data) and not cache.dirs[0].sealing
+    monkeypatch.undo()
+    assert not BlockCache([tmp_path], capacity=1 << 20, free_ratio=0).admit(bid, len(data))
+
+
+def test_a_refused_seal_leaves_the_entry_stored_but_unsealed(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EACCES, "Permission denied")  # a security module, a quota: not "no xattrs"
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    cache = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    bid, data = block(6)
+    assert cache.put(bid, data) and cache.read(bid, 0, 4) == data[:4]
+    assert cache.dirs[0].sealing  # the next block may still be sealed
+    monkeypatch.undo()
+    restarted = BlockCache([tmp_path], capacity=1 << 20, free_ratio=0)
+    assert not restarted.admit(bid, len(data)) and restarted.verify(bid, len(data)) == data
 
 
 def test_a_filesystem_without_user_xattrs_leaves_entries_unsealed(tmp_path: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -132,7 +133,8 @@ def test_prefetch_admits_an_entry_another_process_wrote(setup, tmp_path: Path,  
     whole(fetcher, bid, data)  # "another process" planted the entry
     fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0, trust_seals=trust_seals)
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
-    assert trio.run(fetcher2.ensure, bid, len(data), Priority.PREFETCH)  # admitted: by seal or by hash
+    # admitted by its seal (not counted as fetched ahead), or read and hashed
+    assert trio.run(fetcher2.ensure, bid, len(data), Priority.PREFETCH) == (not trust_seals)
     assert fetcher2.is_local(bid)
     assert trio.run(fetcher2.read, bid, len(data), 0, len(data)) == data
     checks = fresh.metrics.cache_entry_checks
@@ -257,3 +259,29 @@ def test_cancelled_prefetch_does_not_fail_its_waiters(tmp_path: Path) -> None:
 
     trio.run(main)
     assert store.gets == 1
+
+
+def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, _cache, fetcher, bid, data = setup
+    whole(fetcher, bid, data)
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    cache_dir = fresh.dirs[0]
+    real_write = cache_dir.write
+    writes: list[bytes] = []
+
+    def failing_read(*_args: object) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def failing_remove(_bid: bytes) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def recording_write(b: bytes, plain: bytes) -> None:
+        writes.append(b)
+        real_write(b, plain)
+
+    cache_dir.read = failing_read  # type: ignore[method-assign]
+    cache_dir.remove = failing_remove  # type: ignore[method-assign]
+    cache_dir.write = recording_write  # type: ignore[method-assign]
+    fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=2)
+    assert trio.run(fetcher2.read, bid, len(data), 3, 30) == data[3:30]  # sealed, unreadable, still served
+    assert store.gets == 2 and writes == [bid]  # downloaded once and stored again

@@ -17,11 +17,13 @@ Policy:
   another mount) join the index when this process first reads them.
 - Verification: bytes are only served from an entry this process has admitted: written by
   ``put`` (given bytes already checked against their id), found unchanged since a chunkfs
-  process sealed it after writing verified bytes (``admit``, one ``fstat`` and one xattr
-  read; see ``CacheDir``), or read back whole by ``verify`` (size and SHA-256). With
-  ``trust_seals`` off, every entry from elsewhere is hashed. A wrong size or hash drops the
-  entry (``chunkfs_cache_corrupt_total``) and reports a miss, so the caller fetches the
-  block again.
+  process sealed it in this boot (``admit``: an ``fstat`` and an xattr read; see
+  ``CacheDir``), or read back whole by ``verify`` (size and SHA-256, after which it is
+  sealed for the next process). With ``trust_seals`` off, every entry from elsewhere is
+  hashed. A wrong size or hash drops the entry (``chunkfs_cache_corrupt_total``) and
+  reports a miss, so the caller fetches the block again. An entry that failed to read is
+  treated as absent until this process stores the block again, even if it cannot be
+  removed.
 - Node-wide single-flight: ``try_claim`` takes a block's download lock in its directory, so
   two processes sharing the cache (a mount and a warmup, two mounts) download it once.
 - Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
@@ -84,6 +86,7 @@ class BlockCache:
         self._reserved = 0  # room promised to writes in progress
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
+        self._unreadable: set[bytes] = set()  # entries that failed to read (and may not go away)
         self._failing = False  # last write failed: log later failures quietly
         self.index_loaded = threading.Event()  # set once ``load_index`` has run
 
@@ -180,6 +183,7 @@ class BlockCache:
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
+                self._unreadable.add(bid)
             self.drop(bid)
             return None
         if len(data) != end - start:
@@ -194,9 +198,10 @@ class BlockCache:
 
     def admit(self, bid: bytes, length: int) -> bool:
         """Admit an entry found on disk without reading it, if its seal shows it unchanged
-        since a chunkfs process wrote verified bytes there. False (not an error) when there
-        is no entry, no matching seal, or seals are not trusted: then ``verify`` it."""
-        if not self.trust_seals:
+        since a chunkfs process put verified bytes there, and have the kernel page it in.
+        False (not an error) when there is no entry, no matching seal, or seals are not
+        trusted: then ``verify`` it."""
+        if not self.trust_seals or bid in self._unreadable:
             return False
         try:
             if not self.dir_for(bid).sealed(bid, length):
@@ -211,12 +216,15 @@ class BlockCache:
         """Check an entry found on disk (size and hash) and return its bytes; None if absent,
         unreadable or damaged (a damaged entry is dropped)."""
         cache_dir = self.dir_for(bid)
+        if bid in self._unreadable:
+            return None
         try:
-            data = cache_dir.read_whole(bid, length)
+            data, before = cache_dir.read_whole(bid, length)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
+            self._unreadable.add(bid)
             return None
         if len(data) != length or block_id(data) != bid:
             what = "size differs from the block length" if len(data) != length else "content does not match its hash"
@@ -226,6 +234,7 @@ class BlockCache:
             return None
         self._index_verified(bid, length)
         self.metrics.cache_entry_checks.labels("hash").inc()
+        cache_dir.reseal(bid, before)
         return data
 
     def advise(self, bid: bytes, length: int) -> None:
@@ -244,8 +253,8 @@ class BlockCache:
             return None
 
     def contains(self, bid: bytes) -> bool:
-        """An entry exists on disk (not necessarily verified)."""
-        return bid in self._index or self.dir_for(bid).exists(bid)
+        """An entry exists on disk (not necessarily verified) and has not failed to read."""
+        return bid not in self._unreadable and (bid in self._index or self.dir_for(bid).exists(bid))
 
     # -- node-wide download locks ------------------------------------------------------------
     def try_claim(self, bid: bytes) -> int | None:
@@ -282,6 +291,7 @@ class BlockCache:
                 self._declined(bid, exc.strerror or str(exc))
                 return False
             self._failing = False
+            self._unreadable.discard(bid)
             self._index_verified(bid, len(plain))
             return True
         finally:

@@ -13,14 +13,20 @@ Invariants:
 
 - An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
   partial file under ``blocks/``. Temporary files of dead processes are removed on open.
-- A seal vouches for the bytes an entry was written with. ``write`` (given bytes already
-  verified against their id) stamps the temporary file's mtime with the fine-grained clock,
-  then records (id, inode, size, that mtime) in the ``user.chunkfs.seal`` xattr before the
-  rename. Any later change through the filesystem (a write, a truncation, a copy over it,
-  another block's file renamed onto the name) changes the inode, size or mtime, so
-  ``sealed`` no longer matches. A seal does not detect corruption below the filesystem that
-  the disk does not report; the same is true of an entry a live process reads back. A
-  filesystem without user xattrs gets no seals: its entries are hashed by ``BlockCache``.
+- A seal vouches for the bytes an entry was written with, within one boot of the machine.
+  ``write`` (given bytes already verified against their id) stamps the temporary file's
+  mtime with the fine-grained clock, then records (boot id, block id, inode, size, that
+  mtime) in the ``user.chunkfs.seal`` xattr before the rename; ``reseal`` does the same for
+  an entry a process has just read whole and hashed, if it is unchanged since. Any later
+  change through the filesystem (a write, a truncation, ``touch``, a copy over it, another
+  block's file renamed onto the name) changes the inode, size or mtime, so ``sealed`` no
+  longer matches. A reboot invalidates every seal: data the kernel had not yet written to
+  disk when the power went may read back differently. Not covered, as for an entry a live
+  process reads back: corruption below the filesystem that the disk does not report, and
+  someone who rewrites a file and then restores its mtime (or forges a seal: both need the
+  cache owner's rights).
+- Filesystems that cannot hold a seal (no user xattrs, or mtimes coarser than a
+  nanosecond) get none: ``sealing`` turns off and ``BlockCache`` hashes their entries.
 - Download locks are advisory and only save work: a process that holds the byte of
   ``locks/downloads`` at the block's offset (from the id's first 62 bits) is downloading that
   block, so others wait for its entry instead of fetching the same bytes. Taking and
@@ -52,8 +58,20 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_LOCKS = "downloads"
 SEAL_XATTR = "user.chunkfs.seal"
-_SEAL = struct.Struct(">4s32sQqQ")  # magic, block id, inode, mtime in ns, size
-_SEAL_MAGIC = b"CFS1"
+_SEAL = struct.Struct(">4s16s32sQqQ")  # magic, boot id, block id, inode, mtime in ns, size
+_SEAL_MAGIC = b"CFS2"
+
+
+def _boot_id() -> bytes | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return None
+
+
+#: this boot of the machine (shared by every container on it); None: no seals are made or trusted
+BOOT_ID = _boot_id()
 _NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
 
@@ -77,7 +95,7 @@ class CacheDir:
         self._lock_fd: int | None = None
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
-        self.sealing = True  # False once the filesystem refused a user xattr
+        self.sealing = BOOT_ID is not None  # False once the filesystem showed it cannot hold seals
         self._remove_stale_tmp()
         self._remove_stale_locks()
 
@@ -172,10 +190,12 @@ class CacheDir:
         finally:
             os.close(fd)
 
-    def read_whole(self, bid: bytes, limit: int) -> bytes:
-        """The entry's bytes, reading at most ``limit + 1`` (enough to tell it is too long)."""
+    def read_whole(self, bid: bytes, limit: int) -> tuple[bytes, os.stat_result]:
+        """The entry's bytes, reading at most ``limit + 1`` (enough to tell it is too long),
+        and its status before they were read (for ``reseal``)."""
         with open(self.path(bid), "rb", buffering=0) as f:
-            return f.read(limit + 1)
+            before = os.fstat(f.fileno())
+            return f.read(limit + 1), before
 
     def write(self, bid: bytes, data: bytes) -> None:
         """Create the entry atomically (temporary file, then rename)."""
@@ -200,36 +220,71 @@ class CacheDir:
                 os.unlink(tmp)
             raise
 
+    @staticmethod
+    def _seal_value(bid: bytes, st: os.stat_result) -> bytes:
+        assert BOOT_ID is not None
+        return _SEAL.pack(_SEAL_MAGIC, BOOT_ID, bid, st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _seal(self, fd: int, bid: bytes) -> None:
-        """Seal a complete temporary file (see the module's invariants); a filesystem that
-        refuses is remembered and entries stay unsealed."""
+        """Seal a complete file whose bytes are block ``bid`` (see the module's invariants).
+        Never raises: an entry left unsealed is only hashed by the next process to use it."""
         if not self.sealing:
             return
         now = time.time_ns()  # not the filesystem's coarse clock: a later write cannot repeat it
-        os.utime(fd, ns=(now, now))
-        st = os.fstat(fd)
         try:
-            os.setxattr(fd, SEAL_XATTR, _SEAL.pack(_SEAL_MAGIC, bid, st.st_ino, st.st_mtime_ns, st.st_size))
+            os.utime(fd, ns=(now, now))
+            st = os.fstat(fd)
+            if st.st_mtime_ns != now:
+                self._stop_sealing("it keeps mtimes coarser than a nanosecond")
+                return
+            os.setxattr(fd, SEAL_XATTR, self._seal_value(bid, st))
         except OSError as exc:
-            if exc.errno not in _NO_XATTRS:
-                raise
-            self.sealing = False
-            log.info("cache: %s does not keep user xattrs (%s); restarted processes will hash its "
-                     "entries before use", self.root, exc.strerror)
+            if exc.errno in _NO_XATTRS:
+                self._stop_sealing(f"it does not keep user xattrs ({exc.strerror})")
+            else:
+                log.debug("cache: block %s left unsealed: %s", bid.hex()[:16], exc.strerror)
+
+    def _stop_sealing(self, why: str) -> None:
+        self.sealing = False
+        log.info("cache: no seals in %s: %s; processes will hash its entries before use", self.root, why)
+
+    def reseal(self, bid: bytes, before: os.stat_result) -> None:
+        """Seal an entry just read whole and found intact, unless it changed since ``before``
+        (its status when the read began). Errors are ignored: the entry stays unsealed."""
+        if not self.sealing:
+            return
+        try:
+            fd = os.open(self.path(bid), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns):
+                self._seal(fd, bid)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def sealed(self, bid: bytes, size: int) -> bool:
-        """True when the entry is the one ``write`` sealed: same inode, size and mtime, and
-        the seal names this block. Raises ``FileNotFoundError`` if there is no entry."""
+        """True when the entry is one sealed in this boot and unchanged since: same inode,
+        size and mtime, and the seal names this block. A sealed entry is then paged in with
+        ``POSIX_FADV_WILLNEED`` (its reader is coming). Raises ``OSError`` (such as
+        ``FileNotFoundError``) if the entry cannot be opened."""
         fd = os.open(self.path(bid), os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            if st.st_size != size:
+            if st.st_size != size or BOOT_ID is None:
                 return False
             try:
                 seal = os.getxattr(fd, SEAL_XATTR)
             except OSError:
                 return False
-            return seal == _SEAL.pack(_SEAL_MAGIC, bid, st.st_ino, st.st_mtime_ns, size)
+            if seal != self._seal_value(bid, st):
+                return False
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+            return True
         finally:
             os.close(fd)
 

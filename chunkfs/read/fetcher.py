@@ -120,8 +120,8 @@ class BlockFetcher:
 
     async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
         """Make the block readable locally (readahead, prefetch, warmup). True if this call
-        did a download or a disk verification; False if the block was local already or
-        another caller was loading it."""
+        downloaded the block or read and hashed its entry; False if the block was local
+        already, its entry's seal admitted it, or another caller was loading it."""
         if self.cache.is_verified(bid):
             # on this node already: have the kernel page it in before the reader gets there
             await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
@@ -129,8 +129,8 @@ class BlockFetcher:
         if bid in self._recent:
             return False
         someone_else = bid in self._inflight
-        await self._obtain(bid, length, priority)
-        return not someone_else
+        data, _downloaded = await self._obtain(bid, length, priority)
+        return not someone_else and data is not None
 
     async def warm(self, bid: bytes, length: int) -> bool:
         """Put the block in the node cache (warmup, at prefetch priority); True if this call
@@ -177,8 +177,7 @@ class BlockFetcher:
         return await trio.to_thread.run_sync(self._check_entry, bid, length, limiter=self._disk)
 
     def _check_entry(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
-        if self.cache.admit(bid, length):
-            self.cache.advise(bid, length)  # page it in, as a whole-entry read would have
+        if self.cache.admit(bid, length):  # it also pages the entry in, as a whole read would
             return True, None
         data = self.cache.verify(bid, length)
         return data is not None, data
