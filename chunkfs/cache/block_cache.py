@@ -21,9 +21,9 @@ Policy:
   ``CacheDir``), or read back whole by ``verify`` (size and SHA-256, after which it is
   sealed for the next process). With ``trust_seals`` off, every entry from elsewhere is
   hashed. A wrong size or hash drops the entry (``chunkfs_cache_corrupt_total``) and
-  reports a miss, so the caller fetches the block again. An entry that failed to read is
-  treated as absent until this process stores the block again, even if it cannot be
-  removed.
+  reports a miss, so the caller fetches the block again, and so does an entry that cannot
+  be read. A dropped entry the disk will not let go of is treated as absent (``contains``)
+  until this process stores the block again.
 - Node-wide single-flight: ``try_claim`` takes a block's download lock in its directory, so
   two processes sharing the cache (a mount and a warmup, two mounts) download it once.
 - Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 #: ``try_claim`` result when locking is impossible (cache disk failing): download anyway
 NO_LOCK = -1
 DEFAULT_CACHE_SIZE = 100 << 30  # --cache-size of mounts and warmups
+#: --verify-cache: "seal" admits sealed entries of other processes (``trust_seals``), "full" hashes them
+VERIFY_CACHE_MODES = ("seal", "full")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class BlockCache:
         self._reserved = 0  # room promised to writes in progress
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
-        self._unreadable: set[bytes] = set()  # entries that failed to read (and may not go away)
+        self._stuck: set[bytes] = set()  # dropped entries the disk would not let us remove
         self._failing = False  # last write failed: log later failures quietly
         self.index_loaded = threading.Event()  # set once ``load_index`` has run
 
@@ -183,7 +185,6 @@ class BlockCache:
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
-                self._unreadable.add(bid)
             self.drop(bid)
             return None
         if len(data) != end - start:
@@ -201,7 +202,7 @@ class BlockCache:
         since a chunkfs process put verified bytes there, and have the kernel page it in.
         False (not an error) when there is no entry, no matching seal, or seals are not
         trusted: then ``verify`` it."""
-        if not self.trust_seals or bid in self._unreadable:
+        if not self.trust_seals:
             return False
         try:
             if not self.dir_for(bid).sealed(bid, length):
@@ -216,15 +217,13 @@ class BlockCache:
         """Check an entry found on disk (size and hash) and return its bytes; None if absent,
         unreadable or damaged (a damaged entry is dropped)."""
         cache_dir = self.dir_for(bid)
-        if bid in self._unreadable:
-            return None
         try:
             data, before = cache_dir.read_whole(bid, length)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
-            self._unreadable.add(bid)
+            self.drop(bid)
             return None
         if len(data) != length or block_id(data) != bid:
             what = "size differs from the block length" if len(data) != length else "content does not match its hash"
@@ -253,8 +252,8 @@ class BlockCache:
             return None
 
     def contains(self, bid: bytes) -> bool:
-        """An entry exists on disk (not necessarily verified) and has not failed to read."""
-        return bid not in self._unreadable and (bid in self._index or self.dir_for(bid).exists(bid))
+        """An entry exists on disk (not necessarily verified) and was not dropped."""
+        return bid not in self._stuck and (bid in self._index or self.dir_for(bid).exists(bid))
 
     # -- node-wide download locks ------------------------------------------------------------
     def try_claim(self, bid: bytes) -> int | None:
@@ -291,7 +290,7 @@ class BlockCache:
                 self._declined(bid, exc.strerror or str(exc))
                 return False
             self._failing = False
-            self._unreadable.discard(bid)
+            self._stuck.discard(bid)
             self._index_verified(bid, len(plain))
             return True
         finally:
@@ -305,13 +304,15 @@ class BlockCache:
         self._failing = True
 
     def drop(self, bid: bytes) -> None:
-        """Remove an entry (damaged or unreadable)."""
+        """Remove an entry (damaged or unreadable); one that cannot be removed is treated as
+        absent until ``put`` stores the block again."""
         with self._lock:
             self._forget(bid)
         try:
             self.dir_for(bid).remove(bid)
         except OSError as exc:
             log.warning("cache: cannot remove block %s: %s", bid.hex()[:16], exc.strerror)
+            self._stuck.add(bid)
         self._publish()
 
     def drop_blocks(self, bids: Sequence[bytes]) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import sys
 
 from chunkfs import __version__
 from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE
-from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE
+from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE, VERIFY_CACHE_MODES
 from chunkfs.errors import ChunkfsError, UsageError, first_error
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--free-space-ratio", type=_ratio, default=0.1,
                    help="keep at least this fraction of each cache disk free (default 0.1)")
-    p.add_argument("--verify-cache", choices=("seal", "full"), default="seal",
+    p.add_argument("--verify-cache", choices=VERIFY_CACHE_MODES, default="seal",
                    help="cache entries written by another process (a warmup, an earlier mount): 'seal' "
                         "serves those unchanged since chunkfs sealed them, 'full' hashes each one whole "
                         "first (default seal)")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache size of each mount (default {DEFAULT_CACHE_SIZE >> 30}G)")
     p.add_argument("--check-interval", type=float, default=5.0,
                    help="seconds between checks that every mount daemon is alive (default 5)")
-    p.add_argument("--verify-cache", choices=("seal", "full"), default="seal",
+    p.add_argument("--verify-cache", choices=VERIFY_CACHE_MODES, default="seal",
                    help="--verify-cache of each mount (default seal)")
 
     p = sub.add_parser("stats", help="live view of a mount's throughput, cache hits and store requests")
