@@ -107,3 +107,63 @@ class BlockCodec:
         if block_id(plain) != bid:
             raise BlockCorrupt(f"block {bid.hex()} does not match its hash")
         return plain
+
+    def decoder(self, bid: bytes, length: int) -> BlockDecoder:
+        """A streaming ``decode``: feed it the stored object piece by piece."""
+        return BlockDecoder(bid, length, self.compression == "lz4")
+
+
+class BlockDecoder:
+    """``BlockCodec.decode`` for an object that arrives in pieces (a streamed GET).
+
+    ``feed`` takes stored bytes and returns the plain bytes they decode to (so the caller
+    can write them out while they are still in the CPU cache); ``finish`` raises
+    ``BlockCorrupt`` unless everything fed was exactly block ``bid``. Until ``finish``
+    returns, nothing ``feed`` returned is verified. ``feed`` never raises: a bad frame or a
+    body longer than the block is remembered and reported by ``finish``.
+    """
+
+    __slots__ = ("_error", "_hash", "_lz4", "bid", "length", "size")
+
+    def __init__(self, bid: bytes, length: int, compressed: bool) -> None:
+        self.bid = bid
+        self.length = length
+        self.size = 0  # plain bytes produced so far
+        self._hash = hashlib.sha256()
+        self._lz4 = lz4.frame.LZ4FrameDecompressor() if compressed else None
+        self._error: str | None = None
+
+    def feed(self, piece: bytes | memoryview) -> bytes | memoryview:
+        if self._error is not None:
+            return b""
+        plain = piece
+        if self._lz4 is not None:
+            if self._lz4.eof:
+                return self._fail("has bytes after the end of its lz4 frame")
+            try:
+                plain = self._lz4.decompress(piece)
+            except RuntimeError as exc:
+                return self._fail(f"does not decompress ({'not an lz4 frame' if not self.size else exc})")
+            if self._lz4.eof and self._lz4.unused_data:
+                return self._fail("has bytes after the end of its lz4 frame")
+        if self.size + len(plain) > self.length:
+            return self._fail(f"is longer than {self.length} bytes")
+        self.size += len(plain)
+        self._hash.update(plain)
+        return plain
+
+    def _fail(self, why: str) -> bytes:
+        self._error = why
+        return b""
+
+    def finish(self) -> None:
+        """Raise ``BlockCorrupt`` unless the pieces fed were exactly the block."""
+        name = f"block {self.bid.hex()}"
+        if self._error is not None:
+            raise BlockCorrupt(f"{name} {self._error}")
+        if self._lz4 is not None and not self._lz4.eof:
+            raise BlockCorrupt(f"{name} ends inside its lz4 frame")
+        if self.size != self.length:
+            raise BlockCorrupt(f"{name} has {self.size} bytes, expected {self.length}")
+        if self._hash.digest() != self.bid:
+            raise BlockCorrupt(f"{name} does not match its hash")

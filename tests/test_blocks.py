@@ -62,6 +62,34 @@ def test_codec_rejects_flipped_truncated_and_foreign_bytes(compression: str) -> 
             codec.decode(bid, bad, len(data))
 
 
+def _streamed(codec: BlockCodec, bid: bytes, length: int, stored: bytes, step: int) -> bytes:
+    decoder = codec.decoder(bid, length)
+    view = memoryview(stored)
+    out = b"".join(bytes(decoder.feed(view[i : i + step])) for i in range(0, len(stored), step))
+    decoder.finish()
+    return out
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+@given(data=st.binary(min_size=1, max_size=5000), step=st.integers(1, 6000))
+def test_streamed_decode_in_any_pieces_gives_the_block(compression: str, data: bytes, step: int) -> None:
+    codec = BlockCodec(compression)
+    assert _streamed(codec, block_id(data), len(data), codec.encode(data), step) == data
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_streamed_decode_rejects_what_decode_rejects(compression: str) -> None:
+    codec = BlockCodec(compression)
+    data = bytes(range(256)) * 64
+    bid = block_id(data)
+    stored = codec.encode(data)
+    flipped = stored[:-1] + bytes([stored[-1] ^ 1])
+    for bad in (flipped, stored[: len(stored) // 2], stored + b"more", codec.encode(b"other" * 10), b""):
+        for step in (3, 4096):
+            with pytest.raises(BlockCorrupt):
+                _streamed(codec, bid, len(data), bad, step)
+
+
 def test_object_keys_and_id_lists() -> None:
     ids = [block_id(bytes([i])) for i in range(3)]
     assert unpack_ids(pack_ids(ids)) == ids

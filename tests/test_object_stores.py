@@ -27,6 +27,7 @@ from tests.conftest import (
 )
 from tests.faultproxy import FaultConfig, FaultProxy
 from tests.test_mount_read import FILES
+from tests.test_store_contract import Collected
 
 
 # -- the retry policy (a unit: a scripted inner store) ----------------------------------------
@@ -197,3 +198,41 @@ def test_connection_pool_is_sized_to_the_concurrency(s3_server) -> None:  # type
         store.close()
     assert proxy.config.max_in_flight == 32
     assert len(proxy.config.connections) <= 33  # 32 + the connection used by the PUT
+
+
+def test_streamed_gets_reuse_connections_and_retry_short_bodies(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """``get_into`` hands each connection back once a body is read whole (a round of 16
+    streamed GETs opens no new connection), and a truncated body is a temporary error that
+    is retried from the start (the sink restarted) without poisoning the pool."""
+    bucket = unique_bucket()
+    data = os.urandom(3 << 20)
+    with FaultProxy(s3_server.endpoint, FaultConfig(rate=1.0, kinds=("delay",), delay=0.2)) as proxy:
+        store = open_store(f"s3://{bucket}/p?endpoint={proxy.endpoint}", create=True,
+                           options=StoreOptions(concurrency=16, attempts=3))
+        store.put("blocks/aa/obj", data)
+        proxy.config.connections.clear()
+        barrier = threading.Barrier(16)
+
+        def get(_i: int) -> bytes:
+            buffer = memoryview(bytearray(256 << 10))
+            sink = Collected(buffer)
+            barrier.wait()
+            assert store.get_into("blocks/aa/obj", sink, buffer) == len(data)
+            return b"".join(sink.pieces)
+
+        with ThreadPoolExecutor(16) as pool:
+            for _round in range(2):
+                assert set(pool.map(get, range(16))) == {data}
+        assert proxy.config.max_in_flight == 16 and len(proxy.config.connections) <= 17
+
+        proxy.config.kinds = ("truncate",)
+        buffer = memoryview(bytearray(256 << 10))
+        sink = Collected(buffer)
+        with pytest.raises(StoreError) as info:
+            store.get_into("blocks/aa/obj", sink, buffer)
+        assert info.value.temporary and "gave up after 3 attempts" in str(info.value)
+        assert sink.restarts == 3 and proxy.config.counts.get("truncate") == 3
+        proxy.config.rate = 0.0
+        sink = Collected(buffer)
+        assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
+        store.close()

@@ -13,11 +13,14 @@ import trio
 
 from chunkfs.blocks import BlockCodec, block_id, object_key
 from chunkfs.cache.block_cache import BlockCache
-from chunkfs.cache.disk import CacheDir
+from chunkfs.cache.disk import CacheDir, NewEntry
+from chunkfs.read import fetcher as fetcher_module
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
 from chunkfs.read.slots import Priority
 from chunkfs.store.aio import AsyncStore
+from chunkfs.store.base import StoreError
 from chunkfs.store.file import FileStore
+from chunkfs.store.retry import RetryingStore
 
 
 class CountingStore(FileStore):
@@ -171,6 +174,60 @@ def test_failing_cache_disk_degrades_to_store_reads(setup) -> None:  # type: ign
     assert cache.metrics.cache_write_errors._value.get() == 1
 
 
+class EntryFillingUp(NewEntry):
+    """A cache entry whose disk fills up after its first piece."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().write(data)
+
+
+def test_a_cache_write_failing_midway_serves_the_block_from_memory(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    store, cache, _fetcher, bid, data = setup
+    fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), cache, recent_blocks=2)
+    monkeypatch.setattr(fetcher_module, "PIECE", 16 << 10)  # so the block arrives in pieces
+    cache_dir = cache.dirs[0]
+    real_create = cache_dir.create
+
+    def create(b: bytes) -> NewEntry:
+        entry = real_create(b)
+        return EntryFillingUp(cache_dir, b, entry.tmp, entry._fd)
+
+    cache_dir.create = create  # type: ignore[method-assign]
+    assert trio.run(fetcher.read, bid, len(data), 100, 90_000) == data[100:90_000]
+    assert store.gets == 2  # the stream into the cache broke off; the block was read again, into memory
+    assert not cache.contains(bid) and os.listdir(cache_dir.tmp_dir) == []
+    assert cache.metrics.cache_write_errors._value.get() == 1 and fetcher.cache_declined
+    assert cache._reserved == 0  # the room held for the entry was given back
+    assert trio.run(fetcher.read, bid, len(data), 0, 10) == data[:10] and store.gets == 2  # from memory
+
+
+class InterruptedStore(CountingStore):
+    """Its first streamed GET of each key breaks off halfway, after delivering half the body."""
+
+    def get_into(self, key, sink, buffer):  # type: ignore[no-untyped-def]
+        if key in self.keys:
+            return super().get_into(key, sink, buffer)
+        body = super().get(key)
+        sink.restart()
+        sink.write(memoryview(body)[: len(body) // 2])
+        raise StoreError("connection reset", temporary=True)
+
+
+def test_a_retried_stream_rewrites_the_cache_entry_from_the_start(tmp_path: Path) -> None:
+    store = InterruptedStore(tmp_path / "store")
+    codec = BlockCodec("none")
+    data = os.urandom(300_000)
+    bid = put_block(store, codec, data)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(RetryingStore(store, 3, sleep=lambda _s: None), 4), codec, cache)
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data
+    assert store.gets == 2 and Path(cache.dir_for(bid).path(bid)).read_bytes() == data
+
+
 def test_missing_block_is_unavailable(setup) -> None:  # type: ignore[no-untyped-def]
     _store, _cache, fetcher, _bid, _data = setup
     with pytest.raises(BlockUnavailable, match="missing"):
@@ -266,7 +323,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     whole(fetcher, bid, data)
     fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
     cache_dir = fresh.dirs[0]
-    real_write = cache_dir.write
+    real_create = cache_dir.create
     writes: list[bytes] = []
 
     def failing_read(*_args: object) -> bytes:
@@ -275,13 +332,17 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     def failing_remove(_bid: bytes) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    def recording_write(b: bytes, plain: bytes) -> None:
+    def recording_create(b: bytes) -> NewEntry:
         writes.append(b)
-        real_write(b, plain)
+        return real_create(b)
 
     cache_dir.read = failing_read  # type: ignore[method-assign]
     cache_dir.remove = failing_remove  # type: ignore[method-assign]
-    cache_dir.write = recording_write  # type: ignore[method-assign]
+    cache_dir.create = recording_create  # type: ignore[method-assign]
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=2)
     assert trio.run(fetcher2.read, bid, len(data), 3, 30) == data[3:30]  # sealed, unreadable, still served
-    assert store.gets == 2 and writes == [bid]  # downloaded once and stored again
+    assert store.gets == 2 and writes == []  # downloaded once, into memory: the disk just failed to read it
+    fetcher2._recent.clear()
+    assert trio.run(fetcher2.read, bid, len(data), 0, 9) == data[:9]
+    # stored again (a new file may read back), still unreadable: served from memory once more
+    assert writes == [bid] and store.gets == 4

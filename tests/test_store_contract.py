@@ -3,6 +3,7 @@ directory, S3 on a real ``rclone serve s3`` and GCS on a real ``fake-gcs-server`
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,38 @@ def test_registry_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         open_store(f"file://{tmp_path / 'nope'}")
     assert open_store(str(tmp_path)).url == f"file://{tmp_path}"  # a bare path is file://
+
+
+class Collected:
+    """A ``Sink`` that keeps what it is given, and whether each piece was a view of ``buffer``."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        self.buffer = buffer
+        self.pieces: list[bytes] = []
+        self.in_buffer: list[bool] = []
+        self.restarts = 0
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.pieces.clear()
+
+    def write(self, piece: memoryview) -> None:
+        self.pieces.append(bytes(piece))
+        self.in_buffer.append(piece.obj is self.buffer.obj)
+
+
+def test_get_into_streams_the_whole_object_in_buffer_sized_pieces(store: ObjectStore) -> None:
+    data = os.urandom(300_000)
+    store.put("blocks/ab/big", data)
+    buffer = memoryview(bytearray(64 << 10))
+    sink = Collected(buffer)
+    assert store.get_into("blocks/ab/big", sink, buffer) == len(data)
+    assert b"".join(sink.pieces) == data and sink.restarts == 1
+    assert len(sink.pieces) >= 5 and max(map(len, sink.pieces)) <= len(buffer)
+    if store.url.startswith("s3://"):  # read from the socket straight into the buffer
+        assert all(sink.in_buffer)
+    store.put("empty", b"")
+    empty = Collected(buffer)
+    assert store.get_into("empty", empty, buffer) == 0 and empty.pieces == [] and empty.restarts == 1
+    with pytest.raises(ObjectNotFound):
+        store.get_into("blocks/00/missing", Collected(buffer), buffer)

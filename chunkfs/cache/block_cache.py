@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chunkfs.blocks import block_id
-from chunkfs.cache.disk import CacheDir
+from chunkfs.cache.disk import CacheDir, NewEntry
 from chunkfs.metrics import Metrics
 from chunkfs.units import format_size
 
@@ -251,6 +251,10 @@ class BlockCache:
         except OSError:
             return None
 
+    def indexed(self, bid: bytes) -> bool:
+        """This process knows of an entry (no system call: the entry may have gone since)."""
+        return bid in self._index and bid not in self._stuck
+
     def contains(self, bid: bytes) -> bool:
         """An entry exists on disk (not necessarily verified) and was not dropped."""
         return bid not in self._stuck and (bid in self._index or self.dir_for(bid).exists(bid))
@@ -274,28 +278,65 @@ class BlockCache:
             log.debug("cache: cannot unlock block %s: %s", bid.hex()[:16], exc.strerror)
 
     # -- writes ----------------------------------------------------------------------------
-    def put(self, bid: bytes, plain: bytes) -> bool:
+    def put(self, bid: bytes, plain: bytes | memoryview) -> bool:
         """Store verified plain bytes of block ``bid``; False if no room could be made or the
         disk refused (logged and counted)."""
         if bid in self._verified:
             return True
-        cache_dir = self.dir_for(bid)
-        if not self._evict(len(plain), cache_dir, reserve=True):
-            self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
+        entry = self.open_entry(bid, len(plain))
+        if entry is None:
             return False
         try:
-            try:
-                cache_dir.write(bid, plain)
-            except OSError as exc:
-                self._declined(bid, exc.strerror or str(exc))
-                return False
-            self._failing = False
-            self._stuck.discard(bid)
-            self._index_verified(bid, len(plain))
-            return True
-        finally:
-            with self._lock:
-                self._reserved -= len(plain)
+            entry.write(plain)
+        except OSError as exc:
+            self.abandon(entry, exc.strerror or str(exc))
+            return False
+        return self.commit(entry)
+
+    def open_entry(self, bid: bytes, length: int) -> NewEntry | None:
+        """Make room for a block of ``length`` bytes about to be written piece by piece, and
+        open its temporary file. None (logged and counted) if no room could be made or the
+        disk refused. The caller writes the plain bytes to the entry, verifies them, and
+        then calls ``commit``, or ``abandon`` if anything went wrong: the room stays
+        reserved until one of the two."""
+        cache_dir = self.dir_for(bid)
+        if not self._evict(length, cache_dir, reserve=True):
+            self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
+            return None
+        try:
+            entry = cache_dir.create(bid)
+        except OSError as exc:
+            self._release(length)
+            self._declined(bid, exc.strerror or str(exc))
+            return None
+        entry.reserved = length
+        return entry
+
+    def commit(self, entry: NewEntry) -> bool:
+        """Publish an entry whose bytes the caller has verified; False (counted) if the disk
+        refused."""
+        try:
+            entry.publish()
+        except OSError as exc:
+            self.abandon(entry, exc.strerror or str(exc))
+            return False
+        self._release(entry.reserved)
+        self._failing = False
+        self._stuck.discard(entry.bid)
+        self._index_verified(entry.bid, entry.size)
+        return True
+
+    def abandon(self, entry: NewEntry, why: str | None = None) -> None:
+        """Give up an entry (``why``: the disk failed; None: the bytes were not the block)."""
+        entry.discard()
+        self._release(entry.reserved)
+        entry.reserved = 0
+        if why is not None:
+            self._declined(entry.bid, why)
+
+    def _release(self, reserved: int) -> None:
+        with self._lock:
+            self._reserved -= reserved
 
     def _declined(self, bid: bytes, why: str) -> None:
         self.metrics.cache_write_errors.inc()

@@ -84,6 +84,55 @@ def _flock(kind: int, offset: int) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
 
 
+class NewEntry:
+    """An entry being written: a temporary file that only ``publish`` makes visible, and only
+    once its owner has checked that the bytes written are exactly the block."""
+
+    __slots__ = ("_fd", "bid", "cache_dir", "reserved", "size", "tmp")
+
+    def __init__(self, cache_dir: CacheDir, bid: bytes, tmp: str, fd: int) -> None:
+        self.cache_dir = cache_dir
+        self.bid = bid
+        self.tmp = tmp
+        self._fd = fd
+        self.size = 0
+        self.reserved = 0  # cache room held for it (``BlockCache``)
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.write(self._fd, view)
+            self.size += done
+            view = view[done:]
+
+    def rewind(self) -> None:
+        """Empty the file, to write it again from the start."""
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.size = 0
+
+    def publish(self) -> None:
+        """Seal, close and rename into place (the bytes written must be the verified block)."""
+        self.cache_dir._seal(self._fd, self.bid)
+        os.close(self._fd)
+        self._fd = -1
+        final = self.cache_dir.path(self.bid)
+        try:
+            os.rename(self.tmp, final)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            os.rename(self.tmp, final)
+
+    def discard(self) -> None:
+        """Remove the temporary file (never raises)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 class CacheDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
@@ -197,28 +246,21 @@ class CacheDir:
             before = os.fstat(f.fileno())
             return f.read(limit + 1), before
 
-    def write(self, bid: bytes, data: bytes) -> None:
-        """Create the entry atomically (temporary file, then rename)."""
-        final = self.path(bid)
-        tmp = f"{self.tmp_dir}/{bid.hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    def write(self, bid: bytes, data: bytes | memoryview) -> None:
+        """Create the entry atomically (temporary file, then rename) from verified bytes."""
+        entry = self.create(bid)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                self._seal(fd, bid)
-            finally:
-                os.close(fd)
-            try:
-                os.rename(tmp, final)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-                os.rename(tmp, final)
+            entry.write(data)
+            entry.publish()
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            entry.discard()
             raise
+
+    def create(self, bid: bytes) -> NewEntry:
+        """Open a temporary file for block ``bid``, to be filled with ``NewEntry.write`` and
+        renamed into place by ``NewEntry.publish`` (or removed by ``discard``)."""
+        tmp = f"{self.tmp_dir}/{bid.hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        return NewEntry(self, bid, tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     @staticmethod
     def _seal_value(bid: bytes, st: os.stat_result) -> bytes:

@@ -11,13 +11,19 @@ Invariants:
 - Across processes sharing the cache directory (a mount and a warmup, several mounts), a
   download holds the block's node-wide lock (``BlockCache.try_claim``); a process that finds
   it taken waits for the entry to appear and verifies it instead of downloading.
-- Downloads hold one of ``downloads`` slots (``PrioritySlots``) from request to cache write,
-  so the memory held by in-flight blocks is at most ``downloads`` blocks (twice that with
-  compression) plus ``recent_blocks`` kept when the cache declines a block. Demand reads go
-  ahead of readahead, readahead ahead of prefetch; a demand read of a block a prefetch has
-  queued raises that queued request to demand priority.
-- No byte is returned unless it was verified against its id: store bytes go through
-  ``BlockCodec.decode``; cache entries through ``BlockCache``'s checks.
+- A download streams: the object is read in ``PIECE``-sized pieces into a buffer of the
+  fetcher's pool, each piece decoded, hashed and written to the block's temporary cache
+  file while it is still in the CPU cache, and the entry is published only once the whole
+  block has matched its id. The claim, the disk check, the download and the cache write of
+  one block are one call in one worker thread, so the event loop makes no blocking call
+  per block. Downloads hold one of ``downloads`` slots (``PrioritySlots``), so the memory
+  they hold is ``downloads`` pieces, plus whole blocks only when the cache cannot take one
+  (then the block is read into memory and kept in a small LRU of ``recent_blocks``).
+  Demand reads go ahead of readahead, readahead ahead of prefetch; a demand read of a block
+  a prefetch has queued raises that queued request to demand priority.
+- No byte is returned or published unless it was verified against its id: store bytes go
+  through ``BlockDecoder``; cache entries through ``BlockCache``'s checks. A block that
+  went to the cache is read back from it (the page cache) by its waiting readers.
 - A corrupt or truncated body, or a temporary store error, is retried with backoff up to
   ``attempts`` times; then ``BlockUnavailable`` names the block and the cause.
 - A cache that cannot store a block does not fail the read: the bytes are returned and
@@ -29,11 +35,13 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict
+from enum import IntEnum
 
 import trio
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
 from chunkfs.cache.block_cache import NO_LOCK, BlockCache
+from chunkfs.cache.disk import NewEntry
 from chunkfs.metrics import Metrics
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
@@ -44,22 +52,81 @@ log = logging.getLogger(__name__)
 
 #: seconds to wait for another process's download of a block before fetching it too
 OTHER_DOWNLOADER_PATIENCE = 60.0
+#: bytes read from the store at a time: small enough to stay in the CPU cache from the socket
+#: read through the hash to the cache write
+PIECE = 1 << 20
 
 
 class BlockUnavailable(Exception):
     """A block could not be fetched intact (missing, corrupt after retries, store failing)."""
 
 
+class How(IntEnum):
+    """How a load made a block readable."""
+
+    ADMITTED = 0  # its cache entry's seal admitted it (read it from the cache)
+    HASHED = 1  # its cache entry was read whole and hashed (the bytes come with it)
+    DOWNLOADED = 2  # fetched from the store (into the cache, or into memory if declined)
+
+
+class _Busy(Exception):
+    """Another process holds the block's download lock."""
+
+
 class _Pending:
-    __slots__ = ("cancelled", "data", "done", "downloaded", "error", "ticket")
+    __slots__ = ("cancelled", "data", "done", "error", "how", "ticket")
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: bytes | bytearray | None = None
+        self.how = How.ADMITTED
         self.error: BaseException | None = None
         self.cancelled = False
-        self.downloaded = False
         self.ticket: Ticket | None = None
+
+
+class _BlockSink:
+    """Receives one download (``Sink``): decodes and verifies it on the way, and writes the
+    plain bytes to the block's new cache entry, or keeps them in memory when there is none.
+    A cache write that fails turns the sink ``spilled``: the bytes before it are gone, so
+    the block must be read again into memory."""
+
+    __slots__ = ("bid", "codec", "decoder", "disk_error", "entry", "length", "memory")
+
+    def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None) -> None:
+        self.codec = codec
+        self.bid = bid
+        self.length = length
+        self.entry = entry
+        self.memory: bytearray | None = None if entry is not None else bytearray()
+        self.decoder = codec.decoder(bid, length)
+        self.disk_error: str | None = None
+
+    def restart(self) -> None:
+        self.decoder = self.codec.decoder(self.bid, self.length)
+        if self.memory is not None:
+            self.memory = bytearray()
+        if self.entry is not None and self.disk_error is None and self.entry.size:
+            try:
+                self.entry.rewind()
+            except OSError as exc:
+                self.disk_error = exc.strerror or str(exc)
+
+    def write(self, piece: memoryview) -> None:
+        plain = self.decoder.feed(piece)
+        if not plain:
+            return
+        if self.memory is not None:
+            self.memory += plain
+        elif self.entry is not None and self.disk_error is None:
+            try:
+                self.entry.write(plain)
+            except OSError as exc:
+                self.disk_error = exc.strerror or str(exc)
+
+    @property
+    def spilled(self) -> bool:
+        return self.disk_error is not None
 
 
 class BlockFetcher:
@@ -73,9 +140,10 @@ class BlockFetcher:
         self.metrics = metrics or cache.metrics
         self.slots = PrioritySlots(downloads)
         self._disk = trio.CapacityLimiter(disk_threads)
-        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._recent: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
         self._recent_max = recent_blocks
         self._inflight: dict[bytes, _Pending] = {}
+        self._buffers: list[memoryview] = []  # PIECE-sized download buffers, one per download at most
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
@@ -89,15 +157,19 @@ class BlockFetcher:
         caller must not keep the view beyond its reply)."""
         self.cache.pin(bid)
         try:
-            downloaded = False
-            for _ in range(3):  # an admitted entry read from disk, unless it vanished meanwhile
+            downloaded = in_memory = False
+            for _ in range(3):
                 data = self._local(bid, start, end)
                 if data is not None:
                     break
-                plain, downloaded = await self._obtain(bid, length, Priority.DEMAND)
+                plain, how = await self._obtain(bid, length, Priority.DEMAND, in_memory=in_memory)
+                downloaded = downloaded or how is How.DOWNLOADED
                 if plain is not None:
                     data = memoryview(plain)[start:end]
                     break
+                # loaded into the cache: read it from there. If that fails (the entry vanished,
+                # or the disk cannot read it back), the store serves it, into memory.
+                in_memory = True
             else:
                 raise BlockUnavailable(f"block {bid.hex()}: its cache entry keeps vanishing")
         finally:
@@ -129,21 +201,22 @@ class BlockFetcher:
         if bid in self._recent:
             return False
         someone_else = bid in self._inflight
-        data, _downloaded = await self._obtain(bid, length, priority)
-        return not someone_else and data is not None
+        _data, how = await self._obtain(bid, length, priority)
+        return not someone_else and how is not How.ADMITTED
 
     async def warm(self, bid: bytes, length: int) -> bool:
         """Put the block in the node cache (warmup, at prefetch priority); True if this call
         downloaded it."""
         if self.cache.is_verified(bid):
             return False
-        _data, downloaded = await self._obtain(bid, length, Priority.PREFETCH)
-        return downloaded
+        _data, how = await self._obtain(bid, length, Priority.PREFETCH)
+        return how is How.DOWNLOADED
 
-    async def _obtain(self, bid: bytes, length: int, priority: Priority) -> tuple[bytes | None, bool]:
-        """(verified plain bytes, whether they were downloaded), one load per block at a time.
-        The bytes are None when a sealed entry was admitted without reading it: read it from
-        the cache."""
+    async def _obtain(self, bid: bytes, length: int, priority: Priority, *,
+                      in_memory: bool = False) -> tuple[bytes | bytearray | None, How]:
+        """One load per block at a time: (the verified plain bytes if the load has them in
+        memory, how it was loaded). Without bytes, read the block from the cache.
+        ``in_memory``: download it into memory whatever the cache holds."""
         while (pending := self._inflight.get(bid)) is not None:
             if pending.ticket is not None:
                 PrioritySlots.raise_priority(pending.ticket, priority)
@@ -152,14 +225,17 @@ class BlockFetcher:
                 continue  # its owner was cancelled: load it ourselves
             if pending.error is not None:
                 raise BlockUnavailable(str(pending.error)) from pending.error
-            return pending.data, pending.downloaded
+            return pending.data, pending.how
         pending = self._inflight[bid] = _Pending()
         try:
-            found, data = await self._from_disk(bid, length)
+            found = False
+            if self.cache.indexed(bid) and not in_memory:  # an entry this process knows of: admit or hash it
+                found, pending.data = await trio.to_thread.run_sync(self._check_entry, bid, length,
+                                                                    limiter=self._disk)
+                pending.how = How.ADMITTED if pending.data is None else How.HASHED
             if not found:
-                data, pending.downloaded = await self._download_once_on_node(bid, length, priority, pending)
-            pending.data = data
-            return data, pending.downloaded
+                pending.data, pending.how = await self._load(bid, length, priority, pending, in_memory)
+            return pending.data, pending.how
         except trio.Cancelled:
             pending.cancelled = True
             raise
@@ -170,70 +246,95 @@ class BlockFetcher:
             del self._inflight[bid]
             pending.done.set()
 
-    async def _from_disk(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
-        """(whether an intact entry is on disk, its bytes if checking it meant reading it)."""
-        if not self.cache.contains(bid):
-            return False, None
-        return await trio.to_thread.run_sync(self._check_entry, bid, length, limiter=self._disk)
-
     def _check_entry(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
+        """(whether an intact entry is on disk, its bytes if checking it meant reading it)."""
         if self.cache.admit(bid, length):  # it also pages the entry in, as a whole read would
             return True, None
         data = self.cache.verify(bid, length)
         return data is not None, data
 
-    async def _download_once_on_node(self, bid: bytes, length: int, priority: Priority,
-                                     pending: _Pending) -> tuple[bytes | None, bool]:
-        """Download under the block's node-wide lock; if another process held it, use the
-        entry it wrote instead. (bytes, whether this process downloaded them)"""
+    async def _load(self, bid: bytes, length: int, priority: Priority, pending: _Pending,
+                    in_memory: bool) -> tuple[bytes | bytearray | None, How]:
+        """Load a block from the disk entry another process just planted, or download it,
+        in a download slot. Retries temporary failures; waits (without a slot) while another
+        process holds the block's download lock, up to ``OTHER_DOWNLOADER_PATIENCE``."""
         give_up = trio.current_time() + OTHER_DOWNLOADER_PATIENCE
-        while (token := self.cache.try_claim(bid)) is None:
-            if trio.current_time() > give_up:
-                log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
-                            bid.hex()[:16], OTHER_DOWNLOADER_PATIENCE)
-                token = NO_LOCK
-                break
-            await trio.sleep(0.02)
-        try:
-            found, data = await self._from_disk(bid, length)  # another process may have just finished it
-            if found:
-                return data, False
-            pending.ticket = self.slots.ticket(priority)
-            return await self._download_and_store(bid, length, pending.ticket), True
-        finally:
-            self.cache.release_claim(bid, token)
-
-    async def _download_and_store(self, bid: bytes, length: int, ticket: Ticket) -> bytes:
-        await self.slots.acquire(ticket)
-        try:
-            plain = await self._download(bid, length)
-            stored = await trio.to_thread.run_sync(self.cache.put, bid, plain, limiter=self._disk)
-        finally:
-            self.slots.release()
-        self.cache_declined = not stored
-        if not stored:
-            self._recent[bid] = plain
-            if len(self._recent) > self._recent_max:
-                self._recent.popitem(last=False)
-        return plain
-
-    async def _download(self, bid: bytes, length: int) -> bytes:
-        key = object_key(bid)
-        for attempt in range(1, self.attempts + 1):
+        claim = True
+        attempt = 0
+        while True:
+            pending.ticket = self.slots.ticket(pending.ticket.priority if pending.ticket else priority)
+            await self.slots.acquire(pending.ticket)
+            buffer = self._buffers.pop() if self._buffers else memoryview(bytearray(PIECE))
             try:
-                stored = await self.store.get(key)
-                plain = await trio.to_thread.run_sync(self.codec.decode, bid, stored, length)
-                break
+                data, how = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, claim,
+                                                          in_memory, limiter=self.store.limiter)
+            except _Busy:
+                if trio.current_time() > give_up:
+                    log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
+                                bid.hex()[:16], OTHER_DOWNLOADER_PATIENCE)
+                    claim = False
+                delay = 0.02
             except ObjectNotFound as exc:
                 raise BlockUnavailable(f"block {bid.hex()} is missing from {self.store.store.url}") from exc
             except (BlockCorrupt, StoreError) as exc:
+                attempt += 1
                 if isinstance(exc, StoreError) and not exc.temporary:
                     raise BlockUnavailable(f"block {bid.hex()}: {exc}") from exc
                 if attempt == self.attempts:
-                    raise BlockUnavailable(
-                        f"block {bid.hex()} failed {attempt} attempts, last: {exc}"
-                    ) from exc
+                    raise BlockUnavailable(f"block {bid.hex()} failed {attempt} attempts, last: {exc}") from exc
                 log.info("block %s attempt %d failed (%s); retrying", bid.hex()[:16], attempt, exc)
-                await trio.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-        self.downloads += 1
-        return plain
+                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            else:
+                if how is How.DOWNLOADED:
+                    self.downloads += 1
+                    self.cache_declined = data is not None and not in_memory
+                    if data is not None:
+                        self._recent[bid] = data
+                        if len(self._recent) > self._recent_max:
+                            self._recent.popitem(last=False)
+                return data, how
+            finally:
+                self._buffers.append(buffer)
+                self.slots.release()
+            await trio.sleep(delay)
+
+    def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, claim: bool,
+                       in_memory: bool) -> tuple[bytes | bytearray | None, How]:
+        """One attempt, in a worker thread: under the block's node-wide download lock (unless
+        ``claim`` is off), use an intact entry another process planted, or download the
+        block into a new cache entry (bytes: None), or into memory if the cache declines it
+        (or with ``in_memory``, at once). Raises ``_Busy`` if another process holds the
+        lock, or the store's or the decoder's error."""
+        if in_memory:
+            return self._download(bid, length, buffer, None).memory, How.DOWNLOADED
+        token = self.cache.try_claim(bid) if claim else NO_LOCK
+        if token is None:
+            raise _Busy
+        try:
+            if self.cache.contains(bid):  # planted by another process, perhaps just now
+                found, data = self._check_entry(bid, length)
+                if found:
+                    return data, How.ADMITTED if data is None else How.HASHED
+            entry = self.cache.open_entry(bid, length)
+            if entry is not None:
+                sink = self._download(bid, length, buffer, entry)
+                if not sink.spilled and self.cache.commit(entry):
+                    return None, How.DOWNLOADED
+                if sink.spilled:
+                    self.cache.abandon(entry, sink.disk_error)
+            return self._download(bid, length, buffer, None).memory, How.DOWNLOADED
+        finally:
+            self.cache.release_claim(bid, token)
+
+    def _download(self, bid: bytes, length: int, buffer: memoryview, entry: NewEntry | None) -> _BlockSink:
+        """Stream the block's object into ``entry`` (or memory) and verify it; the entry is
+        abandoned if that fails."""
+        sink = _BlockSink(self.codec, bid, length, entry)
+        try:
+            self.store.store.get_into(object_key(bid), sink, buffer)
+            sink.decoder.finish()
+        except BaseException:
+            if entry is not None:
+                self.cache.abandon(entry)
+            raise
+        return sink

@@ -8,6 +8,9 @@ Contract (checked by ``tests/test_store_contract.py`` for every backend):
 - ``put`` is atomic: a concurrent or later ``get`` sees the whole object or none of it.
 - ``get(key, start, end)`` returns bytes [start, end) (``end=None``: to the end); a missing
   key raises ``ObjectNotFound``.
+- ``get_into(key, sink, buffer)`` streams the whole object to ``sink`` in pieces read into
+  ``buffer`` and returns its length; every attempt starts with ``sink.restart()``, and a
+  body shorter than announced is a temporary error, never a short result.
 - ``head`` returns ``None`` for a missing key; ``delete`` of a missing key is not an error.
 - ``list(prefix)`` yields every object whose key starts with ``prefix``, in key order.
 - Errors are ``StoreError``; ``StoreError.temporary`` says whether a retry may succeed.
@@ -33,6 +36,17 @@ class StoreError(ChunkfsError):
 
 class ObjectNotFound(StoreError):
     """The key does not exist in the store."""
+
+
+class Sink(Protocol):
+    """Where ``ObjectStore.get_into`` delivers an object, piece by piece."""
+
+    def restart(self) -> None:
+        """A (new) attempt begins: forget every piece an earlier attempt delivered."""
+
+    def write(self, piece: memoryview) -> None:
+        """Take the next piece. It is a view of the caller's buffer, valid only during the
+        call. Must not raise: a sink that cannot keep a piece remembers that itself."""
 
 
 class RequestObserver(Protocol):
@@ -78,6 +92,17 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        """Stream the whole object to ``sink`` (see the module contract); returns its length.
+        This default reads it whole with ``get``; backends that can read a response body
+        into ``buffer`` directly override it, so a block never needs a buffer of its size."""
+        data = memoryview(self.get(key))
+        sink.restart()
+        step = len(buffer)
+        for offset in range(0, len(data), step):
+            sink.write(data[offset : offset + step])
+        return len(data)
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None

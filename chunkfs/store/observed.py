@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, RequestObserver
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, RequestObserver, Sink
 
 T = TypeVar("T")
 
@@ -34,6 +34,9 @@ class ObservedStore(ObjectStore):
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         return self._timed("get", lambda: self.inner.get(key, start, end), len)
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        return self._timed("get", lambda: self.inner.get_into(key, sink, buffer), lambda n: n)
 
     def put(self, key: str, data: bytes) -> None:
         self._timed("put", lambda: self.inner.put(key, data), lambda _: len(data))

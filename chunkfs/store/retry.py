@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from chunkfs.store.base import ObjectInfo, ObjectStore, StoreError
+from chunkfs.store.base import ObjectInfo, ObjectStore, Sink, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +54,9 @@ class RetryingStore(ObjectStore):
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         return self._retry("GET", key, lambda: self.inner.get(key, start, end))
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        return self._retry("GET", key, lambda: self.inner.get_into(key, sink, buffer))
 
     def put(self, key: str, data: bytes) -> None:
         self._retry("PUT", key, lambda: self.inner.put(key, data))

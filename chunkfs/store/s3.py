@@ -18,7 +18,9 @@ Invariants:
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
@@ -26,7 +28,7 @@ import botocore.exceptions as bexc
 from botocore.config import Config
 
 from chunkfs.errors import UsageError
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError, StoreOptions
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
@@ -35,7 +37,7 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
                  "AllAccessDisabled", "AccountProblem", "403", "401"}
 _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                    bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
-                   bexc.HTTPClientError, ConnectionError, TimeoutError)
+                   bexc.HTTPClientError, ConnectionError, TimeoutError, http.client.IncompleteRead)
 
 
 def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
@@ -146,6 +148,28 @@ class S3Store(ObjectStore):
                              temporary=True)
         return data
 
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        """Stream the object into ``buffer`` piece by piece: with botocore's usual transport,
+        straight from the socket (no block-sized allocation, and each piece is still in the
+        CPU cache when the sink hashes and writes it)."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        body = resp["Body"]
+        expected = resp.get("ContentLength")
+        sink.restart()
+        try:
+            total = _stream_body(body, expected, sink, buffer)
+        except Exception as exc:
+            body.close()  # drops the connection: its body was not read to the end
+            raise self._error("GET", key, exc) from None
+        body.close()
+        if expected is not None and total != expected:
+            raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: body has {total} of {expected} bytes",
+                             temporary=True)
+        return total
+
     def put(self, key: str, data: bytes) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
@@ -183,6 +207,30 @@ class S3Store(ObjectStore):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _stream_body(body: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
+    """Feed a GET response body to ``sink``; returns the bytes delivered. Reads straight into
+    ``buffer`` from the ``http.client`` response under botocore's urllib3 response when it
+    is there (then hands the connection back to the pool, as urllib3 does once a body is
+    read), and through ``StreamingBody.read`` otherwise."""
+    raw = getattr(body, "_raw_stream", None)
+    direct = getattr(raw, "_fp", None)
+    total = 0
+    if isinstance(direct, http.client.HTTPResponse) and expected is not None and hasattr(raw, "release_conn"):
+        while total < expected:
+            got = direct.readinto(buffer[: min(len(buffer), expected - total)])
+            if not got:
+                break  # short body: the caller reports it
+            sink.write(buffer[:got])
+            total += got
+        if total == expected:
+            raw.release_conn()
+        return total
+    while chunk := body.read(len(buffer)):
+        sink.write(memoryview(chunk))
+        total += len(chunk)
+    return total
 
 
 def open_url(url: str, create: bool, options: StoreOptions) -> S3Store:
