@@ -236,3 +236,24 @@ def test_streamed_gets_reuse_connections_and_retry_short_bodies(s3_server) -> No
         sink = Collected(buffer)
         assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
         store.close()
+
+
+def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """Any socket error while a streamed body is read (not only resets and timeouts: also
+    EHOSTUNREACH, EIO...) is temporary, as urllib3 would have reported it."""
+    from chunkfs.store.s3 import S3Store
+
+    class FailingBody:
+        def read(self, _n: int) -> bytes:
+            raise OSError(errno.EHOSTUNREACH, "No route to host")
+
+        def close(self) -> None:
+            pass
+
+    store = S3Store(f"s3://{unique_bucket()}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=True)
+    store.client.get_object = lambda **_kw: {"Body": FailingBody(), "ContentLength": 10}  # type: ignore[method-assign]
+    buffer = memoryview(bytearray(1024))
+    with pytest.raises(StoreError) as info:
+        store.get_into("blocks/aa/obj", Collected(buffer), buffer)
+    assert info.value.temporary and "No route to host" in str(info.value)
+    store.close()

@@ -84,3 +84,22 @@ def test_cancelled_waiter_leaks_no_slot() -> None:
         assert slots.free == 1
 
     trio.run(main)
+
+
+def test_a_caller_cancelled_before_it_asks_takes_no_free_slot() -> None:
+    """A cancellation that arrives while nothing can deliver it (a thread call running) is
+    delivered at ``acquire``: the caller must then hold nothing, even with slots free."""
+
+    async def main() -> None:
+        slots = PrioritySlots(2)
+        reached_acquire = False
+        with trio.CancelScope() as scope:
+            # cancelled while the thread runs: the cancellation is held back until it returns
+            await trio.to_thread.run_sync(lambda: trio.from_thread.run_sync(scope.cancel))
+            reached_acquire = True
+            await slots.acquire(slots.ticket(Priority.READAHEAD))
+            raise AssertionError("acquire should have raised Cancelled")
+        assert reached_acquire and scope.cancelled_caught
+        assert slots.free == 2
+
+    trio.run(main)

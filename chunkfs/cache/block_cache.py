@@ -320,10 +320,11 @@ class BlockCache:
         except OSError as exc:
             self.abandon(entry, exc.strerror or str(exc))
             return False
-        self._release(entry.reserved)
         self._failing = False
         self._stuck.discard(entry.bid)
-        self._index_verified(entry.bid, entry.size)
+        self._index_verified(entry.bid, entry.size)  # counted before its reservation ends: never neither
+        self._release(entry.reserved)
+        entry.reserved = 0
         return True
 
     def abandon(self, entry: NewEntry, why: str | None = None) -> None:
@@ -428,7 +429,9 @@ class BlockCache:
                 free, total = target.free_space()
             except OSError:
                 return False
-            deficit = max(0, int(self.free_ratio * total) + incoming - free)
+            # room reserved for entries still being written is not yet used on disk: count it
+            # (as if on this filesystem), so concurrent downloads cannot together go below the floor
+            deficit = max(0, int(self.free_ratio * total) + incoming + self._reserved - free)
         victims: list[tuple[bytes, CacheDir]] = []
         with self._lock:
             over = self._bytes + self._reserved + incoming - self.capacity

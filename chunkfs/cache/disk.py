@@ -114,8 +114,8 @@ class NewEntry:
     def publish(self) -> None:
         """Seal, close and rename into place (the bytes written must be the verified block)."""
         self.cache_dir._seal(self._fd, self.bid)
-        os.close(self._fd)
-        self._fd = -1
+        fd, self._fd = self._fd, -1
+        os.close(fd)
         final = self.cache_dir.path(self.bid)
         try:
             os.rename(self.tmp, final)
@@ -126,9 +126,9 @@ class NewEntry:
     def discard(self) -> None:
         """Remove the temporary file (never raises)."""
         if self._fd >= 0:
+            fd, self._fd = self._fd, -1
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 

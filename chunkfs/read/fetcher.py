@@ -17,8 +17,9 @@ Invariants:
   block has matched its id. The claim, the disk check, the download and the cache write of
   one block are one call in one worker thread, so the event loop makes no blocking call
   per block. Downloads hold one of ``downloads`` slots (``PrioritySlots``), so the memory
-  they hold is ``downloads`` pieces, plus whole blocks only when the cache cannot take one
-  (then the block is read into memory and kept in a small LRU of ``recent_blocks``).
+  they hold is ``downloads`` pieces (S3; the other backends read an object whole, then
+  stream it), plus whole blocks only when the cache cannot take one (then the block is
+  read into memory and kept in a small LRU of ``recent_blocks``).
   Demand reads go ahead of readahead, readahead ahead of prefetch; a demand read of a block
   a prefetch has queued raises that queued request to demand priority.
 - No byte is returned or published unless it was verified against its id: store bytes go
@@ -256,8 +257,9 @@ class BlockFetcher:
     async def _load(self, bid: bytes, length: int, priority: Priority, pending: _Pending,
                     in_memory: bool) -> tuple[bytes | bytearray | None, How]:
         """Load a block from the disk entry another process just planted, or download it,
-        in a download slot. Retries temporary failures; waits (without a slot) while another
-        process holds the block's download lock, up to ``OTHER_DOWNLOADER_PATIENCE``."""
+        in a download slot. Retries temporary failures; while another process holds the
+        block's download lock, tries again every 20 ms (holding a slot only for each try),
+        up to ``OTHER_DOWNLOADER_PATIENCE``."""
         give_up = trio.current_time() + OTHER_DOWNLOADER_PATIENCE
         claim = True
         attempt = 0

@@ -51,9 +51,10 @@ class PrioritySlots:
     async def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot for ``ticket``; the caller must ``release`` it afterwards."""
         if self.free and not self._waiting:
+            await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller takes nothing
             self.free -= 1
             ticket.granted = True
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()  # ...and a granted one keeps its slot
             return
         self._waiting.append(ticket)
         try:

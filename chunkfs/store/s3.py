@@ -163,6 +163,10 @@ class S3Store(ObjectStore):
             total = _stream_body(body, expected, sink, buffer)
         except Exception as exc:
             body.close()  # drops the connection: its body was not read to the end
+            if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, StoreError):
+                # what urllib3 would have wrapped as a protocol error: the connection failed mid-body
+                raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: {type(exc).__name__}: {exc}",
+                                 temporary=True) from None
             raise self._error("GET", key, exc) from None
         body.close()
         if expected is not None and total != expected:
@@ -224,7 +228,7 @@ def _stream_body(body: Any, expected: int | None, sink: Sink, buffer: memoryview
                 break  # short body: the caller reports it
             sink.write(buffer[:got])
             total += got
-        if total == expected:
+        if total == expected and direct.isclosed():  # read to its end: the connection is reusable
             raw.release_conn()
         return total
     while chunk := body.read(len(buffer)):
