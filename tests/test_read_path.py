@@ -326,7 +326,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     real_create = cache_dir.create
     writes: list[bytes] = []
 
-    def failing_read(*_args: object) -> bytes:
+    def failing_read(*_args: object) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
     def failing_remove(_bid: bytes) -> None:
@@ -336,7 +336,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
         writes.append(b)
         return real_create(b)
 
-    cache_dir.read = failing_read  # type: ignore[method-assign]
+    cache_dir.read_into = failing_read  # type: ignore[method-assign]
     cache_dir.remove = failing_remove  # type: ignore[method-assign]
     cache_dir.create = recording_create  # type: ignore[method-assign]
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=2)

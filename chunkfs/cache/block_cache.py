@@ -175,27 +175,35 @@ class BlockCache:
         """True when ``read`` may serve the entry without checking it again."""
         return bid in self._verified
 
-    def read(self, bid: bytes, start: int, end: int) -> bytes | None:
+    def read(self, bid: bytes, start: int, end: int) -> bytearray | None:
         """Bytes [start, end) of a verified entry, or None (a miss) if it is not verified,
         has gone or cannot be read."""
         if bid not in self._verified:
             return None
+        out = bytearray(end - start)
+        return out if self.read_into(bid, start, memoryview(out)) else None
+
+    def read_into(self, bid: bytes, start: int, out: memoryview) -> bool:
+        """Fill ``out`` with the verified entry's bytes from ``start``; False (a miss) if it
+        is not verified, has gone or cannot be read (then ``out`` holds nothing useful)."""
+        if bid not in self._verified:
+            return False
         try:
-            data = self.dir_for(bid).read(bid, start, end)
+            got = self.dir_for(bid).read_into(bid, start, out)
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
             self.drop(bid)
-            return None
-        if len(data) != end - start:
+            return False
+        if got != len(out):
             log.warning("cache: block %s is shorter than it was; dropping it", bid.hex()[:16])
             self.metrics.cache_corrupt.inc()
             self.drop(bid)
-            return None
+            return False
         with self._lock:
             if bid in self._index:
                 self._index.move_to_end(bid)
-        return data
+        return True
 
     def admit(self, bid: bytes, length: int) -> bool:
         """Admit an entry found on disk without reading it, if its seal shows it unchanged

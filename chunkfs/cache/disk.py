@@ -223,11 +223,17 @@ class CacheDir:
         hexid = bid.hex()
         return f"{self.blocks_dir}/{hexid[:2]}/{hexid}"
 
-    def read(self, bid: bytes, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the entry (fewer if the file is shorter)."""
+    def read_into(self, bid: bytes, start: int, out: memoryview) -> int:
+        """Read the entry from ``start`` into ``out``; the bytes read (fewer if it is shorter)."""
         fd = os.open(self.path(bid), os.O_RDONLY)
         try:
-            return os.pread(fd, end - start, start)
+            done = 0
+            while done < len(out):
+                got = os.preadv(fd, [out[done:]], start + done)
+                if not got:
+                    break
+                done += got
+            return done
         finally:
             os.close(fd)
 

@@ -30,6 +30,10 @@ from chunkfs.read.reader import FileReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: FUSE reads are answered from reused buffers of this size (the kernel asks for at most 1 MiB)
+REPLY_BUFFER = 1 << 20
+#: reply buffers kept for reuse: as many as reads are answered at once, at most
+REPLY_BUFFERS_KEPT = 32
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -108,6 +112,10 @@ class ChunkfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._names: dict[int, bytes] = {ROOT_INODE: b"/"}  # last name seen per inode, for log messages
         self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}  # directory -> its parent, as seen
+        # Reply buffers for ``read``: one is back in the pool as ``read`` returns, and reused
+        # only by a later request. That is safe because pyfuse3 replies (copies the bytes into
+        # the kernel) as soon as the handler returns, before any other task can run.
+        self._reply_buffers: list[bytearray] = []
 
     # -- helpers ---------------------------------------------------------------------------
     def observe_op(self, op: str, seconds: float) -> None:
@@ -267,12 +275,19 @@ class ChunkfsOperations(pyfuse3.Operations):
         f = self._files[fh]
         if f.snapshot is not None:
             return f.snapshot[off : off + size]
+        if size > REPLY_BUFFER:
+            buffer = bytearray(size)  # larger than FUSE asks for: not kept
+        else:
+            buffer = self._reply_buffers.pop() if self._reply_buffers else bytearray(REPLY_BUFFER)
         try:
-            return await self.reader.read(f.ino, off, size)
+            return memoryview(buffer)[: await self.reader.read_into(f.ino, off, memoryview(buffer)[:size])]
         except BlockUnavailable as exc:
             name = self._names.get(f.ino, b"?").decode(errors="replace")
             log.error("read of %r (inode %d) at offset %d failed: %s", name, f.ino, off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if len(buffer) == REPLY_BUFFER and len(self._reply_buffers) < REPLY_BUFFERS_KEPT:
+                self._reply_buffers.append(buffer)
 
     @_fuse_errors
     async def release(self, fh: int) -> None:

@@ -152,21 +152,32 @@ class BlockFetcher:
         """Readable now without a download or a disk verification."""
         return self.cache.is_verified(bid) or bid in self._recent
 
-    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes | memoryview:
+    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes | bytearray | memoryview:
         """Bytes [start, end) of block ``bid`` (plain length ``length``) for a waiting reader:
-        a view, not a copy, when the block is in memory (pyfuse3 replies from any buffer; a
-        caller must not keep the view beyond its reply)."""
+        a view, not a copy, when the block is in memory (a caller must not keep the view
+        beyond its reply)."""
+        return await self._read(bid, length, start, end, None)
+
+    async def read_into(self, bid: bytes, length: int, start: int, out: memoryview) -> None:
+        """Fill ``out`` with block ``bid``'s bytes from ``start`` (a FUSE reply buffer)."""
+        await self._read(bid, length, start, start + len(out), out)
+
+    async def _read(self, bid: bytes, length: int, start: int, end: int,
+                    out: memoryview | None) -> bytes | bytearray | memoryview:
         self.cache.pin(bid)
         try:
             downloaded = in_memory = False
             for _ in range(3):
-                data = self._local(bid, start, end)
+                data = self._local(bid, start, end, out)
                 if data is not None:
                     break
                 plain, how = await self._obtain(bid, length, Priority.DEMAND, in_memory=in_memory)
                 downloaded = downloaded or how is How.DOWNLOADED
                 if plain is not None:
                     data = memoryview(plain)[start:end]
+                    if out is not None:
+                        out[:] = data
+                        data = out
                     break
                 # loaded into the cache: read it from there. If that fails (the entry vanished,
                 # or the disk cannot read it back), the store serves it, into memory.
@@ -183,12 +194,19 @@ class BlockFetcher:
             self.metrics.cache_hit_bytes.inc(len(data))
         return data
 
-    def _local(self, bid: bytes, start: int, end: int) -> bytes | memoryview | None:
-        """Bytes [start, end) from an admitted cache entry or the in-memory LRU; None if neither."""
-        data = self.cache.read(bid, start, end)
+    def _local(self, bid: bytes, start: int, end: int,
+               out: memoryview | None) -> bytes | bytearray | memoryview | None:
+        """Bytes [start, end) from an admitted cache entry or the in-memory LRU (in ``out``,
+        if given); None if neither."""
+        if out is not None and self.cache.read_into(bid, start, out):
+            return out
+        data = self.cache.read(bid, start, end) if out is None else None
         if data is None and (recent := self._recent.get(bid)) is not None:
             self._recent.move_to_end(bid)
-            return memoryview(recent)[start:end]
+            data = memoryview(recent)[start:end]
+            if out is not None:
+                out[:] = data
+                return out
         return data
 
     async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:

@@ -115,18 +115,20 @@ class FileReader:
             (self.metrics.prefetch_wasted if kind == "prefetch" else self.metrics.readahead_wasted).inc()
 
     # -- reads -----------------------------------------------------------------------------
-    async def read(self, ino: int, offset: int, length: int) -> bytes | memoryview:
-        """Bytes of an open inode (possibly a view into a block in memory, for one reply);
-        ``BlockUnavailable`` if a block cannot be had."""
+    async def read_into(self, ino: int, offset: int, out: memoryview) -> int:
+        """Fill ``out`` with an open inode's bytes from ``offset``; returns how many there
+        were (fewer at the end of the file). ``BlockUnavailable`` if a block cannot be had."""
         state = self._files[ino]
         bs = self.config.block_size
-        parts = []
-        for index, start, end in block_spans(offset, length, state.size, bs):
+        done = 0
+        for index, start, end in block_spans(offset, len(out), state.size, bs):
             self._note_read(state, index)
             bid = state.blocks[index]
-            parts.append(await self.fetcher.read(bid, block_length(index, state.size, bs), start, end))
-        self.metrics.fuse_read_bytes.inc(sum(map(len, parts)))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            length = block_length(index, state.size, bs)
+            await self.fetcher.read_into(bid, length, start, out[done : done + end - start])
+            done += end - start
+        self.metrics.fuse_read_bytes.inc(done)
+        return done
 
     def _note_read(self, state: _OpenInode, index: int) -> None:
         state.ahead.pop(index, None)
