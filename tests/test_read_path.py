@@ -38,14 +38,27 @@ class CountingStore(FileStore):
     def gets(self) -> int:
         return len(self.keys)
 
-    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+    def _count(self, key: str) -> bool:
+        """Record a GET; whether to corrupt its body."""
         with self._lock:
             self.keys.append(key)
             corrupt = self.corrupt_next > 0
             self.corrupt_next -= corrupt
         time.sleep(self.delay)
+        return corrupt
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        corrupt = self._count(key)
         data = super().get(key, start, end)
         return data[:-1] + bytes([data[-1] ^ 0xFF]) if corrupt else data
+
+    def get_into(self, key, sink, buffer):  # type: ignore[no-untyped-def]
+        if not self._count(key):
+            return super().get_into(key, sink, buffer)  # FileStore's streamed read
+        data = super().get(key)
+        sink.restart()
+        sink.write(memoryview(data[:-1] + bytes([data[-1] ^ 0xFF])))
+        return len(data)
 
 
 def put_block(store: FileStore, codec: BlockCodec, data: bytes) -> bytes:
@@ -211,7 +224,8 @@ class InterruptedStore(CountingStore):
     def get_into(self, key, sink, buffer):  # type: ignore[no-untyped-def]
         if key in self.keys:
             return super().get_into(key, sink, buffer)
-        body = super().get(key)
+        self.keys.append(key)
+        body = FileStore.get(self, key)
         sink.restart()
         sink.write(memoryview(body)[: len(body) // 2])
         raise StoreError("connection reset", temporary=True)

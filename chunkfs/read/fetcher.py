@@ -17,9 +17,8 @@ Invariants:
   block has matched its id. The claim, the disk check, the download and the cache write of
   one block are one call in one worker thread, so the event loop makes no blocking call
   per block. Downloads hold one of ``downloads`` slots (``PrioritySlots``), so the memory
-  they hold is ``downloads`` pieces (S3; the other backends read an object whole, then
-  stream it), plus whole blocks only when the cache cannot take one (then the block is
-  read into memory and kept in a small LRU of ``recent_blocks``).
+  they hold is ``downloads`` pieces, plus whole blocks only when the cache cannot take one
+  (then the block is read into memory and kept in a small LRU of ``recent_blocks``).
   Demand reads go ahead of readahead, readahead ahead of prefetch; a demand read of a block
   a prefetch has queued raises that queued request to demand priority.
 - No byte is returned or published unless it was verified against its id: store bytes go

@@ -95,8 +95,8 @@ class ObjectStore(ABC):
 
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
         """Stream the whole object to ``sink`` (see the module contract); returns its length.
-        This default reads it whole with ``get``; backends that can read a response body
-        into ``buffer`` directly override it, so a block never needs a buffer of its size."""
+        This default reads it whole with ``get`` (for stores that cannot stream); the
+        file, S3 and GCS backends override it, so a block never needs a buffer of its size."""
         data = memoryview(self.get(key))
         sink.restart()
         step = len(buffer)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError
 
 _TMP_SUFFIX = ".chunkfs-tmp"
 
@@ -43,6 +43,21 @@ class FileStore(ObjectStore):
                     f.seek(start)
                     return f.read()
                 return os.pread(f.fileno(), max(0, end - start), start)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"reading {key} from {self.url}: {exc.strerror}", temporary=True) from exc
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                sink.restart()
+                total = 0
+                while got := f.readinto(buffer):
+                    sink.write(buffer[:got])
+                    total += got
+                return total
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.url}") from None
         except OSError as exc:

@@ -24,11 +24,39 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from chunkfs.errors import UsageError
-from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreError, StoreOptions
+from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
 
 _TEMPORARY = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
               requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError, aexc.TransportError,
               ConnectionError, TimeoutError)
+
+
+class _Pieces:
+    """A write-only file for ``download_to_file`` that passes what it is given on to a sink
+    in ``buffer``-sized pieces (the last one shorter)."""
+
+    def __init__(self, sink: Sink, buffer: memoryview) -> None:
+        self.sink = sink
+        self.buffer = buffer
+        self.filled = 0
+        self.total = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = view[:take]
+            self.filled += take
+            view = view[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+        self.total += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.filled:
+            self.sink.write(self.buffer[: self.filled])
+            self.filled = 0
 
 
 class GCSStore(ObjectStore):
@@ -99,6 +127,19 @@ class GCSStore(ObjectStore):
             raise StoreError(f"GET gs://{self.bucket_name}/{self.prefix}{key}: short body ({len(data)} bytes)",
                              temporary=True)
         return data
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        """Stream the object through ``buffer``: the library hands the body over in small
+        chunks, gathered here into buffer-sized pieces."""
+        pieces = _Pieces(sink, buffer)
+        sink.restart()
+        try:
+            self.bucket.blob(self.prefix + key).download_to_file(
+                pieces, raw_download=True, checksum=None, timeout=self.timeout, retry=None)
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        pieces.flush()
+        return pieces.total
 
     def put(self, key: str, data: bytes) -> None:
         try:
