@@ -245,3 +245,51 @@ def test_concurrent_puts_never_overshoot_the_capacity(tmp_path: Path) -> None:
         t.join()
     on_disk = sum(p.stat().st_size for p in block_files(tmp_path / "c"))
     assert cache.used_bytes <= cache.capacity and on_disk <= cache.capacity
+
+
+def _evict_from_page_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_nowait_reads_come_only_from_the_page_cache(tmp_path: Path) -> None:
+    """The event loop reads with ``nowait``: an entry not in the page cache raises
+    ``BlockingIOError`` (to be read in a thread) instead of waiting for the disk."""
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    bid, data = block(1, 1 << 20)
+    assert cache.put(bid, data)
+    _evict_from_page_cache(cache.dir_for(bid).path(bid))
+    out = memoryview(bytearray(4096))
+    with pytest.raises(BlockingIOError):
+        cache.read_into(bid, 8192, out, nowait=True)
+    assert cache.read_into(bid, 8192, out) and out == data[8192 : 8192 + 4096]  # the thread's read
+    assert cache.read_into(bid, 8192, out, nowait=True)  # in the page cache now
+    assert cache.is_verified(bid)  # not mistaken for a damaged entry
+
+
+def test_nowait_reads_fall_back_where_the_filesystem_refuses_them(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    bid, data = block(2)
+    assert cache.put(bid, data)
+    real_preadv = os.preadv
+
+    def no_nowait(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_preadv(fd, buffers, offset)
+
+    out = memoryview(bytearray(10))
+    try:
+        os.preadv = no_nowait  # type: ignore[assignment]
+        with pytest.raises(BlockingIOError):
+            cache.read_into(bid, 0, out, nowait=True)
+    finally:
+        os.preadv = real_preadv  # type: ignore[assignment]
+    assert not cache.dirs[0].nowait
+    with pytest.raises(BlockingIOError):  # not tried again
+        cache.read_into(bid, 0, out, nowait=True)
+    assert cache.read_into(bid, 0, out) and out == data[:10]

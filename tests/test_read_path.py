@@ -340,7 +340,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     real_create = cache_dir.create
     writes: list[bytes] = []
 
-    def failing_read(*_args: object) -> int:
+    def failing_read(*_args: object, **_kwargs: object) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
     def failing_remove(_bid: bytes) -> None:
@@ -360,3 +360,25 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     assert trio.run(fetcher2.read, bid, len(data), 0, 9) == data[:9]
     # stored again (a new file may read back), still unreadable: served from memory once more
     assert writes == [bid] and store.gets == 4
+
+
+def test_a_reply_from_an_entry_not_in_the_page_cache_is_read_in_a_thread(setup) -> None:  # type: ignore[no-untyped-def]
+    store, cache, fetcher, bid, data = setup
+    whole(fetcher, bid, data)
+    path = cache.dir_for(bid).path(bid)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    threads: list[str] = []
+    read_into = cache.read_into
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append("main" if threading.current_thread() is threading.main_thread() else "worker")
+        return read_into(*args, **kwargs)
+
+    cache.read_into = recording  # type: ignore[method-assign]
+    out = memoryview(bytearray(5000))
+    trio.run(fetcher.read_into, bid, len(data), 100, out)
+    assert out == data[100:5100] and store.gets == 1
+    assert threads == ["main", "worker"]  # tried without waiting, then waited off the event loop

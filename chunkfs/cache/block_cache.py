@@ -183,13 +183,17 @@ class BlockCache:
         out = bytearray(end - start)
         return out if self.read_into(bid, start, memoryview(out)) else None
 
-    def read_into(self, bid: bytes, start: int, out: memoryview) -> bool:
+    def read_into(self, bid: bytes, start: int, out: memoryview, *, nowait: bool = False) -> bool:
         """Fill ``out`` with the verified entry's bytes from ``start``; False (a miss) if it
-        is not verified, has gone or cannot be read (then ``out`` holds nothing useful)."""
+        is not verified, has gone or cannot be read (then ``out`` holds nothing useful).
+        With ``nowait`` (the event loop's reads), ``BlockingIOError`` if the bytes are not
+        in the page cache: read them again, without ``nowait``, in a worker thread."""
         if bid not in self._verified:
             return False
         try:
-            got = self.dir_for(bid).read_into(bid, start, out)
+            got = self.dir_for(bid).read_into(bid, start, out, nowait=nowait)
+        except BlockingIOError:
+            raise
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)

@@ -145,6 +145,7 @@ class CacheDir:
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self.sealing = BOOT_ID is not None  # False once the filesystem showed it cannot hold seals
+        self.nowait = True  # False once the filesystem refused an RWF_NOWAIT read
         self._remove_stale_tmp()
         self._remove_stale_locks()
 
@@ -223,13 +224,24 @@ class CacheDir:
         hexid = bid.hex()
         return f"{self.blocks_dir}/{hexid[:2]}/{hexid}"
 
-    def read_into(self, bid: bytes, start: int, out: memoryview) -> int:
-        """Read the entry from ``start`` into ``out``; the bytes read (fewer if it is shorter)."""
+    def read_into(self, bid: bytes, start: int, out: memoryview, *, nowait: bool = False) -> int:
+        """Read the entry from ``start`` into ``out``; the bytes read (fewer if it is shorter).
+        With ``nowait``, only from the page cache: ``BlockingIOError`` if the read would
+        wait for the disk (or the filesystem cannot tell)."""
+        if nowait and not self.nowait:
+            raise BlockingIOError(errno.EAGAIN, "no RWF_NOWAIT reads here")
+        flags = os.RWF_NOWAIT if nowait else 0
         fd = os.open(self.path(bid), os.O_RDONLY)
         try:
             done = 0
             while done < len(out):
-                got = os.preadv(fd, [out[done:]], start + done)
+                try:
+                    got = os.preadv(fd, [out[done:]], start + done, flags)
+                except OSError as exc:
+                    if nowait and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self.nowait = False
+                        raise BlockingIOError(errno.EAGAIN, "no RWF_NOWAIT reads here") from None
+                    raise
                 if not got:
                     break
                 done += got

@@ -55,6 +55,8 @@ OTHER_DOWNLOADER_PATIENCE = 60.0
 #: bytes read from the store at a time: small enough to stay in the CPU cache from the socket
 #: read through the hash to the cache write
 PIECE = 1 << 20
+#: ``_local``: the entry is there, but reading it would wait for the disk
+_ON_DISK = memoryview(b"")
 
 
 class BlockUnavailable(Exception):
@@ -168,6 +170,10 @@ class BlockFetcher:
             downloaded = in_memory = False
             for _ in range(3):
                 data = self._local(bid, start, end, out)
+                if data is _ON_DISK:  # not in the page cache: wait for the disk in a thread
+                    assert out is not None
+                    filled = await trio.to_thread.run_sync(self.cache.read_into, bid, start, out, limiter=self._disk)
+                    data = out if filled else None
                 if data is not None:
                     break
                 plain, how = await self._obtain(bid, length, Priority.DEMAND, in_memory=in_memory)
@@ -196,9 +202,14 @@ class BlockFetcher:
     def _local(self, bid: bytes, start: int, end: int,
                out: memoryview | None) -> bytes | bytearray | memoryview | None:
         """Bytes [start, end) from an admitted cache entry or the in-memory LRU (in ``out``,
-        if given); None if neither."""
-        if out is not None and self.cache.read_into(bid, start, out):
-            return out
+        if given); None if neither. Into ``out``, the entry is read only if it is in the
+        page cache (the event loop must not wait for the disk): ``_ON_DISK`` otherwise."""
+        if out is not None:
+            try:
+                if self.cache.read_into(bid, start, out, nowait=True):
+                    return out
+            except BlockingIOError:
+                return _ON_DISK
         data = self.cache.read(bid, start, end) if out is None else None
         if data is None and (recent := self._recent.get(bid)) is not None:
             self._recent.move_to_end(bid)
