@@ -14,7 +14,7 @@ Invariants:
 - An entry appears only by ``rename`` of a complete temporary file: a crash never leaves a
   partial file under ``blocks/``. Temporary files of dead processes are removed on open.
 - A seal vouches for the bytes an entry was written with, within one boot of the machine.
-  ``write`` (given bytes already verified against their id) stamps the temporary file's
+  ``NewEntry.publish`` (of bytes already verified against their id) stamps the temporary file's
   mtime with the fine-grained clock, then records (boot id, block id, inode, size, that
   mtime) in the ``user.chunkfs.seal`` xattr before the rename; ``reseal`` does the same for
   an entry a process has just read whole and hashed, if it is unchanged since. Any later
@@ -263,16 +263,6 @@ class CacheDir:
         with open(self.path(bid), "rb", buffering=0) as f:
             before = os.fstat(f.fileno())
             return f.read(limit + 1), before
-
-    def write(self, bid: bytes, data: bytes | memoryview) -> None:
-        """Create the entry atomically (temporary file, then rename) from verified bytes."""
-        entry = self.create(bid)
-        try:
-            entry.write(data)
-            entry.publish()
-        except BaseException:
-            entry.discard()
-            raise
 
     def create(self, bid: bytes) -> NewEntry:
         """Open a temporary file for block ``bid``, to be filled with ``NewEntry.write`` and

@@ -55,8 +55,6 @@ OTHER_DOWNLOADER_PATIENCE = 60.0
 #: bytes read from the store at a time: small enough to stay in the CPU cache from the socket
 #: read through the hash to the cache write
 PIECE = 1 << 20
-#: ``_local``: the entry is there, but reading it would wait for the disk
-_ON_DISK = memoryview(b"")
 
 
 class BlockUnavailable(Exception):
@@ -153,36 +151,28 @@ class BlockFetcher:
         """Readable now without a download or a disk verification."""
         return self.cache.is_verified(bid) or bid in self._recent
 
-    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytes | bytearray | memoryview:
-        """Bytes [start, end) of block ``bid`` (plain length ``length``) for a waiting reader:
-        a view, not a copy, when the block is in memory (a caller must not keep the view
-        beyond its reply)."""
-        return await self._read(bid, length, start, end, None)
+    async def read(self, bid: bytes, length: int, start: int, end: int) -> bytearray:
+        """Bytes [start, end) of block ``bid`` (plain length ``length``), in a new buffer."""
+        out = bytearray(end - start)
+        await self.read_into(bid, length, start, memoryview(out))
+        return out
 
     async def read_into(self, bid: bytes, length: int, start: int, out: memoryview) -> None:
         """Fill ``out`` with block ``bid``'s bytes from ``start`` (a FUSE reply buffer)."""
-        await self._read(bid, length, start, start + len(out), out)
-
-    async def _read(self, bid: bytes, length: int, start: int, end: int,
-                    out: memoryview | None) -> bytes | bytearray | memoryview:
         self.cache.pin(bid)
         try:
             downloaded = in_memory = False
             for _ in range(3):
-                data = self._local(bid, start, end, out)
-                if data is _ON_DISK:  # not in the page cache: wait for the disk in a thread
-                    assert out is not None
-                    filled = await trio.to_thread.run_sync(self.cache.read_into, bid, start, out, limiter=self._disk)
-                    data = out if filled else None
-                if data is not None:
+                try:
+                    found = self._local(bid, start, out)
+                except BlockingIOError:  # not in the page cache: wait for the disk in a thread
+                    found = await trio.to_thread.run_sync(self.cache.read_into, bid, start, out, limiter=self._disk)
+                if found:
                     break
                 plain, how = await self._obtain(bid, length, Priority.DEMAND, in_memory=in_memory)
                 downloaded = downloaded or how is How.DOWNLOADED
                 if plain is not None:
-                    data = memoryview(plain)[start:end]
-                    if out is not None:
-                        out[:] = data
-                        data = out
+                    out[:] = memoryview(plain)[start : start + len(out)]
                     break
                 # loaded into the cache: read it from there. If that fails (the entry vanished,
                 # or the disk cannot read it back), the store serves it, into memory.
@@ -193,31 +183,23 @@ class BlockFetcher:
             self.cache.unpin(bid)
         if downloaded:
             self.metrics.cache_misses.inc()
-            self.metrics.cache_miss_bytes.inc(len(data))
+            self.metrics.cache_miss_bytes.inc(len(out))
         else:
             self.metrics.cache_hits.inc()
-            self.metrics.cache_hit_bytes.inc(len(data))
-        return data
+            self.metrics.cache_hit_bytes.inc(len(out))
 
-    def _local(self, bid: bytes, start: int, end: int,
-               out: memoryview | None) -> bytes | bytearray | memoryview | None:
-        """Bytes [start, end) from an admitted cache entry or the in-memory LRU (in ``out``,
-        if given); None if neither. Into ``out``, the entry is read only if it is in the
-        page cache (the event loop must not wait for the disk): ``_ON_DISK`` otherwise."""
-        if out is not None:
-            try:
-                if self.cache.read_into(bid, start, out, nowait=True):
-                    return out
-            except BlockingIOError:
-                return _ON_DISK
-        data = self.cache.read(bid, start, end) if out is None else None
-        if data is None and (recent := self._recent.get(bid)) is not None:
-            self._recent.move_to_end(bid)
-            data = memoryview(recent)[start:end]
-            if out is not None:
-                out[:] = data
-                return out
-        return data
+    def _local(self, bid: bytes, start: int, out: memoryview) -> bool:
+        """Fill ``out`` from an admitted cache entry or the in-memory LRU; False if neither
+        has the block. The entry is read only if it is in the page cache (the event loop
+        must not wait for the disk): ``BlockingIOError`` otherwise."""
+        if self.cache.read_into(bid, start, out, nowait=True):
+            return True
+        recent = self._recent.get(bid)
+        if recent is None:
+            return False
+        self._recent.move_to_end(bid)
+        out[:] = memoryview(recent)[start : start + len(out)]
+        return True
 
     async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
         """Make the block readable locally (readahead, prefetch, warmup). True if this call

@@ -274,7 +274,7 @@ class FileWriter:
         if state.blocks[index] == HOLE:
             buf = state.pending[index] = bytearray(length)
         else:
-            buf = state.pending[index] = bytearray(await self.fetcher.read(state.blocks[index], length, 0, length))
+            buf = state.pending[index] = await self.fetcher.read(state.blocks[index], length, 0, length)
         return buf
 
     async def _resize(self, state: _Dirty, size: int) -> None:
