@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import shutil
 import stat
@@ -293,3 +295,91 @@ def test_nowait_reads_fall_back_where_the_filesystem_refuses_them(tmp_path: Path
     with pytest.raises(BlockingIOError):  # not tried again
         cache.read_into(bid, 0, out, nowait=True)
     assert cache.read_into(bid, 0, out) and out == data[:10]
+
+
+def _write_direct(cache: BlockCache, bid: bytes, pieces: list[bytes | memoryview]) -> bool:
+    entry = cache.open_entry(bid, sum(len(p) for p in pieces), direct=True)
+    assert entry is not None
+    for piece in pieces:
+        entry.write(piece)
+    return cache.commit(entry) and entry.direct
+
+
+def _aligned(data: bytes) -> memoryview:
+    buffer = mmap.mmap(-1, len(data))
+    buffer[:] = data
+    return memoryview(buffer)
+
+
+@pytest.mark.parametrize("shape", ["aligned pieces", "odd pieces", "aligned then odd", "short"])
+def test_direct_entries_bypass_the_page_cache_and_hold_the_exact_bytes(tmp_path: Path, shape: str) -> None:
+    """A warmup writes entries with O_DIRECT: pieces from aligned buffers go as they are,
+    others through the staging buffer, and a tail that is not a whole page is padded and
+    cut back. The result is byte for byte the block, and none of it sits in the page cache."""
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    data = os.urandom((3 << 20) + 12345 if shape != "short" else 777)
+    if shape == "aligned pieces":
+        pieces: list[bytes | memoryview] = [_aligned(data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+    elif shape == "odd pieces":
+        pieces = [data[i : i + 100_003] for i in range(0, len(data), 100_003)]
+    elif shape == "aligned then odd":
+        pieces = [_aligned(data[: 1 << 20]), data[1 << 20 : (1 << 20) + 5], _aligned(data[(1 << 20) + 5 :])]
+    else:
+        pieces = [data]
+    bid = block_id(data)
+    assert _write_direct(cache, bid, pieces)
+    cache_dir = cache.dir_for(bid)
+    with open(cache_dir.path(bid), "rb") as f:
+        on_disk = f.read()
+    _evict_from_page_cache(cache_dir.path(bid))  # the read above paged it in
+    assert on_disk == data and os.listdir(cache_dir.tmp_dir) == []
+    assert cache.is_verified(bid) and cache.used_bytes == len(data)
+
+
+def test_a_direct_entry_is_not_left_in_the_page_cache(tmp_path: Path) -> None:
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    data = os.urandom(2 << 20)
+    bid = block_id(data)
+    assert _write_direct(cache, bid, [_aligned(data[: 1 << 20]), _aligned(data[1 << 20 :])])
+    out = memoryview(bytearray(4096))
+    with pytest.raises(BlockingIOError):  # a buffered write would have left it there
+        cache.read_into(bid, 0, out, nowait=True)
+    assert cache.read_into(bid, 4096, out) and out == data[4096:8192]
+
+
+def test_a_filesystem_refusing_o_direct_opens_gets_buffered_entries(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            os.close(real_open(path, flags & ~os.O_DIRECT, mode))  # as tmpfs before Linux 6.6: made, then refused
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    bid, data = block(7, 10_000)
+    monkeypatch.setattr(os, "open", no_direct)
+    assert not _write_direct(cache, bid, [data])  # stored, but not directly
+    monkeypatch.undo()
+    assert not cache.dirs[0].direct and os.listdir(cache.dirs[0].tmp_dir) == []
+    assert cache.read(bid, 0, len(data)) == data
+
+
+def test_a_filesystem_refusing_o_direct_writes_gets_buffered_entries(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def no_direct(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    data = os.urandom((2 << 20) + 99)
+    bid = block_id(data)
+    monkeypatch.setattr(os, "write", no_direct)
+    assert not _write_direct(cache, bid, [_aligned(data[: 1 << 20]), data[1 << 20 :]])
+    monkeypatch.undo()
+    assert not cache.dirs[0].direct
+    assert cache.read(bid, 0, len(data)) == data

@@ -205,8 +205,8 @@ def test_a_cache_write_failing_midway_serves_the_block_from_memory(setup, monkey
     cache_dir = cache.dirs[0]
     real_create = cache_dir.create
 
-    def create(b: bytes) -> NewEntry:
-        entry = real_create(b)
+    def create(b: bytes, *, direct: bool = False) -> NewEntry:
+        entry = real_create(b, direct=direct)
         return EntryFillingUp(cache_dir, b, entry.tmp, entry._fd)
 
     cache_dir.create = create  # type: ignore[method-assign]
@@ -346,9 +346,9 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     def failing_remove(_bid: bytes) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    def recording_create(b: bytes) -> NewEntry:
+    def recording_create(b: bytes, *, direct: bool = False) -> NewEntry:
         writes.append(b)
-        return real_create(b)
+        return real_create(b, direct=direct)
 
     cache_dir.read_into = failing_read  # type: ignore[method-assign]
     cache_dir.remove = failing_remove  # type: ignore[method-assign]
@@ -382,3 +382,23 @@ def test_a_reply_from_an_entry_not_in_the_page_cache_is_read_in_a_thread(setup) 
     trio.run(fetcher.read_into, bid, len(data), 100, out)
     assert out == data[100:5100] and store.gets == 1
     assert threads == ["main", "worker"]  # tried without waiting, then waited off the event loop
+
+
+@pytest.mark.parametrize("codec_name", ["none", "lz4"])
+def test_a_warmed_block_goes_around_the_page_cache(tmp_path: Path, codec_name: str) -> None:
+    """A warmup's downloads have no reader waiting: they are written with O_DIRECT, so they
+    neither cost a copy into the page cache nor push a node's useful pages out. A reader's
+    download goes through the page cache, where that reader finds it."""
+    store = CountingStore(tmp_path / "store")
+    codec = BlockCodec(codec_name)
+    data = os.urandom((3 << 20) + 4321)
+    bid, other = put_block(store, codec, data), put_block(store, codec, data[::-1])
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=4, recent_blocks=0)
+    assert trio.run(fetcher.warm, bid, len(data))
+    out = memoryview(bytearray(4096))
+    with pytest.raises(BlockingIOError):
+        cache.read_into(bid, len(data) - 4096, out, nowait=True)
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
+    assert trio.run(fetcher.read, other, len(data), 0, 10) == data[::-1][:10] and store.gets == 2
+    assert cache.read_into(other, len(data) - 4096, out, nowait=True) and out == data[::-1][-4096:]

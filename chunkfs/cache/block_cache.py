@@ -305,18 +305,19 @@ class BlockCache:
             return False
         return self.commit(entry)
 
-    def open_entry(self, bid: bytes, length: int) -> NewEntry | None:
+    def open_entry(self, bid: bytes, length: int, *, direct: bool = False) -> NewEntry | None:
         """Make room for a block of ``length`` bytes about to be written piece by piece, and
         open its temporary file. None (logged and counted) if no room could be made or the
         disk refused. The caller writes the plain bytes to the entry, verifies them, and
         then calls ``commit``, or ``abandon`` if anything went wrong: the room stays
-        reserved until one of the two."""
+        reserved until one of the two. ``direct``: no reader waits for the block, so write it
+        around the page cache (``CacheDir.create``)."""
         cache_dir = self.dir_for(bid)
         if not self._evict(length, cache_dir, reserve=True):
             self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
             return None
         try:
-            entry = cache_dir.create(bid)
+            entry = cache_dir.create(bid, direct=direct)
         except OSError as exc:
             self._release(length)
             self._declined(bid, exc.strerror or str(exc))

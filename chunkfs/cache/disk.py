@@ -44,6 +44,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -73,7 +74,12 @@ def _boot_id() -> bytes | None:
 #: this boot of the machine (shared by every container on it); None: no seals are made or trusted
 BOOT_ID = _boot_id()
 _NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+_FLOCK = struct.Struct("hhqqi4x")
+#: O_DIRECT writes are multiples of this, from memory aligned to it, at offsets aligned to it
+#: (the page size: a multiple of every logical block size Linux filesystems use)
+DIRECT_ALIGN = mmap.PAGESIZE
+#: the staging buffer of a direct entry, for bytes that do not come aligned
+DIRECT_STAGE = 1 << 20  # struct flock on Linux: type, whence, start, len, pid
 
 
 def _lock_offset(bid: bytes) -> int:
@@ -86,33 +92,127 @@ def _flock(kind: int, offset: int) -> bytes:
 
 class NewEntry:
     """An entry being written: a temporary file that only ``publish`` makes visible, and only
-    once its owner has checked that the bytes written are exactly the block."""
+    once its owner has checked that the bytes written are exactly the block.
 
-    __slots__ = ("_fd", "bid", "cache_dir", "reserved", "size", "tmp")
+    A direct entry (``O_DIRECT``, for blocks no reader waits for, as in a warmup) skips the
+    page cache: bytes reach the disk without the kernel copying them, and without pushing
+    useful pages out. ``O_DIRECT`` wants aligned memory and lengths, so an aligned piece
+    (the fetcher's ``mmap`` buffers) is written as it is, and anything else goes through a
+    small aligned staging buffer. Invariant: ``size - _staged`` bytes are in the file, a
+    multiple of ``DIRECT_ALIGN``; the last ``_staged`` bytes are in ``_stage``, written (padded,
+    then truncated back) by ``publish``. A filesystem that refuses such writes turns the entry,
+    and its ``CacheDir``, back to buffered writes."""
 
-    def __init__(self, cache_dir: CacheDir, bid: bytes, tmp: str, fd: int) -> None:
+    __slots__ = ("_direct", "_fd", "_stage", "_staged", "bid", "cache_dir", "reserved", "size", "tmp")
+
+    def __init__(self, cache_dir: CacheDir, bid: bytes, tmp: str, fd: int, *, direct: bool = False) -> None:
         self.cache_dir = cache_dir
         self.bid = bid
         self.tmp = tmp
         self._fd = fd
+        self._direct = direct
+        self._stage: mmap.mmap | None = None
+        self._staged = 0
         self.size = 0
         self.reserved = 0  # cache room held for it (``BlockCache``)
 
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        if self._direct:
+            view = self._write_aligned(view)
+            if view:
+                self._stage_bytes(view)
+            return
+        self._write_all(view)
+
+    def _write_all(self, view: memoryview) -> None:
         while view:
             done = os.write(self._fd, view)
             self.size += done
             view = view[done:]
+
+    def _write_aligned(self, view: memoryview) -> memoryview:
+        """Write the aligned head of ``view`` straight from its memory if nothing is staged;
+        returns what is left (all of it if the memory is not aligned)."""
+        whole = len(view) - len(view) % DIRECT_ALIGN
+        if self._staged or not whole:
+            return view
+        before = self.size
+        try:
+            self._write_all(view[:whole])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self.size != before:
+                raise
+            return view  # memory not aligned: stage it
+        return view[whole:]
+
+    def _stage_bytes(self, view: memoryview) -> None:
+        if self._stage is None:
+            self._stage = mmap.mmap(-1, DIRECT_STAGE)
+        while view:
+            take = min(len(view), DIRECT_STAGE - self._staged)
+            self._stage[self._staged : self._staged + take] = view[:take]
+            self._staged += take
+            self.size += take
+            view = view[take:]
+            if self._staged == DIRECT_STAGE:
+                self._flush_stage(DIRECT_STAGE)
+                if not self._direct:  # the filesystem refused: the rest goes buffered
+                    self._write_all(view)
+                    return
+
+    def _flush_stage(self, length: int) -> None:
+        """Write ``length`` bytes of the stage (a multiple of ``DIRECT_ALIGN``, perhaps beyond
+        ``_staged`` when padding the tail) at the end of the file written so far."""
+        assert self._stage is not None
+        staged, self._staged = self._staged, 0
+        stage = memoryview(self._stage)
+        try:
+            written = 0
+            while written < length:
+                written += os.write(self._fd, stage[written:length])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or written:
+                raise
+            self._go_buffered()
+            done = 0
+            while done < staged:
+                done += os.write(self._fd, stage[done:staged])
+        finally:
+            stage.release()
+
+    def _go_buffered(self) -> None:
+        """The filesystem refused an aligned ``O_DIRECT`` write: write through the page cache
+        from now on (here and in new entries of this directory)."""
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self._direct = False
+        self.cache_dir.direct = False
+        log.info("cache: %s refuses O_DIRECT writes; writing through the page cache", self.cache_dir.root)
+
+    def _finish(self) -> None:
+        """Put the staged tail in the file (padded to the alignment, then cut back)."""
+        if not self._staged:
+            return
+        padded = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._flush_stage(padded)
+        os.ftruncate(self._fd, self.size)
 
     def rewind(self) -> None:
         """Empty the file, to write it again from the start."""
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         self.size = 0
+        self._staged = 0
 
     def publish(self) -> None:
         """Seal, close and rename into place (the bytes written must be the verified block)."""
+        self._finish()
+        self._drop_stage()
         self.cache_dir._seal(self._fd, self.bid)
         fd, self._fd = self._fd, -1
         os.close(fd)
@@ -125,12 +225,19 @@ class NewEntry:
 
     def discard(self) -> None:
         """Remove the temporary file (never raises)."""
+        self._drop_stage()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+
+    def _drop_stage(self) -> None:
+        if self._stage is not None:
+            with contextlib.suppress(BufferError):  # a view still out: the collector frees it
+                self._stage.close()
+            self._stage = None
 
 
 class CacheDir:
@@ -146,6 +253,7 @@ class CacheDir:
         self._held_lock = threading.Lock()
         self.sealing = BOOT_ID is not None  # False once the filesystem showed it cannot hold seals
         self.nowait = True  # False once the filesystem refused an RWF_NOWAIT read
+        self.direct = True  # False once the filesystem refused an O_DIRECT open or write
         self._remove_stale_tmp()
         self._remove_stale_locks()
 
@@ -264,11 +372,23 @@ class CacheDir:
             before = os.fstat(f.fileno())
             return f.read(limit + 1), before
 
-    def create(self, bid: bytes) -> NewEntry:
+    def create(self, bid: bytes, *, direct: bool = False) -> NewEntry:
         """Open a temporary file for block ``bid``, to be filled with ``NewEntry.write`` and
-        renamed into place by ``NewEntry.publish`` (or removed by ``discard``)."""
+        renamed into place by ``NewEntry.publish`` (or removed by ``discard``). ``direct``:
+        write around the page cache (``O_DIRECT``) if this filesystem allows it."""
         tmp = f"{self.tmp_dir}/{bid.hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        return NewEntry(self, bid, tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if direct and self.direct:
+            try:
+                return NewEntry(self, bid, tmp, os.open(tmp, flags | os.O_DIRECT, 0o600), direct=True)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # the file may have been made before the flag was refused
+                self.direct = False
+                log.info("cache: %s refuses O_DIRECT; writing through the page cache", self.root)
+        return NewEntry(self, bid, tmp, os.open(tmp, flags, 0o600))
 
     @staticmethod
     def _seal_value(bid: bytes, st: os.stat_result) -> bytes:

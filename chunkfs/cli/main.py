@@ -8,6 +8,7 @@ non-zero exit; a traceback is printed only with ``--debug``. Command bodies live
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -22,6 +23,8 @@ from chunkfs.units import parse_size
 from chunkfs.urls import resolve_meta_arg
 
 EXIT_INTERNAL = 70
+#: gc thresholds of every command (generation 0 allocations, then collections of the younger one)
+GC_THRESHOLDS = (20_000, 20, 20)
 
 
 def default_cache_dir() -> str:
@@ -254,6 +257,11 @@ def run(argv: list[str] | None = None) -> int:
         args.meta_arg = meta if meta != args.meta else None  # an environment variable's name
     from chunkfs.cli import commands, csi_node, mount, stats, warmup
 
+    # The data paths allocate many short-lived objects per request (botocore's above all) and
+    # make few cycles: keep what start-up loaded out of the collector's scans, and collect
+    # the young generation less often.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     handlers = {
         "format": commands.cmd_format,
         "import": commands.cmd_import,

@@ -33,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import mmap
 import random
 from collections import OrderedDict
 from enum import IntEnum
@@ -143,7 +144,9 @@ class BlockFetcher:
         self._recent: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
         self._recent_max = recent_blocks
         self._inflight: dict[bytes, _Pending] = {}
-        self._buffers: list[memoryview] = []  # PIECE-sized download buffers, one per download at most
+        # PIECE-sized download buffers, one per download at most; page-aligned (``mmap``), so
+        # an entry written around the page cache (``direct``) takes the pieces as they are
+        self._buffers: list[memoryview] = []
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
@@ -220,14 +223,16 @@ class BlockFetcher:
         downloaded it."""
         if self.cache.is_verified(bid):
             return False
-        _data, how = await self._obtain(bid, length, Priority.PREFETCH)
+        _data, how = await self._obtain(bid, length, Priority.PREFETCH, direct=True)
         return how is How.DOWNLOADED
 
-    async def _obtain(self, bid: bytes, length: int, priority: Priority, *,
-                      in_memory: bool = False) -> tuple[bytes | bytearray | None, How]:
+    async def _obtain(self, bid: bytes, length: int, priority: Priority, *, in_memory: bool = False,
+                      direct: bool = False) -> tuple[bytes | bytearray | None, How]:
         """One load per block at a time: (the verified plain bytes if the load has them in
         memory, how it was loaded). Without bytes, read the block from the cache.
-        ``in_memory``: download it into memory whatever the cache holds."""
+        ``in_memory``: download it into memory whatever the cache holds. ``direct``: nobody
+        here will read the block soon (a warmup), so a download is written to the cache
+        around the page cache."""
         while (pending := self._inflight.get(bid)) is not None:
             if pending.ticket is not None:
                 PrioritySlots.raise_priority(pending.ticket, priority)
@@ -245,7 +250,7 @@ class BlockFetcher:
                                                                     limiter=self._disk)
                 pending.how = How.ADMITTED if pending.data is None else How.HASHED
             if not found:
-                pending.data, pending.how = await self._load(bid, length, priority, pending, in_memory)
+                pending.data, pending.how = await self._load(bid, length, priority, pending, in_memory, direct)
             return pending.data, pending.how
         except trio.Cancelled:
             pending.cancelled = True
@@ -265,7 +270,7 @@ class BlockFetcher:
         return data is not None, data
 
     async def _load(self, bid: bytes, length: int, priority: Priority, pending: _Pending,
-                    in_memory: bool) -> tuple[bytes | bytearray | None, How]:
+                    in_memory: bool, direct: bool) -> tuple[bytes | bytearray | None, How]:
         """Load a block from the disk entry another process just planted, or download it,
         in a download slot. Retries temporary failures; while another process holds the
         block's download lock, tries again every 20 ms (holding a slot only for each try),
@@ -276,10 +281,10 @@ class BlockFetcher:
         while True:
             pending.ticket = self.slots.ticket(pending.ticket.priority if pending.ticket else priority)
             await self.slots.acquire(pending.ticket)
-            buffer = self._buffers.pop() if self._buffers else memoryview(bytearray(PIECE))
+            buffer = self._buffers.pop() if self._buffers else memoryview(mmap.mmap(-1, PIECE))
             try:
                 data, how = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, claim,
-                                                          in_memory, limiter=self.store.limiter)
+                                                          in_memory, direct, limiter=self.store.limiter)
             except _Busy:
                 if trio.current_time() > give_up:
                     log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
@@ -310,8 +315,8 @@ class BlockFetcher:
                 self.slots.release()
             await trio.sleep(delay)
 
-    def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, claim: bool,
-                       in_memory: bool) -> tuple[bytes | bytearray | None, How]:
+    def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, claim: bool, in_memory: bool,
+                       direct: bool) -> tuple[bytes | bytearray | None, How]:
         """One attempt, in a worker thread: under the block's node-wide download lock (unless
         ``claim`` is off), use an intact entry another process planted, or download the
         block into a new cache entry (bytes: None), or into memory if the cache declines it
@@ -327,7 +332,7 @@ class BlockFetcher:
                 found, data = self._check_entry(bid, length)
                 if found:
                     return data, How.ADMITTED if data is None else How.HASHED
-            entry = self.cache.open_entry(bid, length)
+            entry = self.cache.open_entry(bid, length, direct=direct)
             if entry is not None:
                 sink = self._download(bid, length, buffer, entry)
                 if not sink.spilled and self.cache.commit(entry):
