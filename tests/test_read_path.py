@@ -67,14 +67,17 @@ def put_block(store: FileStore, codec: BlockCodec, data: bytes) -> bytes:
     return bid
 
 
-@pytest.fixture
-def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=[0, 4], ids=["streamed", "block-buffers"])
+def setup(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A fetcher whose readers' downloads stream through the page cache, or fill block
+    buffers (as a mount's do)."""
     store = CountingStore(tmp_path / "store")
     codec = BlockCodec("lz4")
     data = os.urandom(200_000)
     bid = put_block(store, codec, data)
     cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
-    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=4, recent_blocks=0)
+    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=4, recent_blocks=0,
+                           block_buffers=request.param)
     return store, cache, fetcher, bid, data
 
 
@@ -109,6 +112,7 @@ def test_corrupt_body_is_retried_then_fails_with_eio_cause(setup) -> None:  # ty
     assert whole(fetcher, bid, data) == data
     assert store.gets == 3
     cache.drop(bid)
+    fetcher.blocks.drop(bid)
     store.corrupt_next = 10
     with pytest.raises(BlockUnavailable, match="failed 3 attempts"):
         whole(fetcher, bid, data)
@@ -365,6 +369,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
 def test_a_reply_from_an_entry_not_in_the_page_cache_is_read_in_a_thread(setup) -> None:  # type: ignore[no-untyped-def]
     store, cache, fetcher, bid, data = setup
     whole(fetcher, bid, data)
+    fetcher.blocks.drop(bid)  # no longer in memory (if a block buffer held it)
     path = cache.dir_for(bid).path(bid)
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
@@ -402,3 +407,79 @@ def test_a_warmed_block_goes_around_the_page_cache(tmp_path: Path, codec_name: s
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
     assert trio.run(fetcher.read, other, len(data), 0, 10) == data[::-1][:10] and store.gets == 2
     assert cache.read_into(other, len(data) - 4096, out, nowait=True) and out == data[::-1][-4096:]
+
+
+def _buffered_fetcher(tmp_path: Path, buffers: int, capacity: int = 1 << 30,
+                      sizes: tuple[int, ...] = ((3 << 20) + 5,)) -> tuple[CountingStore, BlockCache, BlockFetcher,
+                                                                        list[tuple[bytes, bytes]]]:
+    store = CountingStore(tmp_path / "store")
+    codec = BlockCodec("none")
+    blocks = [(put_block(store, codec, data), data) for data in (os.urandom(n) for n in sizes)]
+    cache = BlockCache([tmp_path / "cache"], capacity=capacity, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=2, recent_blocks=0, block_buffers=buffers)
+    return store, cache, fetcher, blocks
+
+
+def _in_page_cache(cache: BlockCache, bid: bytes, length: int) -> bool:
+    try:
+        return bool(cache.read_into(bid, length - 4096, memoryview(bytearray(4096)), nowait=True))
+    except BlockingIOError:
+        return False
+
+
+def test_a_readers_download_is_served_from_its_block_buffer(tmp_path: Path) -> None:
+    """A mount's download fills a block buffer: its readers copy from there, and the cache
+    entry is written around the page cache (no copy into it, no pages pushed out)."""
+    store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2)
+    assert trio.run(fetcher.read, bid, len(data), 1000, 2_000_000) == data[1000:2_000_000]
+    assert bid in fetcher.blocks and cache.contains(bid) and store.gets == 1
+    assert not _in_page_cache(cache, bid, len(data))
+    assert Path(cache.dir_for(bid).path(bid)).read_bytes() == data
+    cache.read_into = None  # type: ignore[assignment,method-assign]  # the next read must not touch the disk
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
+
+
+def test_fetching_ahead_never_pushes_out_a_block_not_yet_read(tmp_path: Path) -> None:
+    store, cache, fetcher, [(a, da), (b, db), (c, dc)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 3)
+    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
+    assert trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
+    assert a in fetcher.blocks and b not in fetcher.blocks  # b went through the page cache instead
+    assert _in_page_cache(cache, b, len(db)) and not _in_page_cache(cache, a, len(da))
+    assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da  # a read whole: its buffer is free to reuse
+    assert trio.run(fetcher.ensure, c, len(dc), Priority.READAHEAD)
+    assert c in fetcher.blocks and a not in fetcher.blocks
+    assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da and store.gets == 3  # a from its entry
+
+
+def test_a_readers_download_takes_the_buffer_of_a_block_not_yet_read(tmp_path: Path) -> None:
+    store, _cache, fetcher, [(a, da), (b, db)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 2)
+    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
+    assert trio.run(fetcher.read, b, len(db), 5, 50) == db[5:50]
+    assert b in fetcher.blocks and a not in fetcher.blocks
+    assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da and store.gets == 2  # a from its entry
+
+
+def test_a_cache_write_failing_midway_keeps_the_block_buffer(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a block buffer, the bytes are all in memory when the disk fails: the block is
+    served from there, with no second download."""
+    store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2)
+    monkeypatch.setattr(fetcher_module, "PIECE", 64 << 10)  # so the entry is written in pieces
+    cache_dir = cache.dirs[0]
+    real_create = cache_dir.create
+
+    def create(b: bytes, *, direct: bool = False) -> NewEntry:
+        entry = real_create(b, direct=direct)
+        return EntryFillingUp(cache_dir, b, entry.tmp, entry._fd, direct=entry.direct)
+
+    cache_dir.create = create  # type: ignore[method-assign]
+    assert trio.run(fetcher.read, bid, len(data), 100, 90_000) == data[100:90_000]
+    assert store.gets == 1 and bid in fetcher.blocks and fetcher.cache_declined
+    assert not cache.contains(bid) and os.listdir(cache_dir.tmp_dir) == []
+    assert cache.metrics.cache_write_errors._value.get() == 1 and cache._reserved == 0
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
+
+
+def test_a_block_the_cache_declines_is_served_from_its_block_buffer(tmp_path: Path) -> None:
+    store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2, capacity=1 << 20)
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data
+    assert not cache.contains(bid) and bid in fetcher.blocks and fetcher.cache_declined and store.gets == 1

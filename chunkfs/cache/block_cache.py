@@ -170,6 +170,10 @@ class BlockCache:
             else:
                 del self._pins[bid]
 
+    def is_pinned(self, bid: bytes) -> bool:
+        """True while a reader holds a pin on the block (it is reading or about to)."""
+        return bid in self._pins
+
     # -- reads -----------------------------------------------------------------------------
     def is_verified(self, bid: bytes) -> bool:
         """True when ``read`` may serve the entry without checking it again."""

@@ -11,39 +11,50 @@ Invariants:
 - Across processes sharing the cache directory (a mount and a warmup, several mounts), a
   download holds the block's node-wide lock (``BlockCache.try_claim``); a process that finds
   it taken waits for the entry to appear and verifies it instead of downloading.
-- A download streams: the object is read in ``PIECE``-sized pieces into a buffer of the
-  fetcher's pool, each piece decoded, hashed and written to the block's temporary cache
-  file while it is still in the CPU cache, and the entry is published only once the whole
-  block has matched its id. The claim, the disk check, the download and the cache write of
-  one block are one call in one worker thread, so the event loop makes no blocking call
-  per block. Downloads hold one of ``downloads`` slots (``PrioritySlots``), so the memory
-  they hold is ``downloads`` pieces, plus whole blocks only when the cache cannot take one
-  (then the block is read into memory and kept in a small LRU of ``recent_blocks``).
-  Demand reads go ahead of readahead, readahead ahead of prefetch; a demand read of a block
-  a prefetch has queued raises that queued request to demand priority.
+- A download streams: the object is read in ``PIECE``-sized pieces into a page-aligned
+  buffer of the fetcher's pool, each piece decoded and hashed while it is still in the CPU
+  cache, and the entry is published only once the whole block has matched its id. Where
+  the plain bytes go depends on who is waiting for them:
+
+  - with a block buffer (``BlockBuffers``; a mount lends one to each download it can):
+    into the buffer, from which the entry is written around the page cache (``O_DIRECT``)
+    and from which its readers then copy;
+  - a warmup (``warm``, nobody reads here): straight to the entry, around the page cache;
+  - otherwise: through the page cache into the entry, where readers find it.
+
+  The claim, the disk check, the download and the cache write of one block are one call in
+  one worker thread, so the event loop makes no blocking call per block. Downloads hold one
+  of ``downloads`` slots (``PrioritySlots``), so the memory they hold is ``downloads``
+  pieces plus the block buffers, and whole blocks only when the cache cannot take one and
+  no block buffer was lent (then the block is read into memory and kept in a small LRU of
+  ``recent_blocks``). Demand reads go ahead of readahead, readahead ahead of prefetch; a
+  demand read of a block a prefetch has queued raises that queued request to demand
+  priority.
 - No byte is returned or published unless it was verified against its id: store bytes go
-  through ``BlockDecoder``; cache entries through ``BlockCache``'s checks. A block that
-  went to the cache is read back from it (the page cache) by its waiting readers.
+  through ``BlockDecoder``; cache entries through ``BlockCache``'s checks.
 - A corrupt or truncated body, or a temporary store error, is retried with backoff up to
   ``attempts`` times; then ``BlockUnavailable`` names the block and the cause.
-- A cache that cannot store a block does not fail the read: the bytes are returned and
-  kept in a small in-memory LRU.
+- A cache that cannot store a block does not fail the read: the bytes are served from
+  its block buffer, or kept in a small in-memory LRU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import random
 from collections import OrderedDict
 from enum import IntEnum
+from typing import NamedTuple
 
 import trio
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
 from chunkfs.cache.block_cache import NO_LOCK, BlockCache
-from chunkfs.cache.disk import NewEntry
+from chunkfs.cache.disk import DIRECT_ALIGN, NewEntry
 from chunkfs.metrics import Metrics
+from chunkfs.read.buffers import BlockBuffers, new_buffer
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import ObjectNotFound, StoreError
@@ -86,25 +97,40 @@ class _Pending:
         self.ticket: Ticket | None = None
 
 
+class _Loaded(NamedTuple):
+    """What one load attempt made of a block."""
+
+    data: bytes | bytearray | None  # its bytes, when they are only in this memory
+    how: How
+    in_block: bool = False  # its bytes are in the block buffer lent to the load
+    declined: bool = False  # the cache could not store it
+
+
 class _BlockSink:
     """Receives one download (``Sink``): decodes and verifies it on the way, and writes the
-    plain bytes to the block's new cache entry, or keeps them in memory when there is none.
-    A cache write that fails turns the sink ``spilled``: the bytes before it are gone, so
-    the block must be read again into memory."""
+    plain bytes to the block's new cache entry and, when a block buffer is lent, into that
+    buffer (from which the entry is written, aligned, around the page cache); with neither,
+    into a new ``memory`` buffer. A cache write that fails turns the sink ``spilled``: without
+    a block buffer the bytes before it are gone, so the block must be read again."""
 
-    __slots__ = ("bid", "codec", "decoder", "disk_error", "entry", "length", "memory")
+    __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "flushed", "length",
+                 "memory")
 
-    def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None) -> None:
+    def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
+                 block: memoryview | None = None) -> None:
         self.codec = codec
         self.bid = bid
         self.length = length
         self.entry = entry
-        self.memory: bytearray | None = None if entry is not None else bytearray()
+        self.block = block
+        self.filled = self.flushed = 0  # bytes in ``block``; of those, bytes written to ``entry``
+        self.memory: bytearray | None = None if entry is not None or block is not None else bytearray()
         self.decoder = codec.decoder(bid, length)
         self.disk_error: str | None = None
 
     def restart(self) -> None:
         self.decoder = self.codec.decoder(self.bid, self.length)
+        self.filled = self.flushed = 0
         if self.memory is not None:
             self.memory = bytearray()
         if self.entry is not None and self.disk_error is None and self.entry.size:
@@ -117,9 +143,28 @@ class _BlockSink:
         plain = self.decoder.feed(piece)
         if not plain:
             return
-        if self.memory is not None:
+        if self.block is not None:
+            end = self.filled + len(plain)
+            self.block[self.filled : end] = plain
+            self.filled = end
+            aligned = end - end % DIRECT_ALIGN
+            if aligned - self.flushed >= PIECE:
+                self._to_entry(self.block[self.flushed : aligned])
+                self.flushed = aligned
+        elif self.memory is not None:
             self.memory += plain
-        elif self.entry is not None and self.disk_error is None:
+        else:
+            self._to_entry(plain)
+
+    def finish(self) -> None:
+        """Verify the whole block (``BlockCorrupt``), then write what the entry still lacks."""
+        self.decoder.finish()
+        if self.block is not None and self.flushed < self.filled:
+            self._to_entry(self.block[self.flushed : self.filled])
+            self.flushed = self.filled
+
+    def _to_entry(self, plain: bytes | memoryview) -> None:
+        if self.entry is not None and self.disk_error is None:
             try:
                 self.entry.write(plain)
             except OSError as exc:
@@ -132,8 +177,11 @@ class _BlockSink:
 
 class BlockFetcher:
     def __init__(self, store: AsyncStore, codec: BlockCodec, cache: BlockCache, *, downloads: int = 16,
-                 attempts: int = 3, recent_blocks: int = 8, disk_threads: int = 8,
+                 attempts: int = 3, recent_blocks: int = 8, disk_threads: int = 8, block_buffers: int = 0,
                  metrics: Metrics | None = None) -> None:
+        """``block_buffers``: whole-block buffers (``BlockBuffers``) for the downloads of
+        readers; 0 streams those through the page cache instead. ``recent_blocks``: blocks
+        kept in memory when the cache cannot store them."""
         self.store = store
         self.codec = codec
         self.cache = cache
@@ -147,12 +195,13 @@ class BlockFetcher:
         # PIECE-sized download buffers, one per download at most; page-aligned (``mmap``), so
         # an entry written around the page cache (``direct``) takes the pieces as they are
         self._buffers: list[memoryview] = []
+        self.blocks = BlockBuffers(block_buffers, cache.is_pinned)
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
     def is_local(self, bid: bytes) -> bool:
         """Readable now without a download or a disk verification."""
-        return self.cache.is_verified(bid) or bid in self._recent
+        return self.cache.is_verified(bid) or bid in self.blocks or bid in self._recent
 
     async def read(self, bid: bytes, length: int, start: int, end: int) -> bytearray:
         """Bytes [start, end) of block ``bid`` (plain length ``length``), in a new buffer."""
@@ -192,10 +241,10 @@ class BlockFetcher:
             self.metrics.cache_hit_bytes.inc(len(out))
 
     def _local(self, bid: bytes, start: int, out: memoryview) -> bool:
-        """Fill ``out`` from an admitted cache entry or the in-memory LRU; False if neither
-        has the block. The entry is read only if it is in the page cache (the event loop
-        must not wait for the disk): ``BlockingIOError`` otherwise."""
-        if self.cache.read_into(bid, start, out, nowait=True):
+        """Fill ``out`` from a block buffer, an admitted cache entry or the in-memory LRU;
+        False if none has the block. The entry is read only if it is in the page cache (the
+        event loop must not wait for the disk): ``BlockingIOError`` otherwise."""
+        if self.blocks.copy_into(bid, start, out) or self.cache.read_into(bid, start, out, nowait=True):
             return True
         recent = self._recent.get(bid)
         if recent is None:
@@ -212,7 +261,7 @@ class BlockFetcher:
             # on this node already: have the kernel page it in before the reader gets there
             await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
             return False
-        if bid in self._recent:
+        if bid in self.blocks or bid in self._recent:
             return False
         someone_else = bid in self._inflight
         _data, how = await self._obtain(bid, length, priority)
@@ -281,10 +330,13 @@ class BlockFetcher:
         while True:
             pending.ticket = self.slots.ticket(pending.ticket.priority if pending.ticket else priority)
             await self.slots.acquire(pending.ticket)
-            buffer = self._buffers.pop() if self._buffers else memoryview(mmap.mmap(-1, PIECE))
+            block = None
+            if self.blocks.capacity and not (direct or in_memory):
+                block = self.blocks.take(length, for_reader=pending.ticket.priority is Priority.DEMAND)
+            buffer = self._buffers.pop() if self._buffers else memoryview(new_buffer(PIECE))
             try:
-                data, how = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, claim,
-                                                          in_memory, direct, limiter=self.store.limiter)
+                loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
+                                                       in_memory, direct, limiter=self.store.limiter)
             except _Busy:
                 if trio.current_time() > give_up:
                     log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
@@ -302,28 +354,35 @@ class BlockFetcher:
                 log.info("block %s attempt %d failed (%s); retrying", bid.hex()[:16], attempt, exc)
                 delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
             else:
-                if how is How.DOWNLOADED:
+                if loaded.in_block and block is not None:
+                    self.blocks.hold(bid, block, length)
+                    block = None
+                if loaded.how is How.DOWNLOADED:
                     self.downloads += 1
-                    self.cache_declined = data is not None and not in_memory
-                    if data is not None:
-                        self._recent[bid] = data
+                    self.cache_declined = loaded.declined
+                    if loaded.data is not None:
+                        self._recent[bid] = loaded.data
                         if len(self._recent) > self._recent_max:
                             self._recent.popitem(last=False)
-                return data, how
+                return loaded.data, loaded.how
             finally:
                 self._buffers.append(buffer)
+                if block is not None:
+                    self.blocks.give_back(block)
                 self.slots.release()
             await trio.sleep(delay)
 
-    def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, claim: bool, in_memory: bool,
-                       direct: bool) -> tuple[bytes | bytearray | None, How]:
+    def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, block: mmap.mmap | None, claim: bool,
+                       in_memory: bool, direct: bool) -> _Loaded:
         """One attempt, in a worker thread: under the block's node-wide download lock (unless
         ``claim`` is off), use an intact entry another process planted, or download the
-        block into a new cache entry (bytes: None), or into memory if the cache declines it
-        (or with ``in_memory``, at once). Raises ``_Busy`` if another process holds the
-        lock, or the store's or the decoder's error."""
+        block into a new cache entry, and into ``block`` if one is lent (then the entry is
+        written around the page cache, as with ``direct``, and readers copy from ``block``);
+        into memory if the cache declines it and there is no ``block`` (or with ``in_memory``,
+        at once). Raises ``_Busy`` if another process holds the lock, or the store's or the
+        decoder's error."""
         if in_memory:
-            return self._download(bid, length, buffer, None).memory, How.DOWNLOADED
+            return _Loaded(self._download(bid, length, buffer, None).memory, How.DOWNLOADED)
         token = self.cache.try_claim(bid) if claim else NO_LOCK
         if token is None:
             raise _Busy
@@ -331,27 +390,34 @@ class BlockFetcher:
             if self.cache.contains(bid):  # planted by another process, perhaps just now
                 found, data = self._check_entry(bid, length)
                 if found:
-                    return data, How.ADMITTED if data is None else How.HASHED
-            entry = self.cache.open_entry(bid, length, direct=direct)
+                    return _Loaded(data, How.ADMITTED if data is None else How.HASHED)
+            entry = self.cache.open_entry(bid, length, direct=direct or block is not None)
             if entry is not None:
-                sink = self._download(bid, length, buffer, entry)
+                sink = self._download(bid, length, buffer, entry, block)
                 if not sink.spilled and self.cache.commit(entry):
-                    return None, How.DOWNLOADED
+                    return _Loaded(None, How.DOWNLOADED, in_block=block is not None)
                 if sink.spilled:
                     self.cache.abandon(entry, sink.disk_error)
-            return self._download(bid, length, buffer, None).memory, How.DOWNLOADED
+                if block is not None:  # verified, and whole in memory: no need to fetch it again
+                    return _Loaded(None, How.DOWNLOADED, in_block=True, declined=True)
+            sink = self._download(bid, length, buffer, None, block)
+            return _Loaded(sink.memory, How.DOWNLOADED, in_block=block is not None, declined=True)
         finally:
             self.cache.release_claim(bid, token)
 
-    def _download(self, bid: bytes, length: int, buffer: memoryview, entry: NewEntry | None) -> _BlockSink:
-        """Stream the block's object into ``entry`` (or memory) and verify it; the entry is
-        abandoned if that fails."""
-        sink = _BlockSink(self.codec, bid, length, entry)
-        try:
-            self.store.store.get_into(object_key(bid), sink, buffer)
-            sink.decoder.finish()
-        except BaseException:
-            if entry is not None:
-                self.cache.abandon(entry)
-            raise
+    def _download(self, bid: bytes, length: int, buffer: memoryview, entry: NewEntry | None,
+                  block: mmap.mmap | None = None) -> _BlockSink:
+        """Stream the block's object into ``entry`` and ``block`` (or memory) and verify it;
+        the entry is abandoned if that fails."""
+        with memoryview(block) if block is not None else contextlib.nullcontext() as view:
+            sink = _BlockSink(self.codec, bid, length, entry, view)
+            try:
+                self.store.store.get_into(object_key(bid), sink, buffer)
+                sink.finish()
+            except BaseException:
+                if entry is not None:
+                    self.cache.abandon(entry)
+                raise
+            finally:
+                sink.block = None
         return sink

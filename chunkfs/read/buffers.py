@@ -1,0 +1,125 @@
+"""BlockBuffers: whole-block memory for downloads, kept to serve the blocks' first readers.
+
+A download fills one buffer with the block's plain bytes while they are written to the
+cache disk around the page cache (``O_DIRECT``); readers then copy from the buffer instead
+of reading the entry back, and the block costs no copy into the page cache. A block stays
+in its buffer until a new download needs the buffer. Blocks already read whole (or held
+longer than ``STALE_AFTER``) go first, least recently used first. A download ahead of
+readers (readahead, prefetch) takes nothing else: when every buffer holds a block not read
+yet, it streams its block through the page cache instead (waiting for a buffer would stall
+the pipeline; taking one would push out a block whose reader is coming). A reader's
+download may take any block, pinned ones (a reader is waiting for them,
+``BlockCache.pin``) last. A block no longer held is read from its cache entry like any
+other.
+
+Invariants:
+
+- At most ``capacity`` buffers exist: memory is ``capacity`` blocks, whatever the file size.
+- A buffer is either free, lent to one download (its worker thread writes it), or holds one
+  verified block that readers copy from. All transitions happen on the event loop, and
+  readers copy synchronously there, so no reader copies from a buffer a download is
+  writing. Nothing outside this class keeps a view of a held buffer across an ``await``.
+- Buffers are private anonymous ``mmap`` pages: aligned for ``O_DIRECT`` writes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+#: seconds after which a held block nobody has read whole may be pushed out by anyone
+STALE_AFTER = 5.0
+
+
+def new_buffer(length: int) -> mmap.mmap:
+    """Private anonymous memory of at least ``length`` bytes, page-aligned (for ``O_DIRECT``)."""
+    size = max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+class _Held:
+    __slots__ = ("buffer", "length", "served", "since")
+
+    def __init__(self, buffer: mmap.mmap, length: int) -> None:
+        self.buffer = buffer
+        self.length = length
+        self.served = 0  # bytes copied out to readers
+        self.since = time.monotonic()
+
+    def spent(self, now: float) -> bool:
+        """Read whole already, or held so long its readers are not coming soon."""
+        return self.served >= self.length or now - self.since > STALE_AFTER
+
+
+class BlockBuffers:
+    def __init__(self, capacity: int, pinned: Callable[[bytes], bool] = lambda _bid: False) -> None:
+        self.capacity = capacity
+        self._pinned = pinned
+        self._free: list[mmap.mmap] = []
+        self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        self._count = 0  # buffers in existence: free, lent or held
+
+    def __contains__(self, bid: bytes) -> bool:
+        return bid in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def take(self, length: int, *, for_reader: bool) -> mmap.mmap | None:
+        """A buffer of at least ``length`` bytes for a download, or None (the caller then
+        streams the block through the page cache). ``for_reader``: a reader waits for this
+        download, so any held block may be pushed out; otherwise only spent ones."""
+        for i, buffer in enumerate(self._free):
+            if len(buffer) >= length:
+                return self._free.pop(i)
+        if self._count < self.capacity:
+            self._count += 1
+            return new_buffer(length)
+        if self._free:  # all too small (a larger block than before): replace one
+            self._free.pop().close()
+            return new_buffer(length)
+        victim = self._victim(for_reader)
+        if victim is None:
+            return None
+        buffer = self._held.pop(victim).buffer
+        if len(buffer) >= length:
+            return buffer
+        buffer.close()
+        return new_buffer(length)
+
+    def _victim(self, for_reader: bool) -> bytes | None:
+        now = time.monotonic()
+        spent = next((bid for bid, held in self._held.items() if held.spent(now)), None)
+        if spent is not None or not for_reader:
+            return spent
+        unpinned = next((bid for bid in self._held if not self._pinned(bid)), None)
+        return unpinned if unpinned is not None else next(iter(self._held), None)
+
+    def give_back(self, buffer: mmap.mmap) -> None:
+        """Return a buffer whose download failed."""
+        self._free.append(buffer)
+
+    def hold(self, bid: bytes, buffer: mmap.mmap, length: int) -> None:
+        """Keep the verified block ``bid`` (the first ``length`` bytes of ``buffer``)."""
+        old = self._held.pop(bid, None)
+        if old is not None:
+            self._free.append(old.buffer)
+        self._held[bid] = _Held(buffer, length)
+
+    def copy_into(self, bid: bytes, start: int, out: memoryview) -> bool:
+        """Fill ``out`` from the held block's bytes at ``start``; False if it is not held."""
+        held = self._held.get(bid)
+        if held is None:
+            return False
+        self._held.move_to_end(bid)
+        with memoryview(held.buffer) as view:
+            out[:] = view[start : min(held.length, start + len(out))]
+        held.served += len(out)
+        return True
+
+    def drop(self, bid: bytes) -> None:
+        held = self._held.pop(bid, None)
+        if held is not None:
+            self._free.append(held.buffer)

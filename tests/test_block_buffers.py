@@ -1,0 +1,76 @@
+"""BlockBuffers on its own: the memory bound and which held block a download may take."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunkfs.read import buffers as buffers_module
+from chunkfs.read.buffers import BlockBuffers
+
+MiB = 1 << 20
+
+
+def held(buffers: BlockBuffers, *names: bytes, length: int = MiB) -> None:
+    for name in names:
+        buffer = buffers.take(length, for_reader=True)
+        assert buffer is not None
+        buffer[:1] = name[:1]
+        buffers.hold(name, buffer, length)
+
+
+def read_whole(buffers: BlockBuffers, name: bytes, length: int = MiB) -> bytes:
+    out = memoryview(bytearray(length))
+    assert buffers.copy_into(name, 0, out)
+    return bytes(out)
+
+
+def test_no_more_buffers_than_the_capacity() -> None:
+    buffers = BlockBuffers(2)
+    held(buffers, b"a", b"b")
+    assert buffers.take(MiB, for_reader=False) is None  # both hold blocks nobody has read
+    assert len(buffers) == 2 and buffers._count == 2
+
+
+def test_a_download_ahead_takes_only_a_block_read_whole() -> None:
+    buffers = BlockBuffers(2)
+    held(buffers, b"a", b"b")
+    out = memoryview(bytearray(MiB // 2))
+    assert buffers.copy_into(b"b", 0, out)  # half of b read: not spent
+    assert buffers.take(MiB, for_reader=False) is None
+    assert read_whole(buffers, b"a")[:1] == b"a"
+    assert buffers.take(MiB, for_reader=False) is not None  # a's buffer
+    assert b"a" not in buffers and b"b" in buffers
+
+
+def test_a_stale_block_may_be_taken_by_a_download_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffers = BlockBuffers(1)
+    held(buffers, b"a")
+    assert buffers.take(MiB, for_reader=False) is None
+    monkeypatch.setattr(buffers_module, "STALE_AFTER", 0.0)
+    assert buffers.take(MiB, for_reader=False) is not None and b"a" not in buffers
+
+
+def test_a_readers_download_takes_unpinned_blocks_first_and_pinned_ones_last() -> None:
+    pinned = {b"a"}
+    buffers = BlockBuffers(2, pinned.__contains__)
+    held(buffers, b"a", b"b")
+    assert buffers.take(MiB, for_reader=True) is not None  # b: a reader waits for a
+    assert b"a" in buffers and b"b" not in buffers
+    assert buffers.take(MiB, for_reader=True) is not None  # nothing else left: a goes too
+    assert len(buffers) == 0
+    assert buffers.take(MiB, for_reader=True) is None  # every buffer is lent out
+
+
+def test_held_bytes_are_served_until_the_buffer_is_reused() -> None:
+    buffers = BlockBuffers(1)
+    buffer = buffers.take(3000, for_reader=True)
+    assert buffer is not None and len(buffer) >= 3000 and len(buffer) % 4096 == 0
+    buffer[:3000] = bytes(range(250)) * 12
+    buffers.hold(b"x", buffer, 3000)
+    out = memoryview(bytearray(100))
+    assert buffers.copy_into(b"x", 2900, out) and bytes(out) == (bytes(range(250)) * 12)[2900:]
+    with pytest.raises(ValueError):  # past the block's end: never bytes beyond it
+        buffers.copy_into(b"x", 2950, out)
+    buffers.drop(b"x")
+    assert not buffers.copy_into(b"x", 0, out)
+    assert buffers.take(5 * MiB, for_reader=False) is not None  # a larger block: the small buffer is replaced
