@@ -16,6 +16,7 @@ from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import CacheDir, NewEntry
 from chunkfs.read import fetcher as fetcher_module
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.reader import FileReader, ReadConfig
 from chunkfs.read.slots import Priority
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import StoreError
@@ -483,3 +484,21 @@ def test_a_block_the_cache_declines_is_served_from_its_block_buffer(tmp_path: Pa
     store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2, capacity=1 << 20)
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data
     assert not cache.contains(bid) and bid in fetcher.blocks and fetcher.cache_declined and store.gets == 1
+
+
+def test_a_read_inside_a_held_block_is_answered_without_a_copy(tmp_path: Path) -> None:
+    """FUSE reads that fall in one block held in a block buffer get a view of the buffer."""
+    mib = 1 << 20
+    store, _cache, fetcher, blocks = _buffered_fetcher(tmp_path, 4, sizes=(mib, mib, 5000))
+    content = b"".join(data for _bid, data in blocks)
+    reader = FileReader(fetcher, ReadConfig(block_size=mib, prefetch_patterns=()), fetcher.metrics)
+    reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+    assert reader.read_held(7, 0, 4096) is None  # nothing downloaded yet
+    assert trio.run(reader.read_into, 7, 0, memoryview(bytearray(4096))) == 4096
+    view = reader.read_held(7, 4096, 8192)
+    assert view is not None and view == content[4096:12288] and view.obj is not None
+    assert reader.read_held(7, mib - 10, 20) is None  # spans two blocks
+    assert trio.run(reader.read_into, 7, 2 * mib, memoryview(bytearray(10))) == 10
+    tail = reader.read_held(7, 2 * mib + 4000, 4096)  # clipped at the end of the file
+    assert tail is not None and tail == content[2 * mib + 4000 :]
+    assert store.gets == 2

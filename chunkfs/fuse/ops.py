@@ -275,6 +275,9 @@ class ChunkfsOperations(pyfuse3.Operations):
         f = self._files[fh]
         if f.snapshot is not None:
             return f.snapshot[off : off + size]
+        held = self.reader.read_held(f.ino, off, size)
+        if held is not None:
+            return held  # pyfuse3 sends it before any other task runs
         if size > REPLY_BUFFER:
             buffer = bytearray(size)  # larger than FUSE asks for: not kept
         else:

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import time
 from collections import OrderedDict
@@ -78,7 +79,7 @@ class BlockBuffers:
             self._count += 1
             return new_buffer(length)
         if self._free:  # all too small (a larger block than before): replace one
-            self._free.pop().close()
+            self._close(self._free.pop())
             return new_buffer(length)
         victim = self._victim(for_reader)
         if victim is None:
@@ -86,8 +87,13 @@ class BlockBuffers:
         buffer = self._held.pop(victim).buffer
         if len(buffer) >= length:
             return buffer
-        buffer.close()
+        self._close(buffer)
         return new_buffer(length)
+
+    @staticmethod
+    def _close(buffer: mmap.mmap) -> None:
+        with contextlib.suppress(BufferError):  # a view is still out somewhere: the collector unmaps it
+            buffer.close()
 
     def _victim(self, for_reader: bool) -> bytes | None:
         now = time.monotonic()
@@ -118,6 +124,17 @@ class BlockBuffers:
             out[:] = view[start : min(held.length, start + len(out))]
         held.served += len(out)
         return True
+
+    def view(self, bid: bytes, start: int, end: int) -> memoryview | None:
+        """The held block's bytes [start, end) without a copy, or None if it is not held
+        (or ``end`` is past it). The view must be used up before the caller's next
+        ``await``: after that the buffer may hold another block."""
+        held = self._held.get(bid)
+        if held is None or end > held.length:
+            return None
+        self._held.move_to_end(bid)
+        held.served += end - start
+        return memoryview(held.buffer)[start:end]
 
     def drop(self, bid: bytes) -> None:
         held = self._held.pop(bid, None)

@@ -240,6 +240,15 @@ class BlockFetcher:
             self.metrics.cache_hits.inc()
             self.metrics.cache_hit_bytes.inc(len(out))
 
+    def held_view(self, bid: bytes, start: int, end: int) -> memoryview | None:
+        """Bytes [start, end) of a block held in a block buffer, without a copy (for a FUSE
+        reply made before the caller's next ``await``); None if it is not held."""
+        view = self.blocks.view(bid, start, end)
+        if view is not None:
+            self.metrics.cache_hits.inc()
+            self.metrics.cache_hit_bytes.inc(end - start)
+        return view
+
     def _local(self, bid: bytes, start: int, out: memoryview) -> bool:
         """Fill ``out`` from a block buffer, an admitted cache entry or the in-memory LRU;
         False if none has the block. The entry is read only if it is in the page cache (the

@@ -115,6 +115,21 @@ class FileReader:
             (self.metrics.prefetch_wasted if kind == "prefetch" else self.metrics.readahead_wasted).inc()
 
     # -- reads -----------------------------------------------------------------------------
+    def read_held(self, ino: int, offset: int, size: int) -> memoryview | None:
+        """The open inode's bytes [offset, offset+size) when they lie in one block held in a
+        block buffer, without a copy; None otherwise (then use ``read_into``). The view is
+        valid only until the caller's next ``await``."""
+        state = self._files[ino]
+        spans = list(block_spans(offset, size, state.size, self.config.block_size))
+        if len(spans) != 1:
+            return None
+        index, start, end = spans[0]
+        view = self.fetcher.held_view(state.blocks[index], start, end)
+        if view is not None:
+            self._note_read(state, index)
+            self.metrics.fuse_read_bytes.inc(end - start)
+        return view
+
     async def read_into(self, ino: int, offset: int, out: memoryview) -> int:
         """Fill ``out`` with an open inode's bytes from ``offset``; returns how many there
         were (fewer at the end of the file). ``BlockUnavailable`` if a block cannot be had."""
