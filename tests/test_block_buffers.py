@@ -12,7 +12,7 @@ MiB = 1 << 20
 
 def held(buffers: BlockBuffers, *names: bytes, length: int = MiB) -> None:
     for name in names:
-        buffer = buffers.take(length, for_reader=True)
+        buffer = buffers.take(length)
         assert buffer is not None
         buffer[:1] = name[:1]
         buffers.hold(name, buffer, length)
@@ -27,43 +27,42 @@ def read_whole(buffers: BlockBuffers, name: bytes, length: int = MiB) -> bytes:
 def test_no_more_buffers_than_the_capacity() -> None:
     buffers = BlockBuffers(2)
     held(buffers, b"a", b"b")
-    assert buffers.take(MiB, for_reader=False) is None  # both hold blocks nobody has read
+    assert buffers.take(MiB) is None  # both hold blocks nobody has read
     assert len(buffers) == 2 and buffers._count == 2
 
 
-def test_a_download_ahead_takes_only_a_block_read_whole() -> None:
+def test_a_download_takes_only_a_block_read_whole() -> None:
     buffers = BlockBuffers(2)
     held(buffers, b"a", b"b")
     out = memoryview(bytearray(MiB // 2))
     assert buffers.copy_into(b"b", 0, out)  # half of b read: not spent
-    assert buffers.take(MiB, for_reader=False) is None
+    assert buffers.take(MiB) is None
     assert read_whole(buffers, b"a")[:1] == b"a"
-    assert buffers.take(MiB, for_reader=False) is not None  # a's buffer
+    assert buffers.take(MiB) is not None  # a's buffer
     assert b"a" not in buffers and b"b" in buffers
 
 
-def test_a_stale_block_may_be_taken_by_a_download_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stale_block_may_be_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     buffers = BlockBuffers(1)
     held(buffers, b"a")
-    assert buffers.take(MiB, for_reader=False) is None
+    assert buffers.take(MiB) is None
     monkeypatch.setattr(buffers_module, "STALE_AFTER", 0.0)
-    assert buffers.take(MiB, for_reader=False) is not None and b"a" not in buffers
+    assert buffers.take(MiB) is not None and b"a" not in buffers
 
 
-def test_a_readers_download_takes_unpinned_blocks_first_and_pinned_ones_last() -> None:
-    pinned = {b"a"}
-    buffers = BlockBuffers(2, pinned.__contains__)
-    held(buffers, b"a", b"b")
-    assert buffers.take(MiB, for_reader=True) is not None  # b: a reader waits for a
-    assert b"a" in buffers and b"b" not in buffers
-    assert buffers.take(MiB, for_reader=True) is not None  # nothing else left: a goes too
-    assert len(buffers) == 0
-    assert buffers.take(MiB, for_reader=True) is None  # every buffer is lent out
+def test_blocks_read_whole_are_taken_least_recently_used_first() -> None:
+    buffers = BlockBuffers(3)
+    held(buffers, b"a", b"b", b"c")
+    read_whole(buffers, b"b")
+    read_whole(buffers, b"a")
+    assert buffers.take(MiB) is not None and b"b" not in buffers and b"a" in buffers
+    assert buffers.take(MiB) is not None and b"a" not in buffers and b"c" in buffers
+    assert buffers.take(MiB) is None  # c has not been read
 
 
 def test_held_bytes_are_served_until_the_buffer_is_reused() -> None:
     buffers = BlockBuffers(1)
-    buffer = buffers.take(3000, for_reader=True)
+    buffer = buffers.take(3000)
     assert buffer is not None and len(buffer) >= 3000 and len(buffer) % 4096 == 0
     buffer[:3000] = bytes(range(250)) * 12
     buffers.hold(b"x", buffer, 3000)
@@ -73,4 +72,4 @@ def test_held_bytes_are_served_until_the_buffer_is_reused() -> None:
         buffers.copy_into(b"x", 2950, out)
     buffers.drop(b"x")
     assert not buffers.copy_into(b"x", 0, out)
-    assert buffers.take(5 * MiB, for_reader=False) is not None  # a larger block: the small buffer is replaced
+    assert buffers.take(5 * MiB) is not None  # a larger block: the small buffer is replaced

@@ -383,3 +383,17 @@ def test_a_filesystem_refusing_o_direct_writes_gets_buffered_entries(tmp_path: P
     monkeypatch.undo()
     assert not cache.dirs[0].direct
     assert cache.read(bid, 0, len(data)) == data
+
+
+def test_a_direct_entry_has_its_disk_space_reserved_up_front(tmp_path: Path) -> None:
+    """Direct entries are written piece by piece, side by side with other downloads; their
+    space is allocated when they are opened, so each stays contiguous on disk (as the page
+    cache's delayed allocation makes buffered entries) and reads back sequentially."""
+    cache = BlockCache([tmp_path], capacity=1 << 30, free_ratio=0)
+    data = os.urandom(4 << 20)
+    entry = cache.open_entry(block_id(data), len(data), direct=True)
+    assert entry is not None and entry.direct
+    st = os.stat(entry.tmp)
+    assert st.st_size == 0 and st.st_blocks * 512 >= len(data)
+    entry.write(_aligned(data))
+    assert cache.commit(entry) and os.path.getsize(cache.dirs[0].path(block_id(data))) == len(data)

@@ -170,10 +170,6 @@ class BlockCache:
             else:
                 del self._pins[bid]
 
-    def is_pinned(self, bid: bytes) -> bool:
-        """True while a reader holds a pin on the block (it is reading or about to)."""
-        return bid in self._pins
-
     # -- reads -----------------------------------------------------------------------------
     def is_verified(self, bid: bytes) -> bool:
         """True when ``read`` may serve the entry without checking it again."""
@@ -321,7 +317,7 @@ class BlockCache:
             self._declined(bid, "no room (cache size or free-space limit, everything else in use)")
             return None
         try:
-            entry = cache_dir.create(bid, direct=direct)
+            entry = cache_dir.create(bid, direct=direct, length=length)
         except OSError as exc:
             self._release(length)
             self._declined(bid, exc.strerror or str(exc))

@@ -41,6 +41,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -50,7 +51,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chunkfs.procs import pid_alive
@@ -80,6 +81,27 @@ _FLOCK = struct.Struct("hhqqi4x")
 DIRECT_ALIGN = mmap.PAGESIZE
 #: the staging buffer of a direct entry, for bytes that do not come aligned
 DIRECT_STAGE = 1 << 20  # struct flock on Linux: type, whence, start, len, pid
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate  # type: ignore[no-any-return]
+
+
+_FALLOCATE = _load_fallocate()
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _preallocate(fd: int, length: int) -> None:
+    """Reserve ``length`` bytes of disk for the file without changing its size (best effort:
+    Linux ``fallocate``, never glibc's emulation that writes zeros)."""
+    if _FALLOCATE is not None and length > 0:
+        _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE, 0, length)
 
 
 def _lock_offset(bid: bytes) -> int:
@@ -372,15 +394,20 @@ class CacheDir:
             before = os.fstat(f.fileno())
             return f.read(limit + 1), before
 
-    def create(self, bid: bytes, *, direct: bool = False) -> NewEntry:
+    def create(self, bid: bytes, *, direct: bool = False, length: int = 0) -> NewEntry:
         """Open a temporary file for block ``bid``, to be filled with ``NewEntry.write`` and
         renamed into place by ``NewEntry.publish`` (or removed by ``discard``). ``direct``:
-        write around the page cache (``O_DIRECT``) if this filesystem allows it."""
+        write around the page cache (``O_DIRECT``) if this filesystem allows it; then the
+        file's ``length`` bytes are allocated at once, so that entries written piece by
+        piece side by side still lie in one extent each (as delayed allocation makes them
+        through the page cache) and read back sequentially."""
         tmp = f"{self.tmp_dir}/{bid.hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         if direct and self.direct:
             try:
-                return NewEntry(self, bid, tmp, os.open(tmp, flags | os.O_DIRECT, 0o600), direct=True)
+                fd = os.open(tmp, flags | os.O_DIRECT, 0o600)
+                _preallocate(fd, length)
+                return NewEntry(self, bid, tmp, fd, direct=True)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise

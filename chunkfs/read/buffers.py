@@ -3,13 +3,12 @@
 A download fills one buffer with the block's plain bytes while they are written to the
 cache disk around the page cache (``O_DIRECT``); readers then copy from the buffer instead
 of reading the entry back, and the block costs no copy into the page cache. A block stays
-in its buffer until a new download needs the buffer. Blocks already read whole (or held
-longer than ``STALE_AFTER``) go first, least recently used first. A download ahead of
-readers (readahead, prefetch) takes nothing else: when every buffer holds a block not read
-yet, it streams its block through the page cache instead (waiting for a buffer would stall
-the pipeline; taking one would push out a block whose reader is coming). A reader's
-download may take any block, pinned ones (a reader is waiting for them,
-``BlockCache.pin``) last. A block no longer held is read from its cache entry like any
+in its buffer until a new download needs the buffer, and only once it is spent: read whole
+(least recently used first), or held longer than ``STALE_AFTER``. When every buffer is lent
+or holds a block not read yet, the download streams its block through the page cache
+instead: waiting for a buffer would stall the pipeline, and taking one would push out a
+block whose reader is coming (a sequential reader just behind the prefetch, another rank of
+a tensor-parallel load). A block no longer held is read from its cache entry like any
 other.
 
 Invariants:
@@ -28,7 +27,6 @@ import contextlib
 import mmap
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 
 #: seconds after which a held block nobody has read whole may be pushed out by anyone
 STALE_AFTER = 5.0
@@ -55,9 +53,8 @@ class _Held:
 
 
 class BlockBuffers:
-    def __init__(self, capacity: int, pinned: Callable[[bytes], bool] = lambda _bid: False) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._pinned = pinned
         self._free: list[mmap.mmap] = []
         self._held: OrderedDict[bytes, _Held] = OrderedDict()
         self._count = 0  # buffers in existence: free, lent or held
@@ -68,10 +65,9 @@ class BlockBuffers:
     def __len__(self) -> int:
         return len(self._held)
 
-    def take(self, length: int, *, for_reader: bool) -> mmap.mmap | None:
+    def take(self, length: int) -> mmap.mmap | None:
         """A buffer of at least ``length`` bytes for a download, or None (the caller then
-        streams the block through the page cache). ``for_reader``: a reader waits for this
-        download, so any held block may be pushed out; otherwise only spent ones."""
+        streams the block through the page cache)."""
         for i, buffer in enumerate(self._free):
             if len(buffer) >= length:
                 return self._free.pop(i)
@@ -81,10 +77,11 @@ class BlockBuffers:
         if self._free:  # all too small (a larger block than before): replace one
             self._close(self._free.pop())
             return new_buffer(length)
-        victim = self._victim(for_reader)
-        if victim is None:
+        now = time.monotonic()
+        spent = next((bid for bid, held in self._held.items() if held.spent(now)), None)
+        if spent is None:
             return None
-        buffer = self._held.pop(victim).buffer
+        buffer = self._held.pop(spent).buffer
         if len(buffer) >= length:
             return buffer
         self._close(buffer)
@@ -94,14 +91,6 @@ class BlockBuffers:
     def _close(buffer: mmap.mmap) -> None:
         with contextlib.suppress(BufferError):  # a view is still out somewhere: the collector unmaps it
             buffer.close()
-
-    def _victim(self, for_reader: bool) -> bytes | None:
-        now = time.monotonic()
-        spent = next((bid for bid, held in self._held.items() if held.spent(now)), None)
-        if spent is not None or not for_reader:
-            return spent
-        unpinned = next((bid for bid in self._held if not self._pinned(bid)), None)
-        return unpinned if unpinned is not None else next(iter(self._held), None)
 
     def give_back(self, buffer: mmap.mmap) -> None:
         """Return a buffer whose download failed."""

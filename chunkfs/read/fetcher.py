@@ -195,7 +195,7 @@ class BlockFetcher:
         # PIECE-sized download buffers, one per download at most; page-aligned (``mmap``), so
         # an entry written around the page cache (``direct``) takes the pieces as they are
         self._buffers: list[memoryview] = []
-        self.blocks = BlockBuffers(block_buffers, cache.is_pinned)
+        self.blocks = BlockBuffers(block_buffers)
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
@@ -341,7 +341,7 @@ class BlockFetcher:
             await self.slots.acquire(pending.ticket)
             block = None
             if self.blocks.capacity and not (direct or in_memory):
-                block = self.blocks.take(length, for_reader=pending.ticket.priority is Priority.DEMAND)
+                block = self.blocks.take(length)
             buffer = self._buffers.pop() if self._buffers else memoryview(new_buffer(PIECE))
             try:
                 loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
