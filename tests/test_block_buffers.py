@@ -73,3 +73,16 @@ def test_held_bytes_are_served_until_the_buffer_is_reused() -> None:
     buffers.drop(b"x")
     assert not buffers.copy_into(b"x", 0, out)
     assert buffers.take(5 * MiB) is not None  # a larger block: the small buffer is replaced
+
+
+def test_a_buffer_that_cannot_be_made_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffers = BlockBuffers(1)
+
+    def no_memory(_length: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(buffers_module, "new_buffer", no_memory)
+    with pytest.raises(OSError):
+        buffers.take(MiB)
+    monkeypatch.undo()
+    assert buffers.take(MiB) is not None  # the capacity was not used up by the failure

@@ -395,5 +395,9 @@ def test_a_direct_entry_has_its_disk_space_reserved_up_front(tmp_path: Path) -> 
     assert entry is not None and entry.direct
     st = os.stat(entry.tmp)
     assert st.st_size == 0 and st.st_blocks * 512 >= len(data)
+    entry.write(_aligned(data[: 1 << 20]))
+    entry.rewind()  # a retried download starts again: the space is reserved again
+    st = os.stat(entry.tmp)
+    assert st.st_size == 0 and st.st_blocks * 512 >= len(data)
     entry.write(_aligned(data))
     assert cache.commit(entry) and os.path.getsize(cache.dirs[0].path(block_id(data))) == len(data)

@@ -75,12 +75,12 @@ def _boot_id() -> bytes | None:
 #: this boot of the machine (shared by every container on it); None: no seals are made or trusted
 BOOT_ID = _boot_id()
 _NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
-_FLOCK = struct.Struct("hhqqi4x")
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
 #: O_DIRECT writes are multiples of this, from memory aligned to it, at offsets aligned to it
 #: (the page size: a multiple of every logical block size Linux filesystems use)
 DIRECT_ALIGN = mmap.PAGESIZE
 #: the staging buffer of a direct entry, for bytes that do not come aligned
-DIRECT_STAGE = 1 << 20  # struct flock on Linux: type, whence, start, len, pid
+DIRECT_STAGE = 1 << 20
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -125,14 +125,16 @@ class NewEntry:
     then truncated back) by ``publish``. A filesystem that refuses such writes turns the entry,
     and its ``CacheDir``, back to buffered writes."""
 
-    __slots__ = ("_direct", "_fd", "_stage", "_staged", "bid", "cache_dir", "reserved", "size", "tmp")
+    __slots__ = ("_direct", "_fd", "_length", "_stage", "_staged", "bid", "cache_dir", "reserved", "size", "tmp")
 
-    def __init__(self, cache_dir: CacheDir, bid: bytes, tmp: str, fd: int, *, direct: bool = False) -> None:
+    def __init__(self, cache_dir: CacheDir, bid: bytes, tmp: str, fd: int, *, direct: bool = False,
+                 length: int = 0) -> None:
         self.cache_dir = cache_dir
         self.bid = bid
         self.tmp = tmp
         self._fd = fd
         self._direct = direct
+        self._length = length  # bytes preallocated (direct entries)
         self._stage: mmap.mmap | None = None
         self._staged = 0
         self.size = 0
@@ -230,6 +232,8 @@ class NewEntry:
         os.lseek(self._fd, 0, os.SEEK_SET)
         self.size = 0
         self._staged = 0
+        if self._direct:
+            _preallocate(self._fd, self._length)  # the truncation gave the space back
 
     def publish(self) -> None:
         """Seal, close and rename into place (the bytes written must be the verified block)."""
@@ -407,7 +411,7 @@ class CacheDir:
             try:
                 fd = os.open(tmp, flags | os.O_DIRECT, 0o600)
                 _preallocate(fd, length)
-                return NewEntry(self, bid, tmp, fd, direct=True)
+                return NewEntry(self, bid, tmp, fd, direct=True, length=length)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise

@@ -85,10 +85,10 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     except OSError as exc:
         raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
     # each download for a reader fills a whole-block buffer, written to the cache around the
-    # page cache, from which its readers are served; half as many again keep finished blocks
-    # for readers a little behind
+    # page cache, from which its readers are served; half as many again (at least one) keep
+    # finished blocks for readers a little behind
     fetcher = BlockFetcher(AsyncStore(volume.store, slots), volume.codec, cache, downloads=slots,
-                           block_buffers=slots + max(2, slots // 2), metrics=metrics)
+                           block_buffers=slots + max(1, slots // 2), metrics=metrics)
     reader = FileReader(fetcher, ReadConfig(
         block_size=block_size, readahead_max=config.readahead_max, prefetch_patterns=config.prefetch_patterns,
         prefetch_workers=slots, prefetch_limit=max(block_size, config.cache_size // 2)), metrics)

@@ -72,20 +72,22 @@ class BlockBuffers:
             if len(buffer) >= length:
                 return self._free.pop(i)
         if self._count < self.capacity:
+            buffer = new_buffer(length)  # counted once it exists: a failed mmap costs nothing
             self._count += 1
-            return new_buffer(length)
+            return buffer
         if self._free:  # all too small (a larger block than before): replace one
+            buffer = new_buffer(length)
             self._close(self._free.pop())
-            return new_buffer(length)
+            return buffer
         now = time.monotonic()
         spent = next((bid for bid, held in self._held.items() if held.spent(now)), None)
         if spent is None:
             return None
-        buffer = self._held.pop(spent).buffer
-        if len(buffer) >= length:
-            return buffer
-        self._close(buffer)
-        return new_buffer(length)
+        if len(self._held[spent].buffer) >= length:
+            return self._held.pop(spent).buffer
+        buffer = new_buffer(length)
+        self._close(self._held.pop(spent).buffer)
+        return buffer
 
     @staticmethod
     def _close(buffer: mmap.mmap) -> None:

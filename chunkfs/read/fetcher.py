@@ -339,11 +339,12 @@ class BlockFetcher:
         while True:
             pending.ticket = self.slots.ticket(pending.ticket.priority if pending.ticket else priority)
             await self.slots.acquire(pending.ticket)
-            block = None
-            if self.blocks.capacity and not (direct or in_memory):
-                block = self.blocks.take(length)
-            buffer = self._buffers.pop() if self._buffers else memoryview(new_buffer(PIECE))
+            block: mmap.mmap | None = None
+            buffer: memoryview | None = None
             try:
+                if self.blocks.capacity and not (direct or in_memory):
+                    block = self.blocks.take(length)
+                buffer = self._buffers.pop() if self._buffers else memoryview(new_buffer(PIECE))
                 loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
                                                        in_memory, direct, limiter=self.store.limiter)
             except _Busy:
@@ -375,7 +376,8 @@ class BlockFetcher:
                             self._recent.popitem(last=False)
                 return loaded.data, loaded.how
             finally:
-                self._buffers.append(buffer)
+                if buffer is not None:
+                    self._buffers.append(buffer)
                 if block is not None:
                     self.blocks.give_back(block)
                 self.slots.release()
