@@ -25,7 +25,6 @@ MIN_BLOCK_SIZE = 64 << 10
 MAX_BLOCK_SIZE = 64 << 20
 DEFAULT_BLOCK_SIZE = 8 << 20
 COMPRESSIONS = ("none", "lz4")
-_LZ4_MAGIC = b"\x04\x22\x4d\x18"
 
 
 class BlockCorrupt(Exception):
@@ -94,19 +93,10 @@ class BlockCodec:
 
     def decode(self, bid: bytes, stored: bytes, length: int) -> bytes:
         """Plain bytes of block ``bid``, or ``BlockCorrupt`` if they are not exactly that block."""
-        plain = stored
-        if self.compression == "lz4":
-            if not stored.startswith(_LZ4_MAGIC):
-                raise BlockCorrupt(f"block {bid.hex()} is not an lz4 frame")
-            try:
-                plain = lz4.frame.decompress(stored)
-            except RuntimeError as exc:
-                raise BlockCorrupt(f"block {bid.hex()} does not decompress: {exc}") from exc
-        if len(plain) != length:
-            raise BlockCorrupt(f"block {bid.hex()} has {len(plain)} bytes, expected {length}")
-        if block_id(plain) != bid:
-            raise BlockCorrupt(f"block {bid.hex()} does not match its hash")
-        return plain
+        decoder = self.decoder(bid, length)
+        plain = decoder.feed(stored)
+        decoder.finish()
+        return bytes(plain)
 
     def decoder(self, bid: bytes, length: int) -> BlockDecoder:
         """A streaming ``decode``: feed it the stored object piece by piece."""

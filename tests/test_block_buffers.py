@@ -81,7 +81,7 @@ def test_a_buffer_that_cannot_be_made_is_not_counted(monkeypatch: pytest.MonkeyP
     def no_memory(_length: int) -> None:
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(buffers_module, "new_buffer", no_memory)
+    monkeypatch.setattr(buffers_module, "aligned_buffer", no_memory)
     with pytest.raises(OSError):
         buffers.take(MiB)
     monkeypatch.undo()

@@ -83,6 +83,12 @@ DIRECT_ALIGN = mmap.PAGESIZE
 DIRECT_STAGE = 1 << 20
 
 
+def aligned_buffer(length: int) -> mmap.mmap:
+    """Private anonymous memory of at least ``length`` bytes, page-aligned (for ``O_DIRECT``)."""
+    size = max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         fallocate = ctypes.CDLL(None, use_errno=True).fallocate
@@ -176,7 +182,7 @@ class NewEntry:
 
     def _stage_bytes(self, view: memoryview) -> None:
         if self._stage is None:
-            self._stage = mmap.mmap(-1, DIRECT_STAGE)
+            self._stage = aligned_buffer(DIRECT_STAGE)
         while view:
             take = min(len(view), DIRECT_STAGE - self._staged)
             self._stage[self._staged : self._staged + take] = view[:take]

@@ -28,14 +28,10 @@ import mmap
 import time
 from collections import OrderedDict
 
+from chunkfs.cache.disk import aligned_buffer
+
 #: seconds after which a held block nobody has read whole may be pushed out by anyone
 STALE_AFTER = 5.0
-
-
-def new_buffer(length: int) -> mmap.mmap:
-    """Private anonymous memory of at least ``length`` bytes, page-aligned (for ``O_DIRECT``)."""
-    size = max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 class _Held:
@@ -72,11 +68,11 @@ class BlockBuffers:
             if len(buffer) >= length:
                 return self._free.pop(i)
         if self._count < self.capacity:
-            buffer = new_buffer(length)  # counted once it exists: a failed mmap costs nothing
+            buffer = aligned_buffer(length)  # counted once it exists: a failed mmap costs nothing
             self._count += 1
             return buffer
         if self._free:  # all too small (a larger block than before): replace one
-            buffer = new_buffer(length)
+            buffer = aligned_buffer(length)
             self._close(self._free.pop())
             return buffer
         now = time.monotonic()
@@ -85,7 +81,7 @@ class BlockBuffers:
             return None
         if len(self._held[spent].buffer) >= length:
             return self._held.pop(spent).buffer
-        buffer = new_buffer(length)
+        buffer = aligned_buffer(length)
         self._close(self._held.pop(spent).buffer)
         return buffer
 

@@ -52,9 +52,9 @@ import trio
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
 from chunkfs.cache.block_cache import NO_LOCK, BlockCache
-from chunkfs.cache.disk import DIRECT_ALIGN, NewEntry
+from chunkfs.cache.disk import DIRECT_ALIGN, NewEntry, aligned_buffer
 from chunkfs.metrics import Metrics
-from chunkfs.read.buffers import BlockBuffers, new_buffer
+from chunkfs.read.buffers import BlockBuffers
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import ObjectNotFound, StoreError
@@ -101,8 +101,7 @@ class _Loaded(NamedTuple):
     """What one load attempt made of a block."""
 
     data: bytes | bytearray | None  # its bytes, when they are only in this memory
-    how: How
-    in_block: bool = False  # its bytes are in the block buffer lent to the load
+    how: How  # DOWNLOADED with a block buffer lent: the bytes are in that buffer
     declined: bool = False  # the cache could not store it
 
 
@@ -344,7 +343,7 @@ class BlockFetcher:
             try:
                 if self.blocks.capacity and not (direct or in_memory):
                     block = self.blocks.take(length)
-                buffer = self._buffers.pop() if self._buffers else memoryview(new_buffer(PIECE))
+                buffer = self._buffers.pop() if self._buffers else memoryview(aligned_buffer(PIECE))
                 loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
                                                        in_memory, direct, limiter=self.store.limiter)
             except _Busy:
@@ -364,7 +363,7 @@ class BlockFetcher:
                 log.info("block %s attempt %d failed (%s); retrying", bid.hex()[:16], attempt, exc)
                 delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
             else:
-                if loaded.in_block and block is not None:
+                if block is not None and loaded.how is How.DOWNLOADED:
                     self.blocks.hold(bid, block, length)
                     block = None
                 if loaded.how is How.DOWNLOADED:
@@ -406,13 +405,13 @@ class BlockFetcher:
             if entry is not None:
                 sink = self._download(bid, length, buffer, entry, block)
                 if not sink.spilled and self.cache.commit(entry):
-                    return _Loaded(None, How.DOWNLOADED, in_block=block is not None)
+                    return _Loaded(None, How.DOWNLOADED)
                 if sink.spilled:
                     self.cache.abandon(entry, sink.disk_error)
                 if block is not None:  # verified, and whole in memory: no need to fetch it again
-                    return _Loaded(None, How.DOWNLOADED, in_block=True, declined=True)
+                    return _Loaded(None, How.DOWNLOADED, declined=True)
             sink = self._download(bid, length, buffer, None, block)
-            return _Loaded(sink.memory, How.DOWNLOADED, in_block=block is not None, declined=True)
+            return _Loaded(sink.memory, How.DOWNLOADED, declined=True)
         finally:
             self.cache.release_claim(bid, token)
 

@@ -120,10 +120,11 @@ class FileReader:
         block buffer, without a copy; None otherwise (then use ``read_into``). The view is
         valid only until the caller's next ``await``."""
         state = self._files[ino]
-        spans = list(block_spans(offset, size, state.size, self.config.block_size))
-        if len(spans) != 1:
+        bs = self.config.block_size
+        index, start = divmod(offset, bs)
+        end = min(start + size, state.size - index * bs)  # clipped at the end of the file
+        if end <= start or end > bs:  # past the end, or into the next block
             return None
-        index, start, end = spans[0]
         view = self.fetcher.held_view(state.blocks[index], start, end)
         if view is not None:
             self._note_read(state, index)
