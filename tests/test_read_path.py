@@ -13,7 +13,7 @@ import trio
 
 from chunkfs.blocks import BlockCodec, block_id, object_key
 from chunkfs.cache.block_cache import BlockCache
-from chunkfs.cache.disk import CacheDir, NewEntry
+from chunkfs.cache.disk import CacheDir, NewEntry, aligned_buffer
 from chunkfs.read import fetcher as fetcher_module
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
 from chunkfs.read.reader import FileReader, ReadConfig
@@ -171,8 +171,8 @@ def test_a_reader_downloads_a_block_whose_admitted_entry_vanished(setup, tmp_pat
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
     admit = fresh.admit
 
-    def admit_then_lose(b: bytes, length: int) -> bool:
-        ok = admit(b, length)
+    def admit_then_lose(b: bytes, length: int, *, page_in: bool = True) -> bool:
+        ok = admit(b, length, page_in=page_in)
         os.unlink(fresh.dir_for(b).path(b))  # gone between the seal check and the read
         return ok
 
@@ -444,8 +444,9 @@ def test_a_download_never_pushes_out_a_block_not_yet_read(tmp_path: Path) -> Non
     store, cache, fetcher, [(a, da), (b, db), (c, dc)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 3)
     assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
     assert trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
-    assert a in fetcher.blocks and b not in fetcher.blocks  # b went through the page cache instead
-    assert _in_page_cache(cache, b, len(db)) and not _in_page_cache(cache, a, len(da))
+    assert a in fetcher.blocks and b not in fetcher.blocks  # b went straight to its entry instead
+    assert cache.is_verified(b) and Path(cache.dir_for(b).path(b)).read_bytes() == db
+    assert not _in_page_cache(cache, a, len(da))
     assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da  # a read whole: its buffer is free to reuse
     assert trio.run(fetcher.ensure, c, len(dc), Priority.READAHEAD)
     assert c in fetcher.blocks and a not in fetcher.blocks
@@ -453,6 +454,8 @@ def test_a_download_never_pushes_out_a_block_not_yet_read(tmp_path: Path) -> Non
 
 
 def test_a_readers_download_leaves_a_block_not_yet_read_alone(tmp_path: Path) -> None:
+    """With no block buffer free, a download a reader waits for goes through the page
+    cache, where the reader finds it."""
     store, cache, fetcher, [(a, da), (b, db)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 2)
     assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
     assert trio.run(fetcher.read, b, len(db), 5, 50) == db[5:50]
@@ -502,3 +505,162 @@ def test_a_read_inside_a_held_block_is_answered_without_a_copy(tmp_path: Path) -
     tail = reader.read_held(7, 2 * mib + 4000, 4096)  # clipped at the end of the file
     assert tail is not None and tail == content[2 * mib + 4000 :]
     assert store.gets == 2
+
+
+# -- blocks already on the node, read whole into block buffers ------------------------------
+def _planted(tmp_path: Path, buffers: int, sizes: tuple[int, ...]) -> tuple[CountingStore, BlockCache, BlockFetcher,
+                                                                          list[tuple[bytes, bytes]]]:
+    """A fetcher with ``buffers`` block buffers over a cache where a warmup (another
+    fetcher) planted every block, around the page cache."""
+    store, cache, fetcher, blocks = _buffered_fetcher(tmp_path, buffers, sizes=sizes)
+    planter = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), cache, recent_blocks=0)
+    for bid, data in blocks:
+        assert trio.run(planter.warm, bid, len(data))
+    return store, cache, fetcher, blocks
+
+
+def test_a_block_on_the_node_is_read_whole_into_a_block_buffer(tmp_path: Path) -> None:
+    """Fetching ahead a block already in the cache reads its entry whole into a block
+    buffer, around the page cache; readers then copy from the buffer."""
+    store, cache, fetcher, [(bid, data)] = _planted(tmp_path, 2, ((3 << 20) + 5,))
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD)  # no download: not counted as work
+    assert bid in fetcher.blocks and not _in_page_cache(cache, bid, len(data))
+    cache.read_into = None  # type: ignore[assignment,method-assign]  # the reads must not touch the disk
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
+
+
+def test_a_restarted_mount_reads_sealed_entries_whole_into_block_buffers(tmp_path: Path) -> None:
+    store, _cache, _fetcher, [(bid, data)] = _planted(tmp_path, 2, ((1 << 20) + 3,))
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    assert fresh.load_index() == 1
+    fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), fresh, recent_blocks=0, block_buffers=2)
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH)
+    assert bid in fetcher.blocks and not _in_page_cache(fresh, bid, len(data))  # admitted, not paged in
+    assert fresh.metrics.cache_entry_checks.labels("seal")._value.get() == 1
+    assert fetcher.held_view(bid, 0, len(data)) == data and store.gets == 1
+
+
+def test_without_a_free_block_buffer_a_block_on_the_node_is_paged_in(tmp_path: Path) -> None:
+    store, cache, fetcher, [(a, da), (b, db)] = _planted(tmp_path, 1, ((1 << 20),) * 2)
+    trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
+    trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
+    assert a in fetcher.blocks and b not in fetcher.blocks  # a not read yet: its buffer stays
+    deadline = time.monotonic() + 10
+    while not _in_page_cache(cache, b, len(db)):  # POSIX_FADV_WILLNEED reads in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert trio.run(fetcher.read, b, len(db), 0, len(db)) == db and store.gets == 2
+
+
+def test_an_entry_that_shrank_is_dropped_and_fetched_again(tmp_path: Path) -> None:
+    store, cache, fetcher, [(bid, data)] = _planted(tmp_path, 2, (20_000,))
+    os.truncate(cache.dir_for(bid).path(bid), 10_000)
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH)
+    assert bid not in fetcher.blocks and not cache.is_verified(bid)
+    assert cache.metrics.cache_corrupt._value.get() == 1
+    assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 2
+
+
+def test_a_reader_waits_for_a_block_being_read_whole(tmp_path: Path) -> None:
+    """A demand read of a block being read into a block buffer waits for that read instead
+    of reading the disk a second time."""
+    _store, cache, fetcher, [(bid, data)] = _planted(tmp_path, 2, ((2 << 20),))
+    reads: list[str] = []
+    whole_read, part_read = cache.read_whole_into, cache.read_into
+
+    def slow_whole(*args):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        reads.append("whole")
+        return whole_read(*args)
+
+    def part(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append("part")
+        return part_read(*args, **kwargs)
+
+    cache.read_whole_into, cache.read_into = slow_whole, part  # type: ignore[method-assign]
+
+    async def main() -> bytearray:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.ensure, bid, len(data), Priority.READAHEAD)
+            await trio.sleep(0.05)
+            return await fetcher.read(bid, len(data), 4096, 8192)
+
+    assert trio.run(main) == data[4096:8192] and reads == ["whole"]
+
+
+@pytest.mark.parametrize("length", [1 << 20, (1 << 20) + 123, 100])
+def test_reading_an_entry_whole_around_the_page_cache(tmp_path: Path, length: int) -> None:
+    cache_dir = CacheDir(tmp_path / "cache")
+    data = os.urandom(length)
+    entry = cache_dir.create(block_id(data), direct=True, length=length)  # not in the page cache either
+    entry.write(data)
+    entry.publish()
+    out = aligned_buffer(length)
+    with memoryview(out) as view:
+        assert cache_dir.read_whole_into(block_id(data), length, view) == length
+        assert view[:length] == data
+        with pytest.raises(ValueError):  # too small for an aligned read of the whole entry
+            cache_dir.read_whole_into(block_id(data), length + 4096, view)
+    assert not _page_cached(cache_dir.path(block_id(data)))
+
+
+def test_reading_an_entry_whole_where_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_dir = CacheDir(tmp_path / "cache")
+    data = os.urandom(5000)
+    entry = cache_dir.create(block_id(data))
+    entry.write(data)
+    entry.publish()
+    real_open = os.open
+
+    def no_direct(path, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    out = aligned_buffer(len(data))
+    with memoryview(out) as view:
+        assert cache_dir.read_whole_into(block_id(data), len(data), view) == len(data) and view[:5000] == data
+    assert not cache_dir.direct  # remembered: later entries are written and read through the page cache
+
+
+def _page_cached(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path) -> None:
+    """However far prefetch and readahead run, a block already in the cache is read into a
+    block buffer only once the reader is within ``stage_ahead`` blocks of it (half the
+    buffers), so the buffers hold what is read next."""
+    mib = 1 << 20
+    store, _cache, fetcher, blocks = _planted(tmp_path, 4, (mib,) * 8)
+    assert fetcher.stage_ahead == 2
+    content = b"".join(data for _bid, data in blocks)
+    reader = FileReader(fetcher, ReadConfig(block_size=mib, prefetch_patterns=("*.bin",)), fetcher.metrics)
+
+    def held() -> set[int]:
+        return {i for i, (bid, _data) in enumerate(blocks) if bid in fetcher.blocks}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+            await trio.sleep(0.3)
+            assert held() == {0, 1}  # nothing read yet: the furthest read is "before block 0"
+            out = memoryview(bytearray(mib))
+            for index in range(4):
+                assert await reader.read_into(7, index * mib, out) == mib and out == blocks[index][1]
+            await trio.sleep(0.3)
+            assert {4, 5} <= held() and not held() & {6, 7}
+            reader.released(7)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert store.gets == len(blocks)  # the planter's downloads only

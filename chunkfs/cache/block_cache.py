@@ -195,12 +195,32 @@ class BlockCache:
         except BlockingIOError:
             raise
         except OSError as exc:
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
-            self.drop(bid)
+            return self._unreadable(bid, exc)
+        return self._read_back(bid, got == len(out))
+
+    def read_whole_into(self, bid: bytes, length: int, out: memoryview) -> bool:
+        """Fill ``out`` (page-aligned, at least ``length`` rounded up to a page) with the
+        whole verified entry, around the page cache where the filesystem allows it; False
+        (a miss) as ``read_into``."""
+        if bid not in self._verified:
             return False
-        if got != len(out):
-            log.warning("cache: block %s is shorter than it was; dropping it", bid.hex()[:16])
+        try:
+            got = self.dir_for(bid).read_whole_into(bid, length, out)
+        except OSError as exc:
+            return self._unreadable(bid, exc)
+        return self._read_back(bid, got == length)
+
+    def _unreadable(self, bid: bytes, exc: OSError) -> bool:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
+        self.drop(bid)
+        return False
+
+    def _read_back(self, bid: bytes, whole: bool) -> bool:
+        """After a read of a verified entry: drop it if it did not come back whole (its size
+        changed on disk), else mark it recently used."""
+        if not whole:
+            log.warning("cache: block %s changed size on disk; dropping it", bid.hex()[:16])
             self.metrics.cache_corrupt.inc()
             self.drop(bid)
             return False
@@ -209,15 +229,15 @@ class BlockCache:
                 self._index.move_to_end(bid)
         return True
 
-    def admit(self, bid: bytes, length: int) -> bool:
+    def admit(self, bid: bytes, length: int, *, page_in: bool = True) -> bool:
         """Admit an entry found on disk without reading it, if its seal shows it unchanged
-        since a chunkfs process put verified bytes there, and have the kernel page it in.
-        False (not an error) when there is no entry, no matching seal, or seals are not
-        trusted: then ``verify`` it."""
+        since a chunkfs process put verified bytes there, and (with ``page_in``) have the
+        kernel page it in. False (not an error) when there is no entry, no matching seal,
+        or seals are not trusted: then ``verify`` it."""
         if not self.trust_seals:
             return False
         try:
-            if not self.dir_for(bid).sealed(bid, length):
+            if not self.dir_for(bid).sealed(bid, length, page_in=page_in):
                 return False
         except OSError:
             return False

@@ -389,6 +389,37 @@ class CacheDir:
         finally:
             os.close(fd)
 
+    def read_whole_into(self, bid: bytes, length: int, out: memoryview) -> int:
+        """Read the entry from its start into ``out`` (page-aligned, at least ``length``
+        rounded up to ``DIRECT_ALIGN``), around the page cache (``O_DIRECT``) where the
+        filesystem allows it; the bytes read, up to that rounded length (fewer if the
+        entry is shorter)."""
+        want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
+        if len(out) < want:
+            raise ValueError(f"a {len(out)}-byte buffer cannot take {want} bytes")
+        fd = self._open_for_whole_read(bid)
+        try:
+            done = 0
+            while done < want:
+                got = os.preadv(fd, [out[done:want]], done)
+                done += got
+                if not got or done % DIRECT_ALIGN:
+                    break  # the end of the file (an O_DIRECT read cannot go on from an unaligned offset)
+            return done
+        finally:
+            os.close(fd)
+
+    def _open_for_whole_read(self, bid: bytes) -> int:
+        if self.direct:
+            try:
+                return os.open(self.path(bid), os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+                log.info("cache: %s refuses O_DIRECT; reading through the page cache", self.root)
+        return os.open(self.path(bid), os.O_RDONLY)
+
     def advise(self, bid: bytes, length: int) -> None:
         """POSIX_FADV_WILLNEED on the entry: the kernel reads it in the background."""
         fd = os.open(self.path(bid), os.O_RDONLY)
@@ -473,11 +504,11 @@ class CacheDir:
         finally:
             os.close(fd)
 
-    def sealed(self, bid: bytes, size: int) -> bool:
+    def sealed(self, bid: bytes, size: int, *, page_in: bool = True) -> bool:
         """True when the entry is one sealed in this boot and unchanged since: same inode,
         size and mtime, and the seal names this block. A sealed entry is then paged in with
-        ``POSIX_FADV_WILLNEED`` (its reader is coming). Raises ``OSError`` (such as
-        ``FileNotFoundError``) if the entry cannot be opened."""
+        ``POSIX_FADV_WILLNEED`` (its reader is coming) unless ``page_in`` is off. Raises
+        ``OSError`` (such as ``FileNotFoundError``) if the entry cannot be opened."""
         fd = os.open(self.path(bid), os.O_RDONLY)
         try:
             st = os.fstat(fd)
@@ -489,8 +520,9 @@ class CacheDir:
                 return False
             if seal != self._seal_value(bid, st):
                 return False
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+            if page_in:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
             return True
         finally:
             os.close(fd)

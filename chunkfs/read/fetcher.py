@@ -19,8 +19,15 @@ Invariants:
   - with a block buffer (``BlockBuffers``; a mount lends one to each download it can):
     into the buffer, from which the entry is written around the page cache (``O_DIRECT``)
     and from which its readers then copy;
-  - a warmup (``warm``, nobody reads here): straight to the entry, around the page cache;
-  - otherwise: through the page cache into the entry, where readers find it.
+  - a warmup (``warm``, nobody reads here), or a mount's readahead or prefetch that got no
+    block buffer: straight to the entry, around the page cache. A mount reads such a block
+    back whole into a block buffer, around the page cache too, when its reader comes near
+    (``page_in``, paced by ``FileReader``);
+  - otherwise (a reader waits for it): through the page cache into the entry, where the
+    reader finds it.
+
+  The page cache costs a copy into pages the kernel must allocate (on some virtual machines
+  the first touch of such memory costs more than the copy); block buffers are reused.
 
   The claim, the disk check, the download and the cache write of one block are one call in
   one worker thread, so the event loop makes no blocking call per block. Downloads hold one
@@ -195,12 +202,25 @@ class BlockFetcher:
         # an entry written around the page cache (``direct``) takes the pieces as they are
         self._buffers: list[memoryview] = []
         self.blocks = BlockBuffers(block_buffers)
+        self._staging: dict[bytes, trio.Event] = {}  # blocks being read whole from the cache into a block buffer
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
     def is_local(self, bid: bytes) -> bool:
         """Readable now without a download or a disk verification."""
         return self.cache.is_verified(bid) or bid in self.blocks or bid in self._recent
+
+    def on_node(self, bid: bytes) -> bool:
+        """In this node's cache as far as this process knows (verified or not): fetching
+        it ahead means reading the disk, not the store."""
+        return self.cache.is_verified(bid) or self.cache.indexed(bid)
+
+    @property
+    def stage_ahead(self) -> int | None:
+        """How many blocks ahead of its reader a block already on this node is worth
+        reading into a block buffer: as many as half the buffers hold (the other half
+        holds what readers are on, and downloads). None without block buffers."""
+        return max(1, self.blocks.capacity // 2) if self.blocks.capacity else None
 
     async def read(self, bid: bytes, length: int, start: int, end: int) -> bytearray:
         """Bytes [start, end) of block ``bid`` (plain length ``length``), in a new buffer."""
@@ -212,6 +232,8 @@ class BlockFetcher:
         """Fill ``out`` with block ``bid``'s bytes from ``start`` (a FUSE reply buffer)."""
         self.cache.pin(bid)
         try:
+            if (staging := self._staging.get(bid)) is not None:
+                await staging.wait()  # read whole into a block buffer just now: copy from there
             downloaded = in_memory = False
             for _ in range(3):
                 try:
@@ -264,16 +286,55 @@ class BlockFetcher:
     async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
         """Make the block readable locally (readahead, prefetch, warmup). True if this call
         downloaded the block or read and hashed its entry; False if the block was local
-        already, its entry's seal admitted it, or another caller was loading it."""
-        if self.cache.is_verified(bid):
-            # on this node already: have the kernel page it in before the reader gets there
-            await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
-            return False
+        already, its entry's seal admitted it, or another caller was loading it. A block
+        found on this node is brought into memory ahead of its reader (``page_in``)."""
         if bid in self.blocks or bid in self._recent:
             return False
+        if self.cache.is_verified(bid):
+            await self.page_in(bid, length)
+            return False
         someone_else = bid in self._inflight
-        _data, how = await self._obtain(bid, length, priority)
+        staging = bool(self.blocks.capacity)
+        _data, how = await self._obtain(bid, length, priority, page_in=not staging)
+        if how is How.ADMITTED and staging:
+            await self.page_in(bid, length)
         return not someone_else and how is not How.ADMITTED
+
+    async def page_in(self, bid: bytes, length: int) -> None:
+        """Bring a verified entry into memory before its reader gets there: whole into a
+        free block buffer, read around the page cache (readers then copy from the buffer,
+        and the entry costs no page-cache copy); else have the kernel page it in."""
+        if bid in self.blocks:
+            return
+        if self.blocks.capacity and await self._stage(bid, length):
+            return
+        await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
+
+    async def _stage(self, bid: bytes, length: int) -> bool:
+        """Read the verified entry whole into a block buffer and hold it there; False if no
+        buffer is free or the entry cannot be read (then it is no longer verified)."""
+        if (staging := self._staging.get(bid)) is not None:
+            await staging.wait()
+            return bid in self.blocks
+        buffer = self.blocks.take(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN)
+        if buffer is None:
+            return False
+        done = self._staging[bid] = trio.Event()
+        read = False
+        try:
+            read = await trio.to_thread.run_sync(self._read_whole_into, bid, length, buffer, limiter=self._disk)
+        finally:
+            del self._staging[bid]
+            if read:
+                self.blocks.hold(bid, buffer, length)
+            else:
+                self.blocks.give_back(buffer)
+            done.set()
+        return read
+
+    def _read_whole_into(self, bid: bytes, length: int, buffer: mmap.mmap) -> bool:
+        with memoryview(buffer) as view:
+            return self.cache.read_whole_into(bid, length, view)
 
     async def warm(self, bid: bytes, length: int) -> bool:
         """Put the block in the node cache (warmup, at prefetch priority); True if this call
@@ -284,12 +345,13 @@ class BlockFetcher:
         return how is How.DOWNLOADED
 
     async def _obtain(self, bid: bytes, length: int, priority: Priority, *, in_memory: bool = False,
-                      direct: bool = False) -> tuple[bytes | bytearray | None, How]:
+                      direct: bool = False, page_in: bool = True) -> tuple[bytes | bytearray | None, How]:
         """One load per block at a time: (the verified plain bytes if the load has them in
         memory, how it was loaded). Without bytes, read the block from the cache.
         ``in_memory``: download it into memory whatever the cache holds. ``direct``: nobody
         here will read the block soon (a warmup), so a download is written to the cache
-        around the page cache."""
+        around the page cache. ``page_in`` off: an entry admitted by its seal is not paged
+        in (the caller reads it whole itself)."""
         while (pending := self._inflight.get(bid)) is not None:
             if pending.ticket is not None:
                 PrioritySlots.raise_priority(pending.ticket, priority)
@@ -303,7 +365,7 @@ class BlockFetcher:
         try:
             found = False
             if self.cache.indexed(bid) and not in_memory:  # an entry this process knows of: admit or hash it
-                found, pending.data = await trio.to_thread.run_sync(self._check_entry, bid, length,
+                found, pending.data = await trio.to_thread.run_sync(self._check_entry, bid, length, page_in,
                                                                     limiter=self._disk)
                 pending.how = How.ADMITTED if pending.data is None else How.HASHED
             if not found:
@@ -319,9 +381,9 @@ class BlockFetcher:
             del self._inflight[bid]
             pending.done.set()
 
-    def _check_entry(self, bid: bytes, length: int) -> tuple[bool, bytes | None]:
+    def _check_entry(self, bid: bytes, length: int, page_in: bool = True) -> tuple[bool, bytes | None]:
         """(whether an intact entry is on disk, its bytes if checking it meant reading it)."""
-        if self.cache.admit(bid, length):  # it also pages the entry in, as a whole read would
+        if self.cache.admit(bid, length, page_in=page_in):  # paging the entry in, as a whole read would
             return True, None
         data = self.cache.verify(bid, length)
         return data is not None, data
@@ -343,9 +405,14 @@ class BlockFetcher:
             try:
                 if self.blocks.capacity and not (direct or in_memory):
                     block = self.blocks.take(length)
+                # Around the page cache unless a reader waits for the block and no block buffer
+                # holds it: a block fetched ahead is read into a block buffer when its reader
+                # comes near (``page_in``), with no copy through the page cache either way.
+                around = direct or block is not None or (
+                    bool(self.blocks.capacity) and pending.ticket.priority != Priority.DEMAND)
                 buffer = self._buffers.pop() if self._buffers else memoryview(aligned_buffer(PIECE))
                 loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
-                                                       in_memory, direct, limiter=self.store.limiter)
+                                                       in_memory, around, limiter=self.store.limiter)
             except _Busy:
                 if trio.current_time() > give_up:
                     log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
@@ -383,14 +450,13 @@ class BlockFetcher:
             await trio.sleep(delay)
 
     def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, block: mmap.mmap | None, claim: bool,
-                       in_memory: bool, direct: bool) -> _Loaded:
+                       in_memory: bool, around: bool) -> _Loaded:
         """One attempt, in a worker thread: under the block's node-wide download lock (unless
         ``claim`` is off), use an intact entry another process planted, or download the
-        block into a new cache entry, and into ``block`` if one is lent (then the entry is
-        written around the page cache, as with ``direct``, and readers copy from ``block``);
-        into memory if the cache declines it and there is no ``block`` (or with ``in_memory``,
-        at once). Raises ``_Busy`` if another process holds the lock, or the store's or the
-        decoder's error."""
+        block into a new cache entry (written around the page cache with ``around``), and
+        into ``block`` if one is lent (readers copy from there); into memory if the cache
+        declines it and there is no ``block`` (or with ``in_memory``, at once). Raises
+        ``_Busy`` if another process holds the lock, or the store's or the decoder's error."""
         if in_memory:
             return _Loaded(self._download(bid, length, buffer, None).memory, How.DOWNLOADED)
         token = self.cache.try_claim(bid) if claim else NO_LOCK
@@ -401,7 +467,7 @@ class BlockFetcher:
                 found, data = self._check_entry(bid, length)
                 if found:
                     return _Loaded(data, How.ADMITTED if data is None else How.HASHED)
-            entry = self.cache.open_entry(bid, length, direct=direct or block is not None)
+            entry = self.cache.open_entry(bid, length, direct=around)
             if entry is not None:
                 sink = self._download(bid, length, buffer, entry, block)
                 if not sink.spilled and self.cache.commit(entry):

@@ -9,6 +9,9 @@ file's background fetches.
 
 - Readahead: each demand read feeds the file's ``StreamDetector``; the blocks it returns are
   fetched in the background at ``READAHEAD`` priority.
+- Blocks already in the node cache are fetched ahead (read from disk) only when the furthest
+  read comes within ``BlockFetcher.stage_ahead`` blocks: into block buffers just in time,
+  however far the readahead window or the prefetch runs.
 - Prefetch: opening a file whose name matches ``prefetch_patterns`` starts ``prefetch_workers``
   tasks that fetch the whole file in order at ``PREFETCH`` priority, never more than
   ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
@@ -175,11 +178,20 @@ class FileReader:
         self._nursery.start_soon(guarded)
 
     async def _fetch_ahead(self, state: _OpenInode, index: int, priority: Priority) -> bool:
-        """Fetch one block ahead of readers; True if that took work."""
+        """Fetch one block ahead of readers; True if that took work. A block on this node
+        (already, or once downloaded without a block buffer) is read into a block buffer
+        when the furthest read comes within ``BlockFetcher.stage_ahead`` blocks of it:
+        shortly before its reader, rather than filling the buffers with blocks nobody
+        reads for a while."""
         bid = state.blocks[index]
         length = block_length(index, state.size, self.config.block_size)
+        await self._until_near(state, index, bid)
         try:
             did = await self.fetcher.ensure(bid, length, priority)
+            if self.fetcher.stage_ahead is not None and self.fetcher.cache.is_verified(bid) \
+                    and bid not in self.fetcher.blocks:
+                await self._until_near(state, index, bid)
+                await self.fetcher.page_in(bid, length)
         except BlockUnavailable as exc:
             log.debug("fetching block %d of %r ahead failed: %s", index, state.name, exc)
             state.ahead.pop(index, None)
@@ -191,6 +203,13 @@ class FileReader:
         else:
             self.metrics.readahead_blocks.inc()
         return did
+
+    async def _until_near(self, state: _OpenInode, index: int, bid: bytes) -> None:
+        """Wait while block ``index`` is on this node and further than ``stage_ahead``
+        blocks beyond the furthest read."""
+        ahead = self.fetcher.stage_ahead
+        while ahead is not None and index - state.furthest > ahead and self.fetcher.on_node(bid):
+            await state.progress.wait()
 
     async def _prefetch_worker(self, state: _OpenInode) -> None:
         bs = self.config.block_size
