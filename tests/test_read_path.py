@@ -529,13 +529,20 @@ def test_a_block_on_the_node_is_read_whole_into_a_block_buffer(tmp_path: Path) -
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
 
 
-def test_a_restarted_mount_reads_sealed_entries_whole_into_block_buffers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "index-not-loaded-yet"])
+def test_a_restarted_mount_reads_sealed_entries_whole_into_block_buffers(tmp_path: Path, indexed: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admitted by its seal (from the index, or found on disk by the download path before
+    the index is loaded), an entry is not paged in: it is read whole into a block buffer."""
     store, _cache, _fetcher, [(bid, data)] = _planted(tmp_path, 2, ((1 << 20) + 3,))
     fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
-    assert fresh.load_index() == 1
+    if indexed:
+        assert fresh.load_index() == 1
+    advised: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(advice))
     fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), fresh, recent_blocks=0, block_buffers=2)
     assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH)
-    assert bid in fetcher.blocks and not _in_page_cache(fresh, bid, len(data))  # admitted, not paged in
+    assert bid in fetcher.blocks and advised == []  # admitted, read whole, never paged in
     assert fresh.metrics.cache_entry_checks.labels("seal")._value.get() == 1
     assert fetcher.held_view(bid, 0, len(data)) == data and store.gets == 1
 

@@ -369,7 +369,8 @@ class BlockFetcher:
                                                                     limiter=self._disk)
                 pending.how = How.ADMITTED if pending.data is None else How.HASHED
             if not found:
-                pending.data, pending.how = await self._load(bid, length, priority, pending, in_memory, direct)
+                pending.data, pending.how = await self._load(bid, length, priority, pending, in_memory, direct,
+                                                             page_in)
             return pending.data, pending.how
         except trio.Cancelled:
             pending.cancelled = True
@@ -389,7 +390,7 @@ class BlockFetcher:
         return data is not None, data
 
     async def _load(self, bid: bytes, length: int, priority: Priority, pending: _Pending,
-                    in_memory: bool, direct: bool) -> tuple[bytes | bytearray | None, How]:
+                    in_memory: bool, direct: bool, page_in: bool) -> tuple[bytes | bytearray | None, How]:
         """Load a block from the disk entry another process just planted, or download it,
         in a download slot. Retries temporary failures; while another process holds the
         block's download lock, tries again every 20 ms (holding a slot only for each try),
@@ -412,7 +413,7 @@ class BlockFetcher:
                     bool(self.blocks.capacity) and pending.ticket.priority != Priority.DEMAND)
                 buffer = self._buffers.pop() if self._buffers else memoryview(aligned_buffer(PIECE))
                 loaded = await trio.to_thread.run_sync(self._load_blocking, bid, length, buffer, block, claim,
-                                                       in_memory, around, limiter=self.store.limiter)
+                                                       in_memory, around, page_in, limiter=self.store.limiter)
             except _Busy:
                 if trio.current_time() > give_up:
                     log.warning("block %s: another process has been downloading it for %.0f s; fetching it too",
@@ -450,7 +451,7 @@ class BlockFetcher:
             await trio.sleep(delay)
 
     def _load_blocking(self, bid: bytes, length: int, buffer: memoryview, block: mmap.mmap | None, claim: bool,
-                       in_memory: bool, around: bool) -> _Loaded:
+                       in_memory: bool, around: bool, page_in: bool = True) -> _Loaded:
         """One attempt, in a worker thread: under the block's node-wide download lock (unless
         ``claim`` is off), use an intact entry another process planted, or download the
         block into a new cache entry (written around the page cache with ``around``), and
@@ -464,7 +465,7 @@ class BlockFetcher:
             raise _Busy
         try:
             if self.cache.contains(bid):  # planted by another process, perhaps just now
-                found, data = self._check_entry(bid, length)
+                found, data = self._check_entry(bid, length, page_in)
                 if found:
                     return _Loaded(data, How.ADMITTED if data is None else How.HASHED)
             entry = self.cache.open_entry(bid, length, direct=around)
