@@ -671,3 +671,29 @@ def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path)
 
     trio.run(main)
     assert store.gets == len(blocks)  # the planter's downloads only
+
+
+def test_prefetch_goes_past_blocks_on_the_node_to_download_the_rest(tmp_path: Path) -> None:
+    """A model partly in the cache (an interrupted warmup): the prefetch leaves the cached
+    blocks to be read in when the reader comes near, and downloads the rest at once."""
+    mib = 1 << 20
+    store, cache, fetcher, blocks = _planted(tmp_path, 4, (mib,) * 8)
+    codec = BlockCodec("none")
+    blocks += [(put_block(store, codec, data), data) for data in (os.urandom(mib) for _ in range(4))]
+    content = b"".join(data for _bid, data in blocks)
+    config = ReadConfig(block_size=mib, prefetch_patterns=("*.bin",), prefetch_workers=2)
+    reader = FileReader(fetcher, config, fetcher.metrics)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+            deadline = trio.current_time() + 10
+            while not all(cache.is_verified(bid) for bid, _data in blocks[8:]):
+                assert trio.current_time() < deadline, f"{store.gets - 8} of the 4 missing blocks downloaded"
+                await trio.sleep(0.02)
+            reader.released(7)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert store.gets == 8 + 4

@@ -11,7 +11,8 @@ file's background fetches.
   fetched in the background at ``READAHEAD`` priority.
 - Blocks already in the node cache are fetched ahead (read from disk) only when the furthest
   read comes within ``BlockFetcher.stage_ahead`` blocks: into block buffers just in time,
-  however far the readahead window or the prefetch runs.
+  however far the readahead window runs. The prefetch skips such blocks beyond that
+  distance (the readahead reads them in) and goes on downloading the ones not on the node.
 - Prefetch: opening a file whose name matches ``prefetch_patterns`` starts ``prefetch_workers``
   tasks that fetch the whole file in order at ``PREFETCH`` priority, never more than
   ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
@@ -221,6 +222,9 @@ class FileReader:
                 await state.progress.wait()
             if index in state.ahead:
                 continue
+            ahead = self.fetcher.stage_ahead
+            if ahead is not None and index - state.furthest > ahead and self.fetcher.on_node(state.blocks[index]):
+                continue  # on this node: read in by the readahead when the reader comes near, not waited for here
             if not self.fetcher.is_local(state.blocks[index]):
                 state.ahead[index] = "prefetch"
             await self._fetch_ahead(state, index, Priority.PREFETCH)
