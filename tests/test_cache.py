@@ -401,3 +401,34 @@ def test_a_direct_entry_has_its_disk_space_reserved_up_front(tmp_path: Path) -> 
     assert st.st_size == 0 and st.st_blocks * 512 >= len(data)
     entry.write(_aligned(data))
     assert cache.commit(entry) and os.path.getsize(cache.dirs[0].path(block_id(data))) == len(data)
+
+
+def _thp_eligible(address: int) -> bool:
+    """The ``THPeligible`` flag of the mapping that starts at ``address`` (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        span = line.split(" ", 1)[0]  # "start-end" on a mapping's first line, "Key:" on the others
+        if "-" in span and int(span.split("-", 1)[0], 16) == address:
+            for detail in lines[i + 1 :]:
+                if detail.startswith("THPeligible:"):
+                    return detail.split()[1] == "1"
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not _THP_MODE.exists() or "[never]" in _THP_MODE.read_text(),
+                    reason="transparent huge pages are off on this kernel")
+def test_block_sized_buffers_ask_for_huge_pages() -> None:
+    import ctypes
+
+    from chunkfs.cache.disk import HUGE_PAGE, aligned_buffer
+
+    big, small = aligned_buffer(8 << 20), aligned_buffer(HUGE_PAGE // 2)
+    try:
+        addresses = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in (big, small)]
+        assert _thp_eligible(addresses[0]) and not _thp_eligible(addresses[1])
+    finally:
+        big.close()
+        small.close()
