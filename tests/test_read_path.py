@@ -445,7 +445,8 @@ def test_a_download_never_pushes_out_a_block_not_yet_read(tmp_path: Path) -> Non
     assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
     assert trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
     assert a in fetcher.blocks and b not in fetcher.blocks  # b went straight to its entry instead
-    assert cache.is_verified(b) and Path(cache.dir_for(b).path(b)).read_bytes() == db
+    assert cache.is_verified(b) and not _in_page_cache(cache, b, len(db))  # around the page cache
+    assert Path(cache.dir_for(b).path(b)).read_bytes() == db
     assert not _in_page_cache(cache, a, len(da))
     assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da  # a read whole: its buffer is free to reuse
     assert trio.run(fetcher.ensure, c, len(dc), Priority.READAHEAD)
@@ -675,11 +676,12 @@ def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path)
 
 def test_prefetch_goes_past_blocks_on_the_node_to_download_the_rest(tmp_path: Path) -> None:
     """A model partly in the cache (an interrupted warmup): the prefetch leaves the cached
-    blocks to be read in when the reader comes near, and downloads the rest at once."""
+    blocks to be read in when the reader comes near, and downloads the rest at once, more
+    blocks than there are block buffers and prefetch workers."""
     mib = 1 << 20
     store, cache, fetcher, blocks = _planted(tmp_path, 4, (mib,) * 8)
     codec = BlockCodec("none")
-    blocks += [(put_block(store, codec, data), data) for data in (os.urandom(mib) for _ in range(4))]
+    blocks += [(put_block(store, codec, data), data) for data in (os.urandom(mib) for _ in range(8))]
     content = b"".join(data for _bid, data in blocks)
     config = ReadConfig(block_size=mib, prefetch_patterns=("*.bin",), prefetch_workers=2)
     reader = FileReader(fetcher, config, fetcher.metrics)
@@ -690,10 +692,47 @@ def test_prefetch_goes_past_blocks_on_the_node_to_download_the_rest(tmp_path: Pa
             reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
             deadline = trio.current_time() + 10
             while not all(cache.is_verified(bid) for bid, _data in blocks[8:]):
-                assert trio.current_time() < deadline, f"{store.gets - 8} of the 4 missing blocks downloaded"
+                assert trio.current_time() < deadline, f"{store.gets - 8} of the 8 missing blocks downloaded"
                 await trio.sleep(0.02)
             reader.released(7)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert store.gets == 8 + 4
+    assert store.gets == 8 + 8
+
+
+def test_an_entry_hashed_ahead_of_its_reader_is_kept_in_a_block_buffer(tmp_path: Path) -> None:
+    """Without trusted seals, an entry from elsewhere is read whole and hashed; those bytes
+    are kept in a block buffer rather than read from the disk a second time."""
+    store, _cache, _fetcher, [(bid, data)] = _planted(tmp_path, 2, ((1 << 20) + 7,))
+    fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0, trust_seals=False)
+    assert fresh.load_index() == 1
+    fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), fresh, recent_blocks=0, block_buffers=2)
+    fresh.read_whole_into = None  # type: ignore[assignment,method-assign]  # a second read would fail
+    assert trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD)  # hashed: counted as work
+    assert fresh.metrics.cache_entry_checks.labels("hash")._value.get() == 1
+    assert fetcher.held_view(bid, 0, len(data)) == data and store.gets == 1
+
+
+def test_reading_an_entry_whole_where_o_direct_reads_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some filesystems take an O_DIRECT open and refuse the read: the entry is read
+    through the page cache, and kept."""
+    import fcntl
+
+    cache_dir = CacheDir(tmp_path / "cache")
+    data = os.urandom(9000)
+    entry = cache_dir.create(block_id(data))
+    entry.write(data)
+    entry.publish()
+    real_preadv = os.preadv
+
+    def no_direct(fd, buffers, offset, *args):  # type: ignore[no-untyped-def]
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", no_direct)
+    out = aligned_buffer(len(data))
+    with memoryview(out) as view:
+        assert cache_dir.read_whole_into(block_id(data), len(data), view) == len(data) and view[:9000] == data
+    assert not cache_dir.direct and cache_dir.exists(block_id(data))

@@ -410,28 +410,29 @@ class CacheDir:
         want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
         if len(out) < want:
             raise ValueError(f"a {len(out)}-byte buffer cannot take {want} bytes")
-        fd = self._open_for_whole_read(bid)
+        direct = self.direct
+        while True:
+            try:
+                return self._read_whole(bid, out[:want], direct)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+            # the filesystem refused O_DIRECT (when opening, or at the first read): use the page cache
+            direct = self.direct = False
+            log.info("cache: %s refuses O_DIRECT reads; reading through the page cache", self.root)
+
+    def _read_whole(self, bid: bytes, out: memoryview, direct: bool) -> int:
+        fd = os.open(self.path(bid), os.O_RDONLY | (os.O_DIRECT if direct else 0))
         try:
             done = 0
-            while done < want:
-                got = os.preadv(fd, [out[done:want]], done)
+            while done < len(out):
+                got = os.preadv(fd, [out[done:]], done)
                 done += got
                 if not got or done % DIRECT_ALIGN:
                     break  # the end of the file (an O_DIRECT read cannot go on from an unaligned offset)
             return done
         finally:
             os.close(fd)
-
-    def _open_for_whole_read(self, bid: bytes) -> int:
-        if self.direct:
-            try:
-                return os.open(self.path(bid), os.O_RDONLY | os.O_DIRECT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-                log.info("cache: %s refuses O_DIRECT; reading through the page cache", self.root)
-        return os.open(self.path(bid), os.O_RDONLY)
 
     def advise(self, bid: bytes, length: int) -> None:
         """POSIX_FADV_WILLNEED on the entry: the kernel reads it in the background."""

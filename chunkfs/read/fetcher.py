@@ -283,21 +283,25 @@ class BlockFetcher:
         out[:] = memoryview(recent)[start : start + len(out)]
         return True
 
-    async def ensure(self, bid: bytes, length: int, priority: Priority) -> bool:
+    async def ensure(self, bid: bytes, length: int, priority: Priority, *, page_in: bool = True) -> bool:
         """Make the block readable locally (readahead, prefetch, warmup). True if this call
         downloaded the block or read and hashed its entry; False if the block was local
         already, its entry's seal admitted it, or another caller was loading it. A block
-        found on this node is brought into memory ahead of its reader (``page_in``)."""
+        found on this node is brought into memory ahead of its reader (``page_in``), unless
+        ``page_in`` is off (its reader is far away yet: it is only admitted)."""
         if bid in self.blocks or bid in self._recent:
             return False
         if self.cache.is_verified(bid):
-            await self.page_in(bid, length)
+            if page_in:
+                await self.page_in(bid, length)
             return False
         someone_else = bid in self._inflight
         staging = bool(self.blocks.capacity)
-        _data, how = await self._obtain(bid, length, priority, page_in=not staging)
-        if how is How.ADMITTED and staging:
+        data, how = await self._obtain(bid, length, priority, page_in=page_in and not staging)
+        if how is How.ADMITTED and staging and page_in:
             await self.page_in(bid, length)
+        elif how is How.HASHED and data is not None and staging and page_in:
+            await self._stage(bid, length, data)  # read whole to be hashed: keep it rather than read it again
         return not someone_else and how is not How.ADMITTED
 
     async def page_in(self, bid: bytes, length: int) -> None:
@@ -310,19 +314,33 @@ class BlockFetcher:
             return
         await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
 
-    async def _stage(self, bid: bytes, length: int) -> bool:
-        """Read the verified entry whole into a block buffer and hold it there; False if no
-        buffer is free or the entry cannot be read (then it is no longer verified)."""
+    def _take_buffer(self, length: int) -> mmap.mmap | None:
+        """A block buffer for ``length`` bytes read around the page cache (rounded up to
+        ``DIRECT_ALIGN``), or None if none is free or memory for one cannot be had."""
+        try:
+            return self.blocks.take(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN)
+        except OSError as exc:
+            log.warning("no memory for a block buffer (%s); reading through the page cache", exc.strerror)
+            return None
+
+    async def _stage(self, bid: bytes, length: int, data: bytes | bytearray | None = None) -> bool:
+        """Read the verified entry whole into a block buffer (or copy its verified bytes
+        ``data`` there) and hold it; False if no buffer is free or the entry cannot be read
+        (then it is no longer verified)."""
         if (staging := self._staging.get(bid)) is not None:
             await staging.wait()
             return bid in self.blocks
-        buffer = self.blocks.take(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN)
+        buffer = self._take_buffer(length)
         if buffer is None:
             return False
         done = self._staging[bid] = trio.Event()
         read = False
         try:
-            read = await trio.to_thread.run_sync(self._read_whole_into, bid, length, buffer, limiter=self._disk)
+            if data is None:
+                read = await trio.to_thread.run_sync(self._read_whole_into, bid, length, buffer, limiter=self._disk)
+            else:
+                await trio.to_thread.run_sync(_copy_into, buffer, data, limiter=self._disk)
+                read = True
         finally:
             del self._staging[bid]
             if read:
@@ -498,3 +516,8 @@ class BlockFetcher:
             finally:
                 sink.block = None
         return sink
+
+
+def _copy_into(buffer: mmap.mmap, data: bytes | bytearray) -> None:
+    with memoryview(buffer) as view:
+        view[: len(data)] = data

@@ -11,8 +11,10 @@ file's background fetches.
   fetched in the background at ``READAHEAD`` priority.
 - Blocks already in the node cache are fetched ahead (read from disk) only when the furthest
   read comes within ``BlockFetcher.stage_ahead`` blocks: into block buffers just in time,
-  however far the readahead window runs. The prefetch skips such blocks beyond that
-  distance (the readahead reads them in) and goes on downloading the ones not on the node.
+  however far the readahead window runs. The prefetch never waits for that: it skips
+  such blocks beyond that distance (the readahead reads them in; an entry that needs
+  hashing, after a reboot, is hashed then too) and goes on downloading the ones not on
+  the node.
 - Prefetch: opening a file whose name matches ``prefetch_patterns`` starts ``prefetch_workers``
   tasks that fetch the whole file in order at ``PREFETCH`` priority, never more than
   ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
@@ -183,13 +185,17 @@ class FileReader:
         (already, or once downloaded without a block buffer) is read into a block buffer
         when the furthest read comes within ``BlockFetcher.stage_ahead`` blocks of it:
         shortly before its reader, rather than filling the buffers with blocks nobody
-        reads for a while."""
+        reads for a while. The readahead waits for that moment; the prefetch never waits
+        (it has the rest of the file to download): it leaves such blocks to the
+        readahead."""
         bid = state.blocks[index]
         length = block_length(index, state.size, self.config.block_size)
-        await self._until_near(state, index, bid)
+        waits = priority != Priority.PREFETCH
         try:
-            did = await self.fetcher.ensure(bid, length, priority)
-            if self.fetcher.stage_ahead is not None and self.fetcher.cache.is_verified(bid) \
+            if waits:
+                await self._until_near(state, index, bid)
+            did = await self.fetcher.ensure(bid, length, priority, page_in=self._near(state, index))
+            if waits and self.fetcher.stage_ahead is not None and self.fetcher.cache.is_verified(bid) \
                     and bid not in self.fetcher.blocks:
                 await self._until_near(state, index, bid)
                 await self.fetcher.page_in(bid, length)
@@ -205,11 +211,15 @@ class FileReader:
             self.metrics.readahead_blocks.inc()
         return did
 
-    async def _until_near(self, state: _OpenInode, index: int, bid: bytes) -> None:
-        """Wait while block ``index`` is on this node and further than ``stage_ahead``
-        blocks beyond the furthest read."""
+    def _near(self, state: _OpenInode, index: int) -> bool:
+        """Block ``index`` is within ``stage_ahead`` blocks of the furthest read (always,
+        without block buffers)."""
         ahead = self.fetcher.stage_ahead
-        while ahead is not None and index - state.furthest > ahead and self.fetcher.on_node(bid):
+        return ahead is None or index - state.furthest <= ahead
+
+    async def _until_near(self, state: _OpenInode, index: int, bid: bytes) -> None:
+        """Wait while block ``index`` is on this node and not ``_near``."""
+        while not self._near(state, index) and self.fetcher.on_node(bid):
             await state.progress.wait()
 
     async def _prefetch_worker(self, state: _OpenInode) -> None:
@@ -222,9 +232,8 @@ class FileReader:
                 await state.progress.wait()
             if index in state.ahead:
                 continue
-            ahead = self.fetcher.stage_ahead
-            if ahead is not None and index - state.furthest > ahead and self.fetcher.on_node(state.blocks[index]):
-                continue  # on this node: read in by the readahead when the reader comes near, not waited for here
+            if not self._near(state, index) and self.fetcher.on_node(state.blocks[index]):
+                continue  # on this node: the readahead reads it in when the reader comes near
             if not self.fetcher.is_local(state.blocks[index]):
                 state.ahead[index] = "prefetch"
             await self._fetch_ahead(state, index, Priority.PREFETCH)
