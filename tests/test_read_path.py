@@ -279,7 +279,7 @@ def download_order(tmp_path: Path, count: int, queued: int, wanted: int) -> list
     blocks = _blocks(store, count)
     cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
     fetcher = BlockFetcher(AsyncStore(store, 1), BlockCodec("lz4"), cache, downloads=1)
-    store.delay = 0.05
+    store.delay = 0.2  # the first download is still running when the demand read comes, even on a busy machine
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -596,13 +596,19 @@ def test_a_reader_waits_for_a_block_being_read_whole(tmp_path: Path) -> None:
     assert trio.run(main) == data[4096:8192] and reads == ["whole"]
 
 
-@pytest.mark.parametrize("length", [1 << 20, (1 << 20) + 123, 100])
-def test_reading_an_entry_whole_around_the_page_cache(tmp_path: Path, length: int) -> None:
+def _entry_on_disk(tmp_path: Path, data: bytes, *, direct: bool = False) -> CacheDir:
+    """A cache directory holding one published entry with ``data``."""
     cache_dir = CacheDir(tmp_path / "cache")
-    data = os.urandom(length)
-    entry = cache_dir.create(block_id(data), direct=True, length=length)  # not in the page cache either
+    entry = cache_dir.create(block_id(data), direct=direct, length=len(data))
     entry.write(data)
     entry.publish()
+    return cache_dir
+
+
+@pytest.mark.parametrize("length", [1 << 20, (1 << 20) + 123, 100])
+def test_reading_an_entry_whole_around_the_page_cache(tmp_path: Path, length: int) -> None:
+    data = os.urandom(length)
+    cache_dir = _entry_on_disk(tmp_path, data, direct=True)  # not in the page cache either
     out = aligned_buffer(length)
     with memoryview(out) as view:
         assert cache_dir.read_whole_into(block_id(data), length, view) == length
@@ -613,11 +619,8 @@ def test_reading_an_entry_whole_around_the_page_cache(tmp_path: Path, length: in
 
 
 def test_reading_an_entry_whole_where_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache_dir = CacheDir(tmp_path / "cache")
     data = os.urandom(5000)
-    entry = cache_dir.create(block_id(data))
-    entry.write(data)
-    entry.publish()
+    cache_dir = _entry_on_disk(tmp_path, data)
     real_open = os.open
 
     def no_direct(path, flags, *args):  # type: ignore[no-untyped-def]
@@ -719,11 +722,8 @@ def test_reading_an_entry_whole_where_o_direct_reads_fail(tmp_path: Path, monkey
     through the page cache, and kept."""
     import fcntl
 
-    cache_dir = CacheDir(tmp_path / "cache")
     data = os.urandom(9000)
-    entry = cache_dir.create(block_id(data))
-    entry.write(data)
-    entry.publish()
+    cache_dir = _entry_on_disk(tmp_path, data)
     real_preadv = os.preadv
 
     def no_direct(fd, buffers, offset, *args):  # type: ignore[no-untyped-def]
