@@ -146,6 +146,8 @@ def test_opening_a_model_file_prefetches_all_of_it(model_volume: VolumeFixture, 
         with open(m.path / "m" / "model.safetensors", "rb") as f:
             f.read(10)
             wait_for(lambda: scrape(port).get("chunkfs_prefetch_blocks_total", 0) >= MODEL_BLOCKS - 1)
+        # the kernel sends the release after close() returns: wait until the daemon has counted it
+        wait_for(lambda: scrape(port).get("chunkfs_prefetch_wasted_blocks_total", 0) > 0)
         metrics = scrape(port)
         assert gets(metrics) - before == MODEL_BLOCKS  # each block once: prefetch and reader shared
         # the reader took the first two blocks (the kernel's 128 KiB readahead), then closed
