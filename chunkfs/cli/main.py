@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", default=None, help="log file of a background mount")
     p.add_argument("--max-downloads", type=_positive_int, default=32, help="concurrent block downloads (default 32)")
     p.add_argument("--buffer-size", type=_size, default=128 << 20,
-                   help="memory for blocks being downloaded; limits --max-downloads. Blocks just downloaded "
-                        "stay in memory for their readers, in up to half as much again, and at least one block "
-                        "(default 128M)")
+                   help="memory for blocks being downloaded; limits --max-downloads. Blocks just downloaded, "
+                        "or read in from the node cache ahead of a reader, stay in memory for their readers, in "
+                        "up to half as much again, and at least one block (default 128M)")
     p.add_argument("--max-readahead", type=_size, default=512 << 20,
                    help="how far a sequential reader is read ahead, at most (default 512M)")
     p.add_argument("--prefetch", default=",".join(DEFAULT_PREFETCH_PATTERNS), metavar="PATTERNS",
