@@ -203,6 +203,10 @@ class BlockFetcher:
         self._buffers: list[memoryview] = []
         self.blocks = BlockBuffers(block_buffers)
         self._staging: dict[bytes, trio.Event] = {}  # blocks being read whole from the cache into a block buffer
+        # how many blocks ahead of its reader a block already on this node is worth reading
+        # into a block buffer: as many as half the buffers hold (the other half holds what
+        # readers are on, and downloads); None without block buffers
+        self.stage_ahead = max(1, block_buffers // 2) if block_buffers else None
         self.downloads = 0  # blocks fetched from the store (for tests and stats)
         self.cache_declined = False  # the last block downloaded could not be stored on disk
 
@@ -214,13 +218,6 @@ class BlockFetcher:
         """In this node's cache as far as this process knows (verified or not): fetching
         it ahead means reading the disk, not the store."""
         return self.cache.is_verified(bid) or self.cache.indexed(bid)
-
-    @property
-    def stage_ahead(self) -> int | None:
-        """How many blocks ahead of its reader a block already on this node is worth
-        reading into a block buffer: as many as half the buffers hold (the other half
-        holds what readers are on, and downloads). None without block buffers."""
-        return max(1, self.blocks.capacity // 2) if self.blocks.capacity else None
 
     async def read(self, bid: bytes, length: int, start: int, end: int) -> bytearray:
         """Bytes [start, end) of block ``bid`` (plain length ``length``), in a new buffer."""
@@ -315,10 +312,10 @@ class BlockFetcher:
         await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
 
     def _take_buffer(self, length: int) -> mmap.mmap | None:
-        """A block buffer for ``length`` bytes read around the page cache (rounded up to
-        ``DIRECT_ALIGN``), or None if none is free or memory for one cannot be had."""
+        """A block buffer for ``length`` bytes (whole pages: an aligned read fits), or None
+        if none is free or memory for one cannot be had."""
         try:
-            return self.blocks.take(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN)
+            return self.blocks.take(length)
         except OSError as exc:
             log.warning("no memory for a block buffer (%s); reading through the page cache", exc.strerror)
             return None
