@@ -24,9 +24,12 @@ times, measures in this order:
   ck_warm              a fresh chunkfs mount over the cache the cold run left (a restarted daemon:
                        each block is read back and verified once)
   ck_hot               the same mount as ck_warm, loaded again without dropping the page cache
+  ck_cold_mmap1        one process mmap-reading every row of every tensor of every shard (safe_open +
+                       get_slice, the loader of ck_cold_mmap4 with a world of one), empty cache
   ck_cold_mmap4        4 processes at once, each mmap-reading its quarter of the rows of every tensor of
-                       every shard (safe_open + get_slice, as tensor-parallel loaders do), empty cache;
-                       the time is from the first rank's start to the last rank's end
+                       every shard (as tensor-parallel loaders do), empty cache; the time is from the
+                       first rank's start to the last rank's end. The issue's "same throughput as one
+                       reader" target compares it with ck_cold_mmap1, the same loader in one process
   jfs_write            `cp -r MODEL MNT/model` into a fresh JuiceFS volume (default mount flags); cp's wall time
                        (each close waits for the file's upload)
   ck_write             the same into a fresh chunkfs volume through a read-write mount (each close publishes)
@@ -80,9 +83,9 @@ RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
-         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "jfs_write", "ck_write",
+         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write", "ck_write",
          "jfs_warmup", "ck_warmup"]
-COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap4"}
+COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
@@ -551,26 +554,29 @@ class Bench:
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
 
-    def ck_cold_mmap(self, cache: Path) -> Sample:
+    def ck_cold_mmap(self, cache: Path, ranks_wanted: int) -> Sample:
+        """RANK_LOADER in ``ranks_wanted`` processes started together over one fresh mount and empty cache."""
+        name = f"ck_cold_mmap{ranks_wanted}"
         reset_dir(cache)
         mnt = self.work / "mnt"
         proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
         drop_caches()
-        ranks = [subprocess.Popen([sys.executable, "-c", RANK_LOADER, str(mnt / "model"), str(rank), str(RANKS)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+        ranks = [subprocess.Popen([sys.executable, "-c", RANK_LOADER, str(mnt / "model"), str(rank),
+                                   str(ranks_wanted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank in range(ranks_wanted)]
         results = []
         for rank in ranks:
             out, err = rank.communicate(timeout=LOAD_TIMEOUT)
             if rank.returncode != 0:
-                raise BenchError(f"ck_cold_mmap4: a rank exited {rank.returncode}: {err.strip().splitlines()[-1:]}")
+                raise BenchError(f"{name}: a rank exited {rank.returncode}: {err.strip().splitlines()[-1:]}")
             results.append(json.loads(out.strip().splitlines()[-1]))
         rss, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         payload = sum(r["tensor_bytes"] for r in results)
         if payload != self.tensor_bytes:
-            raise BenchError(f"ck_cold_mmap4: the ranks read {payload} bytes of tensors, expected {self.tensor_bytes}")
+            raise BenchError(f"{name}: the ranks read {payload} bytes of tensors, expected {self.tensor_bytes}")
         seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
-        return Sample(seconds, rss_mib=rss, extra={"ranks": RANKS})
+        return Sample(seconds, rss_mib=rss, extra={"ranks": ranks_wanted})
 
     def jfs_write(self, run_index: int) -> Sample:
         meta = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}"
@@ -679,8 +685,9 @@ class Bench:
             warm, hot = self.ck_warm_hot(ck_cache)
             self.record("ck_warm", warm, i)
             self.record("ck_hot", hot, i)
-        if self.wants("ck_cold_mmap4"):
-            self.record("ck_cold_mmap4", self.ck_cold_mmap(ck_cache), i)
+        for ranks in (1, RANKS):
+            if self.wants(f"ck_cold_mmap{ranks}"):
+                self.record(f"ck_cold_mmap{ranks}", self.ck_cold_mmap(ck_cache, ranks), i)
         if self.wants("jfs_write"):
             self.record("jfs_write", self.jfs_write(i), i)
         if self.wants("ck_write"):
@@ -697,7 +704,7 @@ class Bench:
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
-        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap4"):
+        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap1", "ck_cold_mmap4"):
             self.setup_chunkfs()
         loader = import_load_model()
         for i in range(self.args.runs):
@@ -736,7 +743,7 @@ class Bench:
             row["vs_jfs_cold_tuned"] = ratio(name, "jfs_cold_tuned") if name in COLD else None
             row["vs_local_disk"] = ratio(name, "local_disk") if name in WARM else None
 
-        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap4", "ck_write")
+        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "ck_write")
         ck_rss = [s.rss_mib for n in ck_names for s in self.samples.get(n, [])
                   if s.rss_mib is not None]
         targets = [
@@ -747,8 +754,8 @@ class Bench:
              "limit": 1.15, "unit": "x"},
             {"target": "ck_warm <= 1.15 x local_disk", "value": ratio("ck_warm", "local_disk"), "limit": 1.15,
              "unit": "x"},
-            {"target": "ck_cold_mmap4 (4 mmap readers) as fast as ck_cold (one reader): time <= 1.1 x",
-             "value": ratio("ck_cold_mmap4", "ck_cold"), "limit": 1.1, "unit": "x"},
+            {"target": "ck_cold_mmap4 (4 mmap readers) as fast as ck_cold_mmap1 (one mmap reader): time <= 1.1 x",
+             "value": ratio("ck_cold_mmap4", "ck_cold_mmap1"), "limit": 1.1, "unit": "x"},
             {"target": "ck_write throughput >= 0.8 x jfs_write (time <= 1.25 x)",
              "value": ratio("ck_write", "jfs_write"), "limit": 1.25, "unit": "x"},
             {"target": "ck_warmup throughput >= 0.9 x raw_get (time <= 1.11 x)",
