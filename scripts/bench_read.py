@@ -12,6 +12,8 @@ start_rclone), formats and fills a JuiceFS and a chunkfs volume in it, and then,
 times, measures in this order:
 
   raw_get              all shards fetched with 16 parallel 8 MiB ranged GETs (boto3), data discarded
+  raw_get_sha256       the same, each 8 MiB range also hashed with SHA-256 as it arrives: the least a
+                       client that verifies what it downloads (chunkfs checks every block's hash) pays
   local_disk           the model loaded from the local disk
   boto3_download_load  boto3 download_file of each shard into an empty directory, then loaded (wall)
   jfs_cold_default     JuiceFS mount with an empty cache, default flags
@@ -49,6 +51,7 @@ writes every timing to --json (default WORK/bench.json). Needs root (drop_caches
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -82,9 +85,9 @@ REGION = "us-east-1"
 RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
-NAMES = ["raw_get", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned", "jfs_warm",
-         "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write", "ck_write",
-         "jfs_warmup", "ck_warmup"]
+NAMES = ["raw_get", "raw_get_sha256", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned",
+         "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write",
+         "ck_write", "jfs_warmup", "ck_warmup"]
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
@@ -465,7 +468,9 @@ class Bench:
             raise BenchError(f"{what}: {len(result['differing'])} tensors differ from the source")
         return Sample(float(result["seconds"]))
 
-    def raw_get(self) -> Sample:
+    def raw_get(self, verify: bool = False) -> Sample:
+        """16 threads of ranged GETs over the raw copy of the model; with ``verify``, each range is hashed."""
+        name = "raw_get_sha256" if verify else "raw_get"
         client = self.client(pool=32)
         parts = [(shard.name, start, min(start + RANGE, size) - 1)
                  for shard in self.shards for size in [shard.stat().st_size] for start in range(0, size, RANGE)]
@@ -473,16 +478,19 @@ class Bench:
         def fetch(part: tuple[str, int, int]) -> int:
             key, first, last = part
             body = client.get_object(Bucket=RAW_BUCKET, Key=key, Range=f"bytes={first}-{last}")["Body"]
+            digest = hashlib.sha256() if verify else None
             got = 0
             while chunk := body.read(1 << 20):
                 got += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
             return got
 
         drop_caches()
         with Timed() as timed, ThreadPoolExecutor(16) as pool:
             total = sum(pool.map(fetch, parts))
         if total != self.model_bytes:
-            raise BenchError(f"raw_get: fetched {total} bytes, expected {self.model_bytes}")
+            raise BenchError(f"{name}: fetched {total} bytes, expected {self.model_bytes}")
         return Sample(timed.seconds, extra={"requests": len(parts), **timed.cpu_extra()})
 
     def local_disk(self) -> Sample:
@@ -664,7 +672,8 @@ class Bench:
 
     def one_run(self, i: int, loader: ModuleType) -> None:
         steps: list[tuple[str, Callable[[], Sample]]] = [
-            ("raw_get", self.raw_get), ("local_disk", self.local_disk),
+            ("raw_get", self.raw_get), ("raw_get_sha256", lambda: self.raw_get(verify=True)),
+            ("local_disk", self.local_disk),
             ("boto3_download_load", lambda: self.boto3_download_load(loader))]
         for name, step in steps:
             if self.wants(name):
@@ -700,7 +709,7 @@ class Bench:
     def execute(self) -> dict[str, Any]:
         self.prepare()
         self.start_rclone()
-        if self.wants("raw_get", "boto3_download_load"):
+        if self.wants("raw_get", "raw_get_sha256", "boto3_download_load"):
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
@@ -767,7 +776,10 @@ class Bench:
         ]
         for t in targets:
             t["pass"] = None if t["value"] is None else t["value"] <= t["limit"]
-        return {"summary": summary, "targets": targets}
+        # Not targets: how far each verifying path is from the least a verifying client pays.
+        context = [{"what": f"{name} / raw_get_sha256", "value": ratio(name, "raw_get_sha256")}
+                   for name in ("ck_cold", "ck_warmup") if ratio(name, "raw_get_sha256") is not None]
+        return {"summary": summary, "targets": targets, "context": context}
 
     def markdown(self, result: dict[str, Any]) -> str:
         def num(value: float | None, fmt: str, suffix: str = "") -> str:
@@ -790,6 +802,8 @@ class Bench:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
             value = "not measured" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
             lines.append(f"{verdict}  {t['target']}: {value}")
+        for c in result.get("context", []):
+            lines.append(f"info  {c['what']}: {c['value']:.2f}x")
         return "\n".join(lines)
 
     def machine(self) -> dict[str, Any]:
