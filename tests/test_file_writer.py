@@ -13,12 +13,13 @@ import trio
 
 from chunkfs.blocks import block_length
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.maintenance import collect_garbage
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import ROOT_INODE
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 from chunkfs.volume import Volume, open_volume
-from chunkfs.write.file_writer import FileWriter
+from chunkfs.write.file_writer import FileWriter, WriteFailed
 from tests.conftest import BLOCK, VolumeFixture
 
 
@@ -160,3 +161,81 @@ def test_a_write_while_a_flush_stores_holes_is_left_to_the_next_flush(
     trio.run(main)
     assert commits == [2 * BLOCK, 2 * BLOCK + len(tail)]
     assert published(parts, ino) == bytes(2 * BLOCK) + tail
+
+
+def writer_renewing_every(parts: Parts, every_s: float | None) -> FileWriter:
+    return FileWriter(parts.meta, AsyncStore(parts.volume.store, 4), parts.fetcher, BLOCK, claim_renew_s=every_s)
+
+
+def gc_with_a_short_grace(parts: Parts, writer: FileWriter) -> tuple[int, bytes]:
+    """Write one whole block to a file kept open, let its stored object and first claim age past
+    gc's grace (1.5 s), run gc, then close the file: (blocks gc deleted, the file's content)."""
+    ino = parts.volume.meta.create_file(ROOT_INODE, b"long-open", 0o644, 0, 0, time.time_ns()).ino
+    content = bytes(range(256)) * (BLOCK // 256) + b"tail"
+    deleted = 0
+
+    async def main() -> None:
+        nonlocal deleted
+        async with trio.open_nursery() as background:
+            await background.start(writer.run)
+            writer.opened(ino, 0, [])
+            await writer.write(ino, 0, content)  # block 0 is whole: uploaded now, in the background
+            while not writer._files[ino].stored:
+                await trio.sleep(0.01)
+            await trio.sleep(2.5)  # the object and its first claim are now older than the grace
+            report = await trio.to_thread.run_sync(
+                lambda: collect_garbage(parts.volume, grace=1.5, dry_run=False))
+            deleted = report.deleted
+            try:
+                await writer.release(ino)
+            finally:
+                background.cancel_scope.cancel()
+
+    trio.run(main)
+    return deleted, content
+
+
+def test_renewed_claims_keep_gc_off_the_blocks_of_a_file_open_for_writing(parts: Parts) -> None:
+    writer = writer_renewing_every(parts, 0.1)
+    deleted, content = gc_with_a_short_grace(parts, writer)
+    assert deleted == 0
+    ino = parts.volume.meta.lookup(ROOT_INODE, b"long-open").ino
+    assert published(parts, ino) == content
+
+
+def test_without_renewals_gc_takes_the_block_of_a_file_open_too_long(parts: Parts) -> None:
+    """The control for the test above: the same steps with renewals off lose the block."""
+    writer = writer_renewing_every(parts, None)
+    deleted, _ = gc_with_a_short_grace(parts, writer)
+    assert deleted == 1
+
+
+def test_a_block_gc_deletes_despite_the_claims_fails_the_flush_until_it_is_stored_again(parts: Parts) -> None:
+    writer = writer_renewing_every(parts, None)  # renewals driven by hand below
+    ino = parts.volume.meta.create_file(ROOT_INODE, b"lost", 0o644, 0, 0, time.time_ns()).ino
+    block = b"q" * BLOCK
+
+    async def main() -> None:
+        async with trio.open_nursery() as background:
+            await background.start(writer.run)
+            writer.opened(ino, 0, [])
+            await writer.write(ino, 0, block)
+            while not writer._files[ino].stored:
+                await trio.sleep(0.01)
+            (bid,) = writer._files[ino].stored
+            # a forced gc with a grace shorter than the claim's age is deleting it right now
+            assert parts.volume.meta.begin_delete(bid, time.time_ns() + 10**9, time.time_ns())
+            assert await writer.renew_claims() == 0
+            with pytest.raises(WriteFailed, match="deleted by chunkfs gc"):
+                await writer.flush(ino)
+            with pytest.raises(WriteFailed, match="deleted by chunkfs gc"):
+                await writer.flush(ino)  # and again: never published with the block missing
+            parts.volume.meta.end_delete(bid)
+            await writer.write(ino, 0, block)  # the same bytes, stored again
+            assert await writer.flush(ino) is not None
+            assert await writer.renew_claims() == 0  # published: nothing left to renew
+            await writer.release(ino)
+            background.cancel_scope.cancel()
+
+    trio.run(main)
+    assert published(parts, ino) == block

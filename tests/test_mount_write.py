@@ -206,9 +206,12 @@ def test_gc_deletes_unused_blocks_after_the_grace_period_and_fsck_stays_clean(vo
             kept = json.loads(chunkfs("gc", volume.meta_url, "--json").stdout)  # default grace: 1 hour
             assert kept["deleted"] == 0 and kept["kept_recent"] == 4
             assert len(reader.read()) == 3 * BLOCK
-    dry = json.loads(chunkfs("gc", volume.meta_url, "--grace", "0", "--dry-run", "--json").stdout)
+    short = chunkfs("gc", volume.meta_url, "--grace", "10m", check=False)
+    assert short.returncode == 2 and short.stderr.count("\n") == 1 and "add --force" in short.stderr
+    assert len(store_objects(volume)) == 7
+    dry = json.loads(chunkfs("gc", volume.meta_url, "--grace", "0", "--force", "--dry-run", "--json").stdout)
     assert (dry["deleted"], dry["referenced"]) == (4, 3) and len(store_objects(volume)) == 7
-    done = chunkfs("gc", volume.meta_url, "--grace", "0")
+    done = chunkfs("gc", volume.meta_url, "--grace", "0", "--force")
     assert "deleted 4" in done.stdout and len(store_objects(volume)) == 3
     fsck = json.loads(chunkfs("fsck", volume.meta_url, "--check-content", "--json").stdout)
     assert fsck["clean"] and fsck["orphans"] == 0 and fsck["files"] == 2

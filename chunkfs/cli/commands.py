@@ -117,6 +117,12 @@ def cmd_objbench(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from chunkfs.maintenance import collect_garbage
+    from chunkfs.meta.base import CLAIM_RENEW_S, MIN_GC_GRACE_S
+
+    if args.grace < MIN_GC_GRACE_S and not args.force:
+        raise UsageError(f"--grace {args.grace:g}s is shorter than {MIN_GC_GRACE_S / 60:.0f}m: writable mounts "
+                         f"renew the claims on blocks of files open for writing every {CLAIM_RENEW_S / 60:.0f}m, "
+                         f"so gc could delete them; add --force if no mount is writing")
 
     with open_volume(args.meta, store_options(args, args.threads)) as volume:
         report = collect_garbage(volume, grace=args.grace, dry_run=args.dry_run, threads=args.threads)

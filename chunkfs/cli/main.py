@@ -217,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
     p.add_argument("--grace", type=_duration, default=3600.0,
-                   help="keep blocks freed or written less than this long ago, e.g. 30m, 1h, 2d (default 1h)")
+                   help="keep blocks freed or written less than this long ago, e.g. 30m, 1h, 2d (default 1h; "
+                        "at least 11m unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="accept a grace under 11m: blocks of files that writable mounts have open may be deleted")
     p.add_argument("--threads", type=_positive_int, default=16, help="parallel deletes (default 16)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_store_options(p)

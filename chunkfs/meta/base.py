@@ -288,6 +288,11 @@ KNOWN, BUSY, CLAIMED = "known", "busy", "claimed"
 DELETE_MARK_TTL_NS = 600 * 10**9
 #: seconds between two claims of a block gc is deleting (a delete takes milliseconds)
 CLAIM_RETRY_S = 0.05
+#: a writable mount claims again, this often, every block it stored for a file not yet published
+#: (open for writing), so gc leaves the block alone however long the file stays open
+CLAIM_RENEW_S = 300.0
+#: the shortest grace ``chunkfs gc`` accepts without --force: longer than two renewals
+MIN_GC_GRACE_S = 2 * CLAIM_RENEW_S + 60.0
 
 
 def check_xattr(name: bytes, value: bytes) -> None:

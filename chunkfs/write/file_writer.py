@@ -21,8 +21,12 @@ A file open for writing has one ``_Dirty`` state per inode (shared by its handle
   the new content (close-to-open). Before that, the volume still holds the previous version:
   a crash loses unflushed writes, never a file closed before.
 - An upload is claimed in the metadata first (``claim_upload``) and skipped when the volume
-  already references the block (dedup); the claim keeps gc off the object until the file is
-  published (within gc's grace period). With
+  already references the block (dedup); the claim keeps gc off the object for gc's grace
+  period. ``run`` claims every block stored for a file not yet published again each
+  ``claim_renew_s`` (``CLAIM_RENEW_S``, well within gc's shortest grace), so a file may stay
+  open for writing as long as it likes. Should gc delete such a block all the same (a gc run
+  with ``--force`` and a shorter grace), the next flush fails instead of publishing a file
+  that names a missing object. With
   ``cache_writes`` the block also goes to the node cache, so reading it back on this node is
   local; off by default: the node that writes a model is rarely the one that serves it, and
   the extra copy costs about a tenth of the write path's CPU.
@@ -41,7 +45,7 @@ import trio
 from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import KNOWN, Attr
+from chunkfs.meta.base import BUSY, CLAIM_RENEW_S, KNOWN, Attr
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 
@@ -89,12 +93,15 @@ class _Dirty:
     published_edits: int = 0  # of those, how many the last commit published
     mtime_ns: int = 0
     error: str | None = None  # a background upload failed: the next flush reports it
+    stored: set[bytes] = field(default_factory=set)  # ids stored and claimed for this file, not yet published
+    lost: set[bytes] = field(default_factory=set)  # of those, ids gc deleted: no flush publishes them
 
 
 class FileWriter:
     def __init__(self, meta: AsyncMeta, store: AsyncStore, fetcher: BlockFetcher, block_size: int, *,
                  uploads: int = 8, max_pending: int = 32, cache_writes: bool = False,
-                 on_publish: Callable[[int, int, list[bytes]], None] | None = None) -> None:
+                 on_publish: Callable[[int, int, list[bytes]], None] | None = None,
+                 claim_renew_s: float | None = CLAIM_RENEW_S) -> None:
         self.meta = meta
         self.store = store
         self.fetcher = fetcher
@@ -104,16 +111,43 @@ class FileWriter:
         self.max_pending = max_pending
         self.cache_writes = cache_writes
         self.on_publish = on_publish  # (ino, size, blocks) after each commit: readers of this mount follow
+        self.claim_renew_s = claim_renew_s  # None: never (tests of what gc does without renewals)
         self._upload_slots = trio.Semaphore(uploads)
         self._files: dict[int, _Dirty] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the background uploads; runs until cancelled (the mount's nursery)."""
+        """Own the background uploads and claim renewals; runs until cancelled (the mount's nursery)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.claim_renew_s is not None:
+                nursery.start_soon(self._renew_claims_forever, self.claim_renew_s)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _renew_claims_forever(self, every_s: float) -> None:
+        while True:
+            await trio.sleep(every_s)
+            try:
+                await self.renew_claims()
+            except Exception as exc:  # metadata unreachable: the claims are still within gc's grace
+                log.warning("renewing upload claims failed, trying again in %.0f s: %s", every_s, exc)
+
+    async def renew_claims(self) -> int:
+        """Claim again every block stored for a file still open for writing; return how many.
+        A block gc is deleting at this moment (BUSY: its claim had aged past a forced short
+        grace) is lost to the file: its next flush fails rather than publish it."""
+        renewed = 0
+        for state in list(self._files.values()):
+            for bid in list(state.stored):
+                if await self.meta.change("claim_upload", bid, time.time_ns()) == BUSY:
+                    log.error("block %s of inode %d was deleted by gc before the file was published",
+                              bid.hex(), state.ino)
+                    state.stored.discard(bid)
+                    state.lost.add(bid)
+                else:
+                    renewed += 1
+        return renewed
 
     # -- handles ---------------------------------------------------------------------------
     def opened(self, ino: int, size: int, blocks: list[bytes]) -> None:
@@ -245,8 +279,12 @@ class FileWriter:
                 blocks[index] = zero_ids[length]
         if state.edits == edits:
             state.blocks[:len(blocks)] = blocks  # holes stored: not stored again by the next flush
+        if lost := state.lost.intersection(blocks):
+            raise WriteFailed(f"block {min(lost).hex()} was deleted by chunkfs gc (run with --force and a "
+                              f"short --grace) before the file was published; write the file again")
         attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns)
         state.published_edits = edits
+        state.stored.difference_update(blocks)
         if self.on_publish is not None:
             self.on_publish(ino, size, blocks)
         return attr
@@ -339,6 +377,8 @@ class FileWriter:
     async def _upload(self, state: _Dirty, index: int, version: int, data: bytes) -> None:
         try:
             bid = await self._store(data)
+            state.stored.add(bid)
+            state.lost.discard(bid)  # stored again after gc deleted it
             if state.versions.get(index, 0) == version and index < len(state.blocks):
                 state.blocks[index] = bid
                 state.pending.pop(index, None)
