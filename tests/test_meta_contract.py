@@ -232,6 +232,33 @@ def test_rename_moves_replaces_and_refuses(meta: MetaStore) -> None:
     assert meta.getattr(ROOT_INODE).nlink == 4
 
 
+def test_exchange_swaps_two_entries_of_any_types(meta: MetaStore) -> None:
+    a = meta.mkdir(ROOT_INODE, b"a", 0o755, 0, 0, 0)
+    b = meta.mkdir(ROOT_INODE, b"b", 0o755, 0, 0, 0)
+    sub = meta.mkdir(a.ino, b"sub", 0o755, 0, 0, 0)
+    f = meta.publish_file(b.ino, b"f", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"1111"))
+    g = meta.publish_file(b.ino, b"g", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"2222"))
+    before = meta.stats()
+    meta.exchange(b.ino, b"f", b.ino, b"g")  # two files in one directory
+    assert meta.lookup(b.ino, b"f").ino == g.ino and meta.lookup(b.ino, b"g").ino == f.ino
+    meta.exchange(a.ino, b"sub", b.ino, b"f")  # a directory and a file across directories: nlinks follow
+    assert meta.lookup(a.ino, b"sub").ino == g.ino and meta.lookup(b.ino, b"f").ino == sub.ino
+    assert meta.getattr(a.ino).nlink == 2 and meta.getattr(b.ino).nlink == 3
+    assert meta.getattr(sub.ino).ctime_ns > 0 and meta.getattr(g.ino).ctime_ns > 0
+    meta.exchange(ROOT_INODE, b"a", ROOT_INODE, b"a")  # with itself: nothing happens
+    after = meta.stats()
+    assert (after.files, after.directories) == (before.files, before.directories)
+    assert meta.block_known(block_id(b"1111")) and meta.block_known(block_id(b"2222"))
+    for args, code in (((ROOT_INODE, b"b", b.ino, b"f"), errno.EINVAL),  # b would land inside itself
+                       ((b.ino, b"f", ROOT_INODE, b"b"), errno.EINVAL),  # the same, named the other way
+                       ((ROOT_INODE, b"a", ROOT_INODE, b"nope"), errno.ENOENT),
+                       ((ROOT_INODE, b"nope", ROOT_INODE, b"a"), errno.ENOENT)):
+        with pytest.raises(FsError) as err:
+            meta.exchange(*args)
+        assert err.value.errno == code, args
+    assert sorted(names(meta)) == [b"a", b"b"] and sorted(names(meta, b.ino)) == [b"f", b"g"]
+
+
 def test_hard_links(meta: MetaStore) -> None:
     f = meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=0, size=4, blocks=ids(b"1111"))
     d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)

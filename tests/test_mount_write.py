@@ -6,6 +6,7 @@ the mount then loaded with safetensors from a read-only mount."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -121,6 +122,42 @@ def test_a_moved_directory_lists_its_new_parent_as_dotdot(volume: VolumeFixture)
         os.rename(mnt / "a" / "sub", mnt / "b" / "sub")
         moved = mnt / "b" / "sub"
         assert listed_inodes(moved) == [(".", moved.stat().st_ino), ("..", (mnt / "b").stat().st_ino)]
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    """renameat2(2) through glibc (the os module has no binding); raises OSError like os.rename."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(old))
+
+
+def test_rename_exchange_swaps_two_entries(volume: VolumeFixture) -> None:
+    noreplace, exchange = 1, 2
+    with rw_mount(volume, "rw", "--entry-timeout", "60") as mnt:  # the kernel keeps both entries
+        (mnt / "a" / "sub").mkdir(parents=True)
+        (mnt / "a" / "sub" / "inner").write_text("inner")
+        (mnt / "b").mkdir()
+        (mnt / "b" / "new.bin").write_bytes(b"new weights")
+        (mnt / "b" / "old.bin").write_bytes(b"old weights")
+        renameat2(mnt / "b" / "new.bin", mnt / "b" / "old.bin", exchange)  # an atomic swap of two files
+        assert (mnt / "b" / "old.bin").read_bytes() == b"new weights"
+        assert (mnt / "b" / "new.bin").read_bytes() == b"old weights"
+        renameat2(mnt / "a" / "sub", mnt / "b" / "new.bin", exchange)  # a directory and a file, across parents
+        moved = mnt / "b" / "new.bin"
+        assert (moved / "inner").read_text() == "inner" and (mnt / "a" / "sub").read_bytes() == b"old weights"
+        assert listed_inodes(moved)[1] == ("..", (mnt / "b").stat().st_ino)
+        assert (mnt / "a").stat().st_nlink == 2 and (mnt / "b").stat().st_nlink == 3
+        expect_errno(errno.ENOENT, renameat2, mnt / "b" / "old.bin", mnt / "b" / "missing", exchange)
+        expect_errno(errno.EINVAL, renameat2, mnt / "b" / "old.bin", mnt / "a" / "sub", exchange | noreplace)
+        expect_errno(errno.EINVAL, renameat2, mnt / "b", moved / "inner", exchange)  # b into itself
+    with rw_mount(volume, "again") as mnt:  # published, and the same from a fresh mount
+        assert (mnt / "b" / "old.bin").read_bytes() == b"new weights"
+        assert (mnt / "b" / "new.bin" / "inner").read_text() == "inner"
+        assert (mnt / "a" / "sub").read_bytes() == b"old weights"
+    fsck = json.loads(chunkfs("fsck", volume.meta_url, "--json").stdout)
+    assert fsck["clean"] and fsck["files"] == 3
 
 
 def test_two_mounts_see_each_others_files_after_close(request: pytest.FixtureRequest, tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ class WritableOperations(ChunkfsOperations):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         if flags & RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            await self._exchange(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+            return
         # a directory moved to another parent: its ``..`` must follow (kernels may keep the
         # moved entry cached and never look it up again)
         moved = await self.meta.lookup(parent_inode_old, name_old) if parent_inode_old != parent_inode_new else None
@@ -73,6 +74,16 @@ class WritableOperations(ChunkfsOperations):
                                noreplace=bool(flags & RENAME_NOREPLACE))
         if moved is not None:
             self._seen(parent_inode_new, name_new, moved)
+
+    async def _exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes, flags: int) -> None:
+        """renameat2(RENAME_EXCHANGE): swap two entries; directories that change parent get
+        their ``..`` remembered anew."""
+        if flags & RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.meta.change("exchange", parent, name, other_parent, other_name)
+        if parent != other_parent:
+            for where, what in ((parent, name), (other_parent, other_name)):
+                self._seen(where, what, await self.meta.lookup(where, what))
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext

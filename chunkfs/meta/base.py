@@ -255,6 +255,12 @@ class MetaStore(ABC):
         with ``noreplace``."""
 
     @abstractmethod
+    def exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes) -> None:
+        """Swap two existing entries at once, as renameat2(RENAME_EXCHANGE): each name then
+        names the other's inode, of whatever types. ENOENT if either is missing; EINVAL if a
+        directory would land inside itself."""
+
+    @abstractmethod
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         """A new name for a non-directory (nlink + 1); EPERM for directories."""
 

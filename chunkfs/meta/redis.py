@@ -142,8 +142,8 @@ class RedisMeta(MetaStore):
         self._format_key = self.prefix + "format"
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
-                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "LINK", "XATTR", "FORGET_FREED",
-                                      "CLAIM_UPLOAD", "BEGIN_DELETE")}
+                                      "CREATE", "COMMIT", "RMDIR", "RENAME", "EXCHANGE", "LINK", "XATTR",
+                                      "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -294,6 +294,9 @@ class RedisMeta(MetaStore):
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False) -> None:
         check_name(new_name)
         self._run("RENAME", parent, name, new_parent, new_name, int(noreplace), self.block_size, time.time_ns())
+
+    def exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes) -> None:
+        self._run("EXCHANGE", parent, name, other_parent, other_name, time.time_ns())
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         check_name(new_name)

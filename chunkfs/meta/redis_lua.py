@@ -85,6 +85,21 @@ local function child_of(parent, name)
   if not ino then return nil, nil end
   return ino, redis.call('HGET', ikey(ino), 'mode')
 end
+-- true if directory ino is directory dir or lies below it
+local function within(dir, ino)
+  local queue, i = {dir}, 1
+  while queue[i] do
+    if queue[i] == ino then return true end
+    local entries = redis.call('HGETALL', dkey(queue[i]))
+    for j = 2, #entries, 2 do
+      if ftype(redis.call('HGET', ikey(entries[j]), 'mode') or '0') == S_IFDIR then
+        table.insert(queue, entries[j])
+      end
+    end
+    i = i + 1
+  end
+  return false
+end
 """
 
 # ARGV: P, before_ns, mark ttl ns -> drops freed records and upload claims older than
@@ -243,18 +258,8 @@ local src, smode = child_of(parent, name)
 if not src then return redis.error_reply('ENOENT ' .. name) end
 if parent == np and name == nn then return 1 end
 local src_is_dir = ftype(smode) == S_IFDIR
-if src_is_dir then  -- the destination may not be inside the directory being moved
-  local queue, i = {src}, 1
-  while queue[i] do
-    if queue[i] == np then return redis.error_reply('EINVAL cannot move a directory into itself') end
-    local entries = redis.call('HGETALL', dkey(queue[i]))
-    for j = 2, #entries, 2 do
-      if ftype(redis.call('HGET', ikey(entries[j]), 'mode') or '0') == S_IFDIR then
-        table.insert(queue, entries[j])
-      end
-    end
-    i = i + 1
-  end
+if src_is_dir and within(src, np) then  -- the destination may not be inside the directory being moved
+  return redis.error_reply('EINVAL cannot move a directory into itself')
 end
 local dst, dmode = child_of(np, nn)
 if dst then
@@ -278,6 +283,31 @@ local moved_dir = src_is_dir and parent ~= np
 touch(parent, now, moved_dir and -1 or 0)
 touch(np, now, moved_dir and 1 or 0)
 redis.call('HSET', ikey(src), 'ctime', now)
+return 1
+"""
+
+# ARGV: P, parent, name, other_parent, other_name, now (renameat2 RENAME_EXCHANGE)
+EXCHANGE = PRELUDE + r"""
+local parent, name, op, on, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local err = parent_dir(parent) if err then return err end
+err = parent_dir(op) if err then return err end
+local a, amode = child_of(parent, name)
+if not a then return redis.error_reply('ENOENT ' .. name) end
+local b, bmode = child_of(op, on)
+if not b then return redis.error_reply('ENOENT ' .. on) end
+if a == b then return 1 end
+local a_dir, b_dir = ftype(amode) == S_IFDIR, ftype(bmode) == S_IFDIR
+if parent ~= op and ((a_dir and within(a, op)) or (b_dir and within(b, parent))) then
+  return redis.error_reply('EINVAL cannot move a directory into itself')
+end
+redis.call('HSET', dkey(parent), name, b)
+redis.call('HSET', dkey(op), on, a)
+local delta = 0  -- a directory that changes parent takes its '..' link along
+if parent ~= op and a_dir ~= b_dir then delta = a_dir and 1 or -1 end
+touch(parent, now, -delta)
+touch(op, now, delta)
+redis.call('HSET', ikey(a), 'ctime', now)
+redis.call('HSET', ikey(b), 'ctime', now)
 return 1
 """
 

@@ -487,6 +487,27 @@ class SqliteMeta(MetaStore):
             self._touch_dir(conn, new_parent, nlink_delta=1 if moved_dir else 0)
             conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (_now_ns(), src.ino))
 
+    def exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes) -> None:
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            self._parent_dir(conn, other_parent)
+            a, b = self._child(conn, parent, name), self._child(conn, other_parent, other_name)
+            if a is None or b is None:
+                raise FsError(errno.ENOENT, repr(name if a is None else other_name))
+            if a.ino == b.ino:
+                return
+            if parent != other_parent and ((a.is_dir and self._is_ancestor(conn, a.ino, other_parent)) or
+                                           (b.is_dir and self._is_ancestor(conn, b.ino, parent))):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            conn.execute("UPDATE dentries SET ino=? WHERE parent=? AND name=?", (b.ino, parent, name))
+            conn.execute("UPDATE dentries SET ino=? WHERE parent=? AND name=?", (a.ino, other_parent, other_name))
+            delta = 0  # a directory that changes parent takes its '..' link along
+            if parent != other_parent and a.is_dir != b.is_dir:
+                delta = 1 if a.is_dir else -1
+            self._touch_dir(conn, parent, nlink_delta=-delta)
+            self._touch_dir(conn, other_parent, nlink_delta=delta)
+            conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino IN (?, ?)", (_now_ns(), a.ino, b.ino))
+
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         check_name(new_name)
         with self._tx() as conn:
