@@ -420,7 +420,7 @@ class BlockFetcher:
             buffer: memoryview | None = None
             try:
                 if self.blocks.capacity and not (direct or in_memory):
-                    block = self.blocks.take(length)
+                    block = self._take_buffer(length)
                 # Around the page cache unless a reader waits for the block and no block buffer
                 # holds it: a block fetched ahead is read into a block buffer when its reader
                 # comes near (``page_in``), with no copy through the page cache either way.
