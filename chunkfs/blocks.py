@@ -63,19 +63,6 @@ def block_spans(offset: int, length: int, size: int, block_size: int) -> Iterato
         pos += stop - start
 
 
-def pack_ids(ids: list[bytes]) -> bytes:
-    """Serialise a file's ordered block list (concatenated 32-byte ids)."""
-    return b"".join(ids)
-
-
-def unpack_ids(blob: bytes | None) -> list[bytes]:
-    if not blob:
-        return []
-    if len(blob) % HASH_LEN:
-        raise ValueError(f"block list of {len(blob)} bytes is not a multiple of {HASH_LEN}")
-    return [blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN)]
-
-
 @dataclass(frozen=True)
 class BlockCodec:
     """Turns plain block bytes into stored object bytes and back, verifying on the way back."""

@@ -15,7 +15,11 @@ grace period; a writer's claim (``claim_upload``) in turn waits while the mark i
 file published, or a block re-uploaded, while gc runs keeps its object: there is no window
 between gc's last check and its delete.
 
-fsck walks every file and reports blocks that are missing from the store, of the wrong
+Files unlinked while open (orphans, ``meta.sessions``) are files like any other until their
+last close; gc first releases the orphans of writable mounts that are gone (a crash), so
+their blocks become garbage like those of any deleted file.
+
+fsck walks every file (orphans included) and reports blocks that are missing from the store, of the wrong
 size, or (with ``check_content``) whose bytes do not match their hash; reference counts
 that disagree with the files; and objects no file uses (which gc removes). It changes nothing.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 from chunkfs.blocks import BlockCorrupt, block_length, object_key
 from chunkfs.meta.base import ROOT_INODE
+from chunkfs.meta.sessions import release_dead_sessions
 from chunkfs.store.base import ObjectNotFound
 from chunkfs.volume import Volume
 
@@ -67,6 +72,8 @@ def collect_garbage(volume: Volume, *, grace: float, dry_run: bool, threads: int
     cutoff = time.time() - grace
     cutoff_ns = int(cutoff * 1e9)
     meta = volume.meta
+    if not dry_run:
+        release_dead_sessions(meta)
     referenced = meta.referenced_blocks()
     recently_freed = meta.freed_blocks(cutoff_ns)
     objects = _block_objects(volume)
@@ -134,6 +141,9 @@ def _walk_files(volume: Volume) -> list[tuple[str, int, int]]:
             elif attr.is_reg and attr.ino not in seen:
                 seen.add(attr.ino)
                 files.append((child, attr.ino, attr.size))
+    for ino in volume.meta.orphans():  # unlinked while open: still files until their last close
+        if ino not in seen:
+            files.append((f"<inode {ino}, unlinked while open>", ino, volume.meta.getattr(ino).size))
     return sorted(files)
 
 
@@ -150,7 +160,7 @@ def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 
     lengths: dict[bytes, tuple[int, str]] = {}
     for path, ino, size in _walk_files(volume):
         report.files += 1
-        for index, bid in enumerate(meta.read_blocks(ino)):
+        for index, bid in meta.read_blocks(ino).stored():
             length = block_length(index, size, bs)
             lengths.setdefault(bid, (length, path))
             info = objects.get(bid)

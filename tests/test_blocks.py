@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chunkfs.blocklist import HOLE, SPARSE_MAGIC, BlockList
 from chunkfs.blocks import (
     BlockCodec,
     BlockCorrupt,
@@ -14,8 +15,6 @@ from chunkfs.blocks import (
     block_length,
     block_spans,
     object_key,
-    pack_ids,
-    unpack_ids,
 )
 from chunkfs.errors import UsageError
 from chunkfs.units import format_size, parse_size
@@ -92,11 +91,37 @@ def test_streamed_decode_rejects_what_decode_rejects(compression: str) -> None:
 
 def test_object_keys_and_id_lists() -> None:
     ids = [block_id(bytes([i])) for i in range(3)]
-    assert unpack_ids(pack_ids(ids)) == ids
-    assert unpack_ids(None) == []
+    packed = BlockList.dense(ids).pack()
+    assert packed == b"".join(ids)  # the form every volume before holes used
+    assert BlockList.unpack(packed) == ids
+    assert BlockList.unpack(None) == BlockList()
     assert object_key(ids[0]).startswith(f"blocks/{ids[0].hex()[:2]}/")
     with pytest.raises(ValueError):
-        unpack_ids(b"x" * 33)
+        BlockList.unpack(b"x" * 33)
+
+
+@given(slots=st.lists(st.one_of(st.just(HOLE), st.binary(min_size=32, max_size=32)), max_size=40))
+def test_block_lists_with_holes_round_trip_and_never_look_dense(slots: list[bytes]) -> None:
+    blocks = BlockList.dense(slots)
+    packed = blocks.pack()
+    assert BlockList.unpack(packed) == blocks
+    assert list(BlockList.unpack(packed)) == slots
+    assert (len(packed) % 32 == 0) == (HOLE not in slots)
+
+
+def test_a_huge_sparse_list_costs_its_stored_blocks_only() -> None:
+    blocks = BlockList()
+    blocks.resize(1 << 40)  # a file of 2**40 blocks, all holes
+    blocks[1 << 35] = b"\x01" * 32
+    packed = blocks.pack()
+    assert packed.startswith(SPARSE_MAGIC) and len(packed) == 12 + 40
+    again = BlockList.unpack(packed)
+    assert len(again) == 1 << 40 and again[1 << 35] == b"\x01" * 32 and again[5] == HOLE
+    assert again.stored() == [(1 << 35, b"\x01" * 32)]
+    again.resize(10)
+    assert again.stored() == [] and len(again) == 10
+    with pytest.raises(ValueError):
+        BlockList.unpack(SPARSE_MAGIC + (1).to_bytes(8, "big") + (5).to_bytes(8, "big") + b"\x01" * 32)
 
 
 def test_parse_and_format_sizes() -> None:

@@ -3,6 +3,7 @@ mount test cannot force (a write landing while another handle's flush commits)."
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,11 +12,13 @@ from typing import Any
 import pytest
 import trio
 
+from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.errors import FsError
 from chunkfs.maintenance import collect_garbage
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import ROOT_INODE
+from chunkfs.meta.base import MAX_FILE_SIZE, ROOT_INODE
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 from chunkfs.volume import Volume, open_volume
@@ -53,7 +56,7 @@ def published(p: Parts, ino: int) -> bytes:
         parts = []
         for index, bid in enumerate(blocks):
             length = block_length(index, size, BLOCK)
-            parts.append(bytes(await p.fetcher.read(bid, length, 0, length)))
+            parts.append(bytes(length) if bid == HOLE else bytes(await p.fetcher.read(bid, length, 0, length)))
         return b"".join(parts)
 
     return trio.run(read)
@@ -89,8 +92,8 @@ def test_a_write_during_another_handles_commit_is_published_by_the_next_flush(
     async def main() -> None:
         async with trio.open_nursery() as background:
             await background.start(parts.writer.run)
-            parts.writer.opened(ino, 0, [])  # handle A
-            parts.writer.opened(ino, 0, [])  # handle B
+            parts.writer.opened(ino, 0, BlockList())  # handle A
+            parts.writer.opened(ino, 0, BlockList())  # handle B
             await parts.writer.write(ino, 0, first)
             async with trio.open_nursery() as flushes:
                 flushes.start_soon(parts.writer.flush, ino)  # A: fsync
@@ -113,7 +116,7 @@ def test_a_flush_with_nothing_new_commits_nothing(parts: Parts, monkeypatch: pyt
     async def main() -> None:
         async with trio.open_nursery() as background:
             await background.start(parts.writer.run)
-            parts.writer.opened(ino, 0, [])
+            parts.writer.opened(ino, 0, BlockList())
             await parts.writer.write(ino, 0, b"x" * 100)
             assert await parts.writer.flush(ino) is not None
             assert await parts.writer.flush(ino) is None  # nothing written since
@@ -125,43 +128,38 @@ def test_a_flush_with_nothing_new_commits_nothing(parts: Parts, monkeypatch: pyt
     assert published(parts, ino) == b"x" * 100
 
 
-def test_a_write_while_a_flush_stores_holes_is_left_to_the_next_flush(
-        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flush publishes the size and blocks of one moment, even if a write lands while it
-    stores the zero block of a hole."""
+def test_holes_cost_nothing_and_a_huge_sparse_file_stores_only_what_was_written(parts: Parts) -> None:
+    """truncate to 2**50 and a write at 2**45: one block stored, a sparse list of one entry,
+    zeros read back around it; a size past MAX_FILE_SIZE is EFBIG."""
     ino = parts.volume.meta.create_file(ROOT_INODE, b"h", 0o644, 0, 0, time.time_ns()).ino
-    commits = record_commits(parts, monkeypatch)
-    storing, proceed = trio.Event(), trio.Event()
-    real_store = parts.writer._store
-
-    async def paused_store(plain: bytes) -> bytes:
-        if not storing.is_set() and not any(plain):
-            storing.set()
-            await proceed.wait()
-        return await real_store(plain)
-
-    monkeypatch.setattr(parts.writer, "_store", paused_store)
-    tail = b"z" * 10
+    stored_before = len(list(parts.volume.store.list("blocks/")))
+    data = b"written at 2**45"
 
     async def main() -> None:
         async with trio.open_nursery() as background:
             await background.start(parts.writer.run)
-            parts.writer.opened(ino, 0, [])
-            parts.writer.opened(ino, 0, [])
-            await parts.writer.truncate(ino, 2 * BLOCK)  # two holes
-            async with trio.open_nursery() as flushes:
-                flushes.start_soon(parts.writer.flush, ino)
-                await storing.wait()
-                await parts.writer.write(ino, 2 * BLOCK, tail)  # the other handle appends meanwhile
-                proceed.set()
-            await parts.writer.release(ino)
+            parts.writer.opened(ino, 0, BlockList())
+            await parts.writer.truncate(ino, 1 << 50)
+            await parts.writer.write(ino, 1 << 45, data)
+            assert await parts.writer.read(ino, (1 << 45) - 4, 8) == bytes(4) + data[:4]
+            with pytest.raises(FsError) as too_big:
+                await parts.writer.truncate(ino, MAX_FILE_SIZE + 1)
+            assert too_big.value.errno == errno.EFBIG
+            with pytest.raises(FsError):
+                await parts.writer.write(ino, MAX_FILE_SIZE - 2, b"abc")
             await parts.writer.release(ino)
             background.cancel_scope.cancel()
 
     trio.run(main)
-    assert commits == [2 * BLOCK, 2 * BLOCK + len(tail)]
-    assert published(parts, ino) == bytes(2 * BLOCK) + tail
-
+    meta = parts.volume.meta
+    assert meta.getattr(ino).size == 1 << 50
+    blocks = meta.read_blocks(ino)
+    assert len(blocks) == (1 << 50) // BLOCK
+    assert [index for index, _ in blocks.stored()] == [(1 << 45) // BLOCK]
+    assert len(list(parts.volume.store.list("blocks/"))) == stored_before + 1
+    ((_index, bid),) = blocks.stored()
+    plain = trio.run(parts.fetcher.read, bid, BLOCK, 0, BLOCK)
+    assert bytes(plain[:len(data)]) == data and not any(plain[len(data):])
 
 def writer_renewing_every(parts: Parts, every_s: float | None) -> FileWriter:
     return FileWriter(parts.meta, AsyncStore(parts.volume.store, 4), parts.fetcher, BLOCK, claim_renew_s=every_s)
@@ -178,7 +176,7 @@ def gc_with_a_short_grace(parts: Parts, writer: FileWriter) -> tuple[int, bytes]
         nonlocal deleted
         async with trio.open_nursery() as background:
             await background.start(writer.run)
-            writer.opened(ino, 0, [])
+            writer.opened(ino, 0, BlockList())
             await writer.write(ino, 0, content)  # block 0 is whole: uploaded now, in the background
             while not writer._files[ino].stored:
                 await trio.sleep(0.01)
@@ -218,7 +216,7 @@ def test_a_block_gc_deletes_despite_the_claims_fails_the_flush_until_it_is_store
     async def main() -> None:
         async with trio.open_nursery() as background:
             await background.start(writer.run)
-            writer.opened(ino, 0, [])
+            writer.opened(ino, 0, BlockList())
             await writer.write(ino, 0, block)
             while not writer._files[ino].stored:
                 await trio.sleep(0.01)

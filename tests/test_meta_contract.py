@@ -6,15 +6,18 @@ from __future__ import annotations
 import errno
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from chunkfs.blocklist import BlockList
 from chunkfs.blocks import block_id
 from chunkfs.errors import FsError, NotFormatted, UsageError
 from chunkfs.meta import ROOT_INODE, MetaStore, VolumeFormat, open_meta
 from chunkfs.meta.base import BUSY, CLAIMED, DELETE_MARK_TTL_NS, KNOWN
+from chunkfs.meta.sessions import STALE_AFTER_S, new_session_id, release_dead_sessions
 from tests.conftest import META_KINDS, meta_url
 
 FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
@@ -170,7 +173,7 @@ def test_create_commit_and_truncate(meta: MetaStore) -> None:
     assert not meta.block_known(block_id(b"abcd"))
     d = meta.mkdir(ROOT_INODE, b"d", 0o755, 0, 0, 0)
     with pytest.raises(FsError) as err:
-        meta.commit_file(d.ino, size=0, blocks=[], mtime_ns=0)
+        meta.commit_file(d.ino, size=0, blocks=BlockList(), mtime_ns=0)
     assert err.value.errno == errno.EISDIR
 
 
@@ -339,3 +342,94 @@ def test_a_second_gc_cannot_mark_a_block_another_gc_is_deleting(meta: MetaStore)
     assert meta.begin_delete(bid, t0, t0 + 3 * ms + DELETE_MARK_TTL_NS + ms)  # a dead gc's mark expires
     meta.forget_freed(t0 + 5 * ms + 2 * DELETE_MARK_TTL_NS)  # and is swept with old records
     assert meta.claim_upload(bid, t0 + 3 * ms + DELETE_MARK_TTL_NS + 2 * ms) == CLAIMED
+
+
+def test_special_files(meta: MetaStore) -> None:
+    made = {
+        b"fifo": meta.mknod(ROOT_INODE, b"fifo", stat.S_IFIFO | 0o640, 0, 3, 4, 10),
+        b"sock": meta.mknod(ROOT_INODE, b"sock", stat.S_IFSOCK | 0o755, 0, 3, 4, 10),
+        b"chr": meta.mknod(ROOT_INODE, b"chr", stat.S_IFCHR | 0o600, (1 << 8) | 3, 3, 4, 10),
+        b"blk": meta.mknod(ROOT_INODE, b"blk", stat.S_IFBLK | 0o660, (8 << 8) | 17, 3, 4, 10),
+    }
+    assert made[b"chr"].rdev == (1 << 8) | 3 and made[b"blk"].rdev == (8 << 8) | 17 and made[b"fifo"].rdev == 0
+    assert all(a.is_special and a.nlink == 1 and (a.uid, a.gid) == (3, 4) for a in made.values())
+    assert stat.S_IFMT(meta.lookup(ROOT_INODE, b"sock").mode) == stat.S_IFSOCK
+    assert dict(meta.readdir(ROOT_INODE)) == {name: meta.getattr(a.ino) for name, a in made.items()}
+    assert meta.getattr(made[b"blk"].ino) == made[b"blk"]
+    for bad_mode, code in ((stat.S_IFIFO | 0o644, errno.EEXIST), (stat.S_IFREG | 0o644, errno.EINVAL),
+                           (stat.S_IFDIR | 0o755, errno.EINVAL)):
+        with pytest.raises(FsError) as err:
+            meta.mknod(ROOT_INODE, b"fifo", bad_mode, 0, 0, 0, 0)
+        assert err.value.errno == code
+    assert meta.stats().specials == 4 and meta.stats().files == 0
+    meta.link(made[b"chr"].ino, ROOT_INODE, b"chr2")
+    meta.unlink(ROOT_INODE, b"chr")
+    assert meta.lookup(ROOT_INODE, b"chr2").rdev == (1 << 8) | 3
+    meta.rename(ROOT_INODE, b"fifo", ROOT_INODE, b"sock")  # a FIFO replaces a socket
+    assert stat.S_ISFIFO(meta.lookup(ROOT_INODE, b"sock").mode)
+    assert meta.stats().specials == 3
+
+
+def test_block_lists_with_holes(meta: MetaStore) -> None:
+    """Sparse lists round-trip; references count stored blocks only; a huge size costs nothing."""
+    a, b = ids(b"aaaa", b"bb")
+    sparse = BlockList()
+    sparse.resize(1 << 40)  # block size 4: a 4 TiB file
+    sparse[3] = a
+    sparse[(1 << 40) - 1] = b  # the last block, 2 bytes long
+    size = ((1 << 40) - 1) * 4 + 2
+    f = meta.publish_file(ROOT_INODE, b"sparse", mode=0o644, uid=0, gid=0, mtime_ns=1, size=size, blocks=sparse)
+    assert meta.read_blocks(f.ino) == sparse and meta.getattr(f.ino).size == size
+    stats = meta.stats()
+    assert (stats.block_refs, stats.unique_blocks, stats.unique_bytes, stats.logical_bytes) == (2, 2, 6, size)
+    assert meta.referenced_blocks() == {a, b}
+    g = meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, 0)
+    holes = BlockList()
+    holes.resize(3)
+    holes[1] = a
+    meta.commit_file(g.ino, size=12, blocks=holes, mtime_ns=2)
+    assert list(meta.read_blocks(g.ino)) == [b"", a, b""]
+    assert meta.stats().block_refs == 3
+    meta.unlink(ROOT_INODE, b"sparse")
+    assert meta.referenced_blocks() == {a} and meta.freed_blocks(0) == {b}
+
+
+def test_files_unlinked_while_open_stay_until_released(meta: MetaStore) -> None:
+    a, b = ids(b"aaaa", b"bbbb")
+    f = meta.publish_file(ROOT_INODE, b"f", mode=0o644, uid=0, gid=0, mtime_ns=1, size=4, blocks=[a])
+    g = meta.publish_file(ROOT_INODE, b"g", mode=0o644, uid=0, gid=0, mtime_ns=1, size=4, blocks=[b])
+    meta.open_session("host/1/1/x", 123)
+    assert meta.sessions() == {"host/1/1/x": 123}
+    meta.unlink(ROOT_INODE, b"f", sustain=f.ino, session="host/1/1/x")
+    gone = meta.getattr(f.ino)
+    assert gone.nlink == 0 and gone.ctime_ns >= f.ctime_ns
+    assert meta.read_blocks(f.ino) == [a] and a in meta.referenced_blocks()
+    assert meta.orphans() == {f.ino: "host/1/1/x"}
+    meta.commit_file(f.ino, size=4, blocks=[b], mtime_ns=5)  # still written through its handle
+    assert meta.referenced_blocks() == {b}
+    meta.release_orphan(f.ino)
+    with pytest.raises(FsError):
+        meta.getattr(f.ino)
+    assert meta.orphans() == {} and meta.stats().block_refs == 1
+    meta.release_orphan(g.ino)  # not an orphan: nothing happens
+    assert meta.getattr(g.ino).nlink == 1
+    h = meta.publish_file(ROOT_INODE, b"h", mode=0o644, uid=0, gid=0, mtime_ns=1, size=4, blocks=[a])
+    meta.rename(ROOT_INODE, b"g", ROOT_INODE, b"h", sustain=h.ino, session="host/1/1/x")  # replaced while open
+    assert meta.getattr(h.ino).nlink == 0 and meta.orphans() == {h.ino: "host/1/1/x"}
+    meta.unlink(ROOT_INODE, b"h", sustain=12345, session="host/1/1/x")  # another inode: goes at once
+    assert meta.referenced_blocks() == {a}
+    meta.close_session("host/1/1/x")
+    assert meta.orphans() == {} and meta.sessions() == {} and meta.referenced_blocks() == set()
+
+
+def test_dead_sessions_release_their_orphans(meta: MetaStore) -> None:
+    now = time.time_ns()
+    alive, remote_dead, local_dead = new_session_id(), "elsewhere/7/7/a", new_session_id().replace("/", "/9", 1)
+    files = {}
+    for name, session in ((b"a", alive), (b"r", remote_dead), (b"l", local_dead)):
+        meta.open_session(session, now - int(2 * STALE_AFTER_S * 1e9) if session == remote_dead else now)
+        f = meta.publish_file(ROOT_INODE, name, mode=0o644, uid=0, gid=0, mtime_ns=1, size=4, blocks=ids(name * 4))
+        meta.unlink(ROOT_INODE, name, sustain=f.ino, session=session)
+        files[session] = f.ino
+    assert release_dead_sessions(meta, now) == 2
+    assert meta.orphans() == {files[alive]: alive} and set(meta.sessions()) == {alive}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from chunkfs.blocklist import BlockList
 from chunkfs.blocks import BlockCodec, block_id, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import CacheDir, NewEntry, aligned_buffer
@@ -496,7 +497,7 @@ def test_a_read_inside_a_held_block_is_answered_without_a_copy(tmp_path: Path) -
     store, _cache, fetcher, blocks = _buffered_fetcher(tmp_path, 4, sizes=(mib, mib, 5000))
     content = b"".join(data for _bid, data in blocks)
     reader = FileReader(fetcher, ReadConfig(block_size=mib, prefetch_patterns=()), fetcher.metrics)
-    reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+    reader.opened(7, "model.bin", len(content), BlockList.dense(bid for bid, _data in blocks))
     assert reader.read_held(7, 0, 4096) is None  # nothing downloaded yet
     assert trio.run(reader.read_into, 7, 0, memoryview(bytearray(4096))) == 4096
     view = reader.read_held(7, 4096, 8192)
@@ -662,7 +663,7 @@ def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path)
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reader.run)
-            reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+            reader.opened(7, "model.bin", len(content), BlockList.dense(bid for bid, _data in blocks))
             await trio.sleep(0.3)
             assert held() == {0, 1}  # nothing read yet: the furthest read is "before block 0"
             out = memoryview(bytearray(mib))
@@ -692,7 +693,7 @@ def test_prefetch_goes_past_blocks_on_the_node_to_download_the_rest(tmp_path: Pa
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reader.run)
-            reader.opened(7, "model.bin", len(content), [bid for bid, _data in blocks])
+            reader.opened(7, "model.bin", len(content), BlockList.dense(bid for bid, _data in blocks))
             deadline = trio.current_time() + 10
             while not all(cache.is_verified(bid) for bid, _data in blocks[8:]):
                 assert trio.current_time() < deadline, f"{store.gets - 8} of the 8 missing blocks downloaded"

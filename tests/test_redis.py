@@ -143,7 +143,7 @@ def test_dump_load_between_sqlite_and_redis(request: pytest.FixtureRequest, tmp_
     finally:
         meta.close()
     dumped = chunkfs("dump", vol.meta_url).stdout
-    assert dumped.splitlines()[0].startswith('{"chunkfs_dump": 2')
+    assert dumped.splitlines()[0].startswith('{"chunkfs_dump": 3')
     assert '"type": "hardlink"' in dumped
     redis_url = meta_url("redis", request, tmp_path)
     chunkfs("load", redis_url, input=dumped)

@@ -79,7 +79,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("compression", fmt.compression),
         ("hash", fmt.hash),
         ("format", f"version {fmt.format_version}, created {fmt.created}"),
-        ("files", f"{stats.files} files, {stats.directories} directories, {stats.symlinks} symlinks"),
+        ("files", f"{stats.files} files, {stats.directories} directories, {stats.symlinks} symlinks"
+                  + (f", {stats.specials} special files" if stats.specials else "")),
         ("logical size", f"{format_size(stats.logical_bytes)} ({stats.logical_bytes} bytes)"),
         ("blocks", f"{stats.block_refs} referenced, {stats.unique_blocks} unique "
                    f"({format_size(stats.unique_bytes)})"),

@@ -11,9 +11,11 @@ SIGTERM, SIGINT and SIGHUP end the session cleanly (unmount, exit 0). ``fusermou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.fuse.ops import ChunkfsOperations, MountOptions
 from chunkfs.fuse.write_ops import WritableOperations
 from chunkfs.meta.aio import AsyncMeta
+from chunkfs.meta.base import FORMAT_VERSION
+from chunkfs.meta.sessions import HEARTBEAT_S, new_session_id, release_dead_sessions
 from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
@@ -104,7 +108,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         writer = FileWriter(meta, AsyncStore(volume.store, slots), fetcher, block_size,
                             uploads=uploads, max_pending=max(4, config.buffer_size // block_size),
                             cache_writes=config.cache_writes, on_publish=reader.refresh)
-        ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics)
+        session = _begin_session(volume)
+        ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics, session)
     control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:
@@ -120,25 +125,62 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
             raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
         unmounted = False
         try:
-            trio.run(_run_session, config, cache, reader, writer, control, on_ready)
+            trio.run(_run_session, config, cache, reader, writer, control, on_ready,
+                     None if writer is None else (volume, session))
             unmounted = find_mount(config.mountpoint) is None
         finally:
             pyfuse3.close(unmount=not unmounted)
             log.info("unmounted %s", config.mountpoint)
+            if writer is not None:
+                _end_session(volume, session)
     finally:
         if http is not None:
             http.shutdown()
             http.server_close()
 
 
+def _begin_session(volume: Volume) -> str:
+    """Before a writable mount: raise the volume to the current format (its writes may use
+    what older chunkfs cannot read), release the orphans of dead sessions, register ours."""
+    meta = volume.meta
+    if volume.fmt.format_version < FORMAT_VERSION:
+        meta.save_format(dataclasses.replace(volume.fmt, format_version=FORMAT_VERSION))
+        log.info("volume raised to format version %d", FORMAT_VERSION)
+    released = release_dead_sessions(meta)
+    if released:
+        log.info("released %d file(s) unlinked while open in mounts that are gone", released)
+    session = new_session_id()
+    meta.open_session(session, time.time_ns())
+    return session
+
+
+def _end_session(volume: Volume, session: str) -> None:
+    try:
+        volume.meta.close_session(session)
+    except ChunkfsError as exc:  # the next mount or gc releases its orphans
+        log.error("closing session %s failed: %s", session, exc)
+
+
+async def _heartbeat(volume: Volume, session: str) -> None:
+    while True:
+        await trio.sleep(HEARTBEAT_S)
+        try:
+            await trio.to_thread.run_sync(volume.meta.open_session, session, time.time_ns())
+        except ChunkfsError as exc:
+            log.warning("session heartbeat failed: %s", exc)
+
+
 async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, writer: FileWriter | None,
-                       control: ControlServer, on_ready: Callable[[], None] | None) -> None:
+                       control: ControlServer, on_ready: Callable[[], None] | None,
+                       session: tuple[Volume, str] | None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         await nursery.start(reader.run)
         if writer is not None:
             await nursery.start(writer.run)
+        if session is not None:
+            nursery.start_soon(_heartbeat, *session)
 
         async def fuse_main() -> None:
             await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_workers)

@@ -57,6 +57,7 @@ class OpenFile:
     ino: int
     snapshot: bytes | None = None  # contents of the stats file at open
     writable: bool = False  # opened for writing (writable mounts)
+    drops_privileges: bool = False  # opened for writing by someone other than root: a write clears set-uid/gid
 
 
 def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -145,7 +146,7 @@ class ChunkfsOperations(pyfuse3.Operations):
         entry.st_nlink = attr.nlink
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
-        entry.st_rdev = 0
+        entry.st_rdev = attr.rdev
         entry.st_size = attr.size
         entry.st_blksize = self.block_size
         entry.st_blocks = -(-attr.size // 512)

@@ -6,7 +6,17 @@ transaction), file content to ``FileWriter``. Errors reach the kernel as errno v
 Consistency: a file's content is published when a handle is closed (flush) or fsync'd, so
 another mount that opens it afterwards sees it (close-to-open, as NFS and JuiceFS give).
 Within this mount, every read of a file open for writing sees the unpublished bytes, and
-``getattr`` reports the size being written.
+``getattr`` reports the size and times being written.
+
+POSIX rules kept here (the kernel leaves them to the filesystem):
+
+- ``O_TRUNC`` arrives in ``open`` (atomic O_TRUNC) and empties the file, marking mtime/ctime.
+- A file unlinked (or renamed over) while open in this mount stays readable and writable
+  through its handles: it becomes an orphan of this mount's session and goes at its last close.
+- Set-uid/set-gid are cleared as the kernel would if it did not hand that to the filesystem
+  (libfuse asks for FUSE_CAP_HANDLE_KILLPRIV): on chown of a non-directory, and on a write or
+  truncate by a caller other than root (set-gid only with group-execute).
+- New entries in a set-gid directory take its group; new directories there inherit set-gid.
 """
 
 from __future__ import annotations
@@ -17,14 +27,16 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from typing import Any
 
 import pyfuse3
 
+from chunkfs.blocklist import BlockList
 from chunkfs.errors import FsError
 from chunkfs.fuse.ops import STATS_INODE, ChunkfsOperations, OpenFile, _fuse_errors
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import Attr
+from chunkfs.meta.base import Attr, check_size
 from chunkfs.metrics import Metrics
 from chunkfs.read.reader import FileReader
 from chunkfs.write.file_writer import FileWriter, WriteFailed
@@ -35,16 +47,31 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR
 
 
+def without_privileges(mode: int) -> int:
+    """``mode`` less set-uid, and less set-gid when group-execute is set (a set-gid file
+    without group-execute is a mandatory-locking mark, which the kernel keeps)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 class WritableOperations(ChunkfsOperations):
     def __init__(self, meta: AsyncMeta, reader: FileReader, writer: FileWriter, block_size: int, options: Any,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, session: str = "") -> None:
         super().__init__(meta, reader, block_size, options, metrics)
         self.writer = writer
+        self.session = session  # this mount's session: files unlinked while open are its orphans
+        self._opens: Counter[int] = Counter()  # inode -> handles open in this mount
+        self._sustained: set[int] = set()  # open inodes that lost a name while open: maybe orphans
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         size = self.writer.size_of(attr.ino)
-        if size is not None:  # being written in this mount: the size readers of this mount see
+        if size is not None:  # being written in this mount: the size and times readers of this mount see
             attr = dataclasses.replace(attr, size=size)
+            times = self.writer.unpublished_times(attr.ino)
+            if times is not None:
+                attr = dataclasses.replace(attr, mtime_ns=times[0], ctime_ns=max(attr.ctime_ns, times[1]))
         return super()._entry(attr)
 
     # -- namespace -------------------------------------------------------------------------
@@ -59,7 +86,20 @@ class WritableOperations(ChunkfsOperations):
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.change("unlink", parent_inode, name)
+        sustain = await self._open_inode_at(parent_inode, name)
+        await self.meta.change("unlink", parent_inode, name, sustain=sustain, session=self.session)
+
+    async def _open_inode_at(self, parent: int, name: bytes) -> int:
+        """The inode named ``parent/name`` if it is open in this mount (its last name may go
+        while it is open: it is then kept until its last close), else 0."""
+        try:
+            ino = (await self.meta.lookup(parent, name)).ino
+        except FsError:
+            return 0  # the change itself reports the error
+        if not self._opens[ino]:
+            return 0
+        self._sustained.add(ino)
+        return ino
 
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -70,8 +110,9 @@ class WritableOperations(ChunkfsOperations):
         # a directory moved to another parent: its ``..`` must follow (kernels may keep the
         # moved entry cached and never look it up again)
         moved = await self.meta.lookup(parent_inode_old, name_old) if parent_inode_old != parent_inode_new else None
+        sustain = await self._open_inode_at(parent_inode_new, name_new)
         await self.meta.change("rename", parent_inode_old, name_old, parent_inode_new, name_new,
-                               noreplace=bool(flags & RENAME_NOREPLACE))
+                               noreplace=bool(flags & RENAME_NOREPLACE), sustain=sustain, session=self.session)
         if moved is not None:
             self._seen(parent_inode_new, name_new, moved)
 
@@ -100,14 +141,24 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets have no place in a model store
-        return await self._new_entry("create_file", parent_inode, name, mode, ctx)
+        """Regular files, FIFOs, sockets (bind) and device nodes; the kernel does the I/O of
+        the special ones, chunkfs keeps their type, mode, owner, times and ``rdev``."""
+        if stat.S_ISREG(mode):
+            return await self._new_entry("create_file", parent_inode, name, mode, ctx)
+        return await self._new_entry("mknod", parent_inode, name, mode, ctx, rdev)
 
     async def _new_entry(self, method: str, parent: int, name: bytes, mode_or_target: int | bytes,
-                         ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        """mkdir, symlink or create_file, owned by the caller."""
-        attr = await self.meta.change(method, parent, name, mode_or_target, ctx.uid, ctx.gid, time.time_ns())
+                         ctx: pyfuse3.RequestContext, rdev: int | None = None) -> pyfuse3.EntryAttributes:
+        """mkdir, symlink, create_file or mknod, owned by the caller (the group of a set-gid
+        parent, whose set-gid a new directory inherits)."""
+        gid = ctx.gid
+        parent_attr = await self.meta.getattr(parent)
+        if parent_attr.mode & stat.S_ISGID:
+            gid = parent_attr.gid
+            if method == "mkdir" and isinstance(mode_or_target, int):
+                mode_or_target |= stat.S_ISGID
+        args: tuple[Any, ...] = (mode_or_target,) if rdev is None else (mode_or_target, rdev)
+        attr = await self.meta.change(method, parent, name, *args, ctx.uid, gid, time.time_ns())
         self._seen(parent, name, attr)
         return self._entry(attr)
 
@@ -117,31 +168,49 @@ class WritableOperations(ChunkfsOperations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == STATS_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        truncated = await self._truncate(inode, attr.st_size) if fields.update_size else None
         changes: dict[str, int] = {}
+        truncated = None
+        if fields.update_size:
+            check_size(attr.st_size)
+            # ftruncate and O_TRUNC send mtime too and always mark the times; truncate(2)
+            # marks them only when the size changes
+            truncated = await self._truncate(inode, attr.st_size, touch=fields.update_mtime)
+            if ctx.uid != 0:
+                await self._drop_privileges(inode, changes)
         if fields.update_mode:
             changes["mode"] = attr.st_mode
         if fields.update_uid:
             changes["uid"] = attr.st_uid
         if fields.update_gid:
             changes["gid"] = attr.st_gid
+        if (fields.update_uid or fields.update_gid) and not fields.update_mode:
+            await self._drop_privileges(inode, changes)
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+            self.writer.set_mtime(inode, attr.st_mtime_ns)
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if changes or fields.update_ctime:
             return self._entry(await self.meta.change("set_attrs", inode, **changes))
         return self._entry(truncated or await self.meta.getattr(inode))
 
-    async def _truncate(self, inode: int, size: int) -> Attr | None:
+    async def _drop_privileges(self, inode: int, changes: dict[str, int]) -> None:
+        """Clear set-uid/set-gid of a non-directory into ``changes`` (chown, a write or a
+        truncate by someone other than root), if it has any to clear."""
+        current = await self.meta.getattr(inode)
+        mode = changes.get("mode", current.mode)
+        if not current.is_dir and without_privileges(mode) != mode:
+            changes["mode"] = without_privileges(mode)
+
+    async def _truncate(self, inode: int, size: int, *, touch: bool = True) -> Attr | None:
         """Truncate through the writer; a file not open for writing is opened for this and
         published at once (its new ``Attr``; failures reach the caller as EIO)."""
         if self.writer.is_open(inode):
-            await self.writer.truncate(inode, size)
+            await self.writer.truncate(inode, size, touch=touch)
             return None
         await self._open_writer(inode)
         try:
-            await self.writer.truncate(inode, size)
+            await self.writer.truncate(inode, size, touch=touch)
         except BaseException:
             await self._release_writer(inode)
             raise
@@ -155,7 +224,7 @@ class WritableOperations(ChunkfsOperations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             self.writer.opened(inode, attr.size, await self.meta.read_blocks(inode))
         else:
-            self.writer.opened(inode, 0, [])  # one more handle on the state already there
+            self.writer.opened(inode, 0, BlockList())  # one more handle on the state already there
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -186,19 +255,26 @@ class WritableOperations(ChunkfsOperations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         entry = await self._new_entry("create_file", parent_inode, name, mode, ctx)
-        self.writer.opened(entry.st_ino, 0, [])
+        self.writer.opened(entry.st_ino, 0, BlockList())
+        return self._handle(OpenFile(entry.st_ino, writable=True, drops_privileges=ctx.uid != 0)), entry
+
+    def _handle(self, f: OpenFile, **info: Any) -> pyfuse3.FileInfo:
         fh = self._new_fh()
-        self._files[fh] = OpenFile(entry.st_ino, writable=True)
-        return pyfuse3.FileInfo(fh=fh), entry
+        self._files[fh] = f
+        self._opens[f.ino] += 1
+        return pyfuse3.FileInfo(fh=fh, **info)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode != STATS_INODE and flags & os.O_TRUNC:
+            await self._truncate(inode, 0)  # O_TRUNC marks mtime and ctime even of an empty file
         if inode == STATS_INODE or not flags & _WRITE_INTENT:
-            return await super().open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
+            info = await super().open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
+            if inode != STATS_INODE:
+                self._opens[inode] += 1
+            return info
         await self._open_writer(inode)
-        fh = self._new_fh()
-        self._files[fh] = OpenFile(inode, writable=True)
-        return pyfuse3.FileInfo(fh=fh)
+        return self._handle(OpenFile(inode, writable=True, drops_privileges=ctx.uid != 0))
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -212,6 +288,12 @@ class WritableOperations(ChunkfsOperations):
         f = self._files[fh]
         if not f.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if f.drops_privileges:  # the first write by a non-root opener clears set-uid/set-gid
+            f.drops_privileges = False
+            changes: dict[str, int] = {}
+            await self._drop_privileges(f.ino, changes)
+            if changes:
+                await self.meta.change("set_attrs", f.ino, **changes)
         return await self.writer.write(f.ino, off, buf)
 
     @_fuse_errors
@@ -242,10 +324,27 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def release(self, fh: int) -> None:
         f = self._files.get(fh)
-        if f is None or not f.writable:
-            return await super().release.__wrapped__(self, fh)  # type: ignore[attr-defined]
-        del self._files[fh]
-        await self._release_writer(f.ino)
+        if f is None:
+            return
+        try:
+            if not f.writable:
+                await super().release.__wrapped__(self, fh)  # type: ignore[attr-defined]
+            else:
+                del self._files[fh]
+                await self._release_writer(f.ino)
+        finally:
+            if f.snapshot is None:
+                await self._closed(f.ino)
+
+    async def _closed(self, ino: int) -> None:
+        """A handle of ``ino`` closed; at the last one, an inode unlinked meanwhile goes."""
+        self._opens[ino] -= 1
+        if self._opens[ino] > 0:
+            return
+        del self._opens[ino]
+        if ino in self._sustained:
+            self._sustained.discard(ino)
+            await self.meta.change("release_orphan", ino)
 
     async def _release_writer(self, ino: int) -> None:
         try:

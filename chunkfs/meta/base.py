@@ -22,14 +22,21 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from errno import E2BIG, EINVAL, ENAMETOOLONG, EOPNOTSUPP, ERANGE
+from errno import E2BIG, EFBIG, EINVAL, ENAMETOOLONG, EOPNOTSUPP, ERANGE
 
+from chunkfs.blocklist import BlockList
 from chunkfs.blocks import HASH_NAME
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
 
 ROOT_INODE = 1
-FORMAT_VERSION = 1
+#: 1: dense block lists only. 2: block lists may have holes (``BlockList``'s sparse form) and
+#: inodes may be FIFOs, sockets or device nodes. Code reading version 1 would misread both,
+#: so a writable mount raises a volume to 2 before it writes; this code reads both.
+FORMAT_VERSION = 2
 NAME_MAX = 255
+#: the largest file size: sizes travel as Lua numbers (doubles) in the Redis engine, exact
+#: up to 2**53 (8 PiB). A larger truncate or write gets EFBIG.
+MAX_FILE_SIZE = 1 << 53
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     nlink: int
+    rdev: int = 0  # device number of a character or block device node, else 0
 
     @property
     def is_dir(self) -> bool:
@@ -86,6 +94,11 @@ class Attr:
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
 
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: metadata only, the kernel does its I/O."""
+        return not (self.is_dir or self.is_reg or self.is_link)
+
 
 @dataclass(frozen=True)
 class VolumeStats:
@@ -96,6 +109,7 @@ class VolumeStats:
     block_refs: int  # (file, index) slots
     unique_blocks: int  # distinct block ids referenced
     unique_bytes: int  # plain bytes of the distinct blocks
+    specials: int = 0  # FIFOs, sockets and device nodes
 
     @property
     def dedup_ratio(self) -> float:
@@ -151,8 +165,8 @@ class MetaStore(ABC):
     def readlink(self, ino: int) -> bytes: ...
 
     @abstractmethod
-    def read_blocks(self, ino: int) -> list[bytes]:
-        """The ordered block ids of a regular file."""
+    def read_blocks(self, ino: int) -> BlockList:
+        """The block list of a regular file (holes where nothing was written)."""
 
     def block_known(self, bid: bytes) -> bool:
         """True if some published file references the block (so it is in the store); for
@@ -218,14 +232,43 @@ class MetaStore(ABC):
         gid: int,
         mtime_ns: int,
         size: int,
-        blocks: list[bytes],
+        blocks: BlockList | list[bytes],
     ) -> Attr:
         """Create the regular file ``parent/name`` or replace the content and attributes of
         the non-directory there, with its whole block list, in one transaction."""
 
     @abstractmethod
-    def unlink(self, parent: int, name: bytes) -> None:
-        """Remove a non-directory entry (dropping its block references at nlink 0)."""
+    def unlink(self, parent: int, name: bytes, *, sustain: int = 0, session: str = "") -> None:
+        """Remove a non-directory entry (dropping its block references at nlink 0). When the
+        entry is the last link of inode ``sustain`` (a file open in the caller's mount), the
+        inode stays, with nlink 0 and its blocks referenced, as an orphan of ``session``
+        until ``release_orphan`` (its last close) or the session is found dead."""
+
+    @abstractmethod
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        """A FIFO, socket or device node (``mode`` carries the type); EEXIST if the name is taken."""
+
+    # -- sessions and orphans (files unlinked while open) ------------------------------------
+    @abstractmethod
+    def open_session(self, session: str, now_ns: int) -> None:
+        """Register a writable mount, or record that it is alive (a heartbeat)."""
+
+    @abstractmethod
+    def sessions(self) -> dict[str, int]:
+        """Every registered session and its last heartbeat (ns)."""
+
+    @abstractmethod
+    def orphans(self) -> dict[int, str]:
+        """Inodes unlinked while open (nlink 0, blocks still referenced) -> their session."""
+
+    @abstractmethod
+    def release_orphan(self, ino: int) -> None:
+        """The orphan's last handle closed: delete the inode and drop its block references
+        (nothing if ``ino`` is not an orphan)."""
+
+    @abstractmethod
+    def close_session(self, session: str) -> None:
+        """Release every orphan of ``session`` and forget the session."""
 
     @abstractmethod
     def set_attrs(
@@ -240,7 +283,7 @@ class MetaStore(ABC):
         """A new empty regular file; EEXIST if the name is taken."""
 
     @abstractmethod
-    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
         """Replace a regular file's size and whole block list (a write, a truncate) at once."""
 
     @abstractmethod
@@ -249,10 +292,11 @@ class MetaStore(ABC):
 
     @abstractmethod
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *,
-               noreplace: bool = False) -> None:
+               noreplace: bool = False, sustain: int = 0, session: str = "") -> None:
         """Move an entry, replacing a file at the destination (or an empty directory by a
         directory), as rename(2): EISDIR, ENOTDIR, ENOTEMPTY, EINVAL (into itself), EEXIST
-        with ``noreplace``."""
+        with ``noreplace``. A replaced file that is inode ``sustain`` becomes an orphan of
+        ``session`` as in ``unlink``."""
 
     @abstractmethod
     def exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes) -> None:
@@ -310,6 +354,25 @@ def check_xattr(name: bytes, value: bytes) -> None:
         raise FsError(ERANGE, f"xattr name of {len(name)} bytes")
     if len(value) > XATTR_SIZE_MAX:
         raise FsError(E2BIG, f"xattr value of {len(value)} bytes")
+
+
+def as_block_list(blocks: BlockList | list[bytes]) -> BlockList:
+    return blocks if isinstance(blocks, BlockList) else BlockList.dense(blocks)
+
+
+def check_size(size: int) -> None:
+    if size > MAX_FILE_SIZE:
+        raise FsError(EFBIG, f"{size} bytes is past the largest file size ({MAX_FILE_SIZE})")
+
+
+def is_device(mode: int) -> bool:
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def check_special(mode: int) -> None:
+    """``mknod`` makes FIFOs, sockets and device nodes (regular files go through create)."""
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or is_device(mode)):
+        raise FsError(EINVAL, f"mknod of file type {stat.S_IFMT(mode):o}")
 
 
 def check_name(name: bytes) -> None:

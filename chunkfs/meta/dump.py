@@ -2,13 +2,17 @@
 
 Line 1 is a header ``{"chunkfs_dump": 2, "format": {...}}``; then one object per entry in
 pre-order (a directory before its children): ``path`` (``/`` for the root), ``type``
-(``dir``, ``file``, ``symlink``), ``mode`` (permission bits), ``uid``, ``gid``,
-``mtime_ns``, and ``size`` + ``blocks`` (hex ids) for files or ``target`` for symlinks;
+(``dir``, ``file``, ``symlink``, ``fifo``, ``socket``, ``char``, ``block``), ``mode``
+(permission bits), ``uid``, ``gid``, ``mtime_ns``, and ``size`` + ``blocks`` (hex ids, ``""``
+for a hole) for files, or ``size`` + ``sparse_blocks`` (``[index, hex id]`` of the stored
+blocks only) for a file with more holes than blocks, ``target`` for symlinks, ``rdev`` for
+devices;
 ``xattrs`` (name -> base64 value) when the entry has extended attributes. A file reached
 again under another name (a hard link) is a ``{"path", "type": "hardlink", "link_to"}``
 record naming the path it was first dumped at, so ``load`` recreates one inode, not two.
 Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``. Version 1
-dumps (no xattrs, hard links dumped as copies) load unchanged.
+dumps (no xattrs, hard links dumped as copies) and version 2 dumps (no holes or special
+files) load unchanged. Files unlinked while open are not dumped (they have no path).
 
 Uses only the ``MetaStore`` interface, so it works between any two engines. ``load``
 refuses a target that already holds a volume. Inode numbers are not preserved (nothing
@@ -25,10 +29,13 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import IO
 
+from chunkfs.blocklist import BlockList
+from chunkfs.blocks import block_count
 from chunkfs.errors import ChunkfsError
 from chunkfs.meta.base import ROOT_INODE, Attr, FsError, MetaStore, VolumeFormat
 
-DUMP_VERSION = 2
+DUMP_VERSION = 3
+_SPECIAL_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK, "char": stat.S_IFCHR, "block": stat.S_IFBLK}
 
 
 def _entry(path: str, attr: Attr, meta: MetaStore) -> dict:
@@ -38,8 +45,15 @@ def _entry(path: str, attr: Attr, meta: MetaStore) -> dict:
         out["type"] = "dir"
     elif attr.is_link:
         out.update(type="symlink", target=os.fsdecode(meta.readlink(attr.ino)))
+    elif attr.is_special:
+        kind = next(name for name, ftype in _SPECIAL_TYPES.items() if stat.S_IFMT(attr.mode) == ftype)
+        out.update(type=kind, rdev=attr.rdev)
     else:
-        out.update(type="file", size=attr.size, blocks=[b.hex() for b in meta.read_blocks(attr.ino)])
+        blocks = meta.read_blocks(attr.ino)
+        if blocks.holes * 2 > len(blocks):
+            out.update(type="file", size=attr.size, sparse_blocks=[[i, b.hex()] for i, b in blocks.stored()])
+        else:
+            out.update(type="file", size=attr.size, blocks=[b.hex() for b in blocks])
     names = meta.list_xattrs(attr.ino)
     if names:
         out["xattrs"] = {os.fsdecode(n): base64.b64encode(meta.get_xattr(attr.ino, n)).decode() for n in names}
@@ -115,10 +129,15 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
             elif rec["type"] == "symlink":
                 attr = meta.symlink(parent, bname, os.fsencode(rec["target"]), rec["uid"], rec["gid"],
                                     rec["mtime_ns"])
-            else:
+            elif rec["type"] in _SPECIAL_TYPES:
+                attr = meta.mknod(parent, bname, _SPECIAL_TYPES[rec["type"]] | rec["mode"], rec.get("rdev", 0),
+                                  rec["uid"], rec["gid"], rec["mtime_ns"])
+            elif rec["type"] == "file":
+                blocks = _blocks_of(rec, meta.block_size)
                 attr = meta.publish_file(parent, bname, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"],
-                                         mtime_ns=rec["mtime_ns"], size=rec["size"],
-                                         blocks=[bytes.fromhex(b) for b in rec["blocks"]])
+                                         mtime_ns=rec["mtime_ns"], size=rec["size"], blocks=blocks)
+            else:
+                raise ValueError(f"unknown entry type {rec['type']!r}")
             inodes[path] = attr.ino  # directories, and any inode a later hard link names
             _load_xattrs(meta, attr.ino, rec)
         except (ValueError, KeyError, TypeError, FsError) as exc:
@@ -128,6 +147,16 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
     for ino, rec in reversed(dirs):  # after the children, whose creation touched the mtimes
         meta.set_attrs(ino, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"], mtime_ns=rec["mtime_ns"])
     return count
+
+
+def _blocks_of(rec: dict, block_size: int) -> BlockList:
+    if "sparse_blocks" not in rec:
+        return BlockList.dense(bytes.fromhex(b) for b in rec["blocks"])
+    blocks = BlockList()
+    blocks.resize(block_count(rec["size"], block_size))
+    for index, hexid in rec["sparse_blocks"]:
+        blocks[index] = bytes.fromhex(hexid)
+    return blocks
 
 
 def _load_xattrs(meta: MetaStore, ino: int, rec: dict) -> None:

@@ -12,16 +12,18 @@ slot and every multi-key update is atomic)::
 
     chunkfs{P}:format          string   VolumeFormat JSON
     chunkfs{P}:next_ino        integer  last inode number handed out (root is 1)
-    chunkfs{P}:i:<ino>         hash     mode uid gid size atime mtime ctime nlink
-                                        [target: symlink bytes] [blocks: 32-byte ids]
+    chunkfs{P}:i:<ino>         hash     mode uid gid size atime mtime ctime nlink [rdev]
+                                        [target: symlink bytes] [blocks: BlockList.pack()]
     chunkfs{P}:d:<ino>         hash     entry name -> child inode
     chunkfs{P}:x:<ino>         hash     extended attribute name -> value
     chunkfs{P}:refs            hash     block id -> (file, index) slots naming it
     chunkfs{P}:blen            hash     block id -> plain length
-    chunkfs{P}:stats           hash     files dirs symlinks bytes refs ubytes
+    chunkfs{P}:stats           hash     files dirs symlinks specials bytes refs ubytes
     chunkfs{P}:freed           hash     block id -> when (ns) its last reference went away
     chunkfs{P}:claims          hash     block id -> when (ns) a writer last claimed its upload
     chunkfs{P}:deleting        hash     block id -> when (ns) gc began deleting its object
+    chunkfs{P}:sessions        hash     writable mount session -> last heartbeat (ns)
+    chunkfs{P}:orphans         hash     inode unlinked while open (nlink 0) -> its session
 
 Every change is one Lua script (``redis_lua``). Reads are plain commands, pipelined.
 Connection errors and timeouts are retried with exponential backoff by redis-py (a bounded
@@ -44,7 +46,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from chunkfs.blocks import pack_ids, unpack_ids
+from chunkfs.blocklist import BlockList
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted, UsageError
 from chunkfs.meta import redis_lua
 from chunkfs.meta.base import (
@@ -54,13 +56,16 @@ from chunkfs.meta.base import (
     MetaStore,
     VolumeFormat,
     VolumeStats,
+    as_block_list,
     check_name,
+    check_special,
     check_xattr,
+    is_device,
 )
 from chunkfs.urls import mask_url
 
 T = TypeVar("T")
-_ATTR_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime", "nlink")
+_ATTR_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime", "nlink", "rdev")
 _OPTIONS = {"prefix", "cluster", "ca", "cert", "key", "tls_verify"}
 PASSWORD_ENVS = ("CHUNKFS_META_PASSWORD", "REDIS_PASSWORD")
 
@@ -143,7 +148,8 @@ class RedisMeta(MetaStore):
         self._scripts = {name: self.client.register_script(getattr(redis_lua, name))
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
                                       "CREATE", "COMMIT", "RMDIR", "RENAME", "EXCHANGE", "LINK", "XATTR",
-                                      "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE")}
+                                      "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE", "MKNOD", "RELEASE_ORPHAN",
+                                      "CLOSE_SESSION")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -172,7 +178,7 @@ class RedisMeta(MetaStore):
     def _attr(ino: int, values: list[bytes | None]) -> Attr:
         if values[0] is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
-        return Attr(ino, *(int(v) for v in values))  # type: ignore[arg-type]
+        return Attr(ino, *(0 if v is None else int(v) for v in values))  # rdev is missing on old inodes
 
     # -- volume ----------------------------------------------------------------------------
     def load_format(self) -> VolumeFormat | None:
@@ -192,7 +198,7 @@ class RedisMeta(MetaStore):
         unique = self._call(self.client.hlen, self.prefix + "refs")
         return VolumeStats(files=get("files", 0), directories=get("dirs", 0), symlinks=get("symlinks", 0),
                            logical_bytes=get("bytes", 0), block_refs=get("refs", 0), unique_blocks=unique,
-                           unique_bytes=get("ubytes", 0))
+                           unique_bytes=get("ubytes", 0), specials=get("specials", 0))
 
     # -- reads -----------------------------------------------------------------------------
     def getattr(self, ino: int) -> Attr:
@@ -210,7 +216,7 @@ class RedisMeta(MetaStore):
     def readdir(self, ino: int) -> list[tuple[bytes, Attr]]:
         flat = self._run("READDIR", ino)  # one round trip for the whole directory
         width = 2 + len(_ATTR_FIELDS)
-        out = [(bytes(flat[i]), Attr(*(int(v) for v in flat[i + 1 : i + width])))
+        out = [(bytes(flat[i]), Attr(*(int(v) for v in flat[i + 1 : i + width])))  # rdev sent as 0 when missing
                for i in range(0, len(flat), width)]
         out.sort(key=lambda entry: entry[0])
         return out
@@ -223,11 +229,11 @@ class RedisMeta(MetaStore):
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
         return bytes(target)
 
-    def read_blocks(self, ino: int) -> list[bytes]:
+    def read_blocks(self, ino: int) -> BlockList:
         mode, blob = self._call(self.client.hmget, self._ikey(ino), ["mode", "blocks"])
         if mode is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
-        return unpack_ids(blob)
+        return BlockList.unpack(blob)
 
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
         return self._run("CLAIM_UPLOAD", bid, now_ns, DELETE_MARK_TTL_NS).decode()
@@ -260,14 +266,39 @@ class RedisMeta(MetaStore):
         return self.getattr(int(ino))
 
     def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int, mtime_ns: int,
-                     size: int, blocks: list[bytes]) -> Attr:
+                     size: int, blocks: BlockList | list[bytes]) -> Attr:
         check_name(name)
         ino = self._run("PUBLISH", parent, name, 0o100000 | (mode & 0o7777), uid, gid, mtime_ns, size,
-                        pack_ids(blocks), self.block_size, time.time_ns())
+                        as_block_list(blocks).pack(), self.block_size, time.time_ns())
         return self.getattr(int(ino))
 
-    def unlink(self, parent: int, name: bytes) -> None:
-        self._run("UNLINK", parent, name, time.time_ns(), self.block_size)
+    def unlink(self, parent: int, name: bytes, *, sustain: int = 0, session: str = "") -> None:
+        self._run("UNLINK", parent, name, time.time_ns(), self.block_size, sustain, session)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_name(name)
+        check_special(mode)
+        ino = self._run("MKNOD", parent, name, mode, rdev if is_device(mode) else 0, uid, gid, mtime_ns,
+                        time.time_ns())
+        return self.getattr(int(ino))
+
+    # -- sessions and orphans --------------------------------------------------------------
+    def open_session(self, session: str, now_ns: int) -> None:
+        self._call(self.client.hset, self.prefix + "sessions", session, now_ns)
+
+    def sessions(self) -> dict[str, int]:
+        raw = self._call(self.client.hgetall, self.prefix + "sessions")
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def orphans(self) -> dict[int, str]:
+        raw = self._call(self.client.hgetall, self.prefix + "orphans")
+        return {int(k): v.decode() for k, v in raw.items()}
+
+    def release_orphan(self, ino: int) -> None:
+        self._run("RELEASE_ORPHAN", ino, self.block_size, time.time_ns())
+
+    def close_session(self, session: str) -> None:
+        self._run("CLOSE_SESSION", session, self.block_size, time.time_ns())
 
     def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None) -> Attr:
@@ -284,16 +315,18 @@ class RedisMeta(MetaStore):
         ino = self._run("CREATE", parent, name, 0o100000 | (mode & 0o7777), uid, gid, mtime_ns, time.time_ns())
         return self.getattr(int(ino))
 
-    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
-        self._run("COMMIT", ino, size, pack_ids(blocks), mtime_ns, self.block_size, time.time_ns())
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
+        self._run("COMMIT", ino, size, as_block_list(blocks).pack(), mtime_ns, self.block_size, time.time_ns())
         return self.getattr(ino)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._run("RMDIR", parent, name, time.time_ns())
 
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False) -> None:
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False,
+               sustain: int = 0, session: str = "") -> None:
         check_name(new_name)
-        self._run("RENAME", parent, name, new_parent, new_name, int(noreplace), self.block_size, time.time_ns())
+        self._run("RENAME", parent, name, new_parent, new_name, int(noreplace), self.block_size, time.time_ns(),
+                  sustain, session)
 
     def exchange(self, parent: int, name: bytes, other_parent: int, other_name: bytes) -> None:
         self._run("EXCHANGE", parent, name, other_parent, other_name, time.time_ns())

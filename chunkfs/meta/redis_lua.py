@@ -20,11 +20,25 @@ local function touch(ino, now, nlink_delta)
   redis.call('HSET', ikey(ino), 'mtime', now, 'ctime', now)
   if nlink_delta ~= 0 then redis.call('HINCRBY', ikey(ino), 'nlink', nlink_delta) end
 end
+-- calls fn(index, id) for every stored block of a BlockList.pack() blob (dense: 32-byte ids
+-- in slot order; sparse: 'CKS1', slot count, then 8-byte index + 32-byte id per stored block)
+local function each_block(blob, fn)
+  if not blob or #blob == 0 then return 0 end
+  if #blob % 32 == 0 then
+    local n = #blob / 32
+    for i = 0, n - 1 do fn(i, string.sub(blob, i * 32 + 1, i * 32 + 32)) end
+    return n
+  end
+  local n = 0
+  for pos = 13, #blob, 40 do
+    local hi, lo = struct.unpack('>I4I4', string.sub(blob, pos, pos + 7))
+    fn(hi * 4294967296 + lo, string.sub(blob, pos + 8, pos + 39))
+    n = n + 1
+  end
+  return n
+end
 local function change_refs(blob, size, bs, delta, now)
-  if not blob or #blob == 0 then return end
-  local n = #blob / 32
-  for i = 0, n - 1 do
-    local id = string.sub(blob, i * 32 + 1, i * 32 + 32)
+  local n = each_block(blob, function(i, id)
     local r = redis.call('HINCRBY', P .. 'refs', id, delta)
     if delta > 0 and r == 1 then
       local len = math.min(bs, size - i * bs)
@@ -37,12 +51,12 @@ local function change_refs(blob, size, bs, delta, now)
       redis.call('HSET', P .. 'freed', id, now)  -- the client's clock, like claims and gc's cutoff
       redis.call('HINCRBY', P .. 'stats', 'ubytes', -len)
     end
-  end
-  redis.call('HINCRBY', P .. 'stats', 'refs', delta * n)
+  end)
+  if n > 0 then redis.call('HINCRBY', P .. 'stats', 'refs', delta * n) end
 end
 local function count(mode, delta, size)
   local t = ftype(mode)
-  local field = (t == S_IFDIR and 'dirs') or (t == S_IFLNK and 'symlinks') or 'files'
+  local field = (t == S_IFDIR and 'dirs') or (t == S_IFLNK and 'symlinks') or (t == S_IFREG and 'files') or 'specials'
   redis.call('HINCRBY', P .. 'stats', field, delta)
   local bytes = delta * tonumber(size)
   -- (-1 * 0 is -0 in Lua, which Redis refuses as an integer)
@@ -60,15 +74,30 @@ local function delete_inode(ino, mode, size)
   count(mode, -1, size)
   redis.call('DEL', ikey(ino), xkey(ino))
 end
-local function drop_entry(parent, name, ino, bs, now)
+-- delete an inode that has no name left, dropping its block references
+local function forget_inode(ino, bs, now)
+  local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'blocks')
+  if ftype(a[1]) == S_IFREG then change_refs(a[3], tonumber(a[2]), bs, -1, now) end
+  delete_inode(ino, a[1], a[2])
+end
+-- remove an entry; its inode goes with its last link unless it is inode `sustain` (open in
+-- the mount of `session`), which stays as an orphan with nlink 0
+local function drop_entry(parent, name, ino, bs, now, sustain, session)
   redis.call('HDEL', dkey(parent), name)
-  local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'nlink', 'blocks')
-  if tonumber(a[3]) <= 1 then
-    if ftype(a[1]) == S_IFREG then change_refs(a[4], tonumber(a[2]), bs, -1, now) end
-    delete_inode(ino, a[1], a[2])
+  local nlink = tonumber(redis.call('HGET', ikey(ino), 'nlink'))
+  if nlink <= 1 and tostring(ino) ~= tostring(sustain) then
+    forget_inode(ino, bs, now)
   else
-    redis.call('HINCRBY', ikey(ino), 'nlink', -1)
+    if nlink > 0 then redis.call('HINCRBY', ikey(ino), 'nlink', -1) end
+    redis.call('HSET', ikey(ino), 'ctime', now)
+    if nlink <= 1 then redis.call('HSET', P .. 'orphans', ino, session) end
   end
+end
+-- the orphan's last handle closed: forget it unless it was linked again
+local function release_orphan(ino, bs, now)
+  if redis.call('HDEL', P .. 'orphans', ino) == 0 then return end
+  local nlink = redis.call('HGET', ikey(ino), 'nlink')
+  if nlink and tonumber(nlink) == 0 then forget_inode(ino, bs, now) end
 end
 -- a new inode named parent/name (mkdir, symlink, create): the inode number, or an error reply
 local function add_entry(parent, name, mode, uid, gid, size, mtime, now)
@@ -171,7 +200,7 @@ if old then
                'ctime', now, 'blocks', blob)
     ino = old
   else
-    drop_entry(parent, name, old, bs, now)
+    drop_entry(parent, name, old, bs, now, '0', '')
   end
 end
 if not ino then
@@ -184,14 +213,14 @@ touch(parent, now, 0)
 return ino
 """
 
-# ARGV: P, parent, name, now, block_size
+# ARGV: P, parent, name, now, block_size, sustain ino (0: none), session
 UNLINK = PRELUDE + r"""
 local parent, name = ARGV[2], ARGV[3]
 local err = parent_dir(parent) if err then return err end
 local ino = redis.call('HGET', dkey(parent), name)
 if not ino then return redis.error_reply('ENOENT ' .. name) end
 if ftype(redis.call('HGET', ikey(ino), 'mode')) == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
-drop_entry(parent, name, ino, tonumber(ARGV[5]), ARGV[4])
+drop_entry(parent, name, ino, tonumber(ARGV[5]), ARGV[4], ARGV[6], ARGV[7])
 touch(parent, ARGV[4], 0)
 return 1
 """
@@ -207,6 +236,30 @@ if ARGV[5] ~= '' then redis.call('HSET', k, 'gid', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', k, 'mtime', ARGV[6]) end
 if ARGV[8] and ARGV[8] ~= '' then redis.call('HSET', k, 'atime', ARGV[8]) end
 redis.call('HSET', k, 'ctime', ARGV[7])
+return 1
+"""
+
+# ARGV: P, parent, name, mode (with the type), rdev, uid, gid, mtime, now
+MKNOD = PRELUDE + r"""
+local ino, err = add_entry(ARGV[2], ARGV[3], ARGV[4], ARGV[6], ARGV[7], 0, ARGV[8], ARGV[9])
+if err then return err end
+redis.call('HSET', ikey(ino), 'rdev', ARGV[5])
+return ino
+"""
+
+# ARGV: P, ino, block_size, now -> forgets the orphan unless it was linked again
+RELEASE_ORPHAN = PRELUDE + r"""
+release_orphan(ARGV[2], tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+
+# ARGV: P, session, block_size, now -> releases the session's orphans and forgets the session
+CLOSE_SESSION = PRELUDE + r"""
+local all = redis.call('HGETALL', P .. 'orphans')
+for i = 1, #all, 2 do
+  if all[i + 1] == ARGV[2] then release_orphan(all[i], tonumber(ARGV[3]), ARGV[4]) end
+end
+redis.call('HDEL', P .. 'sessions', ARGV[2])
 return 1
 """
 
@@ -248,7 +301,7 @@ touch(parent, ARGV[4], -1)
 return 1
 """
 
-# ARGV: P, parent, name, new_parent, new_name, noreplace (0/1), block_size, now
+# ARGV: P, parent, name, new_parent, new_name, noreplace (0/1), block_size, now, sustain ino, session
 RENAME = PRELUDE + r"""
 local parent, name, np, nn, noreplace, bs, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1',
   tonumber(ARGV[7]), ARGV[8]
@@ -274,7 +327,7 @@ if dst then
     touch(np, now, -1)
   else
     if ftype(dmode) == S_IFDIR then return redis.error_reply('EISDIR ' .. nn) end
-    drop_entry(np, nn, dst, bs, now)
+    drop_entry(np, nn, dst, bs, now, ARGV[9], ARGV[10])
   end
 end
 redis.call('HDEL', dkey(parent), name)
@@ -350,7 +403,7 @@ end
 return 1
 """
 
-# ARGV: P, ino -> flat array: name, child ino, mode, uid, gid, size, atime, mtime, ctime, nlink, ...
+# ARGV: P, ino -> flat array: name, child ino, mode, uid, gid, size, atime, mtime, ctime, nlink, rdev ...
 # One command per directory instead of one per entry (readdir of a 100-file model directory).
 READDIR = PRELUDE + r"""
 local mode = redis.call('HGET', ikey(ARGV[2]), 'mode')
@@ -360,11 +413,12 @@ local entries = redis.call('HGETALL', dkey(ARGV[2]))
 local out = {}
 for i = 1, #entries, 2 do
   local a = redis.call('HMGET', ikey(entries[i + 1]), 'mode', 'uid', 'gid', 'size', 'atime', 'mtime', 'ctime',
-                       'nlink')
+                       'nlink', 'rdev')
   if a[1] then
     table.insert(out, entries[i])
     table.insert(out, entries[i + 1])
     for j = 1, 8 do table.insert(out, a[j]) end
+    table.insert(out, a[9] or '0')
   end
 end
 return out

@@ -6,13 +6,16 @@ Schema (one database file per volume):
     inodes(ino INTEGER PRIMARY KEY AUTOINCREMENT,        inode numbers are never reused
            mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink,
            target BLOB,                                  symlink target, else NULL
-           blocks BLOB)                                  concatenated 32-byte block ids
+           blocks BLOB,                                  BlockList.pack() (dense or sparse)
+           rdev)                                         device number (added: 0 when missing)
     dentries(parent, name BLOB, ino, PRIMARY KEY(parent, name))
     blockrefs(id BLOB PRIMARY KEY, length, refs)         refs = (file, index) slots naming id
     xattrs(ino, name BLOB, value BLOB, PRIMARY KEY(ino, name))   extended attributes
     freed(id BLOB PRIMARY KEY, at)                       when a block lost its last reference
     upload_claims(id BLOB PRIMARY KEY, at)               when a writer last claimed a block's upload
     deleting(id BLOB PRIMARY KEY, at)                    blocks gc is deleting (since when)
+    sessions(id TEXT PRIMARY KEY, heartbeat)             writable mounts alive (last heartbeat, ns)
+    orphans(ino INTEGER PRIMARY KEY, session TEXT)       inodes unlinked while open, nlink 0
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -31,7 +34,8 @@ import time
 from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
-from chunkfs.blocks import block_length, pack_ids, unpack_ids
+from chunkfs.blocklist import BlockList
+from chunkfs.blocks import block_length
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
 from chunkfs.meta.base import (
     BUSY,
@@ -43,13 +47,16 @@ from chunkfs.meta.base import (
     MetaStore,
     VolumeFormat,
     VolumeStats,
+    as_block_list,
     check_name,
+    check_special,
     check_xattr,
+    is_device,
 )
 
 SCHEMA_VERSION = 1
 _S_IFMT = 0o170000  # file type bits (stat.S_IFMT is a function)
-_ATTR_COLS = "ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink"
+_ATTR_COLS = "ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, rdev"
 _I_ATTR_COLS = ", ".join("i." + c.strip() for c in _ATTR_COLS.split(","))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +66,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     size INTEGER NOT NULL DEFAULT 0,
     atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     nlink INTEGER NOT NULL,
-    target BLOB, blocks BLOB
+    target BLOB, blocks BLOB, rdev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS dentries (
     parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
@@ -78,6 +85,8 @@ CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
 CREATE TABLE IF NOT EXISTS freed (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS upload_claims (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleting (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, heartbeat INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS orphans (ino INTEGER PRIMARY KEY, session TEXT NOT NULL);
 """
 
 
@@ -121,6 +130,9 @@ class SqliteMeta(MetaStore):
             self._check_schema()
             with contextlib.suppress(sqlite3.OperationalError):  # a read-only database file
                 self._conn.executescript(_UPGRADES)
+                columns = {r[1] for r in self._conn.execute("PRAGMA table_info(inodes)")}
+                if "rdev" not in columns:  # a volume made before special files
+                    self._conn.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as exc:
             raise ChunkfsError(f"cannot open {url}: {exc}") from exc
         self._lock = threading.RLock()
@@ -168,9 +180,8 @@ class SqliteMeta(MetaStore):
         return attr
 
     def _change_refs(self, conn: sqlite3.Connection, blob: bytes | None, size: int, delta: int) -> None:
-        ids = unpack_ids(blob)
         bs = self.block_size
-        for index, bid in enumerate(ids):
+        for index, bid in BlockList.unpack(blob).stored():
             if delta > 0:
                 conn.execute(
                     "INSERT INTO blockrefs(id, length, refs) VALUES (?, ?, ?) "
@@ -184,17 +195,17 @@ class SqliteMeta(MetaStore):
 
     def _new_inode(self, conn: sqlite3.Connection, mode: int, uid: int, gid: int, size: int,
                    mtime_ns: int, nlink: int, target: bytes | None = None,
-                   blocks: bytes | None = None) -> int:
+                   blocks: bytes | None = None, rdev: int = 0) -> int:
         now = _now_ns()
         cur = conn.execute(
-            "INSERT INTO inodes(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, target, blocks)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (mode, uid, gid, size, mtime_ns, mtime_ns, now, nlink, target, blocks),
+            "INSERT INTO inodes(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, target, blocks, rdev)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (mode, uid, gid, size, mtime_ns, mtime_ns, now, nlink, target, blocks, rdev),
         )
         return int(cur.lastrowid)
 
     def _add_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
-                   target: bytes | None = None, blocks: bytes | None = None) -> Attr:
+                   target: bytes | None = None, blocks: bytes | None = None, rdev: int = 0) -> Attr:
         """A new inode named ``parent/name`` (mkdir, symlink, create), in one transaction:
         EEXIST if the name is taken; a new directory adds a link to its parent."""
         check_name(name)
@@ -203,7 +214,7 @@ class SqliteMeta(MetaStore):
             if self._child(conn, parent, name) is not None:
                 raise FsError(errno.EEXIST, repr(name))
             is_dir = stat.S_ISDIR(mode)
-            ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, 2 if is_dir else 1, target, blocks)
+            ino = self._new_inode(conn, mode, uid, gid, size, mtime_ns, 2 if is_dir else 1, target, blocks, rdev)
             conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
             self._touch_dir(conn, parent, nlink_delta=1 if is_dir else 0)
             return self._attr_of(conn, ino)
@@ -254,6 +265,7 @@ class SqliteMeta(MetaStore):
             files=counts.get(stat.S_IFREG, 0),
             directories=counts.get(stat.S_IFDIR, 0),
             symlinks=counts.get(stat.S_IFLNK, 0),
+            specials=sum(n for kind, n in counts.items() if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)),
             logical_bytes=logical,
             block_refs=refs,
             unique_blocks=unique,
@@ -291,11 +303,11 @@ class SqliteMeta(MetaStore):
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
         return bytes(row[1])
 
-    def read_blocks(self, ino: int) -> list[bytes]:
+    def read_blocks(self, ino: int) -> BlockList:
         row = self._one("SELECT blocks FROM inodes WHERE ino=?", (ino,))
         if row is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
-        return unpack_ids(row[0])
+        return BlockList.unpack(row[0])
 
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
         with self._tx() as conn:
@@ -347,9 +359,9 @@ class SqliteMeta(MetaStore):
         return self._add_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, len(target), mtime_ns, target=target)
 
     def publish_file(self, parent: int, name: bytes, *, mode: int, uid: int, gid: int,
-                     mtime_ns: int, size: int, blocks: list[bytes]) -> Attr:
+                     mtime_ns: int, size: int, blocks: BlockList | list[bytes]) -> Attr:
         check_name(name)
-        blob = pack_ids(blocks)
+        blob = as_block_list(blocks).pack()
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         with self._tx() as conn:
             self._parent_dir(conn, parent)
@@ -373,21 +385,30 @@ class SqliteMeta(MetaStore):
             self._touch_dir(conn, parent)
             return self._attr_of(conn, ino)
 
-    def _drop_entry(self, conn: sqlite3.Connection, parent: int, name: bytes, attr: Attr) -> None:
+    def _drop_entry(self, conn: sqlite3.Connection, parent: int, name: bytes, attr: Attr, sustain: int = 0,
+                    session: str = "") -> None:
+        """Remove the entry; its inode goes with its last link, unless it is ``sustain``
+        (open in ``session``'s mount), which is kept as an orphan with nlink 0."""
         conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-        if attr.nlink <= 1:
-            if attr.is_reg:
-                (blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (attr.ino,)).fetchone()
-                self._change_refs(conn, blob, attr.size, -1)
-            self._delete_inode(conn, attr.ino)
+        if attr.nlink <= 1 and attr.ino != sustain:
+            self._forget_inode(conn, attr)
         else:
-            conn.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE ino=?", (_now_ns(), attr.ino))
+            conn.execute("UPDATE inodes SET nlink=max(nlink-1, 0), ctime_ns=? WHERE ino=?", (_now_ns(), attr.ino))
+            if attr.nlink <= 1:
+                conn.execute("INSERT OR REPLACE INTO orphans VALUES (?, ?)", (attr.ino, session))
+
+    def _forget_inode(self, conn: sqlite3.Connection, attr: Attr) -> None:
+        """Delete an inode that has no name left, dropping its block references."""
+        if attr.is_reg:
+            (blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (attr.ino,)).fetchone()
+            self._change_refs(conn, blob, attr.size, -1)
+        self._delete_inode(conn, attr.ino)
 
     def _delete_inode(self, conn: sqlite3.Connection, ino: int) -> None:
         conn.execute("DELETE FROM inodes WHERE ino=?", (ino,))
         conn.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
 
-    def unlink(self, parent: int, name: bytes) -> None:
+    def unlink(self, parent: int, name: bytes, *, sustain: int = 0, session: str = "") -> None:
         with self._tx() as conn:
             self._parent_dir(conn, parent)
             attr = self._child(conn, parent, name)
@@ -395,8 +416,42 @@ class SqliteMeta(MetaStore):
                 raise FsError(errno.ENOENT, repr(name))
             if attr.is_dir:
                 raise FsError(errno.EISDIR, repr(name))
-            self._drop_entry(conn, parent, name, attr)
+            self._drop_entry(conn, parent, name, attr, sustain, session)
             self._touch_dir(conn, parent)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, mtime_ns: int) -> Attr:
+        check_special(mode)
+        return self._add_entry(parent, name, mode, uid, gid, 0, mtime_ns, rdev=rdev if is_device(mode) else 0)
+
+    # -- sessions and orphans --------------------------------------------------------------
+    def open_session(self, session: str, now_ns: int) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (session, now_ns))
+
+    def sessions(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT id, heartbeat FROM sessions").fetchall())
+
+    def orphans(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT ino, session FROM orphans").fetchall())
+
+    def release_orphan(self, ino: int) -> None:
+        with self._tx() as conn:
+            self._release_orphan(conn, ino)
+
+    def _release_orphan(self, conn: sqlite3.Connection, ino: int) -> None:
+        if not conn.execute("DELETE FROM orphans WHERE ino=?", (ino,)).rowcount:
+            return
+        row = conn.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        if row is not None and Attr(*row).nlink == 0:  # not linked again meanwhile
+            self._forget_inode(conn, Attr(*row))
+
+    def close_session(self, session: str) -> None:
+        with self._tx() as conn:
+            for (ino,) in conn.execute("SELECT ino FROM orphans WHERE session=?", (session,)).fetchall():
+                self._release_orphan(conn, ino)
+            conn.execute("DELETE FROM sessions WHERE id=?", (session,))
 
     def set_attrs(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None) -> Attr:
@@ -415,8 +470,8 @@ class SqliteMeta(MetaStore):
     def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
         return self._add_entry(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, blocks=b"")
 
-    def commit_file(self, ino: int, *, size: int, blocks: list[bytes], mtime_ns: int) -> Attr:
-        blob = pack_ids(blocks)
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
+        blob = as_block_list(blocks).pack()
         with self._tx() as conn:
             attr = self._attr_of(conn, ino)
             if not attr.is_reg:
@@ -456,7 +511,8 @@ class SqliteMeta(MetaStore):
             ino = row[0]
         return ancestor == ROOT_INODE
 
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False) -> None:
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, noreplace: bool = False,
+               sustain: int = 0, session: str = "") -> None:
         check_name(new_name)
         with self._tx() as conn:
             self._parent_dir(conn, parent)
@@ -479,7 +535,7 @@ class SqliteMeta(MetaStore):
                 else:
                     if dst.is_dir:
                         raise FsError(errno.EISDIR, repr(new_name))
-                    self._drop_entry(conn, new_parent, new_name, dst)
+                    self._drop_entry(conn, new_parent, new_name, dst, sustain, session)
             conn.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                          (new_parent, new_name, parent, name))
             moved_dir = src.is_dir and parent != new_parent

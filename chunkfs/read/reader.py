@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length, block_spans
 from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
@@ -61,14 +62,23 @@ class _OpenInode:
     ino: int
     name: str
     size: int
-    blocks: list[bytes]
+    blocks: BlockList  # holes read as zeros and are never fetched
     detector: StreamDetector
     opens: int = 0
     furthest: int = -1  # furthest block index a reader asked for
     progress: trio.Event = field(default_factory=trio.Event)
     ahead: dict[int, str] = field(default_factory=dict)  # block -> "readahead"/"prefetch", unread
-    next_prefetch: int = 0
+    to_prefetch: list[int] = field(default_factory=list)  # indexes of the stored blocks, in file order
+    next_prefetch: int = 0  # position in ``to_prefetch``
     scopes: set[trio.CancelScope] = field(default_factory=set)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(length: int) -> bytes | memoryview:
+    """``length`` zero bytes (a hole), without allocating for FUSE-sized reads."""
+    return memoryview(_ZEROS)[:length] if length <= len(_ZEROS) else bytes(length)
 
 
 class FileReader:
@@ -88,24 +98,25 @@ class FileReader:
             await trio.sleep_forever()
 
     # -- open / close ----------------------------------------------------------------------
-    def opened(self, ino: int, name: str, size: int, blocks: list[bytes]) -> None:
+    def opened(self, ino: int, name: str, size: int, blocks: BlockList) -> None:
         self.refresh(ino, size, blocks)  # changed by a writer since another handle opened it
         state = self._files.get(ino)
         if state is None:
             detector = StreamDetector(initial=1, maximum=self._max_window)
             state = self._files[ino] = _OpenInode(ino, name, size, blocks, detector)
-            if blocks and self.config.wants_prefetch(name):
-                for _ in range(min(self.config.prefetch_workers, len(blocks))):
+            if len(blocks) and self.config.wants_prefetch(name):
+                state.to_prefetch = [index for index, _ in blocks.stored()]
+                for _ in range(min(self.config.prefetch_workers, len(state.to_prefetch))):
                     self._spawn(state, self._prefetch_worker, state)
         state.opens += 1
 
-    def refresh(self, ino: int, size: int, blocks: list[bytes]) -> None:
+    def refresh(self, ino: int, size: int, blocks: BlockList) -> None:
         """The file was rewritten in this mount: handles still open read the new content."""
         state = self._files.get(ino)
         if state is not None and blocks is not state.blocks and (state.size, state.blocks) != (size, blocks):
             state.size, state.blocks = size, blocks
             state.ahead.clear()
-            state.next_prefetch = len(blocks)
+            state.next_prefetch = len(state.to_prefetch)
 
     def released(self, ino: int) -> None:
         state = self._files.get(ino)
@@ -131,7 +142,10 @@ class FileReader:
         end = min(start + size, state.size - index * bs)  # clipped at the end of the file
         if end <= start or end > bs:  # past the end, or into the next block
             return None
-        view = self.fetcher.held_view(state.blocks[index], start, end)
+        bid = state.blocks[index]
+        if bid == HOLE:
+            return None
+        view = self.fetcher.held_view(bid, start, end)
         if view is not None:
             self._note_read(state, index)
             self.metrics.fuse_read_bytes.inc(end - start)
@@ -146,8 +160,11 @@ class FileReader:
         for index, start, end in block_spans(offset, len(out), state.size, bs):
             self._note_read(state, index)
             bid = state.blocks[index]
-            length = block_length(index, state.size, bs)
-            await self.fetcher.read_into(bid, length, start, out[done : done + end - start])
+            if bid == HOLE:
+                out[done : done + end - start] = _zeros(end - start)
+            else:
+                length = block_length(index, state.size, bs)
+                await self.fetcher.read_into(bid, length, start, out[done : done + end - start])
             done += end - start
         self.metrics.fuse_read_bytes.inc(done)
         return done
@@ -159,7 +176,7 @@ class FileReader:
             state.progress.set()
             state.progress = trio.Event()
         for ahead in state.detector.on_read(index, len(state.blocks)):
-            if ahead in state.ahead:
+            if ahead in state.ahead or state.blocks[ahead] == HOLE:
                 continue
             if not self.fetcher.is_local(state.blocks[ahead]):
                 state.ahead[ahead] = "readahead"
@@ -225,8 +242,8 @@ class FileReader:
     async def _prefetch_worker(self, state: _OpenInode) -> None:
         bs = self.config.block_size
         limit_blocks = max(1, self.config.prefetch_limit // bs)
-        while state.next_prefetch < len(state.blocks):
-            index = state.next_prefetch
+        while state.next_prefetch < len(state.to_prefetch):
+            index = state.to_prefetch[state.next_prefetch]
             state.next_prefetch += 1
             while index - state.furthest > limit_blocks:
                 await state.progress.wait()
@@ -239,5 +256,5 @@ class FileReader:
             await self._fetch_ahead(state, index, Priority.PREFETCH)
             if self.fetcher.cache_declined:
                 log.info("prefetch of %r stopped at block %d: the cache declined a block", state.name, index)
-                state.next_prefetch = len(state.blocks)
+                state.next_prefetch = len(state.to_prefetch)
                 return

@@ -169,7 +169,8 @@ def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
     missing = cache.missing(plan.unique_blocks())
     out = []
     for entry in plan.paths:
-        cached = sum(length for f in entry.files for bid, length in f.blocks if bid not in missing)
+        # holes (never written, read as zeros) have no block: they count as cached
+        cached = entry.size - sum(length for f in entry.files for bid, length in f.blocks if bid in missing)
         out.append(PathCoverage(entry.path, len(entry.files), entry.size, cached))
     return out
 

@@ -18,6 +18,7 @@ import errno
 import posixpath
 from dataclasses import dataclass, field
 
+from chunkfs.blocklist import BlockList
 from chunkfs.blocks import block_length
 from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.meta.aio import AsyncMeta
@@ -31,7 +32,7 @@ class WarmFile:
     path: str  # volume path the file was reached by
     ino: int
     size: int
-    blocks: tuple[tuple[bytes, int], ...]  # (block id, plain length), in file order
+    blocks: tuple[tuple[bytes, int], ...]  # (block id, plain length) of its stored blocks (no holes), in file order
 
 
 @dataclass
@@ -87,9 +88,9 @@ def normalize_volume_path(path: str) -> str:
     return "/" + "/".join(parts)
 
 
-def block_layout(blocks: list[bytes], size: int, block_size: int) -> tuple[tuple[bytes, int], ...]:
-    """(id, plain length) for each block of a file of ``size`` bytes."""
-    return tuple((bid, block_length(i, size, block_size)) for i, bid in enumerate(blocks))
+def block_layout(blocks: BlockList, size: int, block_size: int) -> tuple[tuple[bytes, int], ...]:
+    """(id, plain length) for each stored block of a file of ``size`` bytes (holes have none)."""
+    return tuple((bid, block_length(i, size, block_size)) for i, bid in blocks.stored())
 
 
 class Planner:

@@ -5,7 +5,9 @@ bytes through ``BlockFetcher`` (verified), and metadata through ``AsyncMeta``; n
 
 A file open for writing has one ``_Dirty`` state per inode (shared by its handles):
 
-- ``blocks[i]`` is the id of block ``i`` as stored, ``pending[i]`` the bytes of a block
+- ``blocks`` is a ``BlockList``: ``blocks[i]`` is the id of block ``i`` as stored (``HOLE``
+  where nothing was ever written: holes cost no memory, no object and no metadata, so a
+  file's cost follows the bytes written, never its size), ``pending[i]`` the bytes of a block
   changed since (exactly ``block_length(i, size)`` bytes: the invariant every write, truncate
   and extension keeps, so a block is always cut where import cuts it and identical content
   gets identical ids: writing a model the volume holds stores nothing). A block filled only
@@ -35,6 +37,7 @@ A file open for writing has one ``_Dirty`` state per inode (shared by its handle
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -42,16 +45,16 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.errors import FsError
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import BUSY, CLAIM_RENEW_S, KNOWN, Attr
+from chunkfs.meta.base import BUSY, CLAIM_RENEW_S, KNOWN, MAX_FILE_SIZE, Attr, check_size
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 
 log = logging.getLogger(__name__)
-
-HOLE = b""  # a block of zeros nobody wrote yet (a file extended by truncate or a write past its end)
 
 
 class WriteFailed(Exception):
@@ -82,7 +85,7 @@ class _Appended:
 class _Dirty:
     ino: int
     size: int
-    blocks: list[bytes]
+    blocks: BlockList
     pending: dict[int, bytearray | _Appended] = field(default_factory=dict)
     versions: dict[int, int] = field(default_factory=dict)
     uploading: int = 0
@@ -91,7 +94,8 @@ class _Dirty:
     handles: int = 0
     edits: int = 0  # writes and truncates so far
     published_edits: int = 0  # of those, how many the last commit published
-    mtime_ns: int = 0
+    mtime_ns: int = 0  # of the last edit, or as set by utimensat since
+    ctime_ns: int = 0  # of the last edit or mtime change
     error: str | None = None  # a background upload failed: the next flush reports it
     stored: set[bytes] = field(default_factory=set)  # ids stored and claimed for this file, not yet published
     lost: set[bytes] = field(default_factory=set)  # of those, ids gc deleted: no flush publishes them
@@ -150,10 +154,10 @@ class FileWriter:
         return renewed
 
     # -- handles ---------------------------------------------------------------------------
-    def opened(self, ino: int, size: int, blocks: list[bytes]) -> None:
+    def opened(self, ino: int, size: int, blocks: BlockList) -> None:
         state = self._files.get(ino)
         if state is None:
-            state = self._files[ino] = _Dirty(ino, size, list(blocks))
+            state = self._files[ino] = _Dirty(ino, size, blocks.copy())
         state.handles += 1
 
     def is_open(self, ino: int) -> bool:
@@ -162,6 +166,21 @@ class FileWriter:
     def size_of(self, ino: int) -> int | None:
         state = self._files.get(ino)
         return None if state is None else state.size
+
+    def unpublished_times(self, ino: int) -> tuple[int, int] | None:
+        """(mtime, ctime) of edits not yet published, which ``stat`` must show at once."""
+        state = self._files.get(ino)
+        if state is None or state.edits == state.published_edits:
+            return None
+        return state.mtime_ns, state.ctime_ns
+
+    def set_mtime(self, ino: int, mtime_ns: int) -> None:
+        """utimensat on a file being written: the next publish carries this mtime (until a
+        later write sets its own)."""
+        state = self._files.get(ino)
+        if state is not None:
+            state.mtime_ns = mtime_ns
+            state.ctime_ns = time.time_ns()
 
     async def release(self, ino: int) -> Attr | None:
         """A handle closed; the last one flushes and forgets the state."""
@@ -191,6 +210,8 @@ class FileWriter:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         state = self._files[ino]
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"a write to byte {offset + len(data)}")
         if offset == state.size and (offset % self.block_size == 0 or offset // self.block_size in state.pending):
             await self._append(state, data)  # cp, downloads, checkpoints: no zero-fill, one copy
         else:
@@ -240,15 +261,20 @@ class FileWriter:
             if start + take == bs:  # filled to its end: final unless rewritten
                 await self._start_upload(state, index)
 
-    async def truncate(self, ino: int, size: int) -> None:
+    async def truncate(self, ino: int, size: int, *, touch: bool = True) -> None:
+        """Set the size (holes beyond the old end); ``touch=False`` leaves the times alone
+        when the size does not change (truncate(2) to the same size)."""
+        check_size(size)
         state = self._files[ino]
+        if size == state.size and not touch:
+            return
         await self._resize(state, size)
         self._edited(state)
 
     @staticmethod
     def _edited(state: _Dirty) -> None:
         state.edits += 1
-        state.mtime_ns = time.time_ns()
+        state.mtime_ns = state.ctime_ns = time.time_ns()
 
     async def flush(self, ino: int) -> Attr | None:
         """Store what is pending and publish the file; None if nothing changed."""
@@ -269,22 +295,14 @@ class FileWriter:
         # One snapshot, taken with nothing pending: a write landing during the awaits below
         # changes ``state`` but not what this flush publishes (the next flush publishes it).
         edits, size, mtime_ns = state.edits, state.size, state.mtime_ns
-        blocks = state.blocks[:block_count(size, self.block_size)]
-        zero_ids: dict[int, bytes] = {}  # per flush: each store of a zero block is claimed (gc may delete one)
-        for index, bid in enumerate(blocks):
-            if bid == HOLE:
-                length = block_length(index, size, self.block_size)
-                if length not in zero_ids:
-                    zero_ids[length] = await self._store(bytes(length))
-                blocks[index] = zero_ids[length]
-        if state.edits == edits:
-            state.blocks[:len(blocks)] = blocks  # holes stored: not stored again by the next flush
-        if lost := state.lost.intersection(blocks):
+        blocks = state.blocks.copy()
+        blocks.resize(block_count(size, self.block_size))
+        if lost := state.lost.intersection(blocks.ids()):
             raise WriteFailed(f"block {min(lost).hex()} was deleted by chunkfs gc (run with --force and a "
                               f"short --grace) before the file was published; write the file again")
         attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns)
         state.published_edits = edits
-        state.stored.difference_update(blocks)
+        state.stored.difference_update(blocks.ids())
         if self.on_publish is not None:
             self.on_publish(ino, size, blocks)
         return attr
@@ -317,15 +335,14 @@ class FileWriter:
 
     async def _resize(self, state: _Dirty, size: int) -> None:
         """Change the size, keeping every block's length right: the old last block is cut or
-        zero-padded, and new blocks are holes (zeros, stored as one shared id only if they are
-        still holes when the file is published)."""
+        zero-padded, and new blocks are holes (zeros that cost nothing until written)."""
         bs = self.block_size
         old_count, new_count = block_count(state.size, bs), block_count(size, bs)
         if size < state.size:
             for index in [i for i in state.pending if i >= new_count]:
                 del state.pending[index]
                 self._bump(state, index)
-            del state.blocks[new_count:]
+            state.blocks.resize(new_count)
             last = new_count - 1
             if size % bs and last >= 0:
                 buf = await self._editable(state, last)
@@ -341,8 +358,7 @@ class FileWriter:
             buf.extend(bytes(min(bs, size - last * bs) - len(buf)))
             self._bump(state, last)
         state.size = size
-        del state.blocks[old_count:]
-        state.blocks.extend([HOLE] * (new_count - old_count))
+        state.blocks.resize(new_count)
 
     async def _bound_pending(self, state: _Dirty) -> None:
         if len(state.pending) <= self.max_pending:
