@@ -1,5 +1,5 @@
-"""Writable mounts, on real FUSE mounts: POSIX operations and their error codes, a stateful
-property test against a plain directory, close-to-open between two mounts (SQLite and
+"""Writable mounts, on real FUSE mounts: POSIX operations and their error codes (the stateful
+test against a plain directory is in test_mount_differential.py), close-to-open between two mounts (SQLite and
 Redis), dedup of a model written twice, kill -9 during a write, and a model written through
 the mount then loaded with safetensors from a read-only mount."""
 
@@ -20,9 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from chunkfs.blocks import block_id, object_key
 from chunkfs.maintenance import collect_garbage
@@ -35,7 +32,6 @@ from tests.conftest import (
     chunkfs,
     expect_errno,
     force_unmount,
-    format_volume,
     listed_inodes,
     mounted,
     volume_on,
@@ -330,140 +326,3 @@ def test_model_written_through_the_mount_loads_from_a_read_only_mount(volume: Vo
 
 
 # -- a stateful property test: the mount behaves like a local directory ------------------------
-NAMES = st.sampled_from(["a", "b", "c", "d"])
-
-
-class MountMatchesLocalDir(RuleBasedStateMachine):
-    """Random operations applied to the mount and to a plain directory; the trees must stay equal."""
-
-    mnt: Path
-    ref: Path
-
-    @initialize()
-    def clear(self) -> None:
-        for root in (self.mnt, self.ref):
-            for child in root.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-
-    def both(self, fn, *parts: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        """Apply fn to the same relative path(s) in both trees; both must fail alike."""
-        outcomes = []
-        for root in (self.mnt, self.ref):
-            try:
-                fn(*(root / p for p in parts), **kwargs)
-                outcomes.append(None)
-            except OSError as exc:
-                outcomes.append(exc.errno)
-        assert outcomes[0] == outcomes[1], f"{fn.__name__}{parts}: mount {outcomes[0]}, local {outcomes[1]}"
-
-    @rule(name=NAMES, sub=st.booleans(), size=st.integers(0, 3 * BLOCK), seed=st.integers(0, 255),
-          offset=st.integers(0, 3 * BLOCK))
-    def write(self, name: str, sub: bool, size: int, seed: int, offset: int) -> None:
-        import random
-
-        data = random.Random(seed).randbytes(size)  # large writes across block edges, cheap to shrink
-
-        def do(path: Path) -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
-
-        self.both(do, f"d/{name}" if sub else name)
-
-    @rule(name=NAMES, sizes=st.lists(st.integers(0, 2 * BLOCK), min_size=1, max_size=4), seed=st.integers(0, 255))
-    def append(self, name: str, sizes: list[int], seed: int) -> None:
-        import random
-
-        rng = random.Random(seed)
-        chunks = [rng.randbytes(size) for size in sizes]
-
-        def do(path: Path) -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                for chunk in chunks:  # successive writes at the end, at any offset within a block
-                    os.write(fd, chunk)
-            finally:
-                os.close(fd)
-
-        self.both(do, name)
-
-    @rule(name=NAMES, size=st.integers(0, 4 * BLOCK))
-    def truncate(self, name: str, size: int) -> None:
-        def do(path: Path) -> None:
-            os.truncate(path, size)
-
-        self.both(do, name)
-
-    @rule(name=NAMES)
-    def mkdir(self, name: str) -> None:
-        self.both(os.mkdir, name)
-
-    @rule()
-    def mkdir_d(self) -> None:
-        self.both(os.mkdir, "d")
-
-    @rule(name=NAMES)
-    def rmdir(self, name: str) -> None:
-        self.both(os.rmdir, name)
-
-    @rule(name=NAMES)
-    def unlink(self, name: str) -> None:
-        self.both(os.unlink, name)
-
-    @rule(src=NAMES, dst=NAMES, into=st.booleans())
-    def rename(self, src: str, dst: str, into: bool) -> None:
-        self.both(os.rename, src, f"d/{dst}" if into else dst)
-
-    @rule(name=NAMES, pointee=NAMES)
-    def symlink(self, name: str, pointee: str) -> None:
-        def do(path: Path) -> None:
-            os.symlink(pointee, path)
-
-        self.both(do, name)
-
-    @rule(src=NAMES, dst=NAMES)
-    def link(self, src: str, dst: str) -> None:
-        self.both(os.link, src, dst, follow_symlinks=False)
-
-    @rule(name=NAMES, mode=st.sampled_from([0o600, 0o644, 0o755, 0o700]))
-    def chmod(self, name: str, mode: int) -> None:
-        self.both(os.chmod, name, mode=mode, follow_symlinks=True)
-
-    @invariant()
-    def trees_equal(self) -> None:
-        assert tree(self.mnt) == tree(self.ref)
-
-
-def tree(root: Path) -> list[tuple]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            st_ = path.lstat()
-            rel = str(path.relative_to(root))
-            if stat.S_ISLNK(st_.st_mode):
-                out.append((rel, "link", os.readlink(path)))
-            elif stat.S_ISDIR(st_.st_mode):
-                out.append((rel, "dir", stat.S_IMODE(st_.st_mode)))
-            else:
-                out.append((rel, "file", st_.st_size, stat.S_IMODE(st_.st_mode), st_.st_nlink, path.read_bytes()))
-    return sorted(out)
-
-
-def test_mount_behaves_like_a_local_directory(tmp_path: Path) -> None:
-    vol = format_volume(tmp_path)
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    old_umask = os.umask(0o022)
-    try:
-        with rw_mount(vol) as mnt:
-            MountMatchesLocalDir.mnt, MountMatchesLocalDir.ref = mnt, ref
-            run_state_machine_as_test(MountMatchesLocalDir, settings=settings(
-                max_examples=20, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
-    finally:
-        os.umask(old_umask)

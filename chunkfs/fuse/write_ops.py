@@ -172,9 +172,7 @@ class WritableOperations(ChunkfsOperations):
         truncated = None
         if fields.update_size:
             check_size(attr.st_size)
-            # ftruncate and O_TRUNC send mtime too and always mark the times; truncate(2)
-            # marks them only when the size changes
-            truncated = await self._truncate(inode, attr.st_size, touch=fields.update_mtime)
+            truncated = await self._truncate(inode, attr.st_size)
             if ctx.uid != 0:
                 await self._drop_privileges(inode, changes)
         if fields.update_mode:
@@ -202,15 +200,15 @@ class WritableOperations(ChunkfsOperations):
         if not current.is_dir and without_privileges(mode) != mode:
             changes["mode"] = without_privileges(mode)
 
-    async def _truncate(self, inode: int, size: int, *, touch: bool = True) -> Attr | None:
+    async def _truncate(self, inode: int, size: int) -> Attr | None:
         """Truncate through the writer; a file not open for writing is opened for this and
         published at once (its new ``Attr``; failures reach the caller as EIO)."""
         if self.writer.is_open(inode):
-            await self.writer.truncate(inode, size, touch=touch)
+            await self.writer.truncate(inode, size)
             return None
         await self._open_writer(inode)
         try:
-            await self.writer.truncate(inode, size, touch=touch)
+            await self.writer.truncate(inode, size)
         except BaseException:
             await self._release_writer(inode)
             raise

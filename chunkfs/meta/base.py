@@ -283,8 +283,11 @@ class MetaStore(ABC):
         """A new empty regular file; EEXIST if the name is taken."""
 
     @abstractmethod
-    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
-        """Replace a regular file's size and whole block list (a write, a truncate) at once."""
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int,
+                    ctime_ns: int | None = None) -> Attr:
+        """Replace a regular file's size and whole block list (a write, a truncate) at once.
+        ctime becomes ``ctime_ns`` (when the edits were made; default now), never earlier
+        than it is (a chmod since)."""
 
     @abstractmethod
     def rmdir(self, parent: int, name: bytes) -> None:

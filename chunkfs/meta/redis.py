@@ -315,8 +315,10 @@ class RedisMeta(MetaStore):
         ino = self._run("CREATE", parent, name, 0o100000 | (mode & 0o7777), uid, gid, mtime_ns, time.time_ns())
         return self.getattr(int(ino))
 
-    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
-        self._run("COMMIT", ino, size, as_block_list(blocks).pack(), mtime_ns, self.block_size, time.time_ns())
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int,
+                    ctime_ns: int | None = None) -> Attr:
+        self._run("COMMIT", ino, size, as_block_list(blocks).pack(), mtime_ns, self.block_size,
+                  time.time_ns() if ctime_ns is None else ctime_ns)
         return self.getattr(ino)
 
     def rmdir(self, parent: int, name: bytes) -> None:

@@ -69,6 +69,12 @@ local function new_inode(mode, uid, gid, size, mtime, now, nlink)
   count(mode, 1, size)
   return ino
 end
+-- a > b for two decimal timestamps (nanoseconds exceed a double's exact range: compare digits)
+local function later(a, b)
+  a, b = tostring(a or '0'), tostring(b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
 local function xkey(ino) return P .. 'x:' .. ino end
 local function delete_inode(ino, mode, size)
   count(mode, -1, size)
@@ -271,7 +277,7 @@ redis.call('HSET', ikey(ino), 'blocks', '')
 return ino
 """
 
-# ARGV: P, ino, size, blocks, mtime, block_size, now
+# ARGV: P, ino, size, blocks, mtime, block_size, ctime (never moved back)
 COMMIT = PRELUDE + r"""
 local ino, size, blob, bs, now = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6]), ARGV[7]
 local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'blocks')
@@ -281,7 +287,8 @@ if t == S_IFDIR then return redis.error_reply('EISDIR inode ' .. ino) end
 if t ~= S_IFREG then return redis.error_reply('EINVAL inode ' .. ino) end
 change_refs(a[3], tonumber(a[2]), bs, -1, now)
 redis.call('HINCRBY', P .. 'stats', 'bytes', size - tonumber(a[2]))
-redis.call('HSET', ikey(ino), 'size', size, 'blocks', blob, 'mtime', ARGV[5], 'ctime', now)
+redis.call('HSET', ikey(ino), 'size', size, 'blocks', blob, 'mtime', ARGV[5])
+if not later(redis.call('HGET', ikey(ino), 'ctime'), now) then redis.call('HSET', ikey(ino), 'ctime', now) end
 change_refs(blob, size, bs, 1, now)
 return 1
 """

@@ -470,7 +470,8 @@ class SqliteMeta(MetaStore):
     def create_file(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> Attr:
         return self._add_entry(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, 0, mtime_ns, blocks=b"")
 
-    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int) -> Attr:
+    def commit_file(self, ino: int, *, size: int, blocks: BlockList, mtime_ns: int,
+                    ctime_ns: int | None = None) -> Attr:
         blob = as_block_list(blocks).pack()
         with self._tx() as conn:
             attr = self._attr_of(conn, ino)
@@ -478,8 +479,9 @@ class SqliteMeta(MetaStore):
                 raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL, f"inode {ino}")
             (old_blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (ino,)).fetchone()
             self._change_refs(conn, old_blob, attr.size, -1)
+            ctime = max(attr.ctime_ns, _now_ns() if ctime_ns is None else ctime_ns)
             conn.execute("UPDATE inodes SET size=?, blocks=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
-                         (size, blob, mtime_ns, _now_ns(), ino))
+                         (size, blob, mtime_ns, ctime, ino))
             self._change_refs(conn, blob, size, +1)
             return self._attr_of(conn, ino)
 

@@ -261,13 +261,11 @@ class FileWriter:
             if start + take == bs:  # filled to its end: final unless rewritten
                 await self._start_upload(state, index)
 
-    async def truncate(self, ino: int, size: int, *, touch: bool = True) -> None:
-        """Set the size (holes beyond the old end); ``touch=False`` leaves the times alone
-        when the size does not change (truncate(2) to the same size)."""
+    async def truncate(self, ino: int, size: int) -> None:
+        """Set the size (holes beyond the old end) and mark mtime/ctime, even when the size
+        stays the same (as ext4 does for truncate(2), ftruncate and O_TRUNC)."""
         check_size(size)
         state = self._files[ino]
-        if size == state.size and not touch:
-            return
         await self._resize(state, size)
         self._edited(state)
 
@@ -294,13 +292,14 @@ class FileWriter:
             return None
         # One snapshot, taken with nothing pending: a write landing during the awaits below
         # changes ``state`` but not what this flush publishes (the next flush publishes it).
-        edits, size, mtime_ns = state.edits, state.size, state.mtime_ns
+        edits, size, mtime_ns, ctime_ns = state.edits, state.size, state.mtime_ns, state.ctime_ns
         blocks = state.blocks.copy()
         blocks.resize(block_count(size, self.block_size))
         if lost := state.lost.intersection(blocks.ids()):
             raise WriteFailed(f"block {min(lost).hex()} was deleted by chunkfs gc (run with --force and a "
                               f"short --grace) before the file was published; write the file again")
-        attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns)
+        attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns,
+                                      ctime_ns=ctime_ns)
         state.published_edits = edits
         state.stored.difference_update(blocks.ids())
         if self.on_publish is not None:
