@@ -60,13 +60,32 @@ class Volume:
         self.close()
 
 
-def read_marker(store: ObjectStore) -> dict | None:
-    try:
-        return json.loads(store.get(MARKER_KEY))
-    except ObjectNotFound:
-        return None
-    except ValueError:
-        raise ChunkfsError(f"{store.url} holds a damaged {MARKER_KEY}; refusing to use it") from None
+#: reads of the volume marker before a damaged one (or another volume's) is believed
+MARKER_READS = 5
+
+
+def read_marker(store: ObjectStore, expect_uuid: str | None = None) -> dict | None:
+    """The store's volume marker, or None if it has none. A body that does not parse, or
+    names another volume than ``expect_uuid``, may be a transfer gone wrong: it is read
+    again (``MARKER_READS`` reads in all) before it is believed, so only a marker that is
+    damaged (or foreign) on every read is refused."""
+    marker: dict | None = None
+    for _ in range(MARKER_READS):
+        try:
+            marker = json.loads(store.get(MARKER_KEY))
+        except ObjectNotFound:
+            return None
+        except ValueError:
+            marker = None
+            continue
+        if not isinstance(marker, dict):
+            marker = None
+            continue
+        if expect_uuid is None or marker.get("uuid") == expect_uuid:
+            return marker
+    if marker is None:
+        raise ChunkfsError(f"{store.url} holds a damaged {MARKER_KEY} (on {MARKER_READS} reads); refusing to use it")
+    return marker
 
 
 def _write_marker(store: ObjectStore, fmt: VolumeFormat) -> None:
@@ -117,8 +136,8 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
         )
     store = open_store(storage_url, create=True)
     try:
-        marker = read_marker(store)
         own_uuid = existing.uuid if existing else None
+        marker = read_marker(store, own_uuid)
         if marker is not None and marker.get("uuid") != own_uuid:
             raise ChunkfsError(
                 f"{store.url} already holds another volume ({marker.get('name')!r}, "
@@ -169,7 +188,7 @@ def open_volume(meta_url: str, store_options: StoreOptions | None = None, *,
             raise NotFormatted(f"no chunkfs volume at {meta.url} (run 'chunkfs format' first)")
         store = open_store(fmt.storage, options=store_options)
         try:
-            marker = read_marker(store)
+            marker = read_marker(store, fmt.uuid)
         except StoreError as exc:
             if not (store_may_be_down and exc.temporary):
                 raise

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from chunkfs.errors import ChunkfsError
 from chunkfs.store import StoreError, StoreOptions, open_store
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore
 from chunkfs.store.retry import RetryingStore
+from chunkfs.volume import MARKER_READS, open_volume, read_marker
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -257,3 +259,54 @@ def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server) -> None: 
         store.get_into("blocks/aa/obj", Collected(buffer), buffer)
     assert info.value.temporary and "No route to host" in str(info.value)
     store.close()
+
+
+def test_one_request_per_attempt_counted_at_the_server(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """``--io-retries N`` means N requests on the wire for a GET the store keeps failing:
+    botocore retries nothing itself (its max_attempts=1 still retried each 5xx once)."""
+    bucket = unique_bucket()
+    with FaultProxy(s3_server.endpoint, FaultConfig(rate=1.0, kinds=("slowdown",))) as proxy:
+        store = open_store(f"s3://{bucket}/p?endpoint={proxy.endpoint}", create=True,
+                           options=StoreOptions(attempts=3))
+        store.put("blocks/aa/obj", b"x" * 100)
+        before = proxy.config.block_gets
+        with pytest.raises(StoreError) as info:
+            store.get("blocks/aa/obj")
+        assert info.value.temporary and proxy.config.block_gets - before == 3
+        assert proxy.config.counts["slowdown"] == 3
+        store.close()
+
+
+def test_a_marker_damaged_in_transit_is_read_again(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A volume marker whose body arrives damaged is read again; only one damaged on every
+    read is refused (with a one-line error). GETs counted at the server."""
+    bucket = unique_bucket()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        db = tmp_path / "v.db"
+        chunkfs("format", f"sqlite://{db}", "--storage", f"s3://{bucket}/m?endpoint={proxy.endpoint}")
+        store = open_store(f"s3://{bucket}/m?endpoint={proxy.endpoint}")
+        good = read_marker(store)
+        assert good is not None
+
+        class Damaging:  # the real store, with the first ``bad`` marker bodies cut short in transit
+            url = store.url
+
+            def __init__(self, bad: int) -> None:
+                self.bad = bad
+
+            def get(self, key: str) -> bytes:
+                body = store.get(key)
+                self.bad -= 1
+                return body[:-3] if self.bad >= 0 else body
+
+        requests = proxy.config.requests
+        assert read_marker(Damaging(2), good["uuid"]) == good  # type: ignore[arg-type]
+        assert proxy.config.requests - requests == 3
+        requests = proxy.config.requests
+        with pytest.raises(ChunkfsError) as info:
+            read_marker(Damaging(99), good["uuid"])  # type: ignore[arg-type]
+        assert "damaged" in str(info.value) and "\n" not in str(info.value)
+        assert proxy.config.requests - requests == MARKER_READS
+        with open_volume(f"sqlite://{db}") as vol:
+            assert vol.fmt.uuid == good["uuid"]
+        store.close()

@@ -78,8 +78,8 @@ def setup(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-un
     data = os.urandom(200_000)
     bid = put_block(store, codec, data)
     cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
-    fetcher = BlockFetcher(AsyncStore(store, 8), codec, cache, downloads=4, recent_blocks=0,
-                           block_buffers=request.param)
+    fetcher = BlockFetcher(AsyncStore(RetryingStore(store, 3), 8), codec, cache, downloads=4, recent_blocks=0,
+                           block_buffers=request.param)  # the store as open_store makes it: one retry policy
     return store, cache, fetcher, bid, data
 
 
@@ -116,8 +116,9 @@ def test_corrupt_body_is_retried_then_fails_with_eio_cause(setup) -> None:  # ty
     cache.drop(bid)
     fetcher.blocks.drop(bid)
     store.corrupt_next = 10
-    with pytest.raises(BlockUnavailable, match="failed 3 attempts"):
+    with pytest.raises(BlockUnavailable, match="gave up after 3 attempts"):
         whole(fetcher, bid, data)
+    assert store.gets == 3 + 3  # one retry loop: 3 GETs in all for the block, not 3 x 3
     assert not cache.contains(bid)  # wrong bytes never reach the cache
 
 

@@ -92,6 +92,8 @@ class WritableOperations(ChunkfsOperations):
     async def _open_inode_at(self, parent: int, name: bytes) -> int:
         """The inode named ``parent/name`` if it is open in this mount (its last name may go
         while it is open: it is then kept until its last close), else 0."""
+        if not self._opens:
+            return 0
         try:
             ino = (await self.meta.lookup(parent, name)).ino
         except FsError:

@@ -39,8 +39,9 @@ Invariants:
   priority.
 - No byte is returned or published unless it was verified against its id: store bytes go
   through ``BlockDecoder``; cache entries through ``BlockCache``'s checks.
-- A corrupt or truncated body, or a temporary store error, is retried with backoff up to
-  ``attempts`` times; then ``BlockUnavailable`` names the block and the cause.
+- A corrupt or truncated body, or a temporary store error, is retried by the store's one
+  retry policy (``RetryingStore``: the sink rejects a body that fails its hash with
+  ``BodyRejected``); what still fails is ``BlockUnavailable``, naming the block and the cause.
 - A cache that cannot store a block does not fail the read: the bytes are served from
   its block buffer, or kept in a small in-memory LRU.
 """
@@ -50,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
-import random
 from collections import OrderedDict
 from enum import IntEnum
 from typing import NamedTuple
@@ -64,7 +64,7 @@ from chunkfs.metrics import Metrics
 from chunkfs.read.buffers import BlockBuffers
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
-from chunkfs.store.base import ObjectNotFound, StoreError
+from chunkfs.store.base import BodyRejected, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ class _BlockSink:
     into a new ``memory`` buffer. A cache write that fails turns the sink ``spilled``: without
     a block buffer the bytes before it are gone, so the block must be read again."""
 
-    __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "flushed", "length",
-                 "memory")
+    __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
+                 "length", "memory")
 
     def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
                  block: memoryview | None = None) -> None:
@@ -133,8 +133,10 @@ class _BlockSink:
         self.memory: bytearray | None = None if entry is not None or block is not None else bytearray()
         self.decoder = codec.decoder(bid, length)
         self.disk_error: str | None = None
+        self.finished = False
 
     def restart(self) -> None:
+        self.finished = False
         self.decoder = self.codec.decoder(self.bid, self.length)
         self.filled = self.flushed = 0
         if self.memory is not None:
@@ -163,8 +165,13 @@ class _BlockSink:
             self._to_entry(plain)
 
     def finish(self) -> None:
-        """Verify the whole block (``BlockCorrupt``), then write what the entry still lacks."""
-        self.decoder.finish()
+        """Verify the whole block (``BodyRejected`` if it is not the block), then write what
+        the entry still lacks. Called once per attempt, by ``RetryingStore``."""
+        self.finished = True
+        try:
+            self.decoder.finish()
+        except BlockCorrupt as exc:
+            raise BodyRejected(str(exc)) from None
         if self.block is not None and self.flushed < self.filled:
             self._to_entry(self.block[self.flushed : self.filled])
             self.flushed = self.filled
@@ -183,7 +190,7 @@ class _BlockSink:
 
 class BlockFetcher:
     def __init__(self, store: AsyncStore, codec: BlockCodec, cache: BlockCache, *, downloads: int = 16,
-                 attempts: int = 3, recent_blocks: int = 8, disk_threads: int = 8, block_buffers: int = 0,
+                 recent_blocks: int = 8, disk_threads: int = 8, block_buffers: int = 0,
                  metrics: Metrics | None = None) -> None:
         """``block_buffers``: whole-block buffers (``BlockBuffers``) for the downloads of
         readers; 0 streams those through the page cache instead. ``recent_blocks``: blocks
@@ -191,7 +198,6 @@ class BlockFetcher:
         self.store = store
         self.codec = codec
         self.cache = cache
-        self.attempts = attempts
         self.metrics = metrics or cache.metrics
         self.slots = PrioritySlots(downloads)
         self._disk = trio.CapacityLimiter(disk_threads)
@@ -412,7 +418,6 @@ class BlockFetcher:
         up to ``OTHER_DOWNLOADER_PATIENCE``."""
         give_up = trio.current_time() + OTHER_DOWNLOADER_PATIENCE
         claim = True
-        attempt = 0
         while True:
             pending.ticket = self.slots.ticket(pending.ticket.priority if pending.ticket else priority)
             await self.slots.acquire(pending.ticket)
@@ -437,14 +442,8 @@ class BlockFetcher:
                 delay = 0.02
             except ObjectNotFound as exc:
                 raise BlockUnavailable(f"block {bid.hex()} is missing from {self.store.store.url}") from exc
-            except (BlockCorrupt, StoreError) as exc:
-                attempt += 1
-                if isinstance(exc, StoreError) and not exc.temporary:
-                    raise BlockUnavailable(f"block {bid.hex()}: {exc}") from exc
-                if attempt == self.attempts:
-                    raise BlockUnavailable(f"block {bid.hex()} failed {attempt} attempts, last: {exc}") from exc
-                log.info("block %s attempt %d failed (%s); retrying", bid.hex()[:16], attempt, exc)
-                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            except StoreError as exc:  # already retried by the store's retry policy
+                raise BlockUnavailable(f"block {bid.hex()}: {exc}") from exc
             else:
                 if block is not None and loaded.how is How.DOWNLOADED:
                     self.blocks.hold(bid, block, length)
@@ -505,7 +504,8 @@ class BlockFetcher:
             sink = _BlockSink(self.codec, bid, length, entry, view)
             try:
                 self.store.store.get_into(object_key(bid), sink, buffer)
-                sink.finish()
+                if not sink.finished:  # a store without the retry policy (unit tests)
+                    sink.finish()
             except BaseException:
                 if entry is not None:
                     self.cache.abandon(entry)

@@ -10,7 +10,9 @@ Contract (checked by ``tests/test_store_contract.py`` for every backend):
   key raises ``ObjectNotFound``.
 - ``get_into(key, sink, buffer)`` streams the whole object to ``sink`` in pieces read into
   ``buffer`` and returns its length; every attempt starts with ``sink.restart()``, and a
-  body shorter than announced is a temporary error, never a short result.
+  body shorter than announced is a temporary error, never a short result. ``RetryingStore``
+  then asks ``sink.finish()``, which may reject a body damaged in transit (``BodyRejected``):
+  that attempt failed like any other, under the one retry policy.
 - ``head`` returns ``None`` for a missing key; ``delete`` of a missing key is not an error.
 - ``list(prefix)`` yields every object whose key starts with ``prefix``, in key order.
 - Errors are ``StoreError``; ``StoreError.temporary`` says whether a retry may succeed.
@@ -34,6 +36,13 @@ class StoreError(ChunkfsError):
         self.temporary = temporary
 
 
+class BodyRejected(StoreError):
+    """A body arrived whole but is not the object asked for (it failed its check): a
+    temporary failure, retried like a reset connection."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=True)
+
 class ObjectNotFound(StoreError):
     """The key does not exist in the store."""
 
@@ -47,6 +56,9 @@ class Sink(Protocol):
     def write(self, piece: memoryview) -> None:
         """Take the next piece. It is a view of the caller's buffer, valid only during the
         call. Must not raise: a sink that cannot keep a piece remembers that itself."""
+
+    def finish(self) -> None:
+        """The whole body arrived: raise ``BodyRejected`` if it is not what was asked for."""
 
 
 class RequestObserver(Protocol):

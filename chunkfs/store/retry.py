@@ -2,8 +2,9 @@
 
 ``RetryingStore`` wraps a backend; ``open_store`` applies it to all of them, so backends
 only classify failures (``StoreError.temporary``) and never loop themselves. Timeouts,
-connection errors, 5xx, S3 SlowDown and GCS 429 are temporary; 403/404 and bad credentials
-are not and fail at once.
+connection errors, 5xx, S3 SlowDown, GCS 429 and bodies their sink rejects (``BodyRejected``:
+a block that fails its hash) are temporary; 403/404 and bad credentials are not and fail at
+once. It is the only retry loop for store requests: nothing above it retries them again.
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ class RetryingStore(ObjectStore):
         return self._retry("GET", key, lambda: self.inner.get(key, start, end))
 
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
-        return self._retry("GET", key, lambda: self.inner.get_into(key, sink, buffer))
+        """Each attempt streams the body and has the sink check it (``sink.finish``): a body
+        damaged in transit is retried here, in the same attempts as a failed request."""
+        def attempt() -> int:
+            size = self.inner.get_into(key, sink, buffer)
+            sink.finish()
+            return size
+
+        return self._retry("GET", key, attempt)
 
     def put(self, key: str, data: bytes) -> None:
         self._retry("PUT", key, lambda: self.inner.put(key, data))

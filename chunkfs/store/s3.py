@@ -62,7 +62,9 @@ class S3Store(ObjectStore):
             max_pool_connections=options.concurrency,
             connect_timeout=min(options.timeout, 10.0),
             read_timeout=options.timeout,
-            retries={"max_attempts": 1, "mode": "standard"},  # RetryingStore retries, not botocore
+            # RetryingStore retries, not botocore: one request per attempt ("max_attempts": 1
+            # would still let botocore retry each 5xx once)
+            retries={"total_max_attempts": 1, "mode": "standard"},
             # Bodies are not hashed into the request signature (as AWS SDKs do over TLS): every
             # block is content-addressed and verified against its id when read, and hashing 4 MiB
             # per PUT on both ends was the largest CPU cost of writing over a plain-HTTP endpoint.
