@@ -2,9 +2,13 @@
 
 Pure functions, no I/O. Invariants:
 
-- A block's identity is the SHA-256 of its *plain* (uncompressed) bytes. The same content
-  has the same id whatever the volume's compression, so the node cache (which holds plain
-  bytes) can be shared by volumes and is never stale.
+- A block's identity is the hash of its *plain* (uncompressed) bytes, with the volume's
+  algorithm: BLAKE3 (new volumes) or SHA-256 (volumes made before BLAKE3, or chosen with
+  ``format --hash sha256``), both 32 bytes. The same content has the same id whatever the
+  volume's compression, so the node cache (which holds plain bytes) can be shared by
+  volumes and is never stale. Ids of the two algorithms live in separate namespaces
+  everywhere they meet (the node cache keeps each algorithm's entries in its own directory
+  and lock file), so an id is only ever checked with the algorithm that made it.
 - A file of size S with block size B has ceil(S / B) blocks; block i holds bytes
   [i*B, min((i+1)*B, S)). Block lengths are therefore derived, never stored per file.
 - ``BlockCodec.decode`` returns bytes only after they hash to the expected id
@@ -16,10 +20,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import blake3
 import lz4.frame
 
-HASH_NAME = "sha256"
+HASH_NAME = "sha256"  # volumes whose format names no algorithm (none exist: every format wrote one)
+DEFAULT_HASH = "blake3"  # new volumes: about 2.5x SHA-256's speed on one core, same 256-bit strength
+HASHES = ("blake3", "sha256")
 HASH_LEN = 32
 MIN_BLOCK_SIZE = 64 << 10
 MAX_BLOCK_SIZE = 64 << 20
@@ -31,9 +39,21 @@ class BlockCorrupt(Exception):
     """Bytes whose hash (or framing) does not match the block id they were fetched for."""
 
 
-def block_id(data: bytes | memoryview) -> bytes:
+def new_hasher(algorithm: str) -> Any:
+    """A hashlib-style object (``update``, ``digest``) for ``algorithm``. BLAKE3 releases the
+    GIL while it hashes (inputs of 2 KiB and up), so downloads hash in parallel threads."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        return blake3.blake3()
+    raise ValueError(f"unknown block hash {algorithm!r} (known: {', '.join(HASHES)})")
+
+
+def block_id(data: bytes | memoryview, algorithm: str = HASH_NAME) -> bytes:
     """The 32-byte content id of a block's plain bytes."""
-    return hashlib.sha256(data).digest()
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return hasher.digest()
 
 
 def object_key(bid: bytes) -> str:
@@ -68,10 +88,17 @@ class BlockCodec:
     """Turns plain block bytes into stored object bytes and back, verifying on the way back."""
 
     compression: str = "none"
+    hash: str = HASH_NAME  # the volume's block hash algorithm
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {self.compression!r}")
+        if self.hash not in HASHES:
+            raise ValueError(f"unknown block hash {self.hash!r} (known: {', '.join(HASHES)})")
+
+    def block_id(self, plain: bytes | memoryview) -> bytes:
+        """The id of a block's plain bytes in this volume."""
+        return block_id(plain, self.hash)
 
     def encode(self, plain: bytes) -> bytes:
         if self.compression == "lz4":
@@ -87,7 +114,7 @@ class BlockCodec:
 
     def decoder(self, bid: bytes, length: int) -> BlockDecoder:
         """A streaming ``decode``: feed it the stored object piece by piece."""
-        return BlockDecoder(bid, length, self.compression == "lz4")
+        return BlockDecoder(bid, length, self.compression == "lz4", self.hash)
 
 
 class BlockDecoder:
@@ -102,11 +129,11 @@ class BlockDecoder:
 
     __slots__ = ("_error", "_hash", "_lz4", "bid", "length", "size")
 
-    def __init__(self, bid: bytes, length: int, compressed: bool) -> None:
+    def __init__(self, bid: bytes, length: int, compressed: bool, algorithm: str = HASH_NAME) -> None:
         self.bid = bid
         self.length = length
         self.size = 0  # plain bytes produced so far
-        self._hash = hashlib.sha256()
+        self._hash = new_hasher(algorithm)
         self._lz4 = lz4.frame.LZ4FrameDecompressor() if compressed else None
         self._error: str | None = None
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from chunkfs.blocks import (
     COMPRESSIONS,
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_HASH,
+    HASHES,
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
     BlockCodec,
@@ -47,7 +49,7 @@ class Volume:
 
     @property
     def codec(self) -> BlockCodec:
-        return BlockCodec(self.fmt.compression)
+        return BlockCodec(self.fmt.compression, self.fmt.hash)
 
     def close(self) -> None:
         self.store.close()
@@ -93,7 +95,9 @@ def _write_marker(store: ObjectStore, fmt: VolumeFormat) -> None:
     store.put(MARKER_KEY, json.dumps(marker, sort_keys=True).encode())
 
 
-def _check_settings(block_size: int, compression: str, storage: str) -> None:
+def _check_settings(block_size: int, compression: str, storage: str, hash: str = DEFAULT_HASH) -> None:
+    if hash not in HASHES:
+        raise UsageError(f"hash must be one of {', '.join(HASHES)}, not {hash!r}")
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(
             f"block size {format_size(block_size)} must be a power of two from "
@@ -121,13 +125,13 @@ def existing_format(meta_url: str) -> VolumeFormat | None:
 
 def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
                   block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "none",
-                  force: bool = False) -> VolumeFormat:
+                  hash: str = DEFAULT_HASH, force: bool = False) -> VolumeFormat:
     """Create a volume (or, with ``force``, update an existing one's settings).
 
     Every check runs before anything is written, so a refused format leaves the metadata
     engine and the store as they were."""
     storage_url = normalize_storage_url(storage_url)
-    _check_settings(block_size, compression, storage_url)
+    _check_settings(block_size, compression, storage_url, hash)
     existing = existing_format(meta_url)
     if existing is not None and not force:
         raise ChunkfsError(
@@ -146,15 +150,16 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
         meta = open_meta(meta_url, create=True)
         try:
             if existing is not None and not meta.is_empty() and (
-                existing.block_size != block_size or existing.compression != compression
+                existing.block_size != block_size or existing.compression != compression or existing.hash != hash
             ):
                 raise ChunkfsError(
                     f"volume {existing.name!r} holds files: its block size "
-                    f"({format_size(existing.block_size)}) and compression ({existing.compression}) cannot change"
+                    f"({format_size(existing.block_size)}), compression ({existing.compression}) and hash "
+                    f"({existing.hash}) cannot change"
                 )
             if existing is not None:
                 fmt = replace(existing, storage=storage_url, name=name or existing.name,
-                              block_size=block_size, compression=compression)
+                              block_size=block_size, compression=compression, hash=hash)
             else:
                 fmt = VolumeFormat(
                     name=name or "chunkfs",
@@ -162,6 +167,7 @@ def format_volume(meta_url: str, storage_url: str, *, name: str | None = None,
                     storage=storage_url,
                     block_size=block_size,
                     compression=compression,
+                    hash=hash,
                     created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 )
             _write_marker(store, fmt)

@@ -243,7 +243,14 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                        f"volume {request.volume_id} is staged with path {record.volume_path}, not {path}")
             self._ensure_running(context, record)
             mounted = _mounted(target)
+            asked = Target(target, readonly=request.readonly,
+                           capability=request.volume_capability.SerializeToString(deterministic=True).hex())
             if target in record.targets and mounted:
+                held = record.targets[target]
+                if held.readonly != asked.readonly or held.capability not in ("", asked.capability):
+                    _abort(context, Code.ALREADY_EXISTS,
+                           f"{target} already publishes volume {request.volume_id} with another readonly flag "
+                           "or volume capability")
                 return csi_pb2.NodePublishVolumeResponse()
             if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
@@ -256,7 +263,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             except MountError as exc:
                 self._teardown_ephemeral_if_unused(record)
                 _abort(context, Code.INTERNAL, str(exc))
-            record.targets[target] = Target(target)
+            record.targets[target] = asked
             self.state.save(record)
         return csi_pb2.NodePublishVolumeResponse()
 

@@ -28,7 +28,8 @@ from pathlib import Path
 @dataclass
 class Target:
     path: str  # the pod's target path (a bind mount of the volume's directory)
-    readonly: bool = True
+    readonly: bool = True  # as the publish asked (the bind mount is read-only whatever it asked)
+    capability: str = ""  # the publish's volume capability, serialized (hex); "" in older records
 
 
 @dataclass

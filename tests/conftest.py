@@ -8,7 +8,6 @@ test fails, and its log is checked for tracebacks (a daemon must never crash).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from chunkfs.blocks import block_id
 from chunkfs.fuse.mountinfo import find_mount
 
 BLOCK = 64 << 10  # small blocks make multi-block edge cases cheap
@@ -180,16 +180,18 @@ def fill_up(path: Path) -> None:
 
 
 def block_files(root: Path) -> list[Path]:
-    """The files under ``root/blocks``: a cache directory's entries or a file store's objects."""
-    return [p for p in (root / "blocks").rglob("*") if p.is_file()]
+    """The files under ``root/blocks*``: a cache directory's entries (each hash algorithm's
+    namespace) or a file store's objects."""
+    return [p for d in root.glob("blocks*") for p in d.rglob("*") if p.is_file()]
 
 
 def assert_cache_sound(cache: Path) -> int:
-    """Every entry of a cache directory holds exactly the block its name is the hash of.
-    Returns the number of entries."""
+    """Every entry of a cache directory holds exactly the block its name is the hash of (with
+    the algorithm of its namespace). Returns the number of entries."""
     files = block_files(cache)
     for path in files:
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} does not match its hash"
+        algorithm = "sha256" if path.parent.parent.name == "blocks" else path.parent.parent.name.split("-", 1)[1]
+        assert block_id(path.read_bytes(), algorithm).hex() == path.name, f"{path} does not match its hash"
     return len(files)
 
 

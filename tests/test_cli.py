@@ -115,7 +115,7 @@ def test_store_gone_is_reported(imported: VolumeFixture) -> None:
 
 def test_status_reports_dedup(imported: VolumeFixture) -> None:
     out = chunkfs("status", imported.meta_url).stdout
-    assert "10 files" in out and "dedup:" in out and "sha256" in out
+    assert "10 files" in out and "dedup:" in out and "hash:         blake3" in out  # new volumes hash with BLAKE3
 
     data = json.loads(chunkfs("status", imported.meta_url, "--json").stdout)
     assert data["stats"]["unique_bytes"] < data["stats"]["logical_bytes"]

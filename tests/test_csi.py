@@ -80,10 +80,10 @@ class Plugin:
             volume_context={"path": path}), timeout=120)
 
     def publish(self, target: Path, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
-                **extra) -> None:
+                readonly: bool = True, mode: int = Mode.MULTI_NODE_READER_ONLY, **extra) -> None:
         self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
             volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging"), target_path=str(target),
-            volume_capability=capability(Mode.MULTI_NODE_READER_ONLY), readonly=True,
+            volume_capability=capability(mode), readonly=readonly,
             volume_context={"path": path, "csi.storage.k8s.io/pod.name": "vllm-0"}, **extra), timeout=120)
 
     def unpublish(self, target: Path, volume_id: str = "model") -> None:
@@ -170,6 +170,10 @@ def test_stage_publish_twice_read_and_tear_down_idempotently(plugin, tmp_path: P
     p.publish(t1)
     p.publish(t2)
     p.publish(t1)  # idempotent
+    # the same target with another readonly flag or capability is not the same publish (CSI spec)
+    assert code_of(p.publish, t1, readonly=False) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(p.publish, t1, mode=Mode.SINGLE_NODE_READER_ONLY) == grpc.StatusCode.ALREADY_EXISTS
+    p.publish(t1)  # still idempotent with the original arguments
     assert_reads(src, t1)
     assert_reads(src, t2)
     with pytest.raises(OSError) as err:

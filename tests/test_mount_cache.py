@@ -97,7 +97,7 @@ def test_damaged_cache_files_are_refetched(model_volume: VolumeFixture, port: in
     cache = model_volume.tmp / "cache"
     with mounted(model_volume, "--prefetch", "none") as m:
         sha(m.path / "m" / "notes.txt")
-    files = sorted((cache / "blocks").glob("*/*"))
+    files = sorted((cache / "blocks-blake3").glob("*/*"))
     assert len(files) == TEXT_BLOCKS
     files[0].write_bytes(files[0].read_bytes()[:-1])  # truncated
     data = bytearray(files[1].read_bytes())
@@ -107,7 +107,7 @@ def test_damaged_cache_files_are_refetched(model_volume: VolumeFixture, port: in
         assert sha(m.path / "m" / "notes.txt") == sha(src / "notes.txt")
         metrics = scrape(port)
         assert gets(metrics) == 2 and metrics["chunkfs_cache_corrupt_total"] == 2
-    assert len(sorted((cache / "blocks").glob("*/*"))) == TEXT_BLOCKS  # both stored again, intact
+    assert len(sorted((cache / "blocks-blake3").glob("*/*"))) == TEXT_BLOCKS  # both stored again, intact
 
 
 MMAP_READER = """

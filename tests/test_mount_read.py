@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chunkfs.blocks import DEFAULT_HASH, block_id
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -171,9 +172,7 @@ def test_missing_block_is_eio_and_other_files_keep_working(imported: VolumeFixtu
         victim = m.path / "model/block-plus-1"
         # delete the store object of the second block of block-plus-1 (its 1-byte tail)
         tail = (source / "block-plus-1").read_bytes()[BLOCK:]
-        import hashlib
-
-        key = hashlib.sha256(tail).hexdigest()
+        key = block_id(tail, DEFAULT_HASH).hex()  # the volume's hash
         (imported.storage / "blocks" / key[:2] / key).unlink()
         with open(victim, "rb", buffering=0) as f:
             assert f.read(BLOCK) == (source / "block-plus-1").read_bytes()[:BLOCK]

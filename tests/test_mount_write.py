@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs.blocks import block_id, object_key
+from chunkfs.blocks import object_key
 from chunkfs.maintenance import collect_garbage
 from chunkfs.meta.base import BUSY, CLAIMED
 from chunkfs.volume import open_volume
@@ -270,7 +270,7 @@ def test_gc_never_deletes_a_block_whose_upload_a_writer_claimed(volume: VolumeFi
     file naming it) while gc, which listed it as garbage, is about to delete it."""
     with open_volume(volume.meta_url) as vol:
         def orphan(content: bytes) -> bytes:
-            bid = block_id(content)
+            bid = vol.codec.block_id(content)
             vol.store.put(object_key(bid), content)
             two_hours_ago = time.time() - 7200
             os.utime(volume.storage / object_key(bid), (two_hours_ago, two_hours_ago))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from chunkfs.blocks import block_id
+from chunkfs.blocks import DEFAULT_HASH, block_id
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import CacheDir
 from chunkfs.cli.stats import parse_metrics
@@ -51,7 +51,7 @@ def unique_blocks(root: Path) -> dict[bytes, int]:
             data = path.read_bytes()
             for off in range(0, len(data), BLOCK):
                 chunk = data[off:off + BLOCK]
-                blocks[block_id(chunk)] = len(chunk)
+                blocks[block_id(chunk, DEFAULT_HASH)] = len(chunk)  # the volumes' hash
     return blocks
 
 
@@ -245,7 +245,8 @@ def test_kill_9_leaves_no_partial_block_and_a_rerun_resumes(s3_model, tmp_path: 
     assert report["complete"] and report["bytes_cached_before"] >= planted * BLOCK - BLOCK
     assert_cache_sound(cache)
     assert len(block_files(cache)) == len(unique_blocks(src))
-    assert list((cache / "tmp").iterdir()) == [] and [p.name for p in (cache / "locks").iterdir()] == ["downloads"]
+    assert list((cache / "tmp").iterdir()) == []
+    assert [p.name for p in (cache / "locks").iterdir()] == ["downloads-blake3"]  # the volume's namespace
 
 
 def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -262,7 +263,8 @@ def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignor
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "chunkfs: warmup stopped by SIGTERM; run it again to resume"
     assert_cache_sound(cache)
-    assert list((cache / "tmp").iterdir()) == [] and [p.name for p in (cache / "locks").iterdir()] == ["downloads"]
+    assert list((cache / "tmp").iterdir()) == []
+    assert [p.name for p in (cache / "locks").iterdir()] == ["downloads-blake3"]  # the volume's namespace
 
 
 def test_warmup_and_a_mount_reading_download_each_block_once(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

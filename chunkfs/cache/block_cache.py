@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkfs.blocks import block_id
+from chunkfs.blocks import HASH_NAME, block_id
 from chunkfs.cache.disk import CacheDir, NewEntry
 from chunkfs.metrics import Metrics
 from chunkfs.units import format_size
@@ -72,12 +72,15 @@ class Shortfall:
 
 class BlockCache:
     def __init__(self, dirs: Sequence[str | Path], capacity: int, free_ratio: float = 0.1,
-                 metrics: Metrics | None = None, *, trust_seals: bool = True) -> None:
+                 metrics: Metrics | None = None, *, trust_seals: bool = True, hash: str = HASH_NAME) -> None:
+        """``hash``: the block hash algorithm of the volumes this cache serves (each has its
+        own namespace in the directories)."""
         if not dirs:
             raise ValueError("at least one cache directory is needed")
         if not 0 <= free_ratio < 1:
             raise ValueError("free_ratio must be in [0, 1)")
-        self.dirs = [CacheDir(d) for d in dirs]
+        self.hash = hash
+        self.dirs = [CacheDir(d, hash) for d in dirs]
         self.capacity = capacity
         self.free_ratio = free_ratio
         self.trust_seals = trust_seals
@@ -257,7 +260,7 @@ class BlockCache:
             log.warning("cache: reading block %s failed: %s", bid.hex()[:16], exc.strerror)
             self.drop(bid)
             return None
-        if len(data) != length or block_id(data) != bid:
+        if len(data) != length or block_id(data, self.hash) != bid:
             what = "size differs from the block length" if len(data) != length else "content does not match its hash"
             log.warning("cache: dropping %s: %s", cache_dir.path(bid), what)
             self.metrics.cache_corrupt.inc()

@@ -4,9 +4,11 @@ Layout (shared by every volume, mount and warmup on the node: a block id is the 
 plain bytes, so an entry is valid for any volume that names it)::
 
     blocks/<id[:2]>/<id hex>     plain block bytes, mode 0600, directories 0700; xattr
-                                 ``user.chunkfs.seal`` (see below)
-    tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks/ when complete
-    locks/downloads              one byte per block id is write-locked (an OFD byte-range lock)
+                                 ``user.chunkfs.seal`` (see below): SHA-256 ids
+    blocks-blake3/<id[:2]>/<id hex>   the same for BLAKE3 ids (each algorithm has its own
+                                 namespace, so an id is only ever checked with its own hash)
+    tmp/<id hex>.<pid>.<rand>    being written; renamed into blocks*/ when complete
+    locks/downloads[-blake3]     one byte per block id is write-locked (an OFD byte-range lock)
                                  by the one process on the node downloading that block
 
 Invariants:
@@ -291,10 +293,16 @@ class NewEntry:
             self._stage = None
 
 
+def namespace(algorithm: str) -> str:
+    """The suffix of an algorithm's entry directory and lock file ('' for SHA-256, as before BLAKE3)."""
+    return "" if algorithm == "sha256" else f"-{algorithm}"
+
+
 class CacheDir:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, algorithm: str = "sha256") -> None:
         self.root = Path(root).absolute()
-        self.blocks_dir = self.root / "blocks"
+        self.blocks_dir = self.root / f"blocks{namespace(algorithm)}"
+        self._locks_name = DOWNLOAD_LOCKS + namespace(algorithm)
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
         for d in (self.root, self.blocks_dir, self.tmp_dir, self.locks_dir):
@@ -324,7 +332,7 @@ class CacheDir:
         """Remove per-block lock files left by chunkfs versions before ``locks/downloads``
         (those nobody holds any more)."""
         for entry in os.scandir(self.locks_dir):
-            if entry.name == DOWNLOAD_LOCKS:
+            if entry.name.startswith(DOWNLOAD_LOCKS):  # the shared lock files of each algorithm
                 continue
             with contextlib.suppress(OSError):
                 fd = os.open(entry.path, os.O_RDWR)
@@ -338,7 +346,7 @@ class CacheDir:
 
     def _locks_fd(self) -> int:
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.locks_dir / DOWNLOAD_LOCKS, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = os.open(self.locks_dir / self._locks_name, os.O_RDWR | os.O_CREAT, 0o600)
         return self._lock_fd
 
     def try_lock(self, bid: bytes) -> int | None:

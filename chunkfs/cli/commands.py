@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from chunkfs.blocks import DEFAULT_BLOCK_SIZE
+from chunkfs.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_HASH
 from chunkfs.cli.main import store_options
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.meta import open_meta
@@ -31,11 +31,12 @@ def cmd_format(args: argparse.Namespace) -> int:
         name=args.name,
         block_size=args.block_size or (existing.block_size if existing else DEFAULT_BLOCK_SIZE),
         compression=args.compress or (existing.compression if existing else "none"),
+        hash=args.hash or (existing.hash if existing else DEFAULT_HASH),
         force=args.force,
     )
     verb = "updated" if existing else "formatted"
     print(f"{verb} volume {fmt.name!r} ({fmt.uuid}): metadata {mask_url(args.meta)}, storage {fmt.storage}, "
-          f"block size {format_size(fmt.block_size)}, compression {fmt.compression}")
+          f"block size {format_size(fmt.block_size)}, compression {fmt.compression}, hash {fmt.hash}")
     return 0
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 
 from chunkfs import __version__
-from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE
+from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HASH, HASHES
 from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE, VERIFY_CACHE_MODES
 from chunkfs.errors import ChunkfsError, UsageError, first_error
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_size, default=None,
                    help=f"block size, 64K to 64M (default {DEFAULT_BLOCK_SIZE >> 20}M)")
     p.add_argument("--compress", choices=COMPRESSIONS, default=None, help="per-block compression (default none)")
+    p.add_argument("--hash", choices=HASHES, default=None,
+                   help=f"block hash of a new volume (default {DEFAULT_HASH}; an existing volume keeps its own)")
     p.add_argument("--force", action="store_true", help="update the settings of an existing volume")
 
     p = sub.add_parser("import", help="copy a local directory or file into the volume")

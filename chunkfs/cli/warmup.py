@@ -86,18 +86,23 @@ def _standalone(args: argparse.Namespace, op: str, meta_url: str, paths: list[st
     from chunkfs.metrics import Metrics
 
     dirs = cache_dirs(args.cache_dir)
-    try:
-        cache = BlockCache(dirs, args.cache_size or DEFAULT_CACHE_SIZE,
-                           0.1 if args.free_space_ratio is None else args.free_space_ratio, Metrics())
-    except OSError as exc:
-        raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
+
+    def node_cache(algorithm: str) -> BlockCache:
+        """The node cache, in the namespace of the volume's block hash."""
+        try:
+            return BlockCache(dirs, args.cache_size or DEFAULT_CACHE_SIZE,
+                              0.1 if args.free_space_ratio is None else args.free_space_ratio, Metrics(),
+                              hash=algorithm)
+        except OSError as exc:
+            raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
+
     if op != "warmup":  # metadata only: works with the object store down
         meta = open_meta(meta_url)
         try:
             fmt = meta.load_format()
             if fmt is None:
                 raise NotFormatted(f"no chunkfs volume at {meta.url}")
-            return trio.run(_plan_and_run, meta, fmt.block_size, paths, _inspect(op, cache))
+            return trio.run(_plan_and_run, meta, fmt.block_size, paths, _inspect(op, node_cache(fmt.hash)))
         finally:
             meta.close()
 
@@ -106,6 +111,7 @@ def _standalone(args: argparse.Namespace, op: str, meta_url: str, paths: list[st
     from chunkfs.volume import open_volume
 
     with open_volume(meta_url, store_options(args, args.threads)) as volume:
+        cache = node_cache(volume.fmt.hash)
         fetcher = BlockFetcher(AsyncStore(volume.store, args.threads), volume.codec, cache, downloads=args.threads)
         runner = _warm(args, fetcher)
         return trio.run(_plan_and_run, volume.meta, volume.fmt.block_size, paths, runner)

@@ -15,16 +15,19 @@ import os
 log = logging.getLogger(__name__)
 
 
-def bdi_path(mountpoint: str) -> str:
-    dev = os.stat(mountpoint).st_dev
+def bdi_path(mountpoint: str, dev: int | None = None) -> str:
+    """The mount's readahead file; ``dev`` (its st_dev) saves a stat of the mountpoint, which
+    the mount's own daemon must never make on its event loop (nothing would answer it)."""
+    if dev is None:
+        dev = os.stat(mountpoint).st_dev
     return f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
 
 
-def set_read_ahead(mountpoint: str, nbytes: int) -> int | None:
+def set_read_ahead(mountpoint: str, nbytes: int, dev: int | None = None) -> int | None:
     """Set the mount's kernel readahead to ``nbytes`` (rounded to KiB). Returns the value now
     in effect in KiB, or None if it cannot be read or set (not root, no sysfs): the mount
     still works, with the kernel's default."""
-    path = bdi_path(mountpoint)
+    path = bdi_path(mountpoint, dev)
     try:
         with open(path, "w") as f:
             f.write(str(max(4, nbytes // 1024)))

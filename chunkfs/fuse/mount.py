@@ -85,7 +85,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     slots = config.download_slots(block_size, volume.codec.compression != "none")
     try:
         cache = BlockCache(config.cache_dirs, config.cache_size, config.free_space_ratio, metrics,
-                           trust_seals=config.verify_cache == "seal")
+                           trust_seals=config.verify_cache == "seal", hash=volume.fmt.hash)
     except OSError as exc:
         raise ChunkfsError(f"cannot use cache directory {exc.filename}: {exc.strerror}") from None
     # each download for a reader fills a whole-block buffer, written to the cache around the
@@ -187,10 +187,12 @@ async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReade
             nursery.cancel_scope.cancel()  # unmounted from outside
 
         nursery.start_soon(fuse_main)
-        # The mount answers once a stat through it succeeds (served by fuse_main above).
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        # The mount answers once a stat through it succeeds (served by fuse_main above). This
+        # thread never touches the mountpoint itself: a request it made would wait for itself
+        # (a deadlock as soon as the kernel's cached attributes of the root have expired).
+        root = await trio.to_thread.run_sync(os.stat, mountpoint)
         if config.kernel_readahead:
-            set_read_ahead(mountpoint, config.kernel_readahead)
+            set_read_ahead(mountpoint, config.kernel_readahead, dev=root.st_dev)
         nursery.start_soon(_load_cache_index, cache)
         await _start_control(nursery, control, mountpoint)
         log.info("mounted at %s", mountpoint)

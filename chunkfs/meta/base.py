@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from errno import E2BIG, EFBIG, EINVAL, ENAMETOOLONG, EOPNOTSUPP, ERANGE
 
 from chunkfs.blocklist import BlockList
-from chunkfs.blocks import HASH_NAME
+from chunkfs.blocks import HASH_NAME, HASHES
 from chunkfs.errors import ChunkfsError, FsError, NotFormatted
 
 ROOT_INODE = 1
@@ -64,7 +64,11 @@ class VolumeFormat:
                 f"volume format version {version} is newer than this chunkfs supports ({FORMAT_VERSION})"
             )
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fmt = cls(**{k: v for k, v in data.items() if k in known})
+        if fmt.hash not in HASHES:
+            raise ChunkfsError(f"volume uses block hash {fmt.hash!r}, which this chunkfs does not know "
+                               f"({', '.join(HASHES)})")
+        return fmt
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import trio
 
 from chunkfs.blocklist import HOLE, BlockList
-from chunkfs.blocks import BlockCodec, block_count, block_id, block_length, block_spans, object_key
+from chunkfs.blocks import BlockCodec, block_count, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import FsError
 from chunkfs.meta.aio import AsyncMeta
@@ -416,7 +416,7 @@ class FileWriter:
         """Upload a block unless the volume already has it; also put it in the node cache.
         The upload is claimed in the metadata first, so gc cannot delete the object before
         the file naming it is published (it waits while gc is deleting an older copy)."""
-        bid = await trio.to_thread.run_sync(block_id, plain)
+        bid = await trio.to_thread.run_sync(self.codec.block_id, plain)
         if await self.meta.change("claim_upload_waiting", bid) != KNOWN:
             stored = await trio.to_thread.run_sync(self.codec.encode, plain)
             await self.store.put(object_key(bid), stored)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-from chunkfs.blocks import block_count, block_id, block_length, object_key
+from chunkfs.blocks import block_count, block_length, object_key
 from chunkfs.errors import ChunkfsError, FsError, UsageError, first_error
 from chunkfs.meta.base import KNOWN, ROOT_INODE, Attr
 from chunkfs.progress import Progress
@@ -306,7 +306,7 @@ class Importer:
         data = os.pread(fd, length, index * self.block_size)
         if len(data) != length:
             raise ChunkfsError("file shrank while it was being imported; run the import again")
-        return block_id(data), data
+        return self.codec.block_id(data), data
 
     def _upload_block(self, bid: bytes, data: bytes) -> bool:
         """Upload unless the volume or the store already has the block; True if uploaded.
