@@ -14,6 +14,7 @@ times, measures in this order:
   raw_get              all shards fetched with 16 parallel 8 MiB ranged GETs (boto3), data discarded
   raw_get_sha256       the same, each 8 MiB range also hashed with SHA-256 as it arrives: the least a
                        client that verifies what it downloads (chunkfs checks every block's hash) pays
+  raw_get_blake3       the same with BLAKE3 (the hash of new chunkfs volumes)
   local_disk           the model loaded from the local disk
   boto3_download_load  boto3 download_file of each shard into an empty directory, then loaded (wall)
   jfs_cold_default     JuiceFS mount with an empty cache, default flags
@@ -51,7 +52,6 @@ writes every timing to --json (default WORK/bench.json). Needs root (drop_caches
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -76,6 +76,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from chunkfs.blocks import DEFAULT_HASH, HASHES, new_hasher
 from chunkfs.procs import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,9 +86,9 @@ REGION = "us-east-1"
 RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
-NAMES = ["raw_get", "raw_get_sha256", "local_disk", "boto3_download_load", "jfs_cold_default", "jfs_cold_tuned",
-         "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write",
-         "ck_write", "jfs_warmup", "ck_warmup"]
+NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "boto3_download_load", "jfs_cold_default",
+         "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1",
+         "ck_cold_mmap4", "jfs_write", "ck_write", "jfs_warmup", "ck_warmup"]
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
@@ -380,7 +381,7 @@ class Bench:
 
     def ck_format_cmd(self, meta: str, prefix: str) -> list[str]:
         storage = f"s3://{CK_BUCKET}/{prefix}?endpoint={self.endpoint}&path_style=true"
-        return [self.chunkfs, "format", meta, "--storage", storage]
+        return [self.chunkfs, "format", meta, "--storage", storage, "--hash", self.args.hash]
 
     def setup_juicefs(self) -> None:
         cmd = self.jfs_format_cmd(self.jfs_meta, "bench")
@@ -468,9 +469,10 @@ class Bench:
             raise BenchError(f"{what}: {len(result['differing'])} tensors differ from the source")
         return Sample(float(result["seconds"]))
 
-    def raw_get(self, verify: bool = False) -> Sample:
-        """16 threads of ranged GETs over the raw copy of the model; with ``verify``, each range is hashed."""
-        name = "raw_get_sha256" if verify else "raw_get"
+    def raw_get(self, verify: str | None = None) -> Sample:
+        """16 threads of ranged GETs over the raw copy of the model; with ``verify`` (an
+        algorithm), each range is hashed with it."""
+        name = f"raw_get_{verify}" if verify else "raw_get"
         client = self.client(pool=32)
         parts = [(shard.name, start, min(start + RANGE, size) - 1)
                  for shard in self.shards for size in [shard.stat().st_size] for start in range(0, size, RANGE)]
@@ -478,7 +480,7 @@ class Bench:
         def fetch(part: tuple[str, int, int]) -> int:
             key, first, last = part
             body = client.get_object(Bucket=RAW_BUCKET, Key=key, Range=f"bytes={first}-{last}")["Body"]
-            digest = hashlib.sha256() if verify else None
+            digest = new_hasher(verify) if verify else None
             got = 0
             while chunk := body.read(1 << 20):
                 got += len(chunk)
@@ -672,7 +674,8 @@ class Bench:
 
     def one_run(self, i: int, loader: ModuleType) -> None:
         steps: list[tuple[str, Callable[[], Sample]]] = [
-            ("raw_get", self.raw_get), ("raw_get_sha256", lambda: self.raw_get(verify=True)),
+            ("raw_get", self.raw_get), ("raw_get_sha256", lambda: self.raw_get(verify="sha256")),
+            ("raw_get_blake3", lambda: self.raw_get(verify="blake3")),
             ("local_disk", self.local_disk),
             ("boto3_download_load", lambda: self.boto3_download_load(loader))]
         for name, step in steps:
@@ -709,7 +712,7 @@ class Bench:
     def execute(self) -> dict[str, Any]:
         self.prepare()
         self.start_rclone()
-        if self.wants("raw_get", "raw_get_sha256", "boto3_download_load"):
+        if self.wants("raw_get", "raw_get_sha256", "raw_get_blake3", "boto3_download_load"):
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
@@ -777,8 +780,9 @@ class Bench:
         for t in targets:
             t["pass"] = None if t["value"] is None else t["value"] <= t["limit"]
         # Not targets: how far each verifying path is from the least a verifying client pays.
-        context = [{"what": f"{name} / raw_get_sha256", "value": ratio(name, "raw_get_sha256")}
-                   for name in ("ck_cold", "ck_warmup") if ratio(name, "raw_get_sha256") is not None]
+        context = [{"what": f"{name} / {raw}", "value": ratio(name, raw)}
+                   for raw in ("raw_get_sha256", "raw_get_blake3") for name in ("ck_cold", "ck_warmup")
+                   if ratio(name, raw) is not None]
         return {"summary": summary, "targets": targets, "context": context}
 
     def markdown(self, result: dict[str, Any]) -> str:
@@ -834,6 +838,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
                         help="comma-separated measurements to run (default all)")
     parser.add_argument("--skip-juicefs", action="store_true", help="leave out the JuiceFS measurements")
+    parser.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
+                        help=f"block hash of the chunkfs volume (default {DEFAULT_HASH}; sha256 for an A/B)")
     parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
     parser.add_argument("--rclone-md5-etag", action="store_true",
                         help="keep rclone's MD5 ETags (hashes each object on its first GET; off by default)")
