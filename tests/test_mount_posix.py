@@ -296,3 +296,20 @@ def test_a_volume_made_by_the_previous_format_reads_and_writes(tmp_path: Path) -
         assert (ro.path / "sparse").read_bytes() == b"head" + bytes(10 * BLOCK - 4)
         assert stat.S_ISFIFO(_stat(ro.path / "fifo").st_mode)
 
+
+
+def test_fallocate_is_refused_as_documented_and_posix_fallocate_works(volume: VolumeFixture) -> None:
+    """pyfuse3 has no fallocate handler: fallocate(2) gets EOPNOTSUPP in every mode (README),
+    and glibc's posix_fallocate falls back to writing, so the file grows as asked."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    with rw_mount(volume) as mnt:
+        fd = os.open(mnt / "f", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            for mode in (0, 1, 3, 0x10):  # default, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE
+                assert libc.fallocate(fd, mode, 0, BLOCK) == -1 and ctypes.get_errno() == errno.EOPNOTSUPP
+            os.posix_fallocate(fd, 0, 3 * BLOCK + 5)
+            assert os.fstat(fd).st_size == 3 * BLOCK + 5
+            assert os.pread(fd, 10, 2 * BLOCK) == bytes(10)
+        finally:
+            os.close(fd)
