@@ -85,6 +85,46 @@ S3_KEY, S3_SECRET = "chunkfs-test-key", "chunkfs-test-secret"  # as tests/server
 REGION = "us-east-1"
 RAW_BUCKET, JFS_BUCKET, CK_BUCKET = "rawbucket", "jfsbucket", "ckbucket"
 RANGE = 8 << 20
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120;
+    client_max_body_size 0;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    fastcgi_temp_path {work}/nginx-fastcgi;
+    uwsgi_temp_path {work}/nginx-uwsgi;
+    scgi_temp_path {work}/nginx-scgi;
+    default_type application/octet-stream;
+    upstream rclone {{ server 127.0.0.1:{rclone}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            error_page 418 = @rclone;
+            if ($request_method != GET) {{ return 418; }}
+            if ($args != "") {{ return 418; }}
+            root {root};
+            try_files $uri @rclone;
+        }}
+        location @rclone {{
+            proxy_pass http://rclone;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "boto3_download_load", "jfs_cold_default",
          "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1",
@@ -178,6 +218,12 @@ def busy_cpu_seconds() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat, its own threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Timed:
@@ -363,6 +409,37 @@ class Bench:
                     raise BenchError(f"rclone serve s3 did not answer on {self.endpoint} within 30 s") from None
                 time.sleep(0.1)
         say(f"rclone serve s3 on {self.endpoint} (pid {proc.pid})")
+        if self.args.store == "nginx":
+            self.start_nginx(root, port)
+
+    def start_nginx(self, root: Path, rclone_port: int) -> None:
+        """nginx in front of rclone: plain object GETs (no query string) are answered by nginx
+        from rclone's directory with sendfile, costing the machine almost no CPU, as a real
+        object store costs the node none; every other request (PUT, HEAD, LIST, DELETE,
+        multipart) goes to rclone. The Host header is passed on, so signatures still verify."""
+        port = free_port()
+        conf = self.work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=self.work, root=root, port=port, rclone=rclone_port))
+        cmd = ["nginx", "-c", str(conf), "-p", str(self.work)]
+        self.commands["nginx"] = cmd
+        with (self.work / "nginx.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"nginx exited with {proc.returncode}; see {self.work / 'nginx.log'}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"nginx did not answer on {self.endpoint} within 30 s") from None
+                time.sleep(0.1)
+        say(f"nginx on {self.endpoint} (pid {proc.pid}) answers object GETs from {root}, the rest goes to rclone")
 
     def client(self, pool: int | None = None) -> Any:
         config = Config(s3={"addressing_style": "path"}, **({"max_pool_connections": pool} if pool else {}))
@@ -450,8 +527,11 @@ class Bench:
             say(f"warning: {Path(umount[0]).name} mount daemon exited with {proc.returncode}")
 
     # -- loads ---------------------------------------------------------------------------------
-    def load(self, model: Path, what: str) -> Sample:
-        """Loads model in a fresh Python and checks what it read; the seconds are the load's own."""
+    def load(self, model: Path, what: str, daemon: int | None = None) -> Sample:
+        """Loads model in a fresh Python and checks what it read; the seconds are the load's own.
+        With ``daemon`` (the pid of the mount daemon serving it), the CPU seconds that daemon
+        spent meanwhile are recorded too, per GiB of the model."""
+        before = process_cpu_seconds(daemon) if daemon else 0.0
         if self.args.verify:
             cmd = [sys.executable, str(ROOT / "scripts" / "load_model.py"), str(model), "--json", "--compare",
                    str(self.model)]
@@ -467,7 +547,11 @@ class Bench:
                              f"expected {self.tensor_bytes}")
         if result.get("differing"):
             raise BenchError(f"{what}: {len(result['differing'])} tensors differ from the source")
-        return Sample(float(result["seconds"]))
+        sample = Sample(float(result["seconds"]))
+        if daemon:
+            sample.extra["daemon_cpu_s_per_gib"] = round(
+                (process_cpu_seconds(daemon) - before) / (self.model_bytes / 2**30), 3)
+        return sample
 
     def raw_get(self, verify: str | None = None) -> Sample:
         """16 threads of ranged GETs over the raw copy of the model; with ``verify`` (an
@@ -528,7 +612,7 @@ class Bench:
         self.commands[f"{name}_mount"] = cmd
         proc = self.mount(cmd, mnt, "juicefs")
         drop_caches()
-        sample = self.load(mnt / "model", name)
+        sample = self.load(mnt / "model", name, daemon=proc.pid)
         sample.rss_mib, per_pid = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.juicefs, "umount"])
         sample.extra.update(rss_by_pid=per_pid, cache_bytes=dir_bytes(cache))
@@ -542,12 +626,12 @@ class Bench:
         self.commands["ck_mount"] = cmd
         proc = self.mount(cmd, mnt, "chunkfs")
         drop_caches()
-        sample = self.load(mnt / "model", "ck_cold")
+        sample = self.load(mnt / "model", "ck_cold", daemon=proc.pid)
         sample.rss_mib, per_pid = peak_rss(proc.pid)
         same = None
         if self.wants("ck_warm_same"):
             drop_caches()
-            same = self.load(mnt / "model", "ck_warm_same")
+            same = self.load(mnt / "model", "ck_warm_same", daemon=proc.pid)
             same.rss_mib, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         sample.extra.update(rss_by_pid=per_pid, cache_bytes=dir_bytes(cache))
@@ -557,9 +641,9 @@ class Bench:
         mnt = self.work / "mnt"
         proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
         drop_caches()
-        warm = self.load(mnt / "model", "ck_warm")
+        warm = self.load(mnt / "model", "ck_warm", daemon=proc.pid)
         warm.rss_mib, _ = peak_rss(proc.pid)
-        hot = self.load(mnt / "model", "ck_hot")
+        hot = self.load(mnt / "model", "ck_hot", daemon=proc.pid)
         hot.rss_mib, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
@@ -739,11 +823,13 @@ class Bench:
                 continue
             secs = [s.seconds for s in samples]
             rss = [s.rss_mib for s in samples if s.rss_mib is not None]
+            cpu = [s.extra["daemon_cpu_s_per_gib"] for s in samples if "daemon_cpu_s_per_gib" in s.extra]
             median = statistics.median(secs)
             summary[name] = {"median_s": median, "min_s": min(secs), "max_s": max(secs),
                              "mib_per_s": self.model_bytes / median / 2**20,
                              "rss_mib_median": statistics.median(rss) if rss else None,
-                             "rss_mib_max": max(rss) if rss else None}
+                             "rss_mib_max": max(rss) if rss else None,
+                             "daemon_cpu_s_per_gib": statistics.median(cpu) if cpu else None}
 
         def ratio(name: str, base: str) -> float | None:
             if name in summary and base in summary:
@@ -792,15 +878,16 @@ class Bench:
         mib = self.model_bytes / 2**20
         lines = [f"Model: {mib:.0f} MiB in {len(self.shards)} shards ({self.tensor_count} tensors); "
                  f"{self.args.runs} run(s); {os.cpu_count()} CPUs, Linux {platform.release()}; "
-                 f"object store: rclone serve s3 on loopback", "",
+                 f"object store: {'nginx (GETs) + ' if self.args.store == 'nginx' else ''}rclone serve s3 on loopback",
+                 "",
                  "| measurement | median s | min s | max s | MiB/s | vs raw_get | vs jfs_cold_tuned | vs local_disk "
-                 "| daemon peak RSS MiB |",
-                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                 "| daemon peak RSS MiB | daemon CPU-s/GiB |",
+                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for name, row in result["summary"].items():
             lines.append(f"| {name} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
                          f"| {row['mib_per_s']:.0f} | {num(row['vs_raw_get'], '.2f', 'x')} "
                          f"| {num(row['vs_jfs_cold_tuned'], '.2f', 'x')} | {num(row['vs_local_disk'], '.2f', 'x')} "
-                         f"| {num(row['rss_mib_median'], '.0f')} |")
+                         f"| {num(row['rss_mib_median'], '.0f')} | {num(row['daemon_cpu_s_per_gib'], '.2f')} |")
         lines.append("")
         for t in result["targets"]:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
@@ -838,6 +925,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
                         help="comma-separated measurements to run (default all)")
     parser.add_argument("--skip-juicefs", action="store_true", help="leave out the JuiceFS measurements")
+    parser.add_argument("--store", choices=("nginx", "rclone"), default="nginx",
+                        help="nginx answers object GETs from rclone's directory (no CPU, as a real store) and passes "
+                             "the rest to rclone (default); rclone: rclone serve s3 answers everything")
     parser.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
                         help=f"block hash of the chunkfs volume (default {DEFAULT_HASH}; sha256 for an A/B)")
     parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
