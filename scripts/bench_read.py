@@ -111,6 +111,7 @@ http {{
             error_page 418 = @rclone;
             if ($request_method != GET) {{ return 418; }}
             if ($args != "") {{ return 418; }}
+            if ($http_if_match != "") {{ return 418; }}  # boto3 download_file: rclone's ETags, not nginx's
             root {root};
             try_files $uri @rclone;
         }}
@@ -221,9 +222,16 @@ def busy_cpu_seconds() -> float:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (/proc/<pid>/stat, its own threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds used so far by ``pid`` and the processes below it (``juicefs
+    mount`` serves from a child process), from /proc/<pid>/stat."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Timed:
@@ -413,7 +421,7 @@ class Bench:
             self.start_nginx(root, port)
 
     def start_nginx(self, root: Path, rclone_port: int) -> None:
-        """nginx in front of rclone: plain object GETs (no query string) are answered by nginx
+        """nginx in front of rclone: plain object GETs (no query string, no If-Match) are answered by nginx
         from rclone's directory with sendfile, costing the machine almost no CPU, as a real
         object store costs the node none; every other request (PUT, HEAD, LIST, DELETE,
         multipart) goes to rclone. The Host header is passed on, so signatures still verify."""
