@@ -403,22 +403,26 @@ class Bench:
         with (self.work / "rclone.log").open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"rclone serve s3 exited with {proc.returncode}; see {self.work / 'rclone.log'}")
-            try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"rclone serve s3 did not answer on {self.endpoint} within 30 s") from None
-                time.sleep(0.1)
+        self.wait_answering(proc, "rclone serve s3", self.work / "rclone.log")
         say(f"rclone serve s3 on {self.endpoint} (pid {proc.pid})")
         if self.args.store == "nginx":
             self.start_nginx(root, port)
+
+    def wait_answering(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        """Wait (30 s at most) until the server at ``self.endpoint`` answers HTTP at all."""
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with {proc.returncode}; see {log}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{name} did not answer on {self.endpoint} within 30 s") from None
+                time.sleep(0.1)
 
     def start_nginx(self, root: Path, rclone_port: int) -> None:
         """nginx in front of rclone: plain object GETs (no query string, no If-Match) are answered by nginx
@@ -434,19 +438,7 @@ class Bench:
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.procs.append(proc)
         self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"nginx exited with {proc.returncode}; see {self.work / 'nginx.log'}")
-            try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"nginx did not answer on {self.endpoint} within 30 s") from None
-                time.sleep(0.1)
+        self.wait_answering(proc, "nginx", self.work / "nginx.log")
         say(f"nginx on {self.endpoint} (pid {proc.pid}) answers object GETs from {root}, the rest goes to rclone")
 
     def client(self, pool: int | None = None) -> Any:

@@ -433,3 +433,13 @@ def test_dead_sessions_release_their_orphans(meta: MetaStore) -> None:
         files[session] = f.ino
     assert release_dead_sessions(meta, now) == 2
     assert meta.orphans() == {files[alive]: alive} and set(meta.sessions()) == {alive}
+
+
+def test_entries_in_a_set_gid_directory_take_its_group(meta: MetaStore) -> None:
+    d = meta.mkdir(ROOT_INODE, b"shared", 0o2775, 0, 4242, 0)
+    made = [meta.create_file(d.ino, b"f", 0o644, 7, 8, 0), meta.mkdir(d.ino, b"sub", 0o755, 7, 8, 0),
+            meta.symlink(d.ino, b"l", b"f", 7, 8, 0), meta.mknod(d.ino, b"p", stat.S_IFIFO | 0o644, 0, 7, 8, 0)]
+    assert [(a.uid, a.gid) for a in made] == [(7, 4242)] * 4
+    assert made[1].mode & stat.S_ISGID and not made[0].mode & stat.S_ISGID
+    plain = meta.mkdir(ROOT_INODE, b"plain", 0o755, 0, 0, 0)
+    assert meta.create_file(plain.ino, b"f", 0o644, 7, 8, 0).gid == 8

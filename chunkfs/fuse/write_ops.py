@@ -16,7 +16,6 @@ POSIX rules kept here (the kernel leaves them to the filesystem):
 - Set-uid/set-gid are cleared as the kernel would if it did not hand that to the filesystem
   (libfuse asks for FUSE_CAP_HANDLE_KILLPRIV): on chown of a non-directory, and on a write or
   truncate by a caller other than root (set-gid only with group-execute).
-- New entries in a set-gid directory take its group; new directories there inherit set-gid.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from chunkfs.blocklist import BlockList
 from chunkfs.errors import FsError
 from chunkfs.fuse.ops import STATS_INODE, ChunkfsOperations, OpenFile, _fuse_errors
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import Attr, check_size
+from chunkfs.meta.base import Attr
 from chunkfs.metrics import Metrics
 from chunkfs.read.reader import FileReader
 from chunkfs.write.file_writer import FileWriter, WriteFailed
@@ -151,16 +150,10 @@ class WritableOperations(ChunkfsOperations):
 
     async def _new_entry(self, method: str, parent: int, name: bytes, mode_or_target: int | bytes,
                          ctx: pyfuse3.RequestContext, rdev: int | None = None) -> pyfuse3.EntryAttributes:
-        """mkdir, symlink, create_file or mknod, owned by the caller (the group of a set-gid
-        parent, whose set-gid a new directory inherits)."""
-        gid = ctx.gid
-        parent_attr = await self.meta.getattr(parent)
-        if parent_attr.mode & stat.S_ISGID:
-            gid = parent_attr.gid
-            if method == "mkdir" and isinstance(mode_or_target, int):
-                mode_or_target |= stat.S_ISGID
+        """mkdir, symlink, create_file or mknod, owned by the caller (the engine gives an
+        entry in a set-gid directory that directory's group)."""
         args: tuple[Any, ...] = (mode_or_target,) if rdev is None else (mode_or_target, rdev)
-        attr = await self.meta.change(method, parent, name, *args, ctx.uid, gid, time.time_ns())
+        attr = await self.meta.change(method, parent, name, *args, ctx.uid, ctx.gid, time.time_ns())
         self._seen(parent, name, attr)
         return self._entry(attr)
 
@@ -173,8 +166,7 @@ class WritableOperations(ChunkfsOperations):
         changes: dict[str, int] = {}
         truncated = None
         if fields.update_size:
-            check_size(attr.st_size)
-            truncated = await self._truncate(inode, attr.st_size)
+            truncated = await self._truncate(inode, attr.st_size)  # EFBIG past MAX_FILE_SIZE
             if ctx.uid != 0:
                 await self._drop_privileges(inode, changes)
         if fields.update_mode:
@@ -266,14 +258,16 @@ class WritableOperations(ChunkfsOperations):
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if inode != STATS_INODE and flags & os.O_TRUNC:
-            await self._truncate(inode, 0)  # O_TRUNC marks mtime and ctime even of an empty file
         if inode == STATS_INODE or not flags & _WRITE_INTENT:
+            if inode != STATS_INODE and flags & os.O_TRUNC:  # O_RDONLY|O_TRUNC truncates too
+                await self._truncate(inode, 0)
             info = await super().open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
             if inode != STATS_INODE:
                 self._opens[inode] += 1
             return info
         await self._open_writer(inode)
+        if flags & os.O_TRUNC:  # marks mtime and ctime even of an empty file; published at close
+            await self.writer.truncate(inode, 0)
         return self._handle(OpenFile(inode, writable=True, drops_privileges=ctx.uid != 0))
 
     @_fuse_errors

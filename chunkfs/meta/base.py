@@ -9,6 +9,8 @@ Contract (checked by ``tests/test_meta_contract.py`` for every engine):
 - ``publish_file`` is one transaction: the entry, the attributes and the ordered block list
   of a file change together, so a reader sees the old file or the new one, never a mix.
 - Every namespace change (mkdir, symlink, unlink, publish) is one transaction.
+- A new entry (mkdir, symlink, create_file, mknod) in a set-gid directory takes that
+  directory's group, and a new directory there its set-gid bit, as ext4 does.
 - Block reference counts (``blockrefs``) always equal the number of (file, index) slots
   that name the block; ``stats`` derives the dedup figures from them.
 - Per-operation failures raise ``FsError(errno)``; engine-level failures raise

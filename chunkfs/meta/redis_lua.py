@@ -105,9 +105,16 @@ local function release_orphan(ino, bs, now)
   local nlink = redis.call('HGET', ikey(ino), 'nlink')
   if nlink and tonumber(nlink) == 0 then forget_inode(ino, bs, now) end
 end
--- a new inode named parent/name (mkdir, symlink, create): the inode number, or an error reply
+-- a new inode named parent/name (mkdir, symlink, create, mknod): the inode number, or an
+-- error reply. In a set-gid parent it takes the parent's group, a new directory its set-gid bit.
+local S_ISGID = 1024
 local function add_entry(parent, name, mode, uid, gid, size, mtime, now)
   local err = parent_dir(parent) if err then return nil, err end
+  local p = redis.call('HMGET', ikey(parent), 'mode', 'gid')
+  if bit.band(tonumber(p[1]), S_ISGID) ~= 0 then
+    gid = p[2]
+    if ftype(mode) == S_IFDIR then mode = bit.bor(tonumber(mode), S_ISGID) end
+  end
   if redis.call('HEXISTS', dkey(parent), name) == 1 then return nil, redis.error_reply('EEXIST ' .. name) end
   local is_dir = ftype(mode) == S_IFDIR
   local ino = new_inode(mode, uid, gid, size, mtime, now, is_dir and 2 or 1)

@@ -206,11 +206,16 @@ class SqliteMeta(MetaStore):
 
     def _add_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
                    target: bytes | None = None, blocks: bytes | None = None, rdev: int = 0) -> Attr:
-        """A new inode named ``parent/name`` (mkdir, symlink, create), in one transaction:
-        EEXIST if the name is taken; a new directory adds a link to its parent."""
+        """A new inode named ``parent/name`` (mkdir, symlink, create, mknod), in one transaction:
+        EEXIST if the name is taken; a new directory adds a link to its parent. In a set-gid
+        parent the entry takes the parent's group, and a new directory its set-gid bit."""
         check_name(name)
         with self._tx() as conn:
-            self._parent_dir(conn, parent)
+            parent_attr = self._parent_dir(conn, parent)
+            if parent_attr.mode & stat.S_ISGID:
+                gid = parent_attr.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
             if self._child(conn, parent, name) is not None:
                 raise FsError(errno.EEXIST, repr(name))
             is_dir = stat.S_ISDIR(mode)
@@ -444,8 +449,9 @@ class SqliteMeta(MetaStore):
         if not conn.execute("DELETE FROM orphans WHERE ino=?", (ino,)).rowcount:
             return
         row = conn.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
-        if row is not None and Attr(*row).nlink == 0:  # not linked again meanwhile
-            self._forget_inode(conn, Attr(*row))
+        attr = None if row is None else Attr(*row)
+        if attr is not None and attr.nlink == 0:  # not linked again meanwhile
+            self._forget_inode(conn, attr)
 
     def close_session(self, session: str) -> None:
         with self._tx() as conn:

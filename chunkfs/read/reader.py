@@ -176,9 +176,12 @@ class FileReader:
             state.progress.set()
             state.progress = trio.Event()
         for ahead in state.detector.on_read(index, len(state.blocks)):
-            if ahead in state.ahead or state.blocks[ahead] == HOLE:
+            if ahead in state.ahead:
                 continue
-            if not self.fetcher.is_local(state.blocks[ahead]):
+            bid = state.blocks[ahead]
+            if bid == HOLE:
+                continue
+            if not self.fetcher.is_local(bid):
                 state.ahead[ahead] = "readahead"
             self._spawn(state, self._fetch_ahead, state, ahead, Priority.READAHEAD)
 

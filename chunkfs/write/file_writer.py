@@ -37,7 +37,6 @@ A file open for writing has one ``_Dirty`` state per inode (shared by its handle
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -48,9 +47,8 @@ import trio
 from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import BlockCodec, block_count, block_length, block_spans, object_key
 from chunkfs.cache.block_cache import BlockCache
-from chunkfs.errors import FsError
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import BUSY, CLAIM_RENEW_S, KNOWN, MAX_FILE_SIZE, Attr, check_size
+from chunkfs.meta.base import BUSY, CLAIM_RENEW_S, KNOWN, Attr, check_size
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.store.aio import AsyncStore
 
@@ -210,8 +208,7 @@ class FileWriter:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         state = self._files[ino]
-        if offset + len(data) > MAX_FILE_SIZE:
-            raise FsError(errno.EFBIG, f"a write to byte {offset + len(data)}")
+        check_size(offset + len(data))
         if offset == state.size and (offset % self.block_size == 0 or offset // self.block_size in state.pending):
             await self._append(state, data)  # cp, downloads, checkpoints: no zero-fill, one copy
         else:
