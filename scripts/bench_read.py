@@ -56,6 +56,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -234,16 +235,26 @@ def process_cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's children that have exited and been waited
+    for (``getrusage(RUSAGE_CHILDREN)``): the difference over a ``run`` is that command's own."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Timed:
-    """Wall seconds and machine-wide busy CPU seconds of a ``with`` block."""
+    """Wall seconds, machine-wide busy CPU seconds and the CPU seconds of the commands run
+    (and waited for) in a ``with`` block."""
 
     def __enter__(self) -> Timed:
         self.cpu, self.start = busy_cpu_seconds(), time.perf_counter()
+        self.children = children_cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
         self.cpu = busy_cpu_seconds() - self.cpu
+        self.children = children_cpu_seconds() - self.children
 
     def cpu_extra(self) -> dict[str, float]:
         return {"cpu_s": round(self.cpu, 2), "cores_busy": round(self.cpu / self.seconds, 2)}
@@ -487,6 +498,21 @@ class Bench:
         return [self.chunkfs, "mount", meta or self.ck_meta, str(mnt), *(["--read-only"] if read_only else []),
                 "--cache-dir", str(cache), *shlex.split(self.args.chunkfs_args)]
 
+    def profiled(self, cmd: list[str], name: str) -> list[str]:
+        """``cmd`` under ``py-spy record`` with --profile (collapsed on-CPU stacks, one file per
+        run in the profile directory; py-spy's own sampling costs CPU, so such runs are for
+        finding where the time goes, not for the table)."""
+        if self.args.profile is None:
+            return cmd
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        runs = len(list(self.args.profile.glob(f"{name}-*")))
+        if self.args.profiler == "perf":  # user and kernel time, native frames (perf report -i FILE)
+            out = self.args.profile / f"{name}-{runs + 1}.data"
+            return ["perf", "record", "-q", "-F", "499", "-g", "-o", str(out), "--", *cmd]
+        out = self.args.profile / f"{name}-{runs + 1}.txt"
+        return [str(BIN / "py-spy"), "record", "--format", "raw", "--rate", "250", "--threads", "--nonblocking",
+                "-o", str(out), "--", *cmd]
+
     def mount(self, cmd: list[str], mnt: Path, log_name: str) -> subprocess.Popen[bytes]:
         """Starts a foreground mount daemon and waits until mnt is a mount point."""
         mnt.mkdir(parents=True, exist_ok=True)
@@ -549,8 +575,7 @@ class Bench:
             raise BenchError(f"{what}: {len(result['differing'])} tensors differ from the source")
         sample = Sample(float(result["seconds"]))
         if daemon:
-            sample.extra["daemon_cpu_s_per_gib"] = round(
-                (process_cpu_seconds(daemon) - before) / (self.model_bytes / 2**30), 3)
+            sample.extra["daemon_cpu_s_per_gib"] = self.per_gib(process_cpu_seconds(daemon) - before)
         return sample
 
     def raw_get(self, verify: str | None = None) -> Sample:
@@ -624,7 +649,7 @@ class Bench:
         mnt = self.work / "mnt"
         cmd = self.ck_mount_cmd(cache, mnt)
         self.commands["ck_mount"] = cmd
-        proc = self.mount(cmd, mnt, "chunkfs")
+        proc = self.mount(self.profiled(cmd, "ck_cold"), mnt, "chunkfs")
         drop_caches()
         sample = self.load(mnt / "model", "ck_cold", daemon=proc.pid)
         sample.rss_mib, per_pid = peak_rss(proc.pid)
@@ -639,7 +664,7 @@ class Bench:
 
     def ck_warm_hot(self, cache: Path) -> tuple[Sample, Sample]:
         mnt = self.work / "mnt"
-        proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
+        proc = self.mount(self.profiled(self.ck_mount_cmd(cache, mnt), "ck_warm"), mnt, "chunkfs")
         drop_caches()
         warm = self.load(mnt / "model", "ck_warm", daemon=proc.pid)
         warm.rss_mib, _ = peak_rss(proc.pid)
@@ -712,11 +737,12 @@ class Bench:
         self.commands["ck_warmup"] = cmd
         drop_caches()
         with Timed() as timed:
-            out = run(cmd, "chunkfs warmup", timeout=LOAD_TIMEOUT)
-        report = json.loads(out)
+            out = run(self.profiled(cmd, "ck_warmup"), "chunkfs warmup", timeout=LOAD_TIMEOUT)
+        report = json.loads(out[out.index("{") : out.rindex("}") + 1])  # py-spy (--profile) talks too
         if not report["complete"] or report["bytes_fetched"] < self.model_bytes:
             raise BenchError(f"chunkfs warmup fetched {report['bytes_fetched']} bytes, expected {self.model_bytes}")
         return Sample(timed.seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache),
+                                            "process_cpu_s_per_gib": self.per_gib(timed.children),
                                             **timed.cpu_extra()})
 
     def jfs_warmup(self) -> Sample:
@@ -737,14 +763,22 @@ class Bench:
         cmd = [self.juicefs, "warmup", str(mnt / "model")]
         self.commands["jfs_warmup"] = cmd
         drop_caches()
+        daemon_before = process_cpu_seconds(proc.pid)
         with Timed() as timed:
             run(cmd, "juicefs warmup", timeout=LOAD_TIMEOUT)
+        # `juicefs warmup` asks the mount to do the work: its CPU is the command's plus the daemon's
+        process_cpu = timed.children + process_cpu_seconds(proc.pid) - daemon_before
         rss, _ = peak_rss(proc.pid)
         self.unmount(proc, mnt, [self.juicefs, "umount"])
         cached = dir_bytes(cache)
         if cached < self.model_bytes:
             raise IncompleteWarmup(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}")
-        return Sample(timed.seconds, rss_mib=rss, extra={"cache_bytes": cached, **timed.cpu_extra()})
+        return Sample(timed.seconds, rss_mib=rss, extra={"cache_bytes": cached,
+                                                         "process_cpu_s_per_gib": self.per_gib(process_cpu),
+                                                         **timed.cpu_extra()})
+
+    def per_gib(self, cpu_seconds: float) -> float:
+        return round(cpu_seconds / (self.model_bytes / 2**30), 3)
 
     # -- the run -------------------------------------------------------------------------------
     def record(self, name: str, sample: Sample, run_index: int) -> None:
@@ -823,7 +857,8 @@ class Bench:
                 continue
             secs = [s.seconds for s in samples]
             rss = [s.rss_mib for s in samples if s.rss_mib is not None]
-            cpu = [s.extra["daemon_cpu_s_per_gib"] for s in samples if "daemon_cpu_s_per_gib" in s.extra]
+            cpu = [s.extra.get("daemon_cpu_s_per_gib", s.extra.get("process_cpu_s_per_gib")) for s in samples]
+            cpu = [c for c in cpu if c is not None]
             median = statistics.median(secs)
             summary[name] = {"median_s": median, "min_s": min(secs), "max_s": max(secs),
                              "mib_per_s": self.model_bytes / median / 2**20,
@@ -844,10 +879,38 @@ class Bench:
         ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "ck_write")
         ck_rss = [s.rss_mib for n in ck_names for s in self.samples.get(n, [])
                   if s.rss_mib is not None]
+        def cpu(name: str) -> float | None:
+            return summary[name]["daemon_cpu_s_per_gib"] if name in summary else None
+
+        def cpu_ratio(name: str, base: str | None) -> float | None:
+            mine, theirs = cpu(name), cpu(base) if base else None
+            return mine / theirs if mine is not None and theirs else None
+
+        jfs_cold = [n for n in ("jfs_cold_default", "jfs_cold_tuned") if n in summary]
+        best_jfs_cold = min(jfs_cold, key=lambda n: summary[n]["median_s"]) if jfs_cold else None
         targets = [
+            {"target": f"ck_cold <= 0.65 x JuiceFS's best cold ({best_jfs_cold})",
+             "value": ratio("ck_cold", best_jfs_cold) if best_jfs_cold else None, "limit": 0.65, "unit": "x"},
             {"target": "ck_cold <= 1.6 x raw_get", "value": ratio("ck_cold", "raw_get"), "limit": 1.6, "unit": "x"},
-            {"target": "ck_cold <= 0.6 x jfs_cold_tuned", "value": ratio("ck_cold", "jfs_cold_tuned"), "limit": 0.6,
-             "unit": "x"},
+            {"target": "ck_cold daemon CPU <= 1.0 s/GiB", "value": cpu("ck_cold"), "limit": 1.0, "unit": " s/GiB"},
+            {"target": f"ck_cold daemon CPU <= 0.5 x JuiceFS's ({best_jfs_cold})",
+             "value": cpu_ratio("ck_cold", best_jfs_cold), "limit": 0.5, "unit": "x"},
+            {"target": "ck_warm_same daemon CPU <= 0.3 s/GiB", "value": cpu("ck_warm_same"), "limit": 0.3,
+             "unit": " s/GiB"},
+            {"target": "ck_warm (restarted daemon) daemon CPU <= 0.3 s/GiB", "value": cpu("ck_warm"), "limit": 0.3,
+             "unit": " s/GiB"},
+            {"target": "ck_warm_same daemon CPU <= 0.5 x jfs_warm's", "value": cpu_ratio("ck_warm_same", "jfs_warm"),
+             "limit": 0.5, "unit": "x"},
+            {"target": "ck_warm (restarted daemon) <= 1.1 x ck_warm_same", "value": ratio("ck_warm", "ck_warm_same"),
+             "limit": 1.1, "unit": "x"},
+            {"target": "ck_warmup throughput >= 1.5 x jfs_warmup (time <= 0.67 x)",
+             "value": ratio("ck_warmup", "jfs_warmup"), "limit": 1 / 1.5, "unit": "x"},
+            {"target": "ck_warmup throughput >= 0.8 x raw_get (time <= 1.25 x)",
+             "value": ratio("ck_warmup", "raw_get"), "limit": 1 / 0.8, "unit": "x"},
+            {"target": "ck_warmup process CPU <= 0.6 s/GiB", "value": cpu("ck_warmup"), "limit": 0.6,
+             "unit": " s/GiB"},
+            {"target": "ck peak RSS <= 400 MiB (max over all chunkfs mounts)", "value": max(ck_rss, default=None),
+             "limit": 400, "unit": " MiB"},
             {"target": "ck_warm_same <= 1.15 x local_disk", "value": ratio("ck_warm_same", "local_disk"),
              "limit": 1.15, "unit": "x"},
             {"target": "ck_warm <= 1.15 x local_disk", "value": ratio("ck_warm", "local_disk"), "limit": 1.15,
@@ -856,12 +919,6 @@ class Bench:
              "value": ratio("ck_cold_mmap4", "ck_cold_mmap1"), "limit": 1.1, "unit": "x"},
             {"target": "ck_write throughput >= 0.8 x jfs_write (time <= 1.25 x)",
              "value": ratio("ck_write", "jfs_write"), "limit": 1.25, "unit": "x"},
-            {"target": "ck_warmup throughput >= 0.9 x raw_get (time <= 1.11 x)",
-             "value": ratio("ck_warmup", "raw_get"), "limit": 1 / 0.9, "unit": "x"},
-            {"target": "ck_warmup throughput >= 1.5 x jfs_warmup (time <= 0.67 x)",
-             "value": ratio("ck_warmup", "jfs_warmup"), "limit": 1 / 1.5, "unit": "x"},
-            {"target": "ck peak RSS <= 400 MiB (max over all chunkfs mounts)", "value": max(ck_rss, default=None),
-             "limit": 400, "unit": " MiB"},
         ]
         for t in targets:
             t["pass"] = None if t["value"] is None else t["value"] <= t["limit"]
@@ -881,7 +938,7 @@ class Bench:
                  f"object store: {'nginx (GETs) + ' if self.args.store == 'nginx' else ''}rclone serve s3 on loopback",
                  "",
                  "| measurement | median s | min s | max s | MiB/s | vs raw_get | vs jfs_cold_tuned | vs local_disk "
-                 "| daemon peak RSS MiB | daemon CPU-s/GiB |",
+                 "| daemon peak RSS MiB | CPU-s/GiB (daemon; warmup: the process) |",
                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for name, row in result["summary"].items():
             lines.append(f"| {name} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
@@ -933,6 +990,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
     parser.add_argument("--rclone-md5-etag", action="store_true",
                         help="keep rclone's MD5 ETags (hashes each object on its first GET; off by default)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run chunkfs mounts and warmups under py-spy, writing collapsed on-CPU stacks to DIR "
+                             "(costs CPU: for finding where it goes, not for the table)")
+    parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+                        help="with --profile: py-spy (Python stacks, collapsed) or perf (user and kernel, perf.data)")
     parser.add_argument("--verify", action="store_true",
                         help="load with scripts/load_model.py --compare MODEL (bit-for-bit check, slower)")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from chunkfs.blocklist import BlockList
 from chunkfs.blocks import BlockCodec, block_id, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import CacheDir, NewEntry, aligned_buffer
-from chunkfs.read import fetcher as fetcher_module
+from chunkfs.read import download as download_module
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
 from chunkfs.read.reader import FileReader, ReadConfig
 from chunkfs.read.slots import Priority
@@ -114,7 +114,7 @@ def test_corrupt_body_is_retried_then_fails_with_eio_cause(setup) -> None:  # ty
     assert whole(fetcher, bid, data) == data
     assert store.gets == 3
     cache.drop(bid)
-    fetcher.blocks.drop(bid)
+    fetcher.memory.drop(bid)
     store.corrupt_next = 10
     with pytest.raises(BlockUnavailable, match="gave up after 3 attempts"):
         whole(fetcher, bid, data)
@@ -157,7 +157,7 @@ def test_prefetch_admits_an_entry_another_process_wrote(setup, tmp_path: Path,  
     fresh = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0, trust_seals=trust_seals)
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=0)
     # admitted by its seal (not counted as fetched ahead), or read and hashed
-    assert trio.run(fetcher2.ensure, bid, len(data), Priority.PREFETCH) == (not trust_seals)
+    assert trio.run(fetcher2.ensure, bid, len(data), Priority.PREFETCH).worked == (not trust_seals)
     assert fetcher2.is_local(bid)
     assert trio.run(fetcher2.read, bid, len(data), 0, len(data)) == data
     checks = fresh.metrics.cache_entry_checks
@@ -190,8 +190,7 @@ def test_failing_cache_disk_degrades_to_store_reads(setup) -> None:  # type: ign
     assert trio.run(fetcher.read, bid, len(data), 10, 20) == data[10:20]
     assert not cache.contains(bid)
     assert trio.run(fetcher.read, bid, len(data), 0, 5) == data[:5]  # kept in memory
-    assert store.gets == 1 and fetcher.cache_declined
-    assert cache.metrics.cache_write_errors._value.get() == 1
+    assert store.gets == 1 and cache.metrics.cache_write_errors._value.get() == 1
 
 
 class EntryFillingUp(NewEntry):
@@ -208,7 +207,7 @@ class EntryFillingUp(NewEntry):
 def test_a_cache_write_failing_midway_serves_the_block_from_memory(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     store, cache, _fetcher, bid, data = setup
     fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), cache, recent_blocks=2)
-    monkeypatch.setattr(fetcher_module, "PIECE", 16 << 10)  # so the block arrives in pieces
+    monkeypatch.setattr(download_module, "PIECE", 16 << 10)  # so the block arrives in pieces
     cache_dir = cache.dirs[0]
     real_create = cache_dir.create
 
@@ -220,7 +219,7 @@ def test_a_cache_write_failing_midway_serves_the_block_from_memory(setup, monkey
     assert trio.run(fetcher.read, bid, len(data), 100, 90_000) == data[100:90_000]
     assert store.gets == 2  # the stream into the cache broke off; the block was read again, into memory
     assert not cache.contains(bid) and os.listdir(cache_dir.tmp_dir) == []
-    assert cache.metrics.cache_write_errors._value.get() == 1 and fetcher.cache_declined
+    assert cache.metrics.cache_write_errors._value.get() == 1
     assert cache._reserved == 0  # the room held for the entry was given back
     assert trio.run(fetcher.read, bid, len(data), 0, 10) == data[:10] and store.gets == 2  # from memory
 
@@ -363,7 +362,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
     fetcher2 = BlockFetcher(AsyncStore(store, 8), BlockCodec("lz4"), fresh, recent_blocks=2)
     assert trio.run(fetcher2.read, bid, len(data), 3, 30) == data[3:30]  # sealed, unreadable, still served
     assert store.gets == 2 and writes == []  # downloaded once, into memory: the disk just failed to read it
-    fetcher2._recent.clear()
+    fetcher2.memory.drop(bid)
     assert trio.run(fetcher2.read, bid, len(data), 0, 9) == data[:9]
     # stored again (a new file may read back), still unreadable: served from memory once more
     assert writes == [bid] and store.gets == 4
@@ -372,7 +371,7 @@ def test_an_entry_that_cannot_be_read_or_removed_is_downloaded_around(setup, tmp
 def test_a_reply_from_an_entry_not_in_the_page_cache_is_read_in_a_thread(setup) -> None:  # type: ignore[no-untyped-def]
     store, cache, fetcher, bid, data = setup
     whole(fetcher, bid, data)
-    fetcher.blocks.drop(bid)  # no longer in memory (if a block buffer held it)
+    fetcher.memory.drop(bid)  # no longer in memory (if a block buffer held it)
     path = cache.dir_for(bid).path(bid)
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
@@ -435,7 +434,7 @@ def test_a_readers_download_is_served_from_its_block_buffer(tmp_path: Path) -> N
     entry is written around the page cache (no copy into it, no pages pushed out)."""
     store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2)
     assert trio.run(fetcher.read, bid, len(data), 1000, 2_000_000) == data[1000:2_000_000]
-    assert bid in fetcher.blocks and cache.contains(bid) and store.gets == 1
+    assert bid in fetcher.memory and cache.contains(bid) and store.gets == 1
     assert not _in_page_cache(cache, bid, len(data))
     assert Path(cache.dir_for(bid).path(bid)).read_bytes() == data
     cache.read_into = None  # type: ignore[assignment,method-assign]  # the next read must not touch the disk
@@ -444,15 +443,15 @@ def test_a_readers_download_is_served_from_its_block_buffer(tmp_path: Path) -> N
 
 def test_a_download_never_pushes_out_a_block_not_yet_read(tmp_path: Path) -> None:
     store, cache, fetcher, [(a, da), (b, db), (c, dc)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 3)
-    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
-    assert trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
-    assert a in fetcher.blocks and b not in fetcher.blocks  # b went straight to its entry instead
+    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH).worked
+    assert trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH).worked
+    assert a in fetcher.memory and b not in fetcher.memory  # b went straight to its entry instead
     assert cache.is_verified(b) and not _in_page_cache(cache, b, len(db))  # around the page cache
     assert Path(cache.dir_for(b).path(b)).read_bytes() == db
     assert not _in_page_cache(cache, a, len(da))
     assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da  # a read whole: its buffer is free to reuse
-    assert trio.run(fetcher.ensure, c, len(dc), Priority.READAHEAD)
-    assert c in fetcher.blocks and a not in fetcher.blocks
+    assert trio.run(fetcher.ensure, c, len(dc), Priority.READAHEAD).worked
+    assert c in fetcher.memory and a not in fetcher.memory
     assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da and store.gets == 3  # a from its entry
 
 
@@ -460,9 +459,9 @@ def test_a_readers_download_leaves_a_block_not_yet_read_alone(tmp_path: Path) ->
     """With no block buffer free, a download a reader waits for goes through the page
     cache, where the reader finds it."""
     store, cache, fetcher, [(a, da), (b, db)] = _buffered_fetcher(tmp_path, 1, sizes=(1 << 20,) * 2)
-    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
+    assert trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH).worked
     assert trio.run(fetcher.read, b, len(db), 5, 50) == db[5:50]
-    assert a in fetcher.blocks and b not in fetcher.blocks and _in_page_cache(cache, b, len(db))
+    assert a in fetcher.memory and b not in fetcher.memory and _in_page_cache(cache, b, len(db))
     assert trio.run(fetcher.read, a, len(da), 0, len(da)) == da and store.gets == 2
 
 
@@ -470,7 +469,7 @@ def test_a_cache_write_failing_midway_keeps_the_block_buffer(tmp_path: Path, mon
     """With a block buffer, the bytes are all in memory when the disk fails: the block is
     served from there, with no second download."""
     store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2)
-    monkeypatch.setattr(fetcher_module, "PIECE", 64 << 10)  # so the entry is written in pieces
+    monkeypatch.setattr(download_module, "PIECE", 64 << 10)  # so the entry is written in pieces
     cache_dir = cache.dirs[0]
     real_create = cache_dir.create
 
@@ -480,7 +479,7 @@ def test_a_cache_write_failing_midway_keeps_the_block_buffer(tmp_path: Path, mon
 
     cache_dir.create = create  # type: ignore[method-assign]
     assert trio.run(fetcher.read, bid, len(data), 100, 90_000) == data[100:90_000]
-    assert store.gets == 1 and bid in fetcher.blocks and fetcher.cache_declined
+    assert store.gets == 1 and fetcher.memory.in_buffer(bid)
     assert not cache.contains(bid) and os.listdir(cache_dir.tmp_dir) == []
     assert cache.metrics.cache_write_errors._value.get() == 1 and cache._reserved == 0
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
@@ -489,7 +488,8 @@ def test_a_cache_write_failing_midway_keeps_the_block_buffer(tmp_path: Path, mon
 def test_a_block_the_cache_declines_is_served_from_its_block_buffer(tmp_path: Path) -> None:
     store, cache, fetcher, [(bid, data)] = _buffered_fetcher(tmp_path, 2, capacity=1 << 20)
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data
-    assert not cache.contains(bid) and bid in fetcher.blocks and fetcher.cache_declined and store.gets == 1
+    assert not cache.contains(bid) and fetcher.memory.in_buffer(bid) and store.gets == 1
+    assert cache.metrics.cache_write_errors._value.get() == 1
 
 
 def test_a_read_inside_a_held_block_is_answered_without_a_copy(tmp_path: Path) -> None:
@@ -526,8 +526,8 @@ def test_a_block_on_the_node_is_read_whole_into_a_block_buffer(tmp_path: Path) -
     """Fetching ahead a block already in the cache reads its entry whole into a block
     buffer, around the page cache; readers then copy from the buffer."""
     store, cache, fetcher, [(bid, data)] = _planted(tmp_path, 2, ((3 << 20) + 5,))
-    assert not trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD)  # no download: not counted as work
-    assert bid in fetcher.blocks and not _in_page_cache(cache, bid, len(data))
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD).worked  # no download: not counted as work
+    assert bid in fetcher.memory and not _in_page_cache(cache, bid, len(data))
     cache.read_into = None  # type: ignore[assignment,method-assign]  # the reads must not touch the disk
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 1
 
@@ -544,8 +544,8 @@ def test_a_restarted_mount_reads_sealed_entries_whole_into_block_buffers(tmp_pat
     advised: list[int] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(advice))
     fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), fresh, recent_blocks=0, block_buffers=2)
-    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH)
-    assert bid in fetcher.blocks and advised == []  # admitted, read whole, never paged in
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH).worked
+    assert bid in fetcher.memory and advised == []  # admitted, read whole, never paged in
     assert fresh.metrics.cache_entry_checks.labels("seal")._value.get() == 1
     assert fetcher.held_view(bid, 0, len(data)) == data and store.gets == 1
 
@@ -554,7 +554,7 @@ def test_without_a_free_block_buffer_a_block_on_the_node_is_paged_in(tmp_path: P
     store, cache, fetcher, [(a, da), (b, db)] = _planted(tmp_path, 1, ((1 << 20),) * 2)
     trio.run(fetcher.ensure, a, len(da), Priority.PREFETCH)
     trio.run(fetcher.ensure, b, len(db), Priority.PREFETCH)
-    assert a in fetcher.blocks and b not in fetcher.blocks  # a not read yet: its buffer stays
+    assert a in fetcher.memory and b not in fetcher.memory  # a not read yet: its buffer stays
     deadline = time.monotonic() + 10
     while not _in_page_cache(cache, b, len(db)):  # POSIX_FADV_WILLNEED reads in the background
         assert time.monotonic() < deadline
@@ -565,8 +565,8 @@ def test_without_a_free_block_buffer_a_block_on_the_node_is_paged_in(tmp_path: P
 def test_an_entry_that_shrank_is_dropped_and_fetched_again(tmp_path: Path) -> None:
     store, cache, fetcher, [(bid, data)] = _planted(tmp_path, 2, (20_000,))
     os.truncate(cache.dir_for(bid).path(bid), 10_000)
-    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH)
-    assert bid not in fetcher.blocks and not cache.is_verified(bid)
+    assert not trio.run(fetcher.ensure, bid, len(data), Priority.PREFETCH).worked
+    assert bid not in fetcher.memory and not cache.is_verified(bid)
     assert cache.metrics.cache_corrupt._value.get() == 1
     assert trio.run(fetcher.read, bid, len(data), 0, len(data)) == data and store.gets == 2
 
@@ -659,7 +659,7 @@ def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path)
     reader = FileReader(fetcher, ReadConfig(block_size=mib, prefetch_patterns=("*.bin",)), fetcher.metrics)
 
     def held() -> set[int]:
-        return {i for i, (bid, _data) in enumerate(blocks) if bid in fetcher.blocks}
+        return {i for i, (bid, _data) in enumerate(blocks) if bid in fetcher.memory}
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -714,7 +714,7 @@ def test_an_entry_hashed_ahead_of_its_reader_is_kept_in_a_block_buffer(tmp_path:
     assert fresh.load_index() == 1
     fetcher = BlockFetcher(AsyncStore(store, 8), BlockCodec("none"), fresh, recent_blocks=0, block_buffers=2)
     fresh.read_whole_into = None  # type: ignore[assignment,method-assign]  # a second read would fail
-    assert trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD)  # hashed: counted as work
+    assert trio.run(fetcher.ensure, bid, len(data), Priority.READAHEAD).worked  # hashed: counted as work
     assert fresh.metrics.cache_entry_checks.labels("hash")._value.get() == 1
     assert fetcher.held_view(bid, 0, len(data)) == data and store.gets == 1
 

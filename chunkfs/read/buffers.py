@@ -1,4 +1,8 @@
-"""BlockBuffers: whole-block memory for downloads, kept to serve the blocks' first readers.
+"""BlockBuffers: the blocks a process holds in memory, to serve their readers without the disk.
+
+Two kinds, looked up alike (``in``, ``copy_into``, ``view``): whole-block buffers lent to
+downloads and kept for the blocks' first readers, and (``keep``) a few blocks' bytes the
+node cache declined to store, least recently used first out.
 
 A download fills one buffer with the block's plain bytes while they are written to the
 cache disk around the page cache (``O_DIRECT``); readers then copy from the buffer instead
@@ -19,6 +23,7 @@ Invariants:
   readers copy synchronously there, so no reader copies from a buffer a download is
   writing. Nothing outside this class keeps a view of a held buffer across an ``await``.
 - Buffers are private anonymous ``mmap`` pages: aligned for ``O_DIRECT`` writes.
+- At most ``keep_max`` declined blocks are kept: with the buffers, memory stays bounded.
 """
 
 from __future__ import annotations
@@ -49,17 +54,33 @@ class _Held:
 
 
 class BlockBuffers:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, keep_max: int = 0) -> None:
+        """``capacity``: block buffers; ``keep_max``: declined blocks kept (``keep``)."""
         self.capacity = capacity
+        self.keep_max = keep_max
         self._free: list[mmap.mmap] = []
         self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        self._kept: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
         self._count = 0  # buffers in existence: free, lent or held
 
     def __contains__(self, bid: bytes) -> bool:
-        return bid in self._held
+        return bid in self._held or bid in self._kept
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self._held) + len(self._kept)
+
+    def in_buffer(self, bid: bytes) -> bool:
+        """Held in a block buffer (not merely kept)."""
+        return bid in self._held
+
+    def keep(self, bid: bytes, data: bytes | bytearray) -> None:
+        """Keep a verified block the cache declined (the oldest kept one goes if too many)."""
+        if self.keep_max <= 0:
+            return
+        self._kept[bid] = data
+        self._kept.move_to_end(bid)
+        while len(self._kept) > self.keep_max:
+            self._kept.popitem(last=False)
 
     def take(self, length: int) -> mmap.mmap | None:
         """A buffer of at least ``length`` bytes for a download, or None (the caller then
@@ -99,13 +120,19 @@ class BlockBuffers:
         old = self._held.pop(bid, None)
         if old is not None:
             self._free.append(old.buffer)
+        self._kept.pop(bid, None)
         self._held[bid] = _Held(buffer, length)
 
     def copy_into(self, bid: bytes, start: int, out: memoryview) -> bool:
         """Fill ``out`` from the held block's bytes at ``start``; False if it is not held."""
         held = self._held.get(bid)
         if held is None:
-            return False
+            kept = self._kept.get(bid)
+            if kept is None:
+                return False
+            self._kept.move_to_end(bid)
+            out[:] = memoryview(kept)[start : start + len(out)]
+            return True
         self._held.move_to_end(bid)
         with memoryview(held.buffer) as view:
             out[:] = view[start : min(held.length, start + len(out))]
@@ -117,13 +144,17 @@ class BlockBuffers:
         (or ``end`` is past it). The view must be used up before the caller's next
         ``await``: after that the buffer may hold another block."""
         held = self._held.get(bid)
-        if held is None or end > held.length:
+        if held is None:
+            kept = self._kept.get(bid)
+            return memoryview(kept)[start:end] if kept is not None and end <= len(kept) else None
+        if end > held.length:
             return None
         self._held.move_to_end(bid)
         held.served += end - start
         return memoryview(held.buffer)[start:end]
 
     def drop(self, bid: bytes) -> None:
+        self._kept.pop(bid, None)
         held = self._held.pop(bid, None)
         if held is not None:
             self._free.append(held.buffer)

@@ -18,7 +18,8 @@ file's background fetches.
 - Prefetch: opening a file whose name matches ``prefetch_patterns`` starts ``prefetch_workers``
   tasks that fetch the whole file in order at ``PREFETCH`` priority, never more than
   ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
-  cache does not evict its own unread blocks), and stop when the cache declines a block.
+  cache does not evict its own unread blocks), and stop when the cache declines a block of
+  that file (other files' prefetches go on).
 - Demand reads run at ``DEMAND`` priority and so jump both queues.
 - Accounting: a block fetched ahead that no reader asked for before the last close counts as
   wasted (``chunkfs_readahead_wasted_blocks_total``, ``chunkfs_prefetch_wasted_blocks_total``).
@@ -36,7 +37,7 @@ import trio
 from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length, block_spans
 from chunkfs.metrics import Metrics
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Fetched
 from chunkfs.read.slots import Priority
 from chunkfs.read.streams import StreamDetector
 
@@ -70,6 +71,7 @@ class _OpenInode:
     ahead: dict[int, str] = field(default_factory=dict)  # block -> "readahead"/"prefetch", unread
     to_prefetch: list[int] = field(default_factory=list)  # indexes of the stored blocks, in file order
     next_prefetch: int = 0  # position in ``to_prefetch``
+    declined: bool = False  # the node cache declined a block of this file: its prefetch stops
     scopes: set[trio.CancelScope] = field(default_factory=set)
 
 
@@ -200,36 +202,36 @@ class FileReader:
 
         self._nursery.start_soon(guarded)
 
-    async def _fetch_ahead(self, state: _OpenInode, index: int, priority: Priority) -> bool:
-        """Fetch one block ahead of readers; True if that took work. A block on this node
-        (already, or once downloaded without a block buffer) is read into a block buffer
-        when the furthest read comes within ``BlockFetcher.stage_ahead`` blocks of it:
-        shortly before its reader, rather than filling the buffers with blocks nobody
-        reads for a while. The readahead waits for that moment; the prefetch never waits
-        (it has the rest of the file to download): it leaves such blocks to the
-        readahead."""
+    async def _fetch_ahead(self, state: _OpenInode, index: int, priority: Priority) -> Fetched:
+        """Fetch one block ahead of readers. A block on this node (already, or once downloaded
+        without a block buffer) is read into a block buffer when the furthest read comes
+        within ``BlockFetcher.stage_ahead`` blocks of it: shortly before its reader, rather
+        than filling the buffers with blocks nobody reads for a while. The readahead waits
+        for that moment; the prefetch never waits (it has the rest of the file to download):
+        it leaves such blocks to the readahead."""
         bid = state.blocks[index]
         length = block_length(index, state.size, self.config.block_size)
         waits = priority != Priority.PREFETCH
         try:
             if waits:
                 await self._until_near(state, index, bid)
-            did = await self.fetcher.ensure(bid, length, priority, page_in=self._near(state, index))
-            if waits and self.fetcher.stage_ahead is not None and self.fetcher.cache.is_verified(bid) \
-                    and bid not in self.fetcher.blocks:
+            fetched = await self.fetcher.ensure(bid, length, priority, near=self._near(state, index))
+            if waits and self.fetcher.stage_ahead is not None and self.fetcher.on_disk_only(bid):
                 await self._until_near(state, index, bid)
-                await self.fetcher.page_in(bid, length)
+                await self.fetcher.bring_near(bid, length)
         except BlockUnavailable as exc:
             log.debug("fetching block %d of %r ahead failed: %s", index, state.name, exc)
             state.ahead.pop(index, None)
-            return False
-        if not did:
+            return Fetched()
+        if fetched.declined:
+            state.declined = True
+        if not fetched.worked:
             state.ahead.pop(index, None)
         elif priority == Priority.PREFETCH:
             self.metrics.prefetch_blocks.inc()
         else:
             self.metrics.readahead_blocks.inc()
-        return did
+        return fetched
 
     def _near(self, state: _OpenInode, index: int) -> bool:
         """Block ``index`` is within ``stage_ahead`` blocks of the furthest read (always,
@@ -257,7 +259,7 @@ class FileReader:
             if not self.fetcher.is_local(state.blocks[index]):
                 state.ahead[index] = "prefetch"
             await self._fetch_ahead(state, index, Priority.PREFETCH)
-            if self.fetcher.cache_declined:
+            if state.declined:
                 log.info("prefetch of %r stopped at block %d: the cache declined a block", state.name, index)
                 state.next_prefetch = len(state.to_prefetch)
                 return

@@ -1,0 +1,198 @@
+"""BlockDownload: one block from the object store into the node cache, verified on the way.
+
+Layer: ``read/``. Blocking code for a worker thread: it sees the store only as a
+``get_into(key, sink, buffer)`` callable (``ObjectStore.get_into``, behind the store's one
+retry policy), the cache as ``BlockCache`` and the bytes as ``BlockCodec``; its tests use a
+toy ``get_into``.
+
+Invariants:
+
+- The object is read in ``PIECE``-sized pieces into a page-aligned piece buffer; each piece is
+  decoded and hashed while it is still in the CPU cache (``BlockSink``), and written on to its
+  destinations. Nothing is published (cache entry committed, bytes returned) unless the
+  whole block matched its id: a body that does not is ``BodyRejected``, which the retry
+  policy treats as a temporary failure; a store without that policy (unit tests) gets the
+  same check here.
+- Under the block's node-wide download lock (``BlockCache.try_claim``, unless ``claim`` is
+  off) an intact entry another process just planted is used instead of downloading
+  (``Downloaded.planted``); while another process holds the lock, ``Busy`` is raised and
+  the caller tries again later.
+- Destinations: the block's new cache entry (written around the page cache with ``around``),
+  and the ``block`` buffer when one is lent (readers copy from there, and the entry is
+  written from it, aligned). A cache that declines the block or fails mid-write does not
+  fail the download: the bytes are then in ``block``, or read again into memory
+  (``Downloaded.data``), and ``declined`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Callable
+from typing import NamedTuple
+
+from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
+from chunkfs.cache.block_cache import NO_LOCK, BlockCache
+from chunkfs.cache.disk import DIRECT_ALIGN, NewEntry
+from chunkfs.store.base import BodyRejected, Sink
+
+#: bytes read from the store at a time: small enough to stay in the CPU cache from the socket
+#: read through the hash to the cache write
+PIECE = 1 << 20
+
+GetInto = Callable[[str, Sink, memoryview], int]
+
+
+class Busy(Exception):
+    """Another process holds the block's download lock."""
+
+
+class Downloaded(NamedTuple):
+    """What one download attempt made of a block."""
+
+    data: bytes | bytearray | None = None  # its bytes, when they are only in this memory
+    declined: bool = False  # the cache did not store it (the bytes are in ``block`` or ``data``)
+    planted: bool = False  # not downloaded: another process's entry was admitted (``data``: hashed)
+
+
+class BlockSink:
+    """Receives one download (``Sink``): decodes and verifies it on the way, and writes the
+    plain bytes to the block's new cache entry and, when a block buffer is lent, into that
+    buffer (from which the entry is written, aligned, around the page cache); with neither,
+    into a new ``memory`` buffer. A cache write that fails turns the sink ``spilled``: without
+    a block buffer the bytes before it are gone, so the block must be read again."""
+
+    __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
+                 "length", "memory")
+
+    def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
+                 block: memoryview | None = None) -> None:
+        self.codec = codec
+        self.bid = bid
+        self.length = length
+        self.entry = entry
+        self.block = block
+        self.filled = self.flushed = 0  # bytes in ``block``; of those, bytes written to ``entry``
+        self.memory: bytearray | None = None if entry is not None or block is not None else bytearray()
+        self.decoder = codec.decoder(bid, length)
+        self.disk_error: str | None = None
+        self.finished = False
+
+    def restart(self) -> None:
+        self.finished = False
+        self.decoder = self.codec.decoder(self.bid, self.length)
+        self.filled = self.flushed = 0
+        if self.memory is not None:
+            self.memory = bytearray()
+        if self.entry is not None and self.disk_error is None and self.entry.size:
+            try:
+                self.entry.rewind()
+            except OSError as exc:
+                self.disk_error = exc.strerror or str(exc)
+
+    def write(self, piece: memoryview) -> None:
+        plain = self.decoder.feed(piece)
+        if not plain:
+            return
+        if self.block is not None:
+            end = self.filled + len(plain)
+            self.block[self.filled : end] = plain
+            self.filled = end
+            aligned = end - end % DIRECT_ALIGN
+            if aligned - self.flushed >= PIECE:
+                self._to_entry(self.block[self.flushed : aligned])
+                self.flushed = aligned
+        elif self.memory is not None:
+            self.memory += plain
+        else:
+            self._to_entry(plain)
+
+    def finish(self) -> None:
+        """Verify the whole block (``BodyRejected`` if it is not the block), then write what
+        the entry still lacks. Called once per attempt, by ``RetryingStore``."""
+        self.finished = True
+        try:
+            self.decoder.finish()
+        except BlockCorrupt as exc:
+            raise BodyRejected(str(exc)) from None
+        if self.block is not None and self.flushed < self.filled:
+            self._to_entry(self.block[self.flushed : self.filled])
+            self.flushed = self.filled
+
+    def _to_entry(self, plain: bytes | memoryview) -> None:
+        if self.entry is not None and self.disk_error is None:
+            try:
+                self.entry.write(plain)
+            except OSError as exc:
+                self.disk_error = exc.strerror or str(exc)
+
+    @property
+    def spilled(self) -> bool:
+        return self.disk_error is not None
+
+
+class BlockDownload:
+    """Downloads blocks of one volume into one node cache (``download``: blocking, thread-safe
+    as long as each call has its own ``piece`` buffer)."""
+
+    def __init__(self, get_into: GetInto, codec: BlockCodec, cache: BlockCache) -> None:
+        self.get_into = get_into
+        self.codec = codec
+        self.cache = cache
+
+    def download(self, bid: bytes, length: int, piece: memoryview, *, block: mmap.mmap | None = None,
+                 around: bool = False, claim: bool = True, into_memory: bool = False,
+                 page_in: bool = True) -> Downloaded:
+        """One attempt: see the module docstring. ``into_memory``: the cache is not used at
+        all (it failed a reader just now). ``page_in``: a planted entry admitted by its seal
+        is paged in (its reader comes soon). Raises ``Busy``, or the store's error."""
+        if into_memory:
+            return Downloaded(self._fetch(bid, length, piece, None).memory, declined=True)
+        token = self.cache.try_claim(bid) if claim else NO_LOCK
+        if token is None:
+            raise Busy
+        try:
+            if self.cache.contains(bid):  # planted by another process, perhaps just now
+                found, data = check_entry(self.cache, bid, length, page_in)
+                if found:
+                    return Downloaded(data, planted=True)
+            entry = self.cache.open_entry(bid, length, direct=around)
+            if entry is not None:
+                sink = self._fetch(bid, length, piece, entry, block)
+                if not sink.spilled and self.cache.commit(entry):
+                    return Downloaded()
+                if sink.spilled:
+                    self.cache.abandon(entry, sink.disk_error)
+                if block is not None:  # verified, and whole in memory: no need to fetch it again
+                    return Downloaded(declined=True)
+            sink = self._fetch(bid, length, piece, None, block)
+            return Downloaded(sink.memory, declined=True)
+        finally:
+            self.cache.release_claim(bid, token)
+
+    def _fetch(self, bid: bytes, length: int, piece: memoryview, entry: NewEntry | None,
+               block: mmap.mmap | None = None) -> BlockSink:
+        """Stream the block's object into ``entry`` and ``block`` (or memory) and verify it;
+        the entry is abandoned if that fails."""
+        with memoryview(block) if block is not None else contextlib.nullcontext() as view:
+            sink = BlockSink(self.codec, bid, length, entry, view)
+            try:
+                self.get_into(object_key(bid), sink, piece)
+                if not sink.finished:  # a store without the retry policy (unit tests)
+                    sink.finish()
+            except BaseException:
+                if entry is not None:
+                    self.cache.abandon(entry)
+                raise
+            finally:
+                sink.block = None
+        return sink
+
+
+def check_entry(cache: BlockCache, bid: bytes, length: int, page_in: bool = True) -> tuple[bool, bytes | None]:
+    """(whether an intact entry of ``bid`` is on disk, its bytes if checking it meant reading
+    it whole): admitted by its seal (paged in with ``page_in``), else hashed."""
+    if cache.admit(bid, length, page_in=page_in):
+        return True, None
+    data = cache.verify(bid, length)
+    return data is not None, data

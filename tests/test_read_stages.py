@@ -1,0 +1,265 @@
+"""The read path's stages, each with a toy neighbour: ``SingleFlight`` with toy loads,
+``BlockDownload`` with a toy ``get_into``, and a file's prefetch stopping on its own declined
+block while another file's goes on (``FileReader`` over a real fetcher and a cache that
+declines one file's blocks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from chunkfs.blocklist import BlockList
+from chunkfs.blocks import BlockCodec, block_id, object_key
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.disk import aligned_buffer
+from chunkfs.read.download import PIECE, BlockDownload, Busy
+from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.read.flight import Flight, FlightFailed, SingleFlight
+from chunkfs.read.reader import FileReader, ReadConfig
+from chunkfs.store.aio import AsyncStore
+from chunkfs.store.base import BodyRejected, Sink
+from chunkfs.store.file import FileStore
+
+# -- SingleFlight ------------------------------------------------------------------------------
+
+
+def test_one_load_however_many_callers() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    loads = 0
+    release = trio.Event()
+    results: list[tuple[int, bool]] = []
+
+    async def load(_flight: Flight[int]) -> int:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return 42
+
+    async def caller() -> None:
+        results.append(await flights.run("k", load))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()
+            assert "k" in flights
+            release.set()
+        assert "k" not in flights
+
+    trio.run(main)
+    assert loads == 1
+    assert sorted(results) == [(42, False)] + [(42, True)] * 4
+
+
+def test_a_failed_load_fails_its_waiters_and_the_next_run_loads_again() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    attempts = 0
+    release = trio.Event()
+    errors: list[BaseException] = []
+
+    async def failing(_flight: Flight[int]) -> int:
+        nonlocal attempts
+        attempts += 1
+        await release.wait()
+        raise ValueError("store down")
+
+    async def caller() -> None:
+        try:
+            await flights.run("k", failing)
+        except (ValueError, FlightFailed) as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert await flights.run("k", _constant(7)) == (7, False)
+
+    trio.run(main)
+    assert attempts == 1
+    assert sorted(type(e).__name__ for e in errors) == ["FlightFailed", "FlightFailed", "ValueError"]
+    assert all(isinstance(e.__cause__, ValueError) for e in errors if isinstance(e, FlightFailed))
+
+
+def _constant(value: int):  # type: ignore[no-untyped-def]
+    async def load(_flight: Flight[int]) -> int:
+        return value
+    return load
+
+
+def test_a_cancelled_load_hands_over_to_a_waiter() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    joined: list[object] = []
+
+    async def slow(flight: Flight[int]) -> int:
+        flight.note = "ticket"
+        await trio.sleep_forever()
+        return 0
+
+    async def main() -> None:
+        got: list[tuple[int, bool]] = []
+        async with trio.open_nursery() as nursery:
+            owner = trio.CancelScope()
+
+            async def first() -> None:
+                with owner:
+                    await flights.run("k", slow)
+
+            async def second() -> None:
+                got.append(await flights.run("k", _constant(5), on_join=lambda f: joined.append(f.note)))
+
+            nursery.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            owner.cancel()
+        assert got == [(5, False)]  # the waiter ran its own load, and did not fail
+
+    trio.run(main)
+    assert joined == ["ticket"]
+
+
+# -- BlockDownload -----------------------------------------------------------------------------
+
+
+class ToyStore:
+    """``get_into`` over a dict of objects, in small pieces; can flip a byte of the next bodies."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+        self.gets = 0
+        self.corrupt = 0
+
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        self.gets += 1
+        body = bytearray(self.objects[key])
+        if self.corrupt:
+            self.corrupt -= 1
+            body[-1] ^= 0xFF
+        sink.restart()
+        for at in range(0, len(body), 4096):
+            piece = body[at : at + 4096]
+            buffer[: len(piece)] = piece
+            sink.write(buffer[: len(piece)])
+        return len(body)
+
+
+@pytest.fixture
+def toy(tmp_path: Path):  # type: ignore[no-untyped-def]
+    codec = BlockCodec("lz4")
+    data = os.urandom(100_000)
+    bid = block_id(data)
+    store = ToyStore({object_key(bid): codec.encode(data)})
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    return BlockDownload(store.get_into, codec, cache), store, cache, bid, data
+
+
+def _piece() -> memoryview:
+    return memoryview(aligned_buffer(PIECE))
+
+
+def test_a_download_lands_verified_in_the_cache(toy) -> None:  # type: ignore[no-untyped-def]
+    download, store, cache, bid, data = toy
+    got = download.download(bid, len(data), _piece())
+    assert got.data is None and not got.declined and not got.planted
+    assert cache.read(bid, 0, len(data)) == data and store.gets == 1
+
+
+def test_a_download_into_a_block_buffer_keeps_the_bytes_there(toy) -> None:  # type: ignore[no-untyped-def]
+    download, _store, cache, bid, data = toy
+    block = aligned_buffer(len(data))
+    got = download.download(bid, len(data), _piece(), block=block, around=True)
+    assert block[: len(data)] == data and cache.read(bid, 0, len(data)) == data and not got.declined
+
+
+def test_a_wrong_body_is_rejected_and_nothing_is_published(toy) -> None:  # type: ignore[no-untyped-def]
+    download, store, cache, bid, data = toy
+    store.corrupt = 1
+    with pytest.raises(BodyRejected):
+        download.download(bid, len(data), _piece())
+    assert not cache.contains(bid) and cache._reserved == 0
+
+
+def test_an_entry_planted_by_another_process_is_used_not_downloaded(toy) -> None:  # type: ignore[no-untyped-def]
+    download, store, cache, bid, data = toy
+    other = BlockCache([cache.dirs[0].root], capacity=1 << 30, free_ratio=0)
+    assert other.put(bid, data)
+    got = download.download(bid, len(data), _piece())
+    assert got.planted and store.gets == 0 and cache.is_verified(bid)
+
+
+def test_another_process_holding_the_download_lock_means_busy(toy) -> None:  # type: ignore[no-untyped-def]
+    download, store, cache, bid, data = toy
+    token = cache.dirs[0].try_lock(bid)  # "another process" (locks are per open file description)
+    assert token is not None
+    try:
+        with pytest.raises(Busy):
+            download.download(bid, len(data), _piece())
+        assert store.gets == 0
+    finally:
+        cache.dirs[0].unlock(token)
+    assert download.download(bid, len(data), _piece()).data is None and store.gets == 1
+
+
+def test_a_cache_without_room_declines_and_the_bytes_come_in_memory(tmp_path: Path) -> None:
+    codec = BlockCodec("none")
+    data = os.urandom(100_000)
+    bid = block_id(data)
+    store = ToyStore({object_key(bid): codec.encode(data)})
+    cache = BlockCache([tmp_path / "cache"], capacity=10, free_ratio=0)
+    got = BlockDownload(store.get_into, codec, cache).download(bid, len(data), _piece())
+    assert got.declined and got.data == data and not cache.contains(bid)
+
+
+# -- per-file prefetch state -------------------------------------------------------------------
+
+
+def test_a_declined_block_stops_only_its_own_files_prefetch(tmp_path: Path) -> None:
+    """The cache declines every block of one file: that file's prefetch stops at once, and
+    the other file, opened at the same time, is prefetched whole."""
+    block = 64 << 10
+    store = FileStore(tmp_path / "store", create=True)
+    codec = BlockCodec("none")
+    files: dict[str, BlockList] = {}
+    for name in ("declined.bin", "kept.bin"):
+        ids = []
+        for _ in range(6):
+            data = os.urandom(block)
+            bid = block_id(data)
+            store.put(object_key(bid), codec.encode(data))
+            ids.append(bid)
+        files[name] = BlockList.dense(ids)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    refused = set(files["declined.bin"])
+    real_open_entry = cache.open_entry
+
+    def open_entry(bid: bytes, length: int, *, direct: bool = False):  # type: ignore[no-untyped-def]
+        if bid in refused:
+            cache._declined(bid, "refused by the test")
+            return None
+        return real_open_entry(bid, length, direct=direct)
+
+    cache.open_entry = open_entry  # type: ignore[method-assign]
+    fetcher = BlockFetcher(AsyncStore(store, 2), codec, cache, downloads=1, recent_blocks=0)
+    reader = FileReader(fetcher, ReadConfig(block_size=block, prefetch_patterns=("*.bin",), prefetch_workers=1))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            for ino, (name, blocks) in enumerate(files.items(), start=1):
+                reader.opened(ino, name, block * len(blocks), blocks)
+            with trio.fail_after(30):
+                while not all(cache.is_verified(bid) for bid in files["kept.bin"]):
+                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert fetcher.downloads == len(files["kept.bin"]) + 1  # the declined file: its first block only
