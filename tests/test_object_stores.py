@@ -8,9 +8,11 @@ import json
 import os
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import botocore.credentials
 import pytest
 
 from chunkfs.errors import ChunkfsError
@@ -240,12 +242,17 @@ def test_streamed_gets_reuse_connections_and_retry_short_bodies(s3_server) -> No
         store.close()
 
 
-def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("path", ["presigned", "get_object"])
+def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server, path: str) -> None:  # type: ignore[no-untyped-def]
     """Any socket error while a streamed body is read (not only resets and timeouts: also
-    EHOSTUNREACH, EIO...) is temporary, as urllib3 would have reported it."""
+    EHOSTUNREACH, EIO...) is temporary, as urllib3 would have reported it; on the presigned
+    block GET path and on the ``get_object`` one (used where botocore has no session)."""
     from chunkfs.store.s3 import S3Store
 
-    class FailingBody:
+    class FailingRaw:
+        def __init__(self) -> None:
+            self.headers = {"Content-Length": "10"}
+
         def read(self, _n: int) -> bytes:
             raise OSError(errno.EHOSTUNREACH, "No route to host")
 
@@ -253,12 +260,52 @@ def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server) -> None: 
             pass
 
     store = S3Store(f"s3://{unique_bucket()}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=True)
-    store.client.get_object = lambda **_kw: {"Body": FailingBody(), "ContentLength": 10}  # type: ignore[method-assign]
     buffer = memoryview(bytearray(1024))
     with pytest.raises(StoreError) as info:
-        store.get_into("blocks/aa/obj", Collected(buffer), buffer)
+        if path == "presigned":
+            store.client._endpoint.http_session.send = lambda _request: types.SimpleNamespace(  # type: ignore[attr-defined]
+                status_code=200, raw=FailingRaw())
+            store.get_into("blocks/aa/obj", Collected(buffer), buffer)
+        else:
+            store.client.get_object = lambda **_kw: {"Body": FailingRaw(), "ContentLength": 10}  # type: ignore[method-assign]
+            store._get_object_into("blocks/aa/obj", Collected(buffer), buffer)
     assert info.value.temporary and "No route to host" in str(info.value)
     store.close()
+
+
+def test_block_gets_are_presigned_and_classified_like_get_object(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """``get_into`` never goes through ``get_object`` (botocore's per-call machinery), yet
+    answers as it would: bytes, ObjectNotFound, a denied bucket named, and throttling as a
+    temporary error with one request per attempt, counted at the server."""
+    from chunkfs.store.s3 import S3Store
+
+    bucket = unique_bucket()
+    data = os.urandom(300_000)
+    with FaultProxy(s3_server.endpoint, FaultConfig(rate=0.0, kinds=("slowdown",))) as proxy:
+        store = open_store(f"s3://{bucket}/p?endpoint={proxy.endpoint}", create=True,
+                           options=StoreOptions(attempts=2))
+        inner = store
+        while not isinstance(inner, S3Store):
+            inner = inner.inner  # type: ignore[attr-defined]
+        inner.client.get_object = None  # type: ignore[method-assign]
+        store.put("blocks/aa/obj", data)
+        buffer = memoryview(bytearray(64 << 10))
+        sink = Collected(buffer)
+        assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
+        with pytest.raises(ObjectNotFound):
+            store.get_into("blocks/aa/missing", Collected(buffer), buffer)
+        proxy.config.rate = 1.0
+        before = proxy.config.block_gets
+        with pytest.raises(StoreError) as info:
+            store.get_into("blocks/aa/obj", Collected(buffer), buffer)
+        assert info.value.temporary and "SlowDown" in str(info.value) and proxy.config.block_gets - before == 2
+        store.close()
+    denied = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions())
+    denied.client._request_signer._credentials = botocore.credentials.Credentials("wrong", "wrong")  # type: ignore[attr-defined]
+    with pytest.raises(StoreError) as info:
+        denied.get_into("blocks/aa/obj", Collected(buffer), buffer)
+    assert not info.value.temporary and "denied" in str(info.value) and bucket in str(info.value)
+    denied.close()
 
 
 def test_one_request_per_attempt_counted_at_the_server(s3_server) -> None:  # type: ignore[no-untyped-def]

@@ -14,17 +14,26 @@ Invariants:
 - The connection pool holds ``options.concurrency`` connections.
 - A GET returns exactly the requested bytes or raises: a body shorter than its
   Content-Length is a temporary error, never a short result.
+- Block GETs (``get_into``, the hot path) are signed by the client (a presigned URL, no
+  request) and sent through the client's own HTTP session (its pool, proxies, CA bundle and
+  timeouts): one request, as ``get_object`` would send, without botocore's per-call
+  machinery (event hooks, parameter validation, response parsing), which cost about 1.3-1.9
+  ms of CPU per GET here against 0.6. An error response is classified exactly as a
+  ``get_object`` error would be. Where the session is not there (another botocore),
+  ``get_object`` is used.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import botocore.exceptions as bexc
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
 from chunkfs.errors import UsageError
@@ -35,6 +44,9 @@ _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Inter
                     "OperationAborted"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                  "AllAccessDisabled", "AccountProblem", "403", "401"}
+#: seconds a block GET's presigned URL is valid (it is sent at once)
+PRESIGN_SECONDS = 300
+_XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</")
 _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                    bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
                    bexc.HTTPClientError, ConnectionError, TimeoutError, http.client.IncompleteRead)
@@ -151,27 +163,49 @@ class S3Store(ObjectStore):
         return data
 
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
-        """Stream the object into ``buffer`` piece by piece: with botocore's usual transport,
-        straight from the socket (no block-sized allocation, and each piece is still in the
-        CPU cache when the sink hashes and writes it)."""
+        """Stream the object into ``buffer`` piece by piece, straight from the socket (no
+        block-sized allocation, and each piece is still in the CPU cache when the sink hashes
+        and writes it)."""
+        session = getattr(getattr(self.client, "_endpoint", None), "http_session", None)
+        if session is None:
+            return self._get_object_into(key, sink, buffer)
+        try:
+            url = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=PRESIGN_SECONDS)
+            request = AWSRequest(method="GET", url=url).prepare()
+            request.stream_output = True
+            response = session.send(request)
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        raw = response.raw
+        if response.status_code != 200:
+            raise self._error("GET", key, _client_error(response.status_code, _read_error_body(raw))) from None
+        length = raw.headers.get("Content-Length")
+        return self._stream_into(key, raw, int(length) if length is not None else None, sink, buffer)
+
+    def _get_object_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
         except Exception as exc:
             raise self._error("GET", key, exc) from None
         body = resp["Body"]
-        expected = resp.get("ContentLength")
+        return self._stream_into(key, getattr(body, "_raw_stream", body), resp.get("ContentLength"), sink, buffer)
+
+    def _stream_into(self, key: str, raw: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
+        """Feed a GET response (a urllib3 response) to ``sink``: exactly ``expected`` bytes or
+        a temporary ``StoreError``."""
         sink.restart()
         try:
-            total = _stream_body(body, expected, sink, buffer)
+            total = _stream_body(raw, expected, sink, buffer)
         except Exception as exc:
-            body.close()  # drops the connection: its body was not read to the end
+            raw.close()  # drops the connection: its body was not read to the end
             if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, StoreError):
                 # what urllib3 would have wrapped as a protocol error: the connection failed mid-body
                 raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: {type(exc).__name__}: {exc}",
                                  temporary=True) from None
             raise self._error("GET", key, exc) from None
-        body.close()
         if expected is not None and total != expected:
+            raw.close()
             raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: body has {total} of {expected} bytes",
                              temporary=True)
         return total
@@ -215,12 +249,11 @@ class S3Store(ObjectStore):
         self.client.close()
 
 
-def _stream_body(body: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
-    """Feed a GET response body to ``sink``; returns the bytes delivered. Reads straight into
-    ``buffer`` from the ``http.client`` response under botocore's urllib3 response when it
-    is there (then hands the connection back to the pool, as urllib3 does once a body is
-    read), and through ``StreamingBody.read`` otherwise."""
-    raw = getattr(body, "_raw_stream", None)
+def _stream_body(raw: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
+    """Feed a GET response body (a urllib3 response, not yet read) to ``sink``; returns the
+    bytes delivered. Reads straight into ``buffer`` from the ``http.client`` response under
+    it when it is there, then hands the connection back to the pool (as urllib3 does once a
+    body is read); through ``read`` otherwise."""
     direct = getattr(raw, "_fp", None)
     total = 0
     if isinstance(direct, http.client.HTTPResponse) and expected is not None and hasattr(raw, "release_conn"):
@@ -233,10 +266,30 @@ def _stream_body(body: Any, expected: int | None, sink: Sink, buffer: memoryview
         if total == expected and direct.isclosed():  # read to its end: the connection is reusable
             raw.release_conn()
         return total
-    while chunk := body.read(len(buffer)):
+    while chunk := raw.read(len(buffer)):
         sink.write(memoryview(chunk))
         total += len(chunk)
+    raw.close()
     return total
+
+
+def _read_error_body(raw: Any) -> bytes:
+    """An error response's body (S3's small XML document), at most 64 KiB; the connection is
+    released or dropped."""
+    try:
+        return raw.read(64 << 10) or b""
+    except Exception:  # the error is what matters, not its text
+        return b""
+    finally:
+        raw.close()
+
+
+def _client_error(status: int, body: bytes) -> bexc.ClientError:
+    """The ``ClientError`` botocore would have raised for this error response."""
+    fields = {name.decode(): value.decode("utf-8", "replace") for name, value in _XML_FIELD.findall(body)}
+    code = fields.get("Code") or str(status)
+    return bexc.ClientError({"Error": {"Code": code, "Message": fields.get("Message", "")},
+                             "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
 
 def open_url(url: str, create: bool, options: StoreOptions) -> S3Store:
