@@ -106,12 +106,15 @@ http {{
     scgi_temp_path {work}/nginx-scgi;
     default_type application/octet-stream;
     upstream rclone {{ server 127.0.0.1:{rclone}; keepalive 64; }}
+    # a query string means an S3 API call for rclone (LIST, multipart...), except a presigned
+    # object GET's signature (X-Amz-*): such a GET is answered from the file like a plain one
+    map $args $s3_api_call {{ default 1; "" 0; "~^X-Amz-[^&]*(&X-Amz-[^&]*)*$" 0; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
             error_page 418 = @rclone;
             if ($request_method != GET) {{ return 418; }}
-            if ($args != "") {{ return 418; }}
+            if ($s3_api_call) {{ return 418; }}
             if ($http_if_match != "") {{ return 418; }}  # boto3 download_file: rclone's ETags, not nginx's
             root {root};
             try_files $uri @rclone;
@@ -436,7 +439,8 @@ class Bench:
                 time.sleep(0.1)
 
     def start_nginx(self, root: Path, rclone_port: int) -> None:
-        """nginx in front of rclone: plain object GETs (no query string, no If-Match) are answered by nginx
+        """nginx in front of rclone: plain object GETs (no query string but a presigned URL's
+        signature, no If-Match) are answered by nginx
         from rclone's directory with sendfile, costing the machine almost no CPU, as a real
         object store costs the node none; every other request (PUT, HEAD, LIST, DELETE,
         multipart) goes to rclone. The Host header is passed on, so signatures still verify."""

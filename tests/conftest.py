@@ -22,11 +22,31 @@ from chunkfs.blocks import block_id
 from chunkfs.fuse.mountinfo import find_mount
 
 BLOCK = 64 << 10  # small blocks make multi-block edge cases cheap
+_marked_mount = False  # the running test carries the ``mount`` marker
+
+
+@pytest.fixture(autouse=True)
+def _mount_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Note whether the test may mount: ``-m "not mount"`` must run no FUSE mount at all."""
+    global _marked_mount
+    _marked_mount = request.node.get_closest_marker("mount") is not None
+    yield
+    _marked_mount = False
+
+
+def require_mount_marker() -> None:
+    """Fail a test that mounts a FUSE filesystem (a chunkfs mount, the CSI plugin) without
+    the ``mount`` marker. (A tmpfs is no FUSE mount: it needs only root.)"""
+    if not _marked_mount:
+        pytest.fail("this test mounts a FUSE filesystem but is not marked 'mount' (pytest.mark.mount)",
+                    pytrace=False)
 
 
 def chunkfs(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120,
             **kwargs) -> subprocess.CompletedProcess:
     """Run the chunkfs CLI the way a user does."""
+    if args and args[0] in ("mount", "csi"):
+        require_mount_marker()
     result = subprocess.run([sys.executable, "-m", "chunkfs", *args], capture_output=True, text=True,
                             env=env, timeout=timeout, check=False, **kwargs)
     if check and result.returncode != 0:
@@ -117,6 +137,7 @@ def force_unmount(mountpoint: Path) -> None:
 def mounted(vol: VolumeFixture, *extra: str, cache: Path | None = None, allow_errors: bool = False,
             name: str = "mnt", read_only: bool = True) -> Iterator[Mount]:
     """A mount of ``vol`` (read-only unless told) served by a child process; always unmounted afterwards."""
+    require_mount_marker()
     mountpoint = vol.tmp / name
     mountpoint.mkdir(exist_ok=True)
     cache = cache or vol.tmp / "cache"

@@ -50,6 +50,7 @@ def _volume(tmp_path: Path, name: str, *extra: str) -> VolumeFixture:
     return format_volume(tmp_path / name, *extra)
 
 
+@pytest.mark.mount
 def test_a_sha256_and_a_blake3_volume_share_a_node_cache(tmp_path: Path) -> None:
     src = make_model(tmp_path / "model")
     sha = _volume(tmp_path, "sha", "--hash", "sha256")

@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from chunkfs.fuse.mountinfo import find_mount
-from tests.conftest import VolumeFixture, background_mount, chunkfs, force_unmount, mounted, wait_mounted
+from tests.conftest import (
+    VolumeFixture,
+    background_mount,
+    chunkfs,
+    force_unmount,
+    mounted,
+    require_mount_marker,
+    wait_mounted,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +89,7 @@ def test_format_refusals_change_nothing(imported: VolumeFixture, tmp_path: Path)
 
 
 # -- import, status on bad volumes ------------------------------------------------------------
+@pytest.mark.mount
 def test_unformatted_and_unreachable_volumes(tmp_path: Path, source: Path) -> None:
     missing = f"sqlite://{tmp_path}/missing.db"
     (tmp_path / "mnt").mkdir()
@@ -128,6 +137,7 @@ def test_import_progress_is_quiet_in_scripts(volume: VolumeFixture, source: Path
 
 
 # -- mount errors -----------------------------------------------------------------------------
+@pytest.mark.mount
 def test_mountpoint_errors(imported: VolumeFixture, tmp_path: Path) -> None:
     cache = ["--cache-dir", str(tmp_path / "cache")]
     (tmp_path / "full").mkdir()
@@ -178,6 +188,7 @@ def _pid_gone(pid: int, timeout: float = 15) -> bool:
     return False
 
 
+@pytest.mark.mount
 def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, source: Path) -> None:
     mnt, log, pid, _result = background_mount(imported.meta_url, tmp_path)
     try:
@@ -220,10 +231,12 @@ def test_daemon_command_line_masks_the_password_and_keeps_every_option() -> None
             assert getattr(daemon, name) == value, name
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(imported: VolumeFixture, tmp_path: Path, sig: signal.Signals) -> None:
     mnt = tmp_path / "sig"
     mnt.mkdir()
+    require_mount_marker()
     proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", imported.meta_url, str(mnt), "--read-only",
                              "--cache-dir", str(tmp_path / "cache")], stderr=subprocess.PIPE, text=True)
     try:
@@ -239,9 +252,11 @@ def test_signal_unmounts_cleanly(imported: VolumeFixture, tmp_path: Path, sig: s
             proc.kill()
 
 
+@pytest.mark.mount
 def test_dead_mount_is_reported_and_lazy_umount_clears_it(imported: VolumeFixture, tmp_path: Path) -> None:
     mnt = tmp_path / "dead"
     mnt.mkdir()
+    require_mount_marker()
     proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", imported.meta_url, str(mnt), "--read-only",
                              "--cache-dir", str(tmp_path / "cache")], stderr=subprocess.DEVNULL)
     try:
@@ -264,6 +279,7 @@ def test_dead_mount_is_reported_and_lazy_umount_clears_it(imported: VolumeFixtur
     (["--metrics", "nonsense"], "expected HOST:PORT"),
     (["--cache-dir", "/proc/chunkfs-nope"], "cannot create cache directory"),
 ])
+@pytest.mark.mount
 def test_bad_read_path_options_are_one_line_errors(imported: VolumeFixture, tmp_path: Path, option: list[str],
                                                    fragment: str) -> None:
     mnt = tmp_path / "m"
@@ -272,6 +288,7 @@ def test_bad_read_path_options_are_one_line_errors(imported: VolumeFixture, tmp_
     assert_one_line_error(result, fragment)
 
 
+@pytest.mark.mount
 def test_metrics_port_in_use_is_a_one_line_error(imported: VolumeFixture, tmp_path: Path) -> None:
     mnt = tmp_path / "m"
     mnt.mkdir()

@@ -20,7 +20,9 @@ import pytest
 from chunkfs.fuse.mountinfo import list_mounts
 from chunkfs.procs import pid_alive
 from csi import csi_pb2, csi_pb2_grpc
-from tests.conftest import VolumeFixture, chunkfs
+from tests.conftest import VolumeFixture, chunkfs, require_mount_marker
+
+pytestmark = pytest.mark.mount
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ class Plugin:
         self.start()
 
     def start(self) -> None:
+        require_mount_marker()  # the plugin mounts volumes
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "chunkfs", "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",

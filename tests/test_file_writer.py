@@ -69,8 +69,8 @@ def record_commits(parts: Parts, monkeypatch: pytest.MonkeyPatch,
     commits: list[int] = []
     real_change = parts.meta.change
 
-    async def change(method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "commit_file":
+    async def change(method: Any, *args: Any, **kwargs: Any) -> Any:
+        if method == parts.meta.meta.commit_file:
             commits.append(kwargs["size"])
             if hold_first is not None and len(commits) == 1:
                 committing, proceed = hold_first

@@ -235,6 +235,49 @@ def test_rename_moves_replaces_and_refuses(meta: MetaStore) -> None:
     assert meta.getattr(ROOT_INODE).nlink == 4
 
 
+def _directories(meta: MetaStore, ino: int = ROOT_INODE, parent: int = 0,
+                 name: bytes = b"") -> list[tuple[int, int, bytes, set[int]]]:
+    """Every directory below ``ino`` (itself included): (ino, parent, name, inodes of the
+    directories at or below it), found by reading the tree down from ``ino``."""
+    found: list[tuple[int, int, bytes, set[int]]] = []
+    below = {ino}
+    for child_name, attr in meta.readdir(ino):
+        if stat.S_ISDIR(attr.mode):
+            sub = _directories(meta, attr.ino, ino, child_name)
+            below |= sub[0][3]
+            found.extend(sub)
+    return [(ino, parent, name, below), *found]
+
+
+def test_no_directory_moves_below_itself_after_moves_and_exchanges(meta: MetaStore) -> None:
+    """Directories moved within and across parents, swapped and renamed: afterwards every
+    attempt to move a directory into itself or below it is EINVAL, on every engine (the
+    Redis engine's check walks up from the destination by links that moves keep current)."""
+    x1 = meta.mkdir(ROOT_INODE, b"x1", 0o755, 0, 0, 0)
+    x2 = meta.mkdir(x1.ino, b"x2", 0o755, 0, 0, 0)
+    x3 = meta.mkdir(x2.ino, b"x3", 0o755, 0, 0, 0)
+    meta.mkdir(x3.ino, b"x4", 0o755, 0, 0, 0)
+    y = meta.mkdir(ROOT_INODE, b"y", 0o755, 0, 0, 0)
+    z = meta.mkdir(ROOT_INODE, b"z", 0o755, 0, 0, 0)
+    meta.rename(x2.ino, b"x3", y.ino, b"x3")  # y/x3/x4
+    meta.rename(ROOT_INODE, b"y", x2.ino, b"y")  # x1/x2/y/x3/x4
+    meta.rename(x2.ino, b"y", x2.ino, b"y2")  # renamed in place
+    meta.exchange(ROOT_INODE, b"z", x1.ino, b"x2")  # x1/z, and x2 (with y2/x3/x4) at the root as z
+    meta.exchange(ROOT_INODE, b"x1", ROOT_INODE, b"z")  # names swapped at the root
+    checked = 0
+    for ino, parent, name, below in _directories(meta)[1:]:
+        for target in below:
+            with pytest.raises(FsError) as err:
+                meta.rename(parent, name, target, b"probe")
+            assert err.value.errno == errno.EINVAL, (ino, target)
+            checked += 1
+    assert checked == 13  # x2 with 4 at or below it, y2 3, x3 2, x4 1; x1 2 (itself, z); z 1
+    assert meta.lookup(ROOT_INODE, b"x1").ino == x2.ino and meta.lookup(ROOT_INODE, b"z").ino == x1.ino
+    assert meta.lookup(x1.ino, b"x2").ino == z.ino
+    meta.rename(ROOT_INODE, b"z", x3.ino, b"moved")  # beside, not below, itself: allowed
+    assert sorted(n for n, _ in meta.readdir(x3.ino)) == [b"moved", b"x4"]
+
+
 def test_exchange_swaps_two_entries_of_any_types(meta: MetaStore) -> None:
     a = meta.mkdir(ROOT_INODE, b"a", 0o755, 0, 0, 0)
     b = meta.mkdir(ROOT_INODE, b"b", 0o755, 0, 0, 0)

@@ -21,12 +21,15 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from tests.conftest import BLOCK, format_volume
 from tests.test_mount_write import rw_mount
+
+pytestmark = pytest.mark.mount
 
 NAMES = st.sampled_from(["a", "b", "c", "d/a", "d/b"])
 SLOTS = st.integers(0, 2)

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from chunkfs.meta.base import FORMAT_VERSION, MAX_FILE_SIZE
 from tests.conftest import (
     BLOCK,
@@ -30,6 +32,8 @@ from tests.conftest import (
     mounted,
 )
 from tests.test_mount_write import daemon_to_kill, kill_9_holding, rw_mount, store_objects
+
+pytestmark = pytest.mark.mount
 
 DATA = Path(__file__).parent / "data"
 

@@ -34,9 +34,12 @@ from tests.conftest import (
     force_unmount,
     listed_inodes,
     mounted,
+    require_mount_marker,
     volume_on,
     wait_mounted,
 )
+
+pytestmark = pytest.mark.mount
 
 
 @contextlib.contextmanager
@@ -201,6 +204,7 @@ def daemon_to_kill(vol: VolumeFixture, tmp_path: Path) -> Iterator[tuple[Path, s
     """A read-write mount whose daemon the test kills with SIGKILL; unmounted afterwards whatever happens."""
     mnt = tmp_path / "rw"
     mnt.mkdir()
+    require_mount_marker()
     proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mnt), "--cache-dir",
                              str(tmp_path / "c")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -3,6 +3,7 @@ while a model is read; connection and auth failures; secrets masked; dump and lo
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from chunkfs.errors import FsError
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import open_meta
 from chunkfs.meta.base import ROOT_INODE
@@ -196,3 +198,65 @@ def test_two_importers_into_one_directory_lose_nothing(request: pytest.FixtureRe
             for f in src.iterdir():
                 assert (m.path / "shared" / f.name).read_bytes() == f.read_bytes()
     assert find_mount(str(m.path)) is None
+
+
+def _strip_links(meta, dirs: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Make the volume look as chunkfs before directory links left it."""
+    for ino in dirs:
+        meta.client.hdel(meta._ikey(ino), "parent", "pname")
+    meta.client.delete(meta.prefix + "parents")
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_the_subtree_check_walks_up_and_old_volumes_stay_right(kind: str, request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
+    """A rename's "not below itself" check walks up from the destination: it reads no
+    directory listing, however large the moved tree (counted at the server). A volume made
+    before directory links (and a link made stale by such a chunkfs moving a directory) is
+    still checked right, by the subtree search, and its first writable session links it."""
+    from chunkfs.meta.base import VolumeFormat
+
+    meta = open_meta(meta_url(kind, request, tmp_path), create=True)
+    meta.save_format(VolumeFormat(name="t", uuid="u", storage="file:///x", block_size=4, compression="none",
+                                  created="2026-01-01T00:00:00+00:00"))
+    big = meta.mkdir(ROOT_INODE, b"big", 0o755, 0, 0, 0)
+    subdirs = [meta.mkdir(big.ino, f"d{i}".encode(), 0o755, 0, 0, 0).ino for i in range(200)]
+    deep = meta.mkdir(subdirs[-1], b"deep", 0o755, 0, 0, 0)
+    other = meta.mkdir(ROOT_INODE, b"other", 0o755, 0, 0, 0)
+    # the server holding the volume (one slot: one node of a cluster)
+    server = (meta.client.get_node_from_key(meta._format_key).redis_connection  # type: ignore[union-attr]
+              if kind == "redis-cluster" else meta.client)
+
+    def hgetalls() -> int:
+        return int(server.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+    def refused() -> bool:
+        try:
+            meta.rename(ROOT_INODE, b"big", deep.ino, b"x")
+        except FsError as exc:
+            return exc.errno == errno.EINVAL
+        return False
+
+    server.config_resetstat()
+    assert refused() and hgetalls() == 0  # walked up: deep, d199, big
+    meta.rename(ROOT_INODE, b"other", deep.ino, b"other")  # allowed, and no listing read either
+    assert hgetalls() == 0
+
+    _strip_links(meta, [big.ino, *subdirs, deep.ino, other.ino])
+    assert refused() and hgetalls() >= 200  # no links: the subtree search, still right
+    meta.open_session("s-1", 0)  # links every directory
+    assert meta.client.get(meta.prefix + "parents") == b"1"
+    server.config_resetstat()
+    assert refused() and hgetalls() == 0
+
+    # a chunkfs without links moves d199 (with deep) to the root: its link is stale
+    meta.client.hdel(meta._dkey(big.ino), "d199")
+    meta.client.hset(meta._dkey(ROOT_INODE), "d199", subdirs[-1])
+    meta.rename(ROOT_INODE, b"d199", ROOT_INODE, b"moved")  # (the link now names the root)
+    meta.client.hset(meta._ikey(subdirs[-1]), mapping={"parent": big.ino, "pname": "d199"})  # stale again
+    assert not refused()  # big may now go below deep: deep is no longer inside big
+    assert meta.lookup(deep.ino, b"x").ino == big.ino
+    with pytest.raises(FsError) as err:
+        meta.rename(deep.ino, b"x", subdirs[0], b"y")  # big into its own child: refused despite the stale link
+    assert err.value.errno == errno.EINVAL
+    meta.close()

@@ -164,6 +164,7 @@ def warmup(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return chunkfs("warmup", *args, check=check, timeout=timeout)
 
 
+@pytest.mark.mount
 def test_warm_then_read_everything_with_the_store_stopped(tmp_path: Path) -> None:
     from tests.servers import apply_env, rclone_s3, s3_env
 
@@ -267,6 +268,7 @@ def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignor
     assert [p.name for p in (cache / "locks").iterdir()] == ["downloads-blake3"]  # the volume's namespace
 
 
+@pytest.mark.mount
 def test_warmup_and_a_mount_reading_download_each_block_once(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vol, src, proxy = s3_model
     cache = tmp_path / "cache"
@@ -287,6 +289,7 @@ def test_warmup_and_a_mount_reading_download_each_block_once(s3_model, tmp_path:
     assert_cache_sound(cache)
 
 
+@pytest.mark.mount
 def test_warmup_through_a_running_mount(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vol, src, proxy = s3_model
     with mounted(vol, "--prefetch", "none") as mnt:

@@ -77,16 +77,18 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
-        return await self._new_entry("mkdir", parent_inode, name, mode, ctx)
+        m = self.meta.meta
+        return self._new_entry(parent_inode, name, await self.meta.change(
+            m.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid, time.time_ns()))
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.change("rmdir", parent_inode, name)
+        await self.meta.change(self.meta.meta.rmdir, parent_inode, name)
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         sustain = await self._open_inode_at(parent_inode, name)
-        await self.meta.change("unlink", parent_inode, name, sustain=sustain, session=self.session)
+        await self.meta.change(self.meta.meta.unlink, parent_inode, name, sustain=sustain, session=self.session)
 
     async def _open_inode_at(self, parent: int, name: bytes) -> int:
         """The inode named ``parent/name`` if it is open in this mount (its last name may go
@@ -112,7 +114,7 @@ class WritableOperations(ChunkfsOperations):
         # moved entry cached and never look it up again)
         moved = await self.meta.lookup(parent_inode_old, name_old) if parent_inode_old != parent_inode_new else None
         sustain = await self._open_inode_at(parent_inode_new, name_new)
-        await self.meta.change("rename", parent_inode_old, name_old, parent_inode_new, name_new,
+        await self.meta.change(self.meta.meta.rename, parent_inode_old, name_old, parent_inode_new, name_new,
                                noreplace=bool(flags & RENAME_NOREPLACE), sustain=sustain, session=self.session)
         if moved is not None:
             self._seen(parent_inode_new, name_new, moved)
@@ -122,7 +124,7 @@ class WritableOperations(ChunkfsOperations):
         their ``..`` remembered anew."""
         if flags & RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        await self.meta.change("exchange", parent, name, other_parent, other_name)
+        await self.meta.change(self.meta.meta.exchange, parent, name, other_parent, other_name)
         if parent != other_parent:
             for where, what in ((parent, name), (other_parent, other_name)):
                 self._seen(where, what, await self.meta.lookup(where, what))
@@ -130,14 +132,16 @@ class WritableOperations(ChunkfsOperations):
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
-        return await self._new_entry("symlink", parent_inode, name, target, ctx)
+        m = self.meta.meta
+        return self._new_entry(parent_inode, name, await self.meta.change(
+            m.symlink, parent_inode, name, target, ctx.uid, ctx.gid, time.time_ns()))
 
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.EntryAttributes:
         if inode == STATS_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._entry(await self.meta.change("link", inode, new_parent_inode, new_name))
+        return self._entry(await self.meta.change(self.meta.meta.link, inode, new_parent_inode, new_name))
 
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
@@ -145,15 +149,20 @@ class WritableOperations(ChunkfsOperations):
         """Regular files, FIFOs, sockets (bind) and device nodes; the kernel does the I/O of
         the special ones, chunkfs keeps their type, mode, owner, times and ``rdev``."""
         if stat.S_ISREG(mode):
-            return await self._new_entry("create_file", parent_inode, name, mode, ctx)
-        return await self._new_entry("mknod", parent_inode, name, mode, ctx, rdev)
+            return await self._new_file(parent_inode, name, mode, ctx)
+        m = self.meta.meta
+        return self._new_entry(parent_inode, name, await self.meta.change(
+            m.mknod, parent_inode, name, mode, rdev, ctx.uid, ctx.gid, time.time_ns()))
 
-    async def _new_entry(self, method: str, parent: int, name: bytes, mode_or_target: int | bytes,
-                         ctx: pyfuse3.RequestContext, rdev: int | None = None) -> pyfuse3.EntryAttributes:
-        """mkdir, symlink, create_file or mknod, owned by the caller (the engine gives an
-        entry in a set-gid directory that directory's group)."""
-        args: tuple[Any, ...] = (mode_or_target,) if rdev is None else (mode_or_target, rdev)
-        attr = await self.meta.change(method, parent, name, *args, ctx.uid, ctx.gid, time.time_ns())
+    async def _new_file(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                        ) -> pyfuse3.EntryAttributes:
+        return self._new_entry(parent, name, await self.meta.change(
+            self.meta.meta.create_file, parent, name, mode, ctx.uid, ctx.gid, time.time_ns()))
+
+    def _new_entry(self, parent: int, name: bytes, attr: Attr) -> pyfuse3.EntryAttributes:
+        """The entry a mkdir, symlink, create_file or mknod call made (owned by the caller; the
+        engine gives an entry in a set-gid directory that directory's group): remembered as
+        seen, and answered."""
         self._seen(parent, name, attr)
         return self._entry(attr)
 
@@ -183,7 +192,7 @@ class WritableOperations(ChunkfsOperations):
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if changes or fields.update_ctime:
-            return self._entry(await self.meta.change("set_attrs", inode, **changes))
+            return self._entry(await self.meta.change(self.meta.meta.set_attrs, inode, **changes))
         return self._entry(truncated or await self.meta.getattr(inode))
 
     async def _drop_privileges(self, inode: int, changes: dict[str, int]) -> None:
@@ -224,29 +233,29 @@ class WritableOperations(ChunkfsOperations):
             # setxattr refuses system.* (ACLs): none can exist, so the kernel's ACL lookups
             # at every `ls -l` need not reach the metadata engine
             raise pyfuse3.FUSEError(errno.ENODATA)
-        return await self.meta.call("get_xattr", inode, name)
+        return await self.meta.call(self.meta.meta.get_xattr, inode, name)
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == STATS_INODE:
             return []
-        return await self.meta.call("list_xattrs", inode)
+        return await self.meta.call(self.meta.meta.list_xattrs, inode)
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == STATS_INODE:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        await self.meta.change("set_xattr", inode, name, value)
+        await self.meta.change(self.meta.meta.set_xattr, inode, name, value)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.change("remove_xattr", inode, name)
+        await self.meta.change(self.meta.meta.remove_xattr, inode, name)
 
     # -- file content ----------------------------------------------------------------------
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        entry = await self._new_entry("create_file", parent_inode, name, mode, ctx)
+        entry = await self._new_file(parent_inode, name, mode, ctx)
         self.writer.opened(entry.st_ino, 0, BlockList())
         return self._handle(OpenFile(entry.st_ino, writable=True, drops_privileges=ctx.uid != 0)), entry
 
@@ -287,7 +296,7 @@ class WritableOperations(ChunkfsOperations):
             changes: dict[str, int] = {}
             await self._drop_privileges(f.ino, changes)
             if changes:
-                await self.meta.change("set_attrs", f.ino, **changes)
+                await self.meta.change(self.meta.meta.set_attrs, f.ino, **changes)
         return await self.writer.write(f.ino, off, buf)
 
     @_fuse_errors
@@ -338,7 +347,7 @@ class WritableOperations(ChunkfsOperations):
         del self._opens[ino]
         if ino in self._sustained:
             self._sustained.discard(ino)
-            await self.meta.change("release_orphan", ino)
+            await self.meta.change(self.meta.meta.release_orphan, ino)
 
     async def _release_writer(self, ino: int) -> None:
         try:

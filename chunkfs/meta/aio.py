@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
 from chunkfs.meta.base import Attr, MetaStore, VolumeStats
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class AsyncMeta:
@@ -86,13 +87,14 @@ class AsyncMeta:
     async def stats(self) -> VolumeStats:
         return await self._call(self.meta.stats)
 
-    async def change(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a modifying engine call (``mkdir``, ``rename``, ``commit_file``, ...) in a worker
-        thread. Only for mutable use: an immutable cache would go stale."""
+    async def change(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a modifying call of this engine (``meta.meta.rename``, ``meta.meta.commit_file``,
+        ...; a bound method, so a type checker checks the arguments) in a worker thread.
+        Only for mutable use: an immutable cache would go stale."""
         if self.immutable:
             raise RuntimeError("AsyncMeta(immutable=True) is for read-only mounts")
-        return await self._call(functools.partial(getattr(self.meta, method), *args, **kwargs))
+        return await self._call(functools.partial(method, *args, **kwargs))
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """A read the cache does not cover (``get_xattr``, ``list_xattrs``)."""
-        return await self._call(getattr(self.meta, method), *args)
+    async def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A read of this engine the cache does not cover (``meta.meta.get_xattr``, ...)."""
+        return await self._call(functools.partial(method, *args, **kwargs))

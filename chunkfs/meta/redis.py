@@ -14,6 +14,7 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:next_ino        integer  last inode number handed out (root is 1)
     chunkfs{P}:i:<ino>         hash     mode uid gid size atime mtime ctime nlink [rdev]
                                         [target: symlink bytes] [blocks: BlockList.pack()]
+                                        [parent, pname: where a directory is named]
     chunkfs{P}:d:<ino>         hash     entry name -> child inode
     chunkfs{P}:x:<ino>         hash     extended attribute name -> value
     chunkfs{P}:refs            hash     block id -> (file, index) slots naming it
@@ -24,6 +25,15 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:deleting        hash     block id -> when (ns) gc began deleting its object
     chunkfs{P}:sessions        hash     writable mount session -> last heartbeat (ns)
     chunkfs{P}:orphans         hash     inode unlinked while open (nlink 0) -> its session
+    chunkfs{P}:parents         string   "1" once every directory has its link
+
+Directory links (``parent``, ``pname``) let a rename check "not into its own subtree" by
+walking up from the destination (bounded by its depth, as on SQLite) instead of searching
+the subtree inside one script (blocking Redis for as long as the subtree is large). A link
+is trusted only while its entry still names the directory; a missing or stale one (a
+volume made, or a directory moved, by chunkfs before links) falls back to the subtree
+search, so the check is right either way. Volumes made before links get them at their
+first writable mount (``open_session``).
 
 Every change is one Lua script (``redis_lua``). Reads are plain commands, pipelined.
 Connection errors and timeouts are retried with exponential backoff by redis-py (a bounded
@@ -149,7 +159,7 @@ class RedisMeta(MetaStore):
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
                                       "CREATE", "COMMIT", "RMDIR", "RENAME", "EXCHANGE", "LINK", "XATTR",
                                       "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE", "MKNOD", "RELEASE_ORPHAN",
-                                      "CLOSE_SESSION")}
+                                      "CLOSE_SESSION", "LINK_PARENTS")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -284,7 +294,17 @@ class RedisMeta(MetaStore):
 
     # -- sessions and orphans --------------------------------------------------------------
     def open_session(self, session: str, now_ns: int) -> None:
+        self._link_parents()
         self._call(self.client.hset, self.prefix + "sessions", session, now_ns)
+
+    def _link_parents(self) -> None:
+        """Give every directory its parent link, once per volume (made before them)."""
+        if self._call(self.client.get, self.prefix + "parents") is not None:
+            return
+        todo = [ROOT_INODE]
+        while todo:
+            todo.extend(int(sub) for sub in self._run("LINK_PARENTS", todo.pop()))
+        self._call(self.client.set, self.prefix + "parents", "1")
 
     def sessions(self) -> dict[str, int]:
         raw = self._call(self.client.hgetall, self.prefix + "sessions")

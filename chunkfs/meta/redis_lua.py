@@ -105,6 +105,10 @@ local function release_orphan(ino, bs, now)
   local nlink = redis.call('HGET', ikey(ino), 'nlink')
   if nlink and tonumber(nlink) == 0 then forget_inode(ino, bs, now) end
 end
+-- record where directory ino is named (its link for within)
+local function link_dir(ino, parent, name)
+  redis.call('HSET', ikey(ino), 'parent', parent, 'pname', name)
+end
 -- a new inode named parent/name (mkdir, symlink, create, mknod): the inode number, or an
 -- error reply. In a set-gid parent it takes the parent's group, a new directory its set-gid bit.
 local S_ISGID = 1024
@@ -119,6 +123,7 @@ local function add_entry(parent, name, mode, uid, gid, size, mtime, now)
   local is_dir = ftype(mode) == S_IFDIR
   local ino = new_inode(mode, uid, gid, size, mtime, now, is_dir and 2 or 1)
   redis.call('HSET', dkey(parent), name, ino)
+  if is_dir then link_dir(ino, parent, name) end
   touch(parent, now, is_dir and 1 or 0)  -- a subdirectory's '..' links to its parent
   return ino
 end
@@ -127,8 +132,9 @@ local function child_of(parent, name)
   if not ino then return nil, nil end
   return ino, redis.call('HGET', ikey(ino), 'mode')
 end
--- true if directory ino is directory dir or lies below it
-local function within(dir, ino)
+-- true if directory ino is directory dir or lies below it, searched downwards from dir: the
+-- whole subtree (only for directories made before parent links, until open_session links them)
+local function within_subtree(dir, ino)
   local queue, i = {dir}, 1
   while queue[i] do
     if queue[i] == ino then return true end
@@ -141,6 +147,23 @@ local function within(dir, ino)
     i = i + 1
   end
   return false
+end
+-- true if directory ino is directory dir or lies below it: walks up from ino by the links of
+-- directories to their entry (parent, pname), as many steps as ino is deep, as the SQLite
+-- engine does. A link is trusted only if that entry still names the directory, so a missing
+-- or stale link (a directory made, or moved, by chunkfs before links) falls back to the
+-- subtree search: right either way.
+local function within(dir, ino)
+  dir = tostring(dir)
+  local cur = tostring(ino)
+  for _ = 1, 1000000 do  -- deeper than any path: a cycle is never made, but this never loops
+    if cur == dir then return true end
+    if cur == '1' then return false end
+    local link = redis.call('HMGET', ikey(cur), 'parent', 'pname')
+    if not link[1] or redis.call('HGET', dkey(link[1]), link[2]) ~= cur then break end
+    cur = link[1]
+  end
+  return within_subtree(dir, ino)
 end
 """
 
@@ -347,6 +370,7 @@ end
 redis.call('HDEL', dkey(parent), name)
 redis.call('HSET', dkey(np), nn, src)
 local moved_dir = src_is_dir and parent ~= np
+if src_is_dir then link_dir(src, np, nn) end
 touch(parent, now, moved_dir and -1 or 0)
 touch(np, now, moved_dir and 1 or 0)
 redis.call('HSET', ikey(src), 'ctime', now)
@@ -369,6 +393,8 @@ if parent ~= op and ((a_dir and within(a, op)) or (b_dir and within(b, parent)))
 end
 redis.call('HSET', dkey(parent), name, b)
 redis.call('HSET', dkey(op), on, a)
+if a_dir then link_dir(a, op, on) end
+if b_dir then link_dir(b, parent, name) end
 local delta = 0  -- a directory that changes parent takes its '..' link along
 if parent ~= op and a_dir ~= b_dir then delta = a_dir and 1 or -1 end
 touch(parent, now, -delta)
@@ -413,6 +439,7 @@ if redis.call('EXISTS', ikey(1)) == 0 then
   redis.call('HSET', ikey(1), 'mode', S_IFDIR + 493, 'uid', ARGV[3], 'gid', ARGV[4], 'size', 0, 'atime', ARGV[5],
              'mtime', ARGV[5], 'ctime', ARGV[5], 'nlink', 2)
   redis.call('HINCRBY', P .. 'stats', 'dirs', 1)
+  redis.call('SET', P .. 'parents', '1')  -- every directory of a new volume is linked
 end
 return 1
 """
@@ -436,4 +463,20 @@ for i = 1, #entries, 2 do
   end
 end
 return out
+"""
+
+# ARGV: P, dir -> the directory's subdirectories, each given its parent link (volumes made
+# before parent links: ``RedisMeta.open_session`` runs it over every directory, top down; one
+# directory per script, so a rename running meanwhile never sees a wrong link)
+LINK_PARENTS = PRELUDE + r"""
+local dir = ARGV[2]
+local entries = redis.call('HGETALL', dkey(dir))
+local subdirs = {}
+for j = 2, #entries, 2 do
+  if ftype(redis.call('HGET', ikey(entries[j]), 'mode') or '0') == S_IFDIR then
+    link_dir(entries[j], dir, entries[j - 1])
+    table.insert(subdirs, entries[j])
+  end
+end
+return subdirs
 """

@@ -142,7 +142,7 @@ class FileWriter:
         renewed = 0
         for state in list(self._files.values()):
             for bid in list(state.stored):
-                if await self.meta.change("claim_upload", bid, time.time_ns()) == BUSY:
+                if await self.meta.change(self.meta.meta.claim_upload, bid, time.time_ns()) == BUSY:
                     log.error("block %s of inode %d was deleted by gc before the file was published",
                               bid.hex(), state.ino)
                     state.stored.discard(bid)
@@ -295,7 +295,7 @@ class FileWriter:
         if lost := state.lost.intersection(blocks.ids()):
             raise WriteFailed(f"block {min(lost).hex()} was deleted by chunkfs gc (run with --force and a "
                               f"short --grace) before the file was published; write the file again")
-        attr = await self.meta.change("commit_file", ino, size=size, blocks=blocks, mtime_ns=mtime_ns,
+        attr = await self.meta.change(self.meta.meta.commit_file, ino, size=size, blocks=blocks, mtime_ns=mtime_ns,
                                       ctime_ns=ctime_ns)
         state.published_edits = edits
         state.stored.difference_update(blocks.ids())
@@ -414,7 +414,7 @@ class FileWriter:
         The upload is claimed in the metadata first, so gc cannot delete the object before
         the file naming it is published (it waits while gc is deleting an older copy)."""
         bid = await trio.to_thread.run_sync(self.codec.block_id, plain)
-        if await self.meta.change("claim_upload_waiting", bid) != KNOWN:
+        if await self.meta.change(self.meta.meta.claim_upload_waiting, bid) != KNOWN:
             stored = await trio.to_thread.run_sync(self.codec.encode, plain)
             await self.store.put(object_key(bid), stored)
         if self.cache_writes:
