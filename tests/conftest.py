@@ -20,26 +20,18 @@ import pytest
 
 from chunkfs.blocks import block_id
 from chunkfs.fuse.mountinfo import find_mount
+from tests import mount_guard
+from tests.mount_guard import require_mount_marker
 
 BLOCK = 64 << 10  # small blocks make multi-block edge cases cheap
-_marked_mount = False  # the running test carries the ``mount`` marker
 
 
 @pytest.fixture(autouse=True)
 def _mount_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     """Note whether the test may mount: ``-m "not mount"`` must run no FUSE mount at all."""
-    global _marked_mount
-    _marked_mount = request.node.get_closest_marker("mount") is not None
+    mount_guard.marked_mount = request.node.get_closest_marker("mount") is not None
     yield
-    _marked_mount = False
-
-
-def require_mount_marker() -> None:
-    """Fail a test that mounts a FUSE filesystem (a chunkfs mount, the CSI plugin) without
-    the ``mount`` marker. (A tmpfs is no FUSE mount: it needs only root.)"""
-    if not _marked_mount:
-        pytest.fail("this test mounts a FUSE filesystem but is not marked 'mount' (pytest.mark.mount)",
-                    pytrace=False)
+    mount_guard.marked_mount = False
 
 
 def chunkfs(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120,
