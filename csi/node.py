@@ -102,7 +102,7 @@ class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
 class SourceRefused(Exception):
     """The volume's ``path`` cannot be bound: it is missing or leads outside the volume."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 

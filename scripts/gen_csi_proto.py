@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Regenerate csi/csi_pb2.py and csi/csi_pb2_grpc.py from csi/csi.proto (needs grpcio-tools,
-which the test extra installs). ``--check`` only reports whether the committed modules are
-up to date (tests/test_csi.py runs it)."""
+"""Regenerate csi/csi_pb2.py, its type stub csi/csi_pb2.pyi (for mypy) and csi/csi_pb2_grpc.py
+from csi/csi.proto (needs grpcio-tools, which the test extra installs). ``--check`` only
+reports whether the committed modules are up to date (tests/test_csi.py runs it)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 CSI = ROOT / "csi"
-OUTPUTS = ("csi_pb2.py", "csi_pb2_grpc.py")
+OUTPUTS = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py")
 
 
 def generate(out: Path) -> None:
     include = Path(protoc.__file__).parent / "_proto"  # the well-known types (wrappers.proto)
     code = protoc.main(["grpc_tools.protoc", f"-I{CSI}", f"-I{include}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", str(CSI / "csi.proto")])
+                        f"--pyi_out={out}", f"--grpc_python_out={out}", str(CSI / "csi.proto")])
     if code != 0:
         sys.exit(f"protoc failed with {code}")
     grpc_module = out / "csi_pb2_grpc.py"  # a package-relative import, so `csi` is importable as a package

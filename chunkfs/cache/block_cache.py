@@ -142,7 +142,7 @@ class BlockCache:
         """Index every entry already on disk (least recently accessed first); returns the count.
         Entries beyond the capacity are evicted at once. Sets ``index_loaded`` in any case."""
         try:
-            found = []
+            found: list[tuple[bytes, int, float]] = []
             for cache_dir in self.dirs:
                 try:
                     found.extend(cache_dir.scan())
@@ -424,8 +424,8 @@ class BlockCache:
             evictable_by_dir: dict[CacheDir, int] = {}
             for bid, size in self._index.items():
                 if bid not in target and bid not in self._pins:
-                    where = self.dir_for(bid)
-                    evictable_by_dir[where] = evictable_by_dir.get(where, 0) + size
+                    home = self.dir_for(bid)
+                    evictable_by_dir[home] = evictable_by_dir.get(home, 0) + size
         groups: dict[int, dict] = {}  # st_dev -> needed, room, dirs
         group_of: dict[CacheDir, dict] = {}  # cache directory -> its filesystem's group
         for cache_dir in self.dirs:
@@ -442,9 +442,9 @@ class BlockCache:
         if missing is None:
             missing = self.missing(target)
         for bid, length in missing.items():
-            group = group_of.get(self.dir_for(bid))
-            if group is not None:
-                group["needed"] += length
+            owner = group_of.get(self.dir_for(bid))
+            if owner is not None:
+                owner["needed"] += length
         for group in groups.values():
             if group["needed"] > group["room"]:
                 where = ", ".join(str(d.root) for d in group["dirs"])

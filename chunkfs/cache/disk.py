@@ -117,7 +117,7 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
         return None
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fallocate.restype = ctypes.c_int
-    return fallocate  # type: ignore[no-any-return]
+    return fallocate  # type: ignore[no-any-return,unused-ignore]  # Any, or a typed ctypes function
 
 
 _FALLOCATE = _load_fallocate()

@@ -81,8 +81,8 @@ def prefetch_patterns(text: str) -> tuple[str, ...]:
 
 def _serve_foreground(args: argparse.Namespace) -> None:
     from chunkfs.fuse.mount import ServeConfig, serve
-    from chunkfs.fuse.ops import MountOptions
     from chunkfs.metrics import Metrics, parse_address
+    from chunkfs.vfs.vfs import MountOptions
     from chunkfs.volume import open_volume
 
     check_fuse_device()

@@ -27,8 +27,7 @@ from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import ChunkfsError
 from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
-from chunkfs.fuse.ops import ChunkfsOperations, MountOptions
-from chunkfs.fuse.write_ops import WritableOperations
+from chunkfs.fuse.ops import FuseOperations
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import FORMAT_VERSION
 from chunkfs.meta.sessions import HEARTBEAT_S, new_session_id, release_dead_sessions
@@ -36,6 +35,7 @@ from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
+from chunkfs.vfs.vfs import MountOptions, Vfs
 from chunkfs.volume import Volume
 from chunkfs.warmup.control import ControlServer, socket_path
 from chunkfs.write.file_writer import FileWriter
@@ -99,7 +99,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     meta = AsyncMeta(volume.meta, immutable=config.options.read_only)
     writer = None
     if config.options.read_only:
-        ops: ChunkfsOperations = ChunkfsOperations(meta, reader, block_size, config.options, metrics)
+        vfs = Vfs(meta, reader, block_size, config.options, metrics)
     else:
         # a few uploads at once keep the store busy; more threads only fight over the GIL.
         # Written blocks waiting for upload hold at most --buffer-size per file being written (at
@@ -109,7 +109,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
                             uploads=uploads, max_pending=max(4, config.buffer_size // block_size),
                             cache_writes=config.cache_writes, on_publish=reader.refresh)
         session = _begin_session(volume)
-        ops = WritableOperations(meta, reader, writer, block_size, config.options, metrics, session)
+        vfs = Vfs(meta, reader, block_size, config.options, metrics, writer, session)
+    ops = FuseOperations(vfs)
     control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:

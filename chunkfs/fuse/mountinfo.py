@@ -74,8 +74,8 @@ def chunkfs_mount_of(path: str) -> tuple[MountEntry, str] | None:
             best = entry
     if best is None or best.fstype != "fuse.chunkfs":
         return None
-    inside = real[len(best.mountpoint):].lstrip("/")
-    volume_path = "/" + "/".join(p for p in (best.root.strip("/"), inside) if p)
+    below = real[len(best.mountpoint):].lstrip("/")
+    volume_path = "/" + "/".join(p for p in (best.root.strip("/"), below) if p)
     return best, volume_path
 
 

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
+from chunkfs.blocklist import BlockList
 from chunkfs.meta.base import Attr, MetaStore, VolumeStats
 
 T = TypeVar("T")
@@ -29,7 +30,7 @@ class AsyncMeta:
         self._entries: dict[tuple[int, bytes], Attr] = {}
         self._listings: dict[int, list[tuple[bytes, Attr]]] = {}
         self._links: dict[int, bytes] = {}
-        self._blocks: dict[int, list[bytes]] = {}
+        self._blocks: dict[int, BlockList] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -75,7 +76,7 @@ class AsyncMeta:
             self._links[ino] = target
         return target
 
-    async def read_blocks(self, ino: int) -> list[bytes]:
+    async def read_blocks(self, ino: int) -> BlockList:
         cached = self._blocks.get(ino)
         if cached is not None:
             return cached

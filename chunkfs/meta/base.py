@@ -58,7 +58,7 @@ class VolumeFormat:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> VolumeFormat:
+    def from_json(cls, text: str | bytes) -> VolumeFormat:
         data = json.loads(text)
         version = data.get("format_version", 0)
         if version > FORMAT_VERSION:

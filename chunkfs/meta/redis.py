@@ -46,7 +46,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -150,6 +150,15 @@ def _errno_of(exc: rexc.ResponseError) -> FsError | None:
     return FsError(code, detail) if code else None
 
 
+def _bytes(value: bytes | str) -> bytes:
+    """A reply as bytes (the client never decodes replies: ``decode_responses`` is off)."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisMeta(MetaStore):
     def __init__(self, url: str, *, create: bool = False) -> None:
         self.url = mask_url(url)
@@ -185,7 +194,7 @@ class RedisMeta(MetaStore):
         return f"{self.prefix}d:{ino}"
 
     @staticmethod
-    def _attr(ino: int, values: list[bytes | None]) -> Attr:
+    def _attr(ino: int, values: Sequence[bytes | str | None]) -> Attr:
         if values[0] is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
         return Attr(ino, *(0 if v is None else int(v) for v in values))  # rdev is missing on old inodes
@@ -204,7 +213,7 @@ class RedisMeta(MetaStore):
 
     def stats(self) -> VolumeStats:
         raw = self._call(self.client.hgetall, self.prefix + "stats")
-        get = {k.decode(): int(v) for k, v in raw.items()}.get
+        get = {_str(k): int(v) for k, v in raw.items()}.get
         unique = self._call(self.client.hlen, self.prefix + "refs")
         return VolumeStats(files=get("files", 0), directories=get("dirs", 0), symlinks=get("symlinks", 0),
                            logical_bytes=get("bytes", 0), block_refs=get("refs", 0), unique_blocks=unique,
@@ -237,13 +246,13 @@ class RedisMeta(MetaStore):
             raise FsError(errno.ENOENT, f"inode {ino}")
         if target is None:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
-        return bytes(target)
+        return _bytes(target)
 
     def read_blocks(self, ino: int) -> BlockList:
         mode, blob = self._call(self.client.hmget, self._ikey(ino), ["mode", "blocks"])
         if mode is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
-        return BlockList.unpack(blob)
+        return BlockList.unpack(None if blob is None else _bytes(blob))
 
     def claim_upload(self, bid: bytes, now_ns: int) -> str:
         return self._run("CLAIM_UPLOAD", bid, now_ns, DELETE_MARK_TTL_NS).decode()
@@ -255,11 +264,11 @@ class RedisMeta(MetaStore):
         self._call(self.client.hdel, self.prefix + "deleting", bid)
 
     def referenced_blocks(self) -> set[bytes]:
-        return {bytes(k) for k in self._call(self.client.hkeys, self.prefix + "refs")}
+        return {_bytes(k) for k in self._call(self.client.hkeys, self.prefix + "refs")}
 
     def freed_blocks(self, since_ns: int) -> set[bytes]:
         freed = self._call(self.client.hgetall, self.prefix + "freed")
-        return {bytes(k) for k, v in freed.items() if int(v) >= since_ns}
+        return {_bytes(k) for k, v in freed.items() if int(v) >= since_ns}
 
     def forget_freed(self, before_ns: int) -> None:
         self._run("FORGET_FREED", before_ns, DELETE_MARK_TTL_NS)
@@ -308,11 +317,11 @@ class RedisMeta(MetaStore):
 
     def sessions(self) -> dict[str, int]:
         raw = self._call(self.client.hgetall, self.prefix + "sessions")
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {_str(k): int(v) for k, v in raw.items()}
 
     def orphans(self) -> dict[int, str]:
         raw = self._call(self.client.hgetall, self.prefix + "orphans")
-        return {int(k): v.decode() for k, v in raw.items()}
+        return {int(k): _str(v) for k, v in raw.items()}
 
     def release_orphan(self, ino: int) -> None:
         self._run("RELEASE_ORPHAN", ino, self.block_size, time.time_ns())
@@ -377,7 +386,7 @@ class RedisMeta(MetaStore):
 
     def list_xattrs(self, ino: int) -> list[bytes]:
         self.getattr(ino)
-        return sorted(bytes(k) for k in self._call(self.client.hkeys, self._xkey(ino)))
+        return sorted(_bytes(k) for k in self._call(self.client.hkeys, self._xkey(ino)))
 
     def set_xattr(self, ino: int, name: bytes, value: bytes, *, create: bool = False, replace: bool = False) -> None:
         check_xattr(name, value)

@@ -202,7 +202,8 @@ class SqliteMeta(MetaStore):
             " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (mode, uid, gid, size, mtime_ns, mtime_ns, now, nlink, target, blocks, rdev),
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None  # an INSERT into a rowid table
+        return cur.lastrowid
 
     def _add_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
                    target: bytes | None = None, blocks: bytes | None = None, rdev: int = 0) -> Attr:

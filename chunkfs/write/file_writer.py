@@ -102,7 +102,7 @@ class _Dirty:
 class FileWriter:
     def __init__(self, meta: AsyncMeta, store: AsyncStore, fetcher: BlockFetcher, block_size: int, *,
                  uploads: int = 8, max_pending: int = 32, cache_writes: bool = False,
-                 on_publish: Callable[[int, int, list[bytes]], None] | None = None,
+                 on_publish: Callable[[int, int, BlockList], None] | None = None,
                  claim_renew_s: float | None = CLAIM_RENEW_S) -> None:
         self.meta = meta
         self.store = store
@@ -195,7 +195,7 @@ class FileWriter:
     # -- reads and writes ------------------------------------------------------------------
     async def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         state = self._files[ino]
-        parts = []
+        parts: list[bytes | bytearray] = []
         for index, start, end in block_spans(offset, length, state.size, self.block_size):
             buf = state.pending.get(index)
             if buf is not None:

@@ -23,8 +23,10 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -33,6 +35,8 @@ from chunkfs.errors import ChunkfsError, FsError, UsageError, first_error
 from chunkfs.meta.base import KNOWN, ROOT_INODE, Attr
 from chunkfs.progress import Progress
 from chunkfs.volume import Volume
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ class Importer:
         finally:
             progress.finish()
 
-    async def _sync(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _sync(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     # -- namespace -------------------------------------------------------------------------
