@@ -10,7 +10,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ from chunkfs.urls import is_env_name
 log = logging.getLogger(__name__)
 
 META_ENV = "CHUNKFS_META_URL"  # the daemon reads its metadata URL from here, never argv
-_PID_RE = re.compile(r"\(pid (\d+)")
 
 
 class MountError(Exception):
@@ -34,9 +32,7 @@ class MountError(Exception):
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    cache_dirs: tuple[str, ...]
-    cache_size: str
-    extra_args: tuple[str, ...] = ()
+    mount_args: tuple[str, ...] = ()  # ``chunkfs mount`` options of every volume (cli.csi_node.mount_args)
 
 
 def secrets_to_env(secrets: dict[str, str]) -> dict[str, str]:
@@ -55,17 +51,24 @@ def start_daemon(staging: str, env: dict[str, str], settings: DaemonSettings, lo
     """Mount the whole volume read-only at ``staging`` with a background chunkfs daemon in
     its own session; returns its pid once the mount answers."""
     os.makedirs(staging, exist_ok=True)
+    pid_file = f"{log_file}.pid"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_file)
     cmd = [sys.executable, "-m", "chunkfs", "mount", META_ENV, staging, "--read-only", "--background",
-           "--log-file", log_file, "--cache-size", settings.cache_size, *settings.extra_args]
-    for cache_dir in settings.cache_dirs:
-        cmd += ["--cache-dir", cache_dir]
+           "--log-file", log_file, "--pid-file", pid_file, *settings.mount_args]
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=180,
                             check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]
         raise MountError(lines[-1].removeprefix("chunkfs: "))
-    found = _PID_RE.search(result.stderr)
-    return int(found.group(1)) if found else 0
+    try:
+        with open(pid_file) as f:
+            return int(f.read())
+    except (OSError, ValueError) as exc:
+        raise MountError(f"mounted, but the daemon's pid file {pid_file} cannot be read: {exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
 
 
 def chunkfs_mount_at(path: str) -> MountEntry | None:

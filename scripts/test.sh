@@ -5,7 +5,8 @@ set -euo pipefail
 source "$(dirname "$0")/lib/setup.sh"
 cd "$ROOT"
 
-install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl
+# mmdebstrap and buildah build and run the node image (tests/test_image.py)
+install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl mmdebstrap buildah
 setup_venv test
 
 say "ruff"

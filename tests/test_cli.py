@@ -210,25 +210,64 @@ def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, so
     assert_one_line_error(chunkfs("umount", "/", check=False), "not a chunkfs mount")
 
 
-def test_daemon_command_line_masks_the_password_and_keeps_every_option() -> None:
-    from chunkfs.cli.main import build_parser
-    from chunkfs.cli.mount import _daemon_argv, cache_dirs
+def _unusual_value(option):  # type: ignore[no-untyped-def]
+    """A command-line value for ``option`` that differs from its default."""
+    from chunkfs.cli import options as o
 
-    user = ["mount", "redis://:hunter2@10.0.0.7:6379/1", "/mnt/m", "--read-only", "--cache-dir", "/c1:/c2",
-            "--cache-dir", "/c3", "--cache-size", "10G", "--free-space-ratio", "0.2", "--max-downloads", "4",
-            "--buffer-size", "64M", "--max-readahead", "1G", "--prefetch", "*.bin", "--kernel-readahead", "0",
-            "--metrics", "127.0.0.1:9567", "--attr-timeout", "1", "--entry-timeout", "2", "--io-retries", "3",
-            "--io-timeout", "9", "--cache-writes"]
-    args = build_parser().parse_args(user)
+    if option.flag_only:
+        return []
+    if option.repeated:
+        return ["/c1:/c2", "/c3"]
+    if option.choices:
+        return [next(c for c in option.choices if c != option.default)]
+    value = {o.size: "3M", o.positive_int: "7", o.ratio: "0.25", float: "2.5"}.get(option.type, "x,y")
+    if option.flag == "--metrics":
+        value = "127.0.0.1:9567"
+    return [value]
+
+
+def test_every_mount_option_reaches_a_background_daemon_and_the_csi_mounts() -> None:
+    """Each option of the mount command, set to something other than its default, parses back
+    from the background daemon's command line to the same value; so does each option the CSI
+    plugin hands to its mounts, from the mount command it runs. The mount command has no
+    option outside ``MOUNT_OPTIONS`` but its local ones, so a new one cannot be forgotten."""
+    from chunkfs.cli.csi_node import mount_args
+    from chunkfs.cli.main import build_parser
+    from chunkfs.cli.mount import _daemon_argv
+    from chunkfs.cli.options import CSI_MOUNT_OPTIONS, MOUNT_OPTIONS, cache_dirs
+
+    parser = build_parser()
+    mount_parser = next(a for a in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+                        if a.prog.endswith(" mount"))
+    local = {"help", "meta", "mountpoint", "background", "log_file", "pid_file", "ready_fd", "meta_fd"}
+    assert {a.dest for a in mount_parser._actions} - local == {o.dest for o in MOUNT_OPTIONS}
+
+    user = ["mount", "redis://:hunter2@10.0.0.7:6379/1", "/mnt/m"]
+    for option in MOUNT_OPTIONS:
+        user += [option.flag, *_unusual_value(option)] if not option.repeated else [
+            part for value in _unusual_value(option) for part in (option.flag, value)]
+    args = parser.parse_args(user)
     args.cache_dir = cache_dirs(args.cache_dir)
+    defaults = parser.parse_args(["mount", "m", "/mnt/m"])
+    for option in MOUNT_OPTIONS:
+        assert getattr(args, option.dest) != getattr(defaults, option.dest), option.flag  # really set
     argv = _daemon_argv(args, 9, 10)
     assert "hunter2" not in " ".join(argv) and "redis://:****@10.0.0.7:6379/1" in argv
-    daemon = build_parser().parse_args(argv[3:])
+    daemon = parser.parse_args(argv[3:])
     daemon.cache_dir = cache_dirs(daemon.cache_dir)
     assert daemon.cache_dir == ["/c1", "/c2", "/c3"]
-    for name, value in vars(args).items():
-        if name not in ("meta", "background", "ready_fd", "meta_fd"):
-            assert getattr(daemon, name) == value, name
+    for option in MOUNT_OPTIONS:
+        assert getattr(daemon, option.dest) == getattr(args, option.dest), option.flag
+
+    csi = ["csi", "--node-id", "n1"]
+    for option in CSI_MOUNT_OPTIONS:
+        csi += [part for value in _unusual_value(option) for part in (option.flag, value)] if option.repeated \
+            else [option.flag, *_unusual_value(option)]
+    csi_args = parser.parse_args(csi)
+    staged = parser.parse_args(["mount", "CHUNKFS_META_URL", "/staging", "--read-only", *mount_args(csi_args)])
+    staged.cache_dir = cache_dirs(staged.cache_dir)
+    for option in CSI_MOUNT_OPTIONS:
+        assert getattr(staged, option.dest) == getattr(csi_args, option.dest), option.flag
 
 
 @pytest.mark.mount

@@ -21,6 +21,7 @@ from chunkfs.fuse.mountinfo import list_mounts
 from chunkfs.procs import pid_alive
 from csi import csi_pb2, csi_pb2_grpc
 from tests.conftest import VolumeFixture, chunkfs, require_mount_marker
+from tests.test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.mount
 
@@ -31,9 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class Plugin:
     """One `chunkfs csi` process and a client; ``restart`` kills and starts it again."""
 
-    def __init__(self, tmp: Path, vol: VolumeFixture) -> None:
+    def __init__(self, tmp: Path, vol: VolumeFixture, launcher: tuple[str, ...] = (sys.executable, "-m", "chunkfs"),
+                 ) -> None:
+        """``launcher``: how to run ``chunkfs`` (tests/test_image.py runs the built image's)."""
         self.tmp = tmp
         self.vol = vol
+        self.launcher = launcher
         self.socket = tmp / "plugin" / "csi.sock"
         self.state = tmp / "state"
         self.log = tmp / "plugin.log"
@@ -45,11 +49,11 @@ class Plugin:
         require_mount_marker()  # the plugin mounts volumes
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chunkfs", "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",
+                [*self.launcher, "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",
                  "--state-dir", str(self.state), "--cache-dir", str(self.tmp / "cache"), "--check-interval", "0.3",
                  "--verify-cache", "full"],
                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not self.socket.exists():
             assert self.proc.poll() is None, f"plugin exited {self.proc.returncode}: {self.log.read_text()}"
             assert time.monotonic() < deadline, "plugin socket did not appear"
@@ -321,8 +325,7 @@ def test_csi_command_bad_input_is_one_line(tmp_path: Path) -> None:
              (["csi", "--node-id", "n", "--cache-size", "lots"], "size")]
     for args, message in cases:
         result = chunkfs(*args, "--state-dir", str(tmp_path / "s"), check=False, env=env, timeout=30)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert_one_line_error(result, message, code=2)  # (a bad value's error follows argparse's usage line)
 
 
 class _AbortingContext:
@@ -348,7 +351,7 @@ def test_publish_refused_for_a_vanished_path_leaves_the_volume_staged(tmp_path: 
     monkeypatch.setattr(node_module, "bind_read_only", lambda *_args: None)
     monkeypatch.setattr(node_module, "_mounted", lambda _path: False)
     node = node_module.ChunkfsNode("n", StateStore(tmp_path / "state"),
-                                   DaemonSettings(cache_dirs=(str(tmp_path / "c"),), cache_size="1G"))
+                                   DaemonSettings(("--cache-dir", str(tmp_path / "c"), "--cache-size", "1G")))
     cap = capability(Mode.MULTI_NODE_READER_ONLY)
     for path, code in (("/m/gone", grpc.StatusCode.NOT_FOUND), ("/out", grpc.StatusCode.INVALID_ARGUMENT)):
         record = VolumeRecord("v", str(staging), path)

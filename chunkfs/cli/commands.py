@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from chunkfs.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_HASH
-from chunkfs.cli.main import store_options
+from chunkfs.cli.options import store_options
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.meta import open_meta
 from chunkfs.meta.dump import dump, load

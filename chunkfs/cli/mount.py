@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from chunkfs.cli.main import default_cache_dir, store_options
+from chunkfs.cli.options import MOUNT_OPTIONS, cache_dirs, store_options, to_argv
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount, require_chunkfs_mount
 from chunkfs.urls import mask_url
@@ -59,18 +59,6 @@ def _report_ready(fd: int | None, message: str) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, message.encode() + b"\n")
         os.close(fd)
-
-
-def cache_dirs(values: list[str] | None) -> list[str]:
-    """``--cache-dir`` values (repeated and/or ':'-joined) as absolute paths, duplicates removed."""
-    dirs: list[str] = []
-    for value in values or [default_cache_dir()]:
-        for part in value.split(":"):
-            if part and os.path.abspath(part) not in dirs:
-                dirs.append(os.path.abspath(part))
-    if not dirs:
-        raise UsageError("--cache-dir needs a directory")
-    return dirs
 
 
 def prefetch_patterns(text: str) -> tuple[str, ...]:
@@ -117,17 +105,6 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         serve(volume, config, on_ready=lambda: _report_ready(ready_fd, "ok"))
 
 
-#: mount options handed on unchanged to a background daemon: (flag, attribute)
-_PASSED_ON = [("--cache-size", "cache_size"), ("--free-space-ratio", "free_space_ratio"),
-              ("--verify-cache", "verify_cache"),
-              ("--max-downloads", "max_downloads"), ("--buffer-size", "buffer_size"),
-              ("--max-readahead", "max_readahead"), ("--prefetch", "prefetch"),
-              ("--kernel-readahead", "kernel_readahead"), ("--metrics", "metrics"),
-              ("--attr-timeout", "attr_timeout"), ("--entry-timeout", "entry_timeout"),
-              ("--io-retries", "io_retries"), ("--io-timeout", "io_timeout")]
-_FLAGS_PASSED_ON = [("--read-only", "read_only"), ("--cache-writes", "cache_writes")]
-
-
 def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[str]:
     argv = [sys.executable, "-m", "chunkfs"]
     if args.debug:
@@ -137,14 +114,7 @@ def _daemon_argv(args: argparse.Namespace, ready_fd: int, meta_fd: int) -> list[
     label = getattr(args, "meta_arg", None) or mask_url(args.meta)
     argv += ["mount", label, os.path.abspath(args.mountpoint), "--meta-fd", str(meta_fd),
              "--ready-fd", str(ready_fd)]
-    for path in args.cache_dir:
-        argv += ["--cache-dir", path]
-    for flag, attr in _PASSED_ON:
-        value = getattr(args, attr)
-        if value is not None:
-            argv += [flag, str(value)]
-    argv += [flag for flag, attr in _FLAGS_PASSED_ON if getattr(args, attr)]
-    return argv
+    return argv + to_argv(args, MOUNT_OPTIONS)  # every mount option, so the daemon serves as asked
 
 
 def _spawn_daemon(args: argparse.Namespace) -> int:
@@ -167,12 +137,25 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     os.close(meta_read)
     message = _wait_ready(read_end, proc)
     if message == "ok":
+        if args.pid_file:
+            _write_pid_file(args.pid_file, proc.pid)
         print(f"chunkfs: mounted {os.path.abspath(args.mountpoint)} (pid {proc.pid}, log {log_file})",
               file=sys.stderr)
         return 0
     if message.startswith("error: "):
         raise ChunkfsError(message[len("error: "):])
     raise ChunkfsError(f"mount daemon {message}; see {log_file}")
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    """The daemon's pid, written whole (tmp + rename) so a reader never sees half of it."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ChunkfsError(f"mounted (daemon pid {pid}) but cannot write --pid-file {path}: {exc.strerror}") from None
 
 
 def _wait_ready(fd: int, proc: subprocess.Popen) -> str:

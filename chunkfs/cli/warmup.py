@@ -25,8 +25,7 @@ from typing import Any
 
 import trio
 
-from chunkfs.cli.main import store_options
-from chunkfs.cli.mount import cache_dirs
+from chunkfs.cli.options import cache_dirs, store_options
 from chunkfs.errors import ChunkfsError, NotFormatted, UsageError
 from chunkfs.progress import format_duration
 from chunkfs.units import format_size
