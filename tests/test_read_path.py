@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from chunkfs.blocklist import BlockList
 from chunkfs.blocks import BlockCodec, block_id, object_key
@@ -321,16 +322,16 @@ def test_cancelled_prefetch_does_not_fail_its_waiters(tmp_path: Path) -> None:
                     await fetcher.ensure(bid, len(data), Priority.PREFETCH)
 
             nursery.start_soon(prefetch)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the prefetch waits for the slot
             result: list[bytes] = []
 
             async def reader() -> None:
                 result.append(await fetcher.read(bid, len(data), 0, 3))
 
             nursery.start_soon(reader)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits for the prefetch's load
             scope.cancel()  # the file closed: its prefetch stops
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the reader starts its own load
             fetcher.slots.release()
         assert result == [data[:3]]
 
@@ -592,7 +593,7 @@ def test_a_reader_waits_for_a_block_being_read_whole(tmp_path: Path) -> None:
     async def main() -> bytearray:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetcher.ensure, bid, len(data), Priority.READAHEAD)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the whole read is under way in a thread
             return await fetcher.read(bid, len(data), 4096, 8192)
 
     assert trio.run(main) == data[4096:8192] and reads == ["whole"]
