@@ -5,8 +5,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib/setup.sh"
 cd "$ROOT"
 
-# mmdebstrap and buildah build and run the node image (tests/test_image.py)
-install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl mmdebstrap buildah
+# mmdebstrap and buildah build and run the node image (tests/test_image.py); Debian's python3.11
+# and setpriv (util-linux) run the CLI as an unprivileged user (tests/test_cli.py)
+install_debian "${FUSE_PACKAGES[@]}" redis-server redis-tools openssl mmdebstrap buildah python3.11 util-linux
 setup_venv test
 
 say "ruff"

@@ -160,7 +160,8 @@ def test_no_permission_on_dev_fuse(imported: VolumeFixture, tmp_path: Path) -> N
     system_python = Path("/usr/bin/python3.11")
     site = Path(sys.prefix) / "lib" / "python3.11" / "site-packages"
     if not system_python.exists() or shutil.which("setpriv") is None:
-        pytest.skip("needs /usr/bin/python3.11 and setpriv to run as an unprivileged user")
+        pytest.fail("needs /usr/bin/python3.11 and setpriv (scripts/test.sh installs python3.11 and util-linux)",
+                    pytrace=False)
     home = Path(tempfile.mkdtemp(prefix="chunkfs-nobody-"))  # outside root's 0700 pytest dir
     try:
         (home / "mnt").mkdir()
