@@ -385,6 +385,7 @@ class Bench:
             stamp.write_text(wanted)
         self.shards = sorted(self.model.glob("*.safetensors"))
         self.model_bytes = sum(p.stat().st_size for p in self.shards)
+        self.check_free_space()
         for shard in self.shards:
             count, nbytes = safetensors_payload(shard)
             self.tensor_count += count
@@ -393,6 +394,18 @@ class Bench:
             if not Path(binary).exists():
                 hint = " (or pass --skip-juicefs)" if binary == self.juicefs else ""
                 raise BenchError(f"{binary} is missing; run scripts/bench, which installs it{hint}")
+
+    def check_free_space(self) -> None:
+        """Refuse to run where the caches would meet their free-space floor: chunkfs and
+        JuiceFS both stop caching blocks once their disk has less than 10% free (their
+        --free-space-ratio default), which would time a different code path (JuiceFS's
+        warmup then leaves its cache incomplete; chunkfs serves from memory)."""
+        st = os.statvfs(self.work)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        needed = 8 * self.model_bytes  # the store's three copies, two caches, a write volume, headroom
+        if free - needed < 0.15 * total:
+            raise BenchError(f"{self.work} has {free / 2**30:.0f} GiB free of {total / 2**30:.0f} GiB; the run needs "
+                             f"about {needed / 2**30:.0f} GiB and the caches stop at 10% free: free up space first")
 
     @staticmethod
     def jfs_names() -> list[str]:
