@@ -175,7 +175,11 @@ class BenchError(Exception):
 
 
 class IncompleteWarmup(Exception):
-    """A peer's warmup left part of the model out of its cache."""
+    """A peer's warmup left part of the model out of its cache (``sample``: its timing)."""
+
+    def __init__(self, message: str, sample: Sample) -> None:
+        super().__init__(message)
+        self.sample = sample
 
 
 @dataclass
@@ -766,12 +770,17 @@ class Bench:
         """``juicefs warmup``; tried up to three times, because JuiceFS now and then leaves a
         few blocks out of its cache (its cache writes are asynchronous and may be skipped),
         and a timing of an incomplete warmup would flatter it."""
+        last: IncompleteWarmup | None = None
         for attempt in range(1, 4):
             try:
                 return self._jfs_warmup_once()
             except IncompleteWarmup as exc:
                 say(f"warning: {exc} (attempt {attempt} of 3)")
-        raise BenchError("juicefs warmup left its cache incomplete three times in a row")
+                last = exc
+        assert last is not None
+        say("warning: juicefs warmup left its cache incomplete three times in a row; its row is marked incomplete")
+        last.sample.extra["incomplete"] = True
+        return last.sample
 
     def _jfs_warmup_once(self) -> Sample:
         cache = reset_dir(self.work / "jfs-warmup-cache")
@@ -786,13 +795,19 @@ class Bench:
         # `juicefs warmup` asks the mount to do the work: its CPU is the command's plus the daemon's
         process_cpu = timed.children + process_cpu_seconds(proc.pid) - daemon_before
         rss, _ = peak_rss(proc.pid)
+        # JuiceFS writes its cache in the background: give it a moment (not timed) before unmounting
+        deadline = time.monotonic() + 15
+        while dir_bytes(cache) < self.model_bytes and time.monotonic() < deadline:
+            time.sleep(0.5)
         self.unmount(proc, mnt, [self.juicefs, "umount"])
         cached = dir_bytes(cache)
+        sample = Sample(timed.seconds, rss_mib=rss, extra={"cache_bytes": cached,
+                                                           "process_cpu_s_per_gib": self.per_gib(process_cpu),
+                                                           **timed.cpu_extra()})
         if cached < self.model_bytes:
-            raise IncompleteWarmup(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}")
-        return Sample(timed.seconds, rss_mib=rss, extra={"cache_bytes": cached,
-                                                         "process_cpu_s_per_gib": self.per_gib(process_cpu),
-                                                         **timed.cpu_extra()})
+            raise IncompleteWarmup(f"juicefs warmup left {cached} bytes in its cache, expected {self.model_bytes}",
+                                   sample)
+        return sample
 
     def per_gib(self, cpu_seconds: float) -> float:
         return round(cpu_seconds / (self.model_bytes / 2**30), 3)
@@ -881,7 +896,8 @@ class Bench:
                              "mib_per_s": self.model_bytes / median / 2**20,
                              "rss_mib_median": statistics.median(rss) if rss else None,
                              "rss_mib_max": max(rss) if rss else None,
-                             "daemon_cpu_s_per_gib": statistics.median(cpu) if cpu else None}
+                             "daemon_cpu_s_per_gib": statistics.median(cpu) if cpu else None,
+                             "incomplete_runs": sum(bool(s.extra.get("incomplete")) for s in samples)}
 
         def ratio(name: str, base: str) -> float | None:
             if name in summary and base in summary:
@@ -958,7 +974,8 @@ class Bench:
                  "| daemon peak RSS MiB | CPU-s/GiB (daemon; warmup: the process) |",
                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for name, row in result["summary"].items():
-            lines.append(f"| {name} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
+            label = f"{name} ({row['incomplete_runs']} incomplete)" if row.get("incomplete_runs") else name
+            lines.append(f"| {label} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
                          f"| {row['mib_per_s']:.0f} | {num(row['vs_raw_get'], '.2f', 'x')} "
                          f"| {num(row['vs_jfs_cold_tuned'], '.2f', 'x')} | {num(row['vs_local_disk'], '.2f', 'x')} "
                          f"| {num(row['rss_mib_median'], '.0f')} | {num(row['daemon_cpu_s_per_gib'], '.2f')} |")
