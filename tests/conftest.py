@@ -34,6 +34,19 @@ def _mount_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     mount_guard.marked_mount = False
 
 
+def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it holds (an exception counts as not yet), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 def chunkfs(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120,
             **kwargs) -> subprocess.CompletedProcess:
     """Run the chunkfs CLI the way a user does."""

@@ -20,7 +20,7 @@ import pytest
 
 from chunkfs.cli.stats import parse_metrics
 from chunkfs.fuse.kernel import bdi_path
-from tests.conftest import BLOCK, VolumeFixture, chunkfs, fill_up, format_volume, mounted, tmpfs
+from tests.conftest import BLOCK, VolumeFixture, chunkfs, fill_up, format_volume, mounted, tmpfs, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.mount
@@ -50,13 +50,6 @@ def scrape(port: int) -> dict[str, float]:
 def gets(metrics: dict[str, float]) -> int:
     """Block GETs: every GET but the one that reads the volume marker when mounting."""
     return int(metrics.get("chunkfs_object_requests_total{op=get}", 0)) - 1
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def sha(path: Path) -> str:
@@ -140,7 +133,7 @@ def test_opening_a_model_file_prefetches_all_of_it(model_volume: VolumeFixture, 
     with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--kernel-readahead", "0") as m:
         with open(m.path / "m" / "notes.txt", "rb") as f:  # not a model file: no prefetch
             f.read(10)
-            time.sleep(0.5)
+            time.sleep(0.5)  # a negative check: nothing is prefetched for a while (no event to wait for)
             before = gets(scrape(port))
             assert before <= 3  # what the kernel's own 128 KiB readahead asks for
         with open(m.path / "m" / "model.safetensors", "rb") as f:

@@ -36,6 +36,7 @@ from tests.conftest import (
     mounted,
     require_mount_marker,
     volume_on,
+    wait_for,
     wait_mounted,
 )
 
@@ -168,12 +169,12 @@ def test_two_mounts_see_each_others_files_after_close(request: pytest.FixtureReq
             (a / "model.bin").write_bytes(payload)
             assert (b / "model.bin").read_bytes() == payload, kind
             (b / "model.bin").write_bytes(payload[::-1])  # rewritten on the other mount
-            time.sleep(1.2)  # attribute caches are 1 s on writable mounts
-            assert (a / "model.bin").read_bytes() == payload[::-1], kind
+            # attribute caches are 1 s on writable mounts: the other mount sees it once they expire
+            rewritten = payload[::-1]
+            wait_for(lambda: (a / "model.bin").read_bytes() == rewritten, timeout=10)  # noqa: B023 - used at once
             (a / "dir").mkdir()
             os.rename(a / "model.bin", a / "dir" / "m.bin")
-            time.sleep(1.2)
-            assert os.listdir(b / "dir") == ["m.bin"], kind
+            wait_for(lambda: os.listdir(b / "dir") == ["m.bin"], timeout=10)
 
 
 def test_writing_a_model_the_volume_holds_stores_nothing_new(volume: VolumeFixture, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -662,17 +663,24 @@ def test_blocks_on_the_node_are_read_in_just_ahead_of_the_reader(tmp_path: Path)
     def held() -> set[int]:
         return {i for i, (bid, _data) in enumerate(blocks) if bid in fetcher.memory}
 
+    async def settled(condition: Callable[[], bool]) -> None:
+        """Wait until ``condition`` holds and the fetcher reads nothing more into memory."""
+        with trio.fail_after(10):
+            while not condition() or fetcher._staging:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reader.run)
             reader.opened(7, "model.bin", len(content), BlockList.dense(bid for bid, _data in blocks))
-            await trio.sleep(0.3)
+            await settled(lambda: held() >= {0, 1})
             assert held() == {0, 1}  # nothing read yet: the furthest read is "before block 0"
             out = memoryview(bytearray(mib))
             for index in range(4):
                 assert await reader.read_into(7, index * mib, out) == mib and out == blocks[index][1]
-            await trio.sleep(0.3)
-            assert {4, 5} <= held() and not held() & {6, 7}
+            await settled(lambda: held() >= {4, 5})
+            assert not held() & {6, 7}
             reader.released(7)
             nursery.cancel_scope.cancel()
 
