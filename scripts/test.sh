@@ -12,5 +12,7 @@ setup_venv test
 
 say "ruff"
 "$VENV/bin/ruff" check chunkfs csi tests scripts
+say "mypy"
+"$VENV/bin/mypy" chunkfs csi
 say "pytest"
 "$PY" -m pytest -p no:cacheprovider "$@"
