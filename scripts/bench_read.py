@@ -754,7 +754,8 @@ class Bench:
 
     def ck_warmup(self) -> Sample:
         cache = reset_dir(self.work / "ck-warmup-cache")
-        cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q"]
+        cmd = [self.chunkfs, "warmup", self.ck_meta, "/model", "--cache-dir", str(cache), "--json", "-q",
+               *shlex.split(self.args.warmup_args)]
         self.commands["ck_warmup"] = cmd
         drop_caches()
         with Timed() as timed:
@@ -1022,6 +1023,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
                         help=f"block hash of the chunkfs volume (default {DEFAULT_HASH}; sha256 for an A/B)")
     parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
+    parser.add_argument("--warmup-args", default="", help='extra `chunkfs warmup` arguments, e.g. "--threads 16"')
     parser.add_argument("--rclone-md5-etag", action="store_true",
                         help="keep rclone's MD5 ETags (hashes each object on its first GET; off by default)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
