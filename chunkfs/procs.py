@@ -1,9 +1,11 @@
-"""Process helpers shared by the cache (stale temporary files) and the CSI plugin (daemons)."""
+"""Process helpers shared by the cache (stale temporary files), the CSI plugin (daemons), the
+benchmark and the tests (process trees)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 
 def pid_alive(pid: int) -> bool:
@@ -32,3 +34,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from the ppid field of /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree

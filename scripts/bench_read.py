@@ -78,7 +78,7 @@ import boto3
 from botocore.config import Config
 
 from chunkfs.blocks import DEFAULT_HASH, HASHES, new_hasher
-from chunkfs.procs import stop_process
+from chunkfs.procs import process_tree, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -291,26 +291,6 @@ def mount_points() -> list[Path]:
         raw = line.split()[4]
         points.append(Path(raw.encode().decode("unicode_escape")))  # octal escapes like \040
     return points
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (from the ppid field of /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
 
 
 def vm_hwm_mib(pid: int) -> float:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from chunkfs.procs import process_tree
 from tests.conftest import VolumeFixture, chunkfs
 from tests.test_csi import Plugin, make_model
 
@@ -91,23 +92,6 @@ def test_the_image_runs_chunkfs(container: str) -> None:
                  "command -v fusermount3 mount && python3 -c 'import pyfuse3, grpc, boto3, redis; print(\"ok\")'",
                  timeout=120)
     assert tools.splitlines()[-1] == "ok"
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # exited meanwhile
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += [child for child, of in parent.items() if of == pid]
-    return found
 
 
 def _sha256_inside(pid: int, path: Path) -> str:

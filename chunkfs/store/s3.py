@@ -94,6 +94,8 @@ class S3Store(ObjectStore):
                                          config=config)
         except (bexc.BotoCoreError, ValueError) as exc:
             raise StoreError(f"cannot set up S3 client for {url}: {exc}") from None
+        # the client's own HTTP session for presigned block GETs (None: another botocore, use get_object)
+        self._http = getattr(getattr(self.client, "_endpoint", None), "http_session", None)
         if create:
             self._ensure_bucket()
 
@@ -166,7 +168,7 @@ class S3Store(ObjectStore):
         """Stream the object into ``buffer`` piece by piece, straight from the socket (no
         block-sized allocation, and each piece is still in the CPU cache when the sink hashes
         and writes it)."""
-        session = getattr(getattr(self.client, "_endpoint", None), "http_session", None)
+        session = self._http
         if session is None:
             return self._get_object_into(key, sink, buffer)
         try:
