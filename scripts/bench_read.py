@@ -16,6 +16,8 @@ times, measures in this order:
                        client that verifies what it downloads (chunkfs checks every block's hash) pays
   raw_get_blake3       the same with BLAKE3 (the hash of new chunkfs volumes)
   local_disk           the model loaded from the local disk
+  disk_write           the model's size written to new files in WORK by 8 threads with O_DIRECT, 1 MiB
+                       at a time (as a warmup writes its cache): the node disk's floor for ck_warmup
   boto3_download_load  boto3 download_file of each shard into an empty directory, then loaded (wall)
   jfs_cold_default     JuiceFS mount with an empty cache, default flags
   jfs_cold_tuned       JuiceFS mount with an empty cache, --max-readahead 1024 --buffer-size 2048
@@ -37,10 +39,14 @@ times, measures in this order:
                        (each close waits for the file's upload)
   ck_write             the same into a fresh chunkfs volume through a read-write mount (each close publishes)
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
-  ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount)
+  ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
+                       complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
 
 Page caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measurement except
-ck_hot, including raw_get, so the object store's files are read from disk in every cold case. A
+ck_hot, including raw_get. The store's objects stay in memory (--store-disk memory, the
+default, a helper maps them so that drop_caches leaves them resident), as a real store's disks are
+not the node's; with --store-disk node every cold case reads them from the disk the caches write
+to. A
 "load" is load_model() of scripts/load_model.py in a fresh Python (its own timing, which covers only
 the load); each load checks the tensor count and the bytes of tensor data against the source model,
 and --verify runs scripts/load_model.py --compare MODEL instead (bit-for-bit). Mount daemons' peak
@@ -54,6 +60,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import mmap
 import os
 import platform
 import resource
@@ -130,10 +137,26 @@ http {{
     }}
 }}
 """
+#: maps every file under argv[1], populated, then waits for stdin to close (the kernel never drops
+#: mapped page-cache pages on drop_caches)
+HOLD_IN_MEMORY = """
+import mmap, os, sys
+held, maps = 0, []
+for top, _, names in os.walk(sys.argv[1]):
+    for name in names:
+        with open(os.path.join(top, name), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                maps.append(mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                      prot=mmap.PROT_READ))
+                held += size
+print(f"held {held >> 20} MiB", flush=True)
+sys.stdin.read()
+"""
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
-NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "boto3_download_load", "jfs_cold_default",
-         "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1",
-         "ck_cold_mmap4", "jfs_write", "ck_write", "jfs_warmup", "ck_warmup"]
+NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "disk_write", "boto3_download_load",
+         "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
+         "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write", "ck_write", "jfs_warmup", "ck_warmup"]
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", "ck_cold_mmap4"}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
@@ -395,6 +418,22 @@ class Bench:
     def jfs_names() -> list[str]:
         return [n for n in NAMES if n.startswith("jfs_")]
 
+    def hold_store_in_memory(self) -> None:
+        """Keep the store's objects resident in the page cache through every drop_caches (a
+        helper process maps each of them, populated: the kernel drops no mapped page). A real
+        store reads its objects on its own machines: its GETs must not share the node's disk
+        with the cache the node is writing (a warmup writes as much as it reads). GETs are then
+        still served by sendfile from the page cache, as they are from the disk (a tmpfs would
+        make the store copy every byte on our 2 CPUs)."""
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_IN_MEMORY, str(self.work / "s3")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        if not line.startswith("held "):
+            raise BenchError(f"could not hold the store's objects in memory: {line or 'the helper exited'}")
+        say(f"store objects {line} in memory")
+
     def start_rclone(self) -> None:
         root = self.work / "s3"
         for bucket in (RAW_BUCKET, JFS_BUCKET, CK_BUCKET):
@@ -605,6 +644,27 @@ class Bench:
             raise BenchError(f"{name}: fetched {total} bytes, expected {self.model_bytes}")
         return Sample(timed.seconds, extra={"requests": len(parts), **timed.cpu_extra()})
 
+    def disk_write(self) -> Sample:
+        """The model's size written with O_DIRECT by 8 threads into WORK (the cache's disk)."""
+        target = reset_dir(self.work / "disk-write")
+        piece, files = 1 << 20, 8
+        share = -(-self.model_bytes // files // piece) * piece
+        buffer = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT wants
+        buffer.write(os.urandom(piece))
+
+        def write(index: int) -> int:
+            fd = os.open(target / f"part{index}", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+            try:
+                return sum(os.write(fd, buffer) for _ in range(share // piece))
+            finally:
+                os.close(fd)
+
+        drop_caches()
+        with Timed() as timed, ThreadPoolExecutor(files) as pool:
+            total = sum(pool.map(write, range(files)))
+        shutil.rmtree(target)
+        return Sample(timed.seconds * self.model_bytes / total, extra=timed.cpu_extra())
+
     def local_disk(self) -> Sample:
         drop_caches()
         return self.load(self.model, "local_disk")
@@ -743,8 +803,16 @@ class Bench:
         report = json.loads(out[out.index("{") : out.rindex("}") + 1])  # py-spy (--profile) talks too
         if not report["complete"] or report["bytes_fetched"] < self.model_bytes:
             raise BenchError(f"chunkfs warmup fetched {report['bytes_fetched']} bytes, expected {self.model_bytes}")
+        # The same command on the now complete cache fetches nothing: its CPU is what every
+        # warmup pays whatever the model's size (interpreter, imports, store client, metadata,
+        # plan, a stat per block). The rest is the cost per byte a larger model scales with.
+        with Timed() as idle:
+            run(cmd, "chunkfs warmup (cache complete)", timeout=LOAD_TIMEOUT)
         return Sample(timed.seconds, extra={"engine_s": report["seconds"], "cache_bytes": dir_bytes(cache),
                                             "process_cpu_s_per_gib": self.per_gib(timed.children),
+                                            "startup_cpu_s": round(idle.children, 3),
+                                            "process_cpu_s_per_gib_after_start":
+                                                self.per_gib(max(0.0, timed.children - idle.children)),
                                             **timed.cpu_extra()})
 
     def jfs_warmup(self) -> Sample:
@@ -807,7 +875,7 @@ class Bench:
         steps: list[tuple[str, Callable[[], Sample]]] = [
             ("raw_get", self.raw_get), ("raw_get_sha256", lambda: self.raw_get(verify="sha256")),
             ("raw_get_blake3", lambda: self.raw_get(verify="blake3")),
-            ("local_disk", self.local_disk),
+            ("local_disk", self.local_disk), ("disk_write", self.disk_write),
             ("boto3_download_load", lambda: self.boto3_download_load(loader))]
         for name, step in steps:
             if self.wants(name):
@@ -849,6 +917,8 @@ class Bench:
             self.setup_juicefs()
         if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap1", "ck_cold_mmap4"):
             self.setup_chunkfs()
+        if self.args.store_disk == "memory":
+            self.hold_store_in_memory()
         loader = import_load_model()
         for i in range(self.args.runs):
             self.one_run(i, loader)
@@ -940,6 +1010,16 @@ class Bench:
         context = [{"what": f"{name} / {raw}", "value": ratio(name, raw)}
                    for raw in ("raw_get_sha256", "raw_get_blake3") for name in ("ck_cold", "ck_warmup")
                    if ratio(name, raw) is not None]
+        if ratio("ck_warmup", "disk_write") is not None:
+            context.append({"what": "ck_warmup / disk_write (writing the cache is the floor of a warmup)",
+                            "value": ratio("ck_warmup", "disk_write")})
+        after_start = [s.extra["process_cpu_s_per_gib_after_start"] for s in self.samples.get("ck_warmup", [])
+                       if "process_cpu_s_per_gib_after_start" in s.extra]
+        if after_start:
+            startup = statistics.median(s.extra["startup_cpu_s"] for s in self.samples["ck_warmup"])
+            context.append({"what": f"ck_warmup process CPU per GiB beyond what a warmup of a complete cache "
+                                    f"costs ({startup:.2f} CPU-s: start, metadata, plan)",
+                            "value": statistics.median(after_start), "unit": " s/GiB"})
         return {"summary": summary, "targets": targets, "context": context}
 
     def markdown(self, result: dict[str, Any]) -> str:
@@ -949,7 +1029,8 @@ class Bench:
         mib = self.model_bytes / 2**20
         lines = [f"Model: {mib:.0f} MiB in {len(self.shards)} shards ({self.tensor_count} tensors); "
                  f"{self.args.runs} run(s); {os.cpu_count()} CPUs, Linux {platform.release()}; "
-                 f"object store: {'nginx (GETs) + ' if self.args.store == 'nginx' else ''}rclone serve s3 on loopback",
+                 f"object store: {'nginx (GETs) + ' if self.args.store == 'nginx' else ''}rclone serve s3 on loopback, "
+                 f"objects {'in memory' if self.args.store_disk == 'memory' else 'on the node disk'}",
                  "",
                  "| measurement | median s | min s | max s | MiB/s | vs raw_get | vs jfs_cold_tuned | vs local_disk "
                  "| daemon peak RSS MiB | CPU-s/GiB (daemon; warmup: the process) |",
@@ -966,7 +1047,7 @@ class Bench:
             value = "not measured" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
             lines.append(f"{verdict}  {t['target']}: {value}")
         for c in result.get("context", []):
-            lines.append(f"info  {c['what']}: {c['value']:.2f}x")
+            lines.append(f"info  {c['what']}: {c['value']:.2f}{c.get('unit', 'x')}")
         return "\n".join(lines)
 
     def machine(self) -> dict[str, Any]:
@@ -1000,6 +1081,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store", choices=("nginx", "rclone"), default="nginx",
                         help="nginx answers object GETs from rclone's directory (no CPU, as a real store) and passes "
                              "the rest to rclone (default); rclone: rclone serve s3 answers everything")
+    parser.add_argument("--store-disk", choices=("memory", "node"), default="memory",
+                        help="where the store's GETs read objects from: memory (held in the page cache, default: a "
+                             "real store's disks are not the node's) or node (the disk the caches write to)")
     parser.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
                         help=f"block hash of the chunkfs volume (default {DEFAULT_HASH}; sha256 for an A/B)")
     parser.add_argument("--chunkfs-args", default="", help='extra `chunkfs mount` arguments, e.g. "--max-downloads 32"')
