@@ -31,6 +31,19 @@ chunkfs_readahead_blocks_total             counter    blocks fetched ahead of a 
 chunkfs_readahead_wasted_blocks_total      counter    of those, never read before the file closed
 chunkfs_prefetch_blocks_total              counter    blocks fetched by whole-file model prefetch
 chunkfs_prefetch_wasted_blocks_total       counter    of those, never read before the file closed
+chunkfs_origin_blocks_total                counter    blocks downloaded from the object store
+chunkfs_origin_bytes_total                 counter    bytes of those blocks
+chunkfs_peer_fetched_blocks_total          counter    blocks downloaded from peers (verified)
+chunkfs_peer_fetched_bytes_total           counter    bytes of those blocks
+chunkfs_peer_errors_total{reason}          counter    peer fetches that failed, then went to the
+                                                      store: ``timeout``, ``unreachable``,
+                                                      ``refused`` (busy/missing), ``corrupt``
+chunkfs_peer_served_blocks_total           counter    blocks this node sent to peers
+chunkfs_peer_served_bytes_total            counter    bytes of those blocks
+chunkfs_peer_requests_refused_total{reason}  counter  peer requests answered without a block:
+                                                      ``unauthenticated``, ``malformed``, ``busy``,
+                                                      ``missing``, ``other_volume``, ``method``,
+                                                      ``connections``
 =========================================  =========  ============================================
 """
 
@@ -75,6 +88,20 @@ class Metrics:
         self.prefetch_blocks = Counter("chunkfs_prefetch_blocks", "Blocks fetched by model prefetch", registry=r)
         self.prefetch_wasted = Counter("chunkfs_prefetch_wasted_blocks", "Prefetched blocks never read",
                                        registry=r)
+
+        self.origin_blocks = Counter("chunkfs_origin_blocks", "Blocks downloaded from the object store", registry=r)
+        self.origin_bytes = Counter("chunkfs_origin_bytes", "Bytes of blocks downloaded from the object store",
+                                    registry=r)
+        self.peer_fetched_blocks = Counter("chunkfs_peer_fetched_blocks", "Blocks downloaded from peers",
+                                           registry=r)
+        self.peer_fetched_bytes = Counter("chunkfs_peer_fetched_bytes", "Bytes of blocks downloaded from peers",
+                                          registry=r)
+        self.peer_errors = Counter("chunkfs_peer_errors", "Failed peer fetches (the store was used)", ["reason"],
+                                   registry=r)
+        self.peer_served_blocks = Counter("chunkfs_peer_served_blocks", "Blocks sent to peers", registry=r)
+        self.peer_served_bytes = Counter("chunkfs_peer_served_bytes", "Bytes of blocks sent to peers", registry=r)
+        self.peer_refused = Counter("chunkfs_peer_requests_refused", "Peer requests answered without a block",
+                                    ["reason"], registry=r)
 
     # -- object-store observer (``chunkfs.store.observed.RequestObserver``) -------------------
     def observe_request(self, op: str, seconds: float, nbytes: int, failed: bool) -> None:

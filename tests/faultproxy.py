@@ -35,6 +35,7 @@ class FaultConfig:
     counts: dict[str, int] = field(default_factory=dict)
     requests: int = 0
     block_gets: int = 0  # GETs of block objects (the store-side download count)
+    gets_by_block: dict[str, int] = field(default_factory=dict)  # block object path -> GETs
     connections: set = field(default_factory=set)  # client (host, port) pairs seen
     in_flight: int = 0
     max_in_flight: int = 0
@@ -89,6 +90,8 @@ class FaultProxy:
             block_get = method == "GET" and "/blocks/" in path
             if block_get:
                 cfg.block_gets += 1
+                key = path.split("?", 1)[0]
+                cfg.gets_by_block[key] = cfg.gets_by_block.get(key, 0) + 1
             if not (cfg.all_requests or block_get):
                 return None
             if self._rng.random() >= cfg.rate:

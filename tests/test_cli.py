@@ -221,7 +221,8 @@ def _unusual_value(option):  # type: ignore[no-untyped-def]
         return ["/c1:/c2", "/c3"]
     if option.choices:
         return [next(c for c in option.choices if c != option.default)]
-    value = {o.size: "3M", o.positive_int: "7", o.ratio: "0.25", float: "2.5"}.get(option.type, "x,y")
+    value = {o.size: "3M", o.positive_int: "7", o.ratio: "0.25", float: "2.5",
+             o.address: "10.0.0.1:9570"}.get(option.type, "x,y")
     if option.flag == "--metrics":
         value = "127.0.0.1:9567"
     return [value]

@@ -159,7 +159,41 @@ CACHE_WRITES = Option("--cache-writes", "read-write mounts: also keep written bl
                       "reading them back here)", flag_only=True)
 METRICS = Option("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9567",
                  metavar="HOST:PORT")
-MOUNT_OPTIONS = (READ_ONLY, *CACHE_OPTIONS, *MOUNT_TUNING, CACHE_WRITES, METRICS, *STORE_OPTIONS)
+
+def address(text: str) -> str:
+    _host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 0.0.0.0:9570, got {text!r}")
+    return text
+
+
+#: fetching blocks from other nodes' caches (``chunkfs.peer``), for mounts and warmups
+PEER_CLIENT_OPTIONS = (
+    Option("--peers", "where the peers are: 'meta' (nodes serving this volume register in its metadata; the "
+           "default with --peer-listen), 'dns:NAME:PORT' (e.g. a headless Service) or HOST:PORT,HOST:PORT,...",
+           metavar="SPEC"),
+    Option("--peer-secret-file", "file holding the fleet's shared peer secret (default: the "
+           "CHUNKFS_PEER_SECRET environment variable); never on a command line", metavar="FILE"),
+    Option("--peer-ca", "CA bundle to verify peers' TLS certificates; peers are then asked over https",
+           metavar="FILE"),
+    Option("--peer-timeout", "seconds a peer may take for a block before the store is asked, plus its "
+           "length at 8 MiB/s (default 10)", float, 10.0),
+)
+#: serving this node's cache to the others (mounts only)
+PEER_SERVER_OPTIONS = (
+    Option("--peer-listen", "serve this node's cached blocks to peers on HOST:PORT, e.g. 0.0.0.0:9570",
+           address, metavar="HOST:PORT"),
+    Option("--peer-advertise", "the address peers reach this node at (default: the --peer-listen host if it "
+           "is one, else $POD_IP, else this node's address)", address, metavar="HOST:PORT"),
+    Option("--peer-max-uploads", "blocks sent to peers at a time; more requests are told to use the store "
+           "(default 8)", positive_int, 8),
+    Option("--peer-max-rate", "bytes per second sent to peers, at most (default 0: no cap), e.g. 500M", size, 0),
+    Option("--peer-tls-cert", "serve peers over TLS with this certificate (PEM)", metavar="FILE"),
+    Option("--peer-tls-key", "the private key of --peer-tls-cert (PEM)", metavar="FILE"),
+)
+PEER_OPTIONS = (*PEER_SERVER_OPTIONS, *PEER_CLIENT_OPTIONS)
+
+MOUNT_OPTIONS = (READ_ONLY, *CACHE_OPTIONS, *MOUNT_TUNING, CACHE_WRITES, METRICS, *STORE_OPTIONS, *PEER_OPTIONS)
 #: mount options the CSI plugin takes and hands to the mount of every volume it stages
 CSI_MOUNT_OPTIONS = (*CACHE_OPTIONS, *MOUNT_TUNING, *STORE_OPTIONS)
 

@@ -3,7 +3,8 @@
 It reads the mount's ``.chunkfs-stats`` file (the daemon's Prometheus metrics, generated at
 open) every interval and prints the differences: bytes read through FUSE, FUSE requests,
 the cache hit ratio, object-store GETs (rate, bytes, mean latency, errors), blocks fetched
-ahead, and the cache's size.
+ahead, the cache's size, and the fleet cache: bytes from peers, bytes served to peers, and
+peer fetches that failed over to the store.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from chunkfs.units import format_size
 
 STATS_FILE = ".chunkfs-stats"
 HEADER = (f"{'time':>8} {'read MiB/s':>10} {'ops/s':>7} {'hit %':>6} {'get/s':>6} {'get MiB/s':>9} "
-          f"{'get ms':>7} {'errors':>6} {'ahead/s':>7} {'cache':>9}")
+          f"{'get ms':>7} {'errors':>6} {'ahead/s':>7} {'cache':>9} {'peer MiB/s':>10} {'served MiB/s':>12} "
+          f"{'peer err':>8}")
 
 
 @dataclass
@@ -73,11 +75,15 @@ def format_line(prev: Sample, cur: Sample) -> str:
     get_seconds = delta("chunkfs_object_request_seconds_sum{op=get}")
     latency = f"{1000 * get_seconds / gets:.1f}" if gets else "-"
     ahead = rate("chunkfs_readahead_blocks_total") + rate("chunkfs_prefetch_blocks_total")
+    peer_errors = sum(v - prev.values.get(k, 0.0) for k, v in cur.values.items()
+                      if k.startswith("chunkfs_peer_errors_total{"))
     return (f"{time.strftime('%H:%M:%S'):>8} {rate('chunkfs_fuse_read_bytes_total') / 2**20:>10.1f} "
             f"{fuse_ops / dt:>7.0f} {hit:>6} {gets / dt:>6.1f} "
             f"{rate('chunkfs_object_request_bytes_total{op=get}') / 2**20:>9.1f} {latency:>7} "
             f"{delta('chunkfs_object_errors_total{op=get}'):>6.0f} {ahead:>7.1f} "
-            f"{format_size(cur.get('chunkfs_cache_bytes')):>9}")
+            f"{format_size(cur.get('chunkfs_cache_bytes')):>9} "
+            f"{rate('chunkfs_peer_fetched_bytes_total') / 2**20:>10.1f} "
+            f"{rate('chunkfs_peer_served_bytes_total') / 2**20:>12.1f} {peer_errors:>8.0f}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -105,15 +105,24 @@ def _standalone(args: argparse.Namespace, op: str, meta_url: str, paths: list[st
         finally:
             meta.close()
 
+    from chunkfs.peer.setup import PeerSettings, open_peers
     from chunkfs.read.fetcher import BlockFetcher
     from chunkfs.store.aio import AsyncStore
     from chunkfs.volume import open_volume
 
+    settings = PeerSettings.from_args(args)
     with open_volume(meta_url, store_options(args, args.threads)) as volume:
         cache = node_cache(volume.fmt.hash)
-        fetcher = BlockFetcher(AsyncStore(volume.store, args.threads), volume.codec, cache, downloads=args.threads)
-        runner = _warm(args, fetcher)
-        return trio.run(_plan_and_run, volume.meta, volume.fmt.block_size, paths, runner)
+        peers = open_peers(settings, volume.fmt.uuid, volume.meta, cache.metrics, connections=args.threads) \
+            if settings else None
+        try:
+            fetcher = BlockFetcher(AsyncStore(volume.store, args.threads), volume.codec, cache,
+                                   downloads=args.threads, peers=peers.client if peers else None)
+            runner = _warm(args, fetcher)
+            return trio.run(_plan_and_run, volume.meta, volume.fmt.block_size, paths, runner)
+        finally:
+            if peers is not None:
+                peers.close()
 
 
 async def _plan_and_run(meta: Any, block_size: int, paths: list[str], runner: Callable[..., Any]) -> dict[str, Any]:
@@ -249,7 +258,7 @@ def _report(args: argparse.Namespace, op: str, result: dict[str, Any]) -> int:
     if not args.json:
         rate = result["bytes_fetched"] / result["seconds"] if result["seconds"] > 0 else 0.0
         print(f"warmup of {', '.join(result['paths'])}: {result['files']} files, {format_size(result['bytes_total'])}; "
-              f"fetched {format_size(result['bytes_fetched'])}, already cached "
+              f"fetched {format_size(result['bytes_fetched'])}{_from_peers(result)}, already cached "
               f"{format_size(result['bytes_cached_before'])}, {result['failed_blocks']} blocks failed, "
               f"{result['seconds']:.1f} s ({format_size(rate)}/s)")
     if not result["complete"]:
@@ -258,6 +267,11 @@ def _report(args: argparse.Namespace, op: str, result: dict[str, Any]) -> int:
         raise ChunkfsError(f"warmup incomplete: {result['failed_blocks']} of {result['blocks']} blocks are not "
                            "in the cache; run it again to finish")
     return 0
+
+
+def _from_peers(result: dict[str, Any]) -> str:
+    peers = result.get("bytes_from_peers", 0)
+    return f" ({format_size(peers)} from peers)" if peers else ""
 
 
 def _report_check(args: argparse.Namespace, result: dict[str, Any]) -> int:

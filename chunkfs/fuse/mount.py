@@ -32,7 +32,9 @@ from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import FORMAT_VERSION
 from chunkfs.meta.sessions import HEARTBEAT_S, new_session_id, release_dead_sessions
 from chunkfs.metrics import Metrics
-from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.peer.server import Load
+from chunkfs.peer.setup import Peers, PeerSettings, open_peers, serve_cache
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
 from chunkfs.vfs.vfs import MountOptions, Vfs
@@ -60,6 +62,7 @@ class ServeConfig:
     fuse_workers: int = 64
     cache_writes: bool = False  # read-write mounts: also put written blocks in the node cache
     metrics: Metrics = field(default_factory=Metrics)
+    peers: PeerSettings | None = None  # fetch from (and with a listener, serve) other nodes' caches
 
     def download_slots(self, block_size: int, compressed: bool) -> int:
         """Concurrent downloads: ``max_downloads``, fewer if their blocks would not fit in
@@ -91,8 +94,11 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     # each download for a reader fills a whole-block buffer, written to the cache around the
     # page cache, from which its readers are served; half as many again (at least one) keep
     # finished blocks for readers a little behind
+    peers = open_peers(config.peers, volume.fmt.uuid, volume.meta, metrics, connections=slots) \
+        if config.peers else None
     fetcher = BlockFetcher(AsyncStore(volume.store, slots), volume.codec, cache, downloads=slots,
-                           block_buffers=slots + max(1, slots // 2), metrics=metrics)
+                           block_buffers=slots + max(1, slots // 2), metrics=metrics,
+                           peers=peers.client if peers else None)
     reader = FileReader(fetcher, ReadConfig(
         block_size=block_size, readahead_max=config.readahead_max, prefetch_patterns=config.prefetch_patterns,
         prefetch_workers=slots, prefetch_limit=max(block_size, config.cache_size // 2)), metrics)
@@ -127,7 +133,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         unmounted = False
         try:
             trio.run(_run_session, config, cache, reader, writer, control, on_ready,
-                     None if writer is None else (volume, session))
+                     None if writer is None else (volume, session), peers)
             unmounted = find_mount(config.mountpoint) is None
         finally:
             pyfuse3.close(unmount=not unmounted)
@@ -138,6 +144,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         if http is not None:
             http.shutdown()
             http.server_close()
+        if peers is not None:
+            peers.close()
 
 
 def _begin_session(volume: Volume) -> str:
@@ -173,7 +181,7 @@ async def _heartbeat(volume: Volume, session: str) -> None:
 
 async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, writer: FileWriter | None,
                        control: ControlServer, on_ready: Callable[[], None] | None,
-                       session: tuple[Volume, str] | None) -> None:
+                       session: tuple[Volume, str] | None, peers: Peers | None = None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
@@ -195,10 +203,28 @@ async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReade
         if config.kernel_readahead:
             set_read_ahead(mountpoint, config.kernel_readahead, dev=root.st_dev)
         nursery.start_soon(_load_cache_index, cache)
+        if peers is not None:
+            serve_cache(peers, cache, _owner_load(reader.fetcher))
         await _start_control(nursery, control, mountpoint)
         log.info("mounted at %s", mountpoint)
         if on_ready is not None:
             on_ready()
+
+
+def _owner_load(fetcher: BlockFetcher) -> Load:
+    """For the peer server's threads: put a block this node owns in its cache (one download
+    however many peers ask); whether it is there now."""
+    token = trio.lowlevel.current_trio_token()
+
+    def load(bid: bytes, length: int) -> bool:
+        try:
+            trio.from_thread.run(fetcher.warm, bid, length, trio_token=token)
+        except (BlockUnavailable, trio.RunFinishedError, trio.Cancelled) as exc:
+            log.info("peer request for block %s: %s", bid.hex()[:16], exc)
+            return False
+        return True
+
+    return load
 
 
 async def _start_control(nursery: trio.Nursery, control: ControlServer, mountpoint: str) -> None:

@@ -259,6 +259,20 @@ class MetaStore(ABC):
     def open_session(self, session: str, now_ns: int) -> None:
         """Register a writable mount, or record that it is alive (a heartbeat)."""
 
+    # -- peers serving this volume's blocks (``chunkfs.peer.membership``) ----------------------
+    @abstractmethod
+    def register_peer(self, address: str, expires_ns: int) -> None:
+        """Record that a node serves peers at ``address`` until ``expires_ns`` (a refresh
+        moves it on); expired entries may be dropped here."""
+
+    @abstractmethod
+    def drop_peer(self, address: str) -> None:
+        """Forget ``address`` (a node that stops serving)."""
+
+    @abstractmethod
+    def live_peers(self, now_ns: int) -> list[str]:
+        """Addresses registered and not expired at ``now_ns``, sorted."""
+
     @abstractmethod
     def sessions(self) -> dict[str, int]:
         """Every registered session and its last heartbeat (ns)."""

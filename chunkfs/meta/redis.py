@@ -315,6 +315,17 @@ class RedisMeta(MetaStore):
             todo.extend(int(sub) for sub in self._run("LINK_PARENTS", todo.pop()))
         self._call(self.client.set, self.prefix + "parents", "1")
 
+    def register_peer(self, address: str, expires_ns: int) -> None:
+        self._call(self.client.zadd, self.prefix + "peers", {address: expires_ns})
+        self._call(self.client.zremrangebyscore, self.prefix + "peers", "-inf", time.time_ns() - 1)
+
+    def drop_peer(self, address: str) -> None:
+        self._call(self.client.zrem, self.prefix + "peers", address)
+
+    def live_peers(self, now_ns: int) -> list[str]:
+        found = self._call(self.client.zrangebyscore, self.prefix + "peers", now_ns, "+inf")
+        return sorted(_str(a) for a in found if isinstance(a, bytes | str))
+
     def sessions(self) -> dict[str, int]:
         raw = self._call(self.client.hgetall, self.prefix + "sessions")
         return {_str(k): int(v) for k, v in raw.items()}

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS upload_claims (id BLOB PRIMARY KEY, at INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS deleting (id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, heartbeat INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans (ino INTEGER PRIMARY KEY, session TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (address TEXT PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -433,6 +434,23 @@ class SqliteMeta(MetaStore):
     def open_session(self, session: str, now_ns: int) -> None:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (session, now_ns))
+
+    def register_peer(self, address: str, expires_ns: int) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO peers VALUES (?, ?)", (address, expires_ns))
+            conn.execute("DELETE FROM peers WHERE expires < ?", (_now_ns(),))
+
+    def drop_peer(self, address: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM peers WHERE address = ?", (address,))
+
+    def live_peers(self, now_ns: int) -> list[str]:
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT address FROM peers WHERE expires >= ?", (now_ns,)).fetchall()
+            except sqlite3.OperationalError:  # a read-only volume made before peers: none registered
+                return []
+        return sorted(r[0] for r in rows)
 
     def sessions(self) -> dict[str, int]:
         with self._lock:

@@ -17,6 +17,8 @@ Invariants:
   off) an intact entry another process just planted is used instead of downloading
   (``Downloaded.planted``); while another process holds the lock, ``Busy`` is raised and
   the caller tries again later.
+- Peers first: with a ``PeerSource``, the block is asked of the peer that owns it, into the
+  same sink and through the same check; only if no peer delivers it is the store asked.
 - Destinations: the block's new cache entry (written around the page cache with ``around``),
   and the ``block`` buffer when one is lent (readers copy from there, and the entry is
   written from it, aligned). A cache that declines the block or fails mid-write does not
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from chunkfs.blocks import BlockCodec, BlockCorrupt, object_key
 from chunkfs.cache.block_cache import NO_LOCK, BlockCache
@@ -43,6 +45,14 @@ PIECE = 1 << 20
 GetInto = Callable[[str, Sink, memoryview], int]
 
 
+class PeerSource(Protocol):
+    """Other nodes that may hold a block (``chunkfs.peer.client.PeerClient``)."""
+
+    def fetch(self, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> bool:
+        """Deliver the whole block to ``sink`` and have it verified (True), or False: use
+        the store. Never raises for a peer's failure."""
+
+
 class Busy(Exception):
     """Another process holds the block's download lock."""
 
@@ -53,6 +63,7 @@ class Downloaded(NamedTuple):
     data: bytes | bytearray | None = None  # its bytes, when they are only in this memory
     declined: bool = False  # the cache did not store it (the bytes are in ``block`` or ``data``)
     planted: bool = False  # not downloaded: another process's entry was admitted (``data``: hashed)
+    from_peer: bool = False  # downloaded from a peer, not the store
 
 
 class BlockSink:
@@ -63,7 +74,7 @@ class BlockSink:
     a block buffer the bytes before it are gone, so the block must be read again."""
 
     __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
-                 "length", "memory")
+                 "from_peer", "length", "memory")
 
     def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
                  block: memoryview | None = None) -> None:
@@ -77,6 +88,7 @@ class BlockSink:
         self.decoder = codec.decoder(bid, length)
         self.disk_error: str | None = None
         self.finished = False
+        self.from_peer = False
 
     def restart(self) -> None:
         self.finished = False
@@ -135,10 +147,12 @@ class BlockDownload:
     """Downloads blocks of one volume into one node cache (``download``: blocking, thread-safe
     as long as each call has its own ``piece`` buffer)."""
 
-    def __init__(self, get_into: GetInto, codec: BlockCodec, cache: BlockCache) -> None:
+    def __init__(self, get_into: GetInto, codec: BlockCodec, cache: BlockCache,
+                 peers: PeerSource | None = None) -> None:
         self.get_into = get_into
         self.codec = codec
         self.cache = cache
+        self.peers = peers
 
     def download(self, bid: bytes, length: int, piece: memoryview, *, block: mmap.mmap | None = None,
                  around: bool = False, claim: bool = True, into_memory: bool = False,
@@ -147,7 +161,8 @@ class BlockDownload:
         all (it failed a reader just now). ``page_in``: a planted entry admitted by its seal
         is paged in (its reader comes soon). Raises ``Busy``, or the store's error."""
         if into_memory:
-            return Downloaded(self._fetch(bid, length, piece, None).memory, declined=True)
+            sink = self._fetch(bid, length, piece, None)
+            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
         token = self.cache.try_claim(bid) if claim else NO_LOCK
         if token is None:
             raise Busy
@@ -160,13 +175,13 @@ class BlockDownload:
             if entry is not None:
                 sink = self._fetch(bid, length, piece, entry, block)
                 if not sink.spilled and self.cache.commit(entry):
-                    return Downloaded()
+                    return Downloaded(from_peer=sink.from_peer)
                 if sink.spilled:
                     self.cache.abandon(entry, sink.disk_error)
                 if block is not None:  # verified, and whole in memory: no need to fetch it again
-                    return Downloaded(declined=True)
+                    return Downloaded(declined=True, from_peer=sink.from_peer)
             sink = self._fetch(bid, length, piece, None, block)
-            return Downloaded(sink.memory, declined=True)
+            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
         finally:
             self.cache.release_claim(bid, token)
 
@@ -177,6 +192,9 @@ class BlockDownload:
         with memoryview(block) if block is not None else contextlib.nullcontext() as view:
             sink = BlockSink(self.codec, bid, length, entry, view)
             try:
+                if self.peers is not None and self.peers.fetch(bid, length, sink, piece):
+                    sink.from_peer = True
+                    return sink
                 self.get_into(object_key(bid), sink, piece)
                 if not sink.finished:  # a store without the retry policy (unit tests)
                     sink.finish()

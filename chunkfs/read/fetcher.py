@@ -60,7 +60,7 @@ from chunkfs.cache.disk import aligned_buffer
 from chunkfs.metrics import Metrics
 from chunkfs.read import download
 from chunkfs.read.buffers import BlockBuffers
-from chunkfs.read.download import BlockDownload, Busy, Downloaded, check_entry
+from chunkfs.read.download import BlockDownload, Busy, Downloaded, PeerSource, check_entry
 from chunkfs.read.flight import Flight, FlightFailed, SingleFlight
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
@@ -101,19 +101,28 @@ class _Placement(NamedTuple):
     page_in: bool  # page in an entry admitted by its seal
 
 
+class Source(enum.Enum):
+    """Where a warmed block came from (``BlockFetcher.warm``)."""
+
+    NODE = "node"  # already on the node: nothing downloaded
+    STORE = "store"
+    PEER = "peer"
+
+
 class _Load(NamedTuple):
     """The outcome of one load, shared with every caller that waited for it."""
 
     data: bytes | bytearray | None  # the verified bytes, when the load has them in hand
-    downloaded: bool  # fetched from the store (else: found on the node)
+    downloaded: bool  # fetched from the store or a peer (else: found on the node)
     admitted: bool = False  # found on the node and admitted by its seal (not hashed)
     declined: bool = False  # the cache did not store it
+    from_peer: bool = False  # downloaded from a peer
 
 
 class BlockFetcher:
     def __init__(self, store: AsyncStore, codec: BlockCodec, cache: BlockCache, *, downloads: int = 16,
                  recent_blocks: int = 8, disk_threads: int = 8, block_buffers: int = 0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, peers: PeerSource | None = None) -> None:
         """``block_buffers``: whole-block buffers lent to downloads (0: readers' downloads
         go through the page cache). ``recent_blocks``: blocks kept in memory when the cache
         cannot store them."""
@@ -123,7 +132,7 @@ class BlockFetcher:
         self.metrics = metrics or cache.metrics
         self.slots = PrioritySlots(downloads)
         self.memory = BlockBuffers(block_buffers, recent_blocks)
-        self._downloader = BlockDownload(store.store.get_into, codec, cache)
+        self._downloader = BlockDownload(store.store.get_into, codec, cache, peers)
         self._disk = trio.CapacityLimiter(disk_threads)
         self._flights: SingleFlight[bytes, _Load] = SingleFlight()
         self._pieces: list[memoryview] = []  # ``download.PIECE``-sized, page-aligned: one per running download
@@ -235,13 +244,15 @@ class BlockFetcher:
             return
         await trio.to_thread.run_sync(self.cache.advise, bid, length, limiter=self._disk)
 
-    async def warm(self, bid: bytes, length: int) -> bool:
-        """Put the block in the node cache (warmup, at prefetch priority); True if this call
-        downloaded it."""
+    async def warm(self, bid: bytes, length: int) -> Source:
+        """Put the block in the node cache (warmup, at prefetch priority); where this call
+        got it from (``NODE``: it was there, or another load of it brought it)."""
         if self.cache.is_verified(bid):
-            return False
+            return Source.NODE
         load = await self._load(bid, length, Priority.PREFETCH, Want.WARM)
-        return load.downloaded
+        if not load.downloaded:
+            return Source.NODE
+        return Source.PEER if load.from_peer else Source.STORE
 
     # -- step 3: one load per block ----------------------------------------------------------
     async def _load(self, bid: bytes, length: int, priority: Priority, want: Want) -> _Load:
@@ -308,12 +319,15 @@ class BlockFetcher:
                 if got.planted:
                     return _Load(got.data, downloaded=False, admitted=got.data is None)
                 self.downloads += 1
+                if not got.from_peer:
+                    self.metrics.origin_blocks.inc()
+                    self.metrics.origin_bytes.inc(length)
                 if block is not None:
                     self.memory.hold(bid, block, length)
                     block = None
                 elif got.data is not None:
                     self.memory.keep(bid, got.data)
-                return _Load(got.data, downloaded=True, declined=got.declined)
+                return _Load(got.data, downloaded=True, declined=got.declined, from_peer=got.from_peer)
             finally:
                 self._pieces.append(piece)
                 if block is not None:

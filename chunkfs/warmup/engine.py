@@ -26,7 +26,7 @@ import trio
 
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import ChunkfsError
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
 from chunkfs.units import format_size
 from chunkfs.warmup.plan import WarmPlan
 
@@ -45,7 +45,8 @@ class WarmupReport:
     blocks: int = 0
     bytes_total: int = 0  # distinct block bytes of the paths
     bytes_cached_before: int = 0
-    bytes_fetched: int = 0  # downloaded by this warmup
+    bytes_fetched: int = 0  # downloaded by this warmup (from the store or peers)
+    bytes_from_peers: int = 0  # of those, from peers
     bytes_done: int = 0  # on disk so far (cached before + fetched + planted by others)
     failures: list[str] = field(default_factory=list)
     failed_blocks: int = 0
@@ -132,12 +133,14 @@ class Warmup:
     async def _worker(self, queue: Any) -> None:
         for bid, length in queue:
             try:
-                downloaded = await self.fetcher.warm(bid, length)
+                source = await self.fetcher.warm(bid, length)
             except BlockUnavailable as exc:
                 self._fail(bid, str(exc))
                 continue
-            if downloaded:
+            if source is not Source.NODE:
                 self.report.bytes_fetched += length
+            if source is Source.PEER:
+                self.report.bytes_from_peers += length
             self._block_done(bid, length)
 
     def _block_done(self, bid: bytes, length: int) -> None:

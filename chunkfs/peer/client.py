@@ -1,0 +1,177 @@
+"""PeerClient: a block from the peer that owns it, before the object store.
+
+Layer: ``peer/``. ``BlockDownload`` asks ``fetch`` first; False means "use the store". It
+sees the bytes only as a ``Sink`` (``BlockSink``: decodes, verifies against the block id and
+writes the cache entry on the way), exactly as a store GET would deliver them.
+
+Invariants:
+
+- A peer is never trusted: its body goes through the same sink and check as the store's, and
+  nothing is kept unless the whole block matches its id. A peer that sends bytes that fail
+  the check is not asked again for ``BAD_PEER_S`` seconds; one that is down, refuses or is
+  too slow (a deadline of ``base_timeout`` plus the block's length at ``min_rate``) for
+  ``DOWN_PEER_S`` seconds.
+- A read never fails because of a peer: every failure is counted and answered with False.
+- At most ``tries`` peers are asked per block, in rendezvous order; when this node is the
+  first in that order, it is the owner and goes to the store itself (and then holds the block
+  for the others).
+- Loads a node makes to answer a peer (``ORIGIN_ONLY`` set) never ask peers in turn, so a
+  request cannot travel in circles between nodes whose member lists differ.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from typing import Any
+
+import urllib3
+
+from chunkfs.metrics import Metrics
+from chunkfs.peer import auth
+from chunkfs.peer.membership import Membership
+from chunkfs.peer.ring import owners
+from chunkfs.store.base import BodyRejected, Sink
+
+log = logging.getLogger(__name__)
+
+#: set while a node loads a block to answer a peer: that load goes to the store
+ORIGIN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("chunkfs_peer_origin_only", default=False)
+#: seconds a peer that answered bytes failing their check is skipped
+BAD_PEER_S = 300.0
+#: seconds a peer that was down, refused or too slow is skipped
+DOWN_PEER_S = 10.0
+CONNECT_TIMEOUT_S = 2.0
+DEFAULT_BASE_TIMEOUT_S = 10.0
+DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
+
+
+class PeerFailed(Exception):
+    def __init__(self, reason: str, message: str, *, hold_off: float = DOWN_PEER_S) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.hold_off = hold_off
+
+
+def block_path(volume_uuid: str, bid: bytes) -> str:
+    return f"/v1/volumes/{volume_uuid}/blocks/{bid.hex()}"
+
+
+class PeerClient:
+    def __init__(self, membership: Membership, volume_uuid: str, secret: bytes, metrics: Metrics, *,
+                 tls: bool = False, ca_file: str | None = None, connections: int = 32, tries: int = 2,
+                 base_timeout: float = DEFAULT_BASE_TIMEOUT_S, min_rate: int = DEFAULT_MIN_RATE) -> None:
+        self.membership = membership
+        self.volume_uuid = volume_uuid
+        self._secret = secret
+        self.metrics = metrics
+        self.scheme = "https" if tls else "http"
+        self.tries = tries
+        self.base_timeout = base_timeout
+        self.min_rate = min_rate
+        tls_args: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_file} if tls else {}
+        self._pool = urllib3.PoolManager(num_pools=256, maxsize=connections, retries=False, **tls_args)
+        self._skip_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # -- which peers ---------------------------------------------------------------------------
+    def candidates(self, bid: bytes) -> list[str]:
+        """The peers to ask for ``bid``, in order (empty: this node owns it, or none is up)."""
+        now = time.monotonic()
+        out = []
+        for peer in owners(bid, self.membership.members()):
+            if peer == self.membership.own:
+                break  # this node owns it (or takes over from those skipped): the store
+            if self._skip_until.get(peer, 0.0) > now:
+                continue
+            out.append(peer)
+            if len(out) == self.tries:
+                break
+        return out
+
+    def _hold_off(self, peer: str, seconds: float) -> None:
+        with self._lock:
+            self._skip_until[peer] = max(self._skip_until.get(peer, 0.0), time.monotonic() + seconds)
+
+    # -- fetching ------------------------------------------------------------------------------
+    def fetch(self, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> bool:
+        """Stream ``bid`` from its owner into ``sink`` and have it verified (blocking): True
+        if a peer delivered the whole, verified block; False: use the store."""
+        if ORIGIN_ONLY.get():
+            return False
+        for peer in self.candidates(bid):
+            try:
+                self._get(peer, bid, length, sink, buffer)
+            except PeerFailed as exc:
+                self.metrics.peer_errors.labels(exc.reason).inc()
+                log.info("peer %s: block %s: %s", peer, bid.hex()[:16], exc)
+                if exc.hold_off:
+                    self._hold_off(peer, exc.hold_off)
+                continue
+            self.metrics.peer_fetched_blocks.inc()
+            self.metrics.peer_fetched_bytes.inc(length)
+            return True
+        return False
+
+    def deadline(self, length: int) -> float:
+        return self.base_timeout + length / self.min_rate
+
+    def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> None:
+        path = block_path(self.volume_uuid, bid)
+        query = f"{path}?length={length}"
+        budget = self.deadline(length)
+        give_up = time.monotonic() + budget
+        headers = {"Authorization": auth.sign(self._secret, "GET", query)}
+        try:
+            response = self._pool.request(
+                "GET", f"{self.scheme}://{peer}{query}", headers=headers, preload_content=False,
+                redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=budget))
+        except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError to urllib3)
+            raise PeerFailed("unreachable", f"cannot connect: {exc}") from exc
+        except urllib3.exceptions.TimeoutError as exc:
+            raise PeerFailed("timeout", f"no answer within {budget:.1f} s") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise PeerFailed("unreachable", f"{type(exc).__name__}: {exc}") from exc
+        whole = False
+        try:
+            if response.status != 200:
+                # busy (503) or without the block (404) says nothing about its other blocks
+                hold = 0.0 if response.status in (404, 503) else DOWN_PEER_S
+                raise PeerFailed("refused", f"answered {response.status}", hold_off=hold)
+            announced = response.headers.get("Content-Length")
+            if announced != str(length):
+                raise PeerFailed("corrupt", f"announced {announced} bytes for a block of {length}",
+                                 hold_off=BAD_PEER_S)
+            self._stream(response, length, sink, buffer, give_up)
+            whole = True
+        finally:
+            if not whole:
+                response.close()  # the connection may hold the rest of a body: never reuse it
+            response.release_conn()
+        try:
+            sink.finish()
+        except BodyRejected as exc:
+            raise PeerFailed("corrupt", f"sent bytes that are not the block ({exc})", hold_off=BAD_PEER_S) from exc
+
+    @staticmethod
+    def _stream(response: Any, length: int, sink: Sink, buffer: memoryview, give_up: float) -> None:
+        sink.restart()
+        got = 0
+        try:
+            while got < length:
+                if time.monotonic() > give_up:
+                    raise PeerFailed("timeout", f"too slow: {got} of {length} bytes in time")
+                n = response.readinto(buffer[: min(len(buffer), length - got)])
+                if not n:
+                    raise PeerFailed("unreachable", f"closed after {got} of {length} bytes")
+                sink.write(buffer[:n])
+                got += n
+        except urllib3.exceptions.TimeoutError as exc:
+            raise PeerFailed("timeout", f"stalled after {got} of {length} bytes") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise PeerFailed("unreachable", f"{type(exc).__name__} after {got} of {length} bytes") from exc
+
+    def close(self) -> None:
+        self._pool.clear()

@@ -1,0 +1,436 @@
+"""The fleet cache: nodes fetch blocks from the peer that owns them before the object store.
+
+Layers: pure units (signatures, owners, member lists); a real PeerServer over a real node
+cache, asked by a real PeerClient over loopback HTTP, and hostile peers (corrupt, slow, gone)
+as small real HTTP servers; then real mounts in separate processes, warming one model at once
+with GETs counted at the store (an S3 server behind a counting proxy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from chunkfs.blocks import BlockCodec, block_id
+from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.disk import aligned_buffer
+from chunkfs.meta.sqlite import SqliteMeta
+from chunkfs.metrics import Metrics
+from chunkfs.peer import auth
+from chunkfs.peer.client import BAD_PEER_S, PeerClient, block_path
+from chunkfs.peer.membership import Membership, membership
+from chunkfs.peer.ring import owners
+from chunkfs.peer.server import BUSY_WAIT_S, PeerServer
+from chunkfs.read.download import BlockSink
+from tests.conftest import (
+    BLOCK,
+    VolumeFixture,
+    chunkfs,
+    force_unmount,
+    mounted,
+    unique_bucket,
+    wait_for,
+    wait_mounted,
+)
+from tests.faultproxy import FaultProxy
+from tests.servers import free_port
+
+SECRET = b"a-fleet-secret-of-32-characters!"
+UUID = "0b6c1c1e-0000-4000-8000-000000000001"
+
+
+# -- units -----------------------------------------------------------------------------------
+def test_signature_is_checked_and_the_secret_never_travels() -> None:
+    header = auth.sign(SECRET, "GET", "/v1/x?length=1", now=1000)
+    assert SECRET.decode() not in header
+    assert auth.check(SECRET, header, "GET", "/v1/x?length=1", now=1000)
+    assert auth.check(SECRET, header, "GET", "/v1/x?length=1", now=1000 + auth.MAX_SKEW)
+    assert not auth.check(SECRET, header, "GET", "/v1/x?length=1", now=1001 + auth.MAX_SKEW)  # too old
+    assert not auth.check(b"another-secret-of-32-characters!", header, "GET", "/v1/x?length=1", now=1000)
+    assert not auth.check(SECRET, header, "GET", "/v1/y?length=1", now=1000)  # another request
+    assert not auth.check(SECRET, header, "PUT", "/v1/x?length=1", now=1000)
+    for bad in (None, "", "Bearer x", "chunkfs-hmac", "chunkfs-hmac x:y", "chunkfs-hmac 1000", "z" * 500):
+        assert not auth.check(SECRET, bad, "GET", "/v1/x?length=1", now=1000)
+
+
+def test_secret_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    with pytest.raises(Exception, match="shared secret"):
+        auth.load_secret(None)
+    monkeypatch.setenv(auth.SECRET_ENV, "short")
+    with pytest.raises(Exception, match="at least 16"):
+        auth.load_secret(None)
+    monkeypatch.setenv(auth.SECRET_ENV, SECRET.decode())
+    assert auth.load_secret(None) == SECRET
+    (tmp_path / "s").write_bytes(SECRET + b"\n")
+    assert auth.load_secret(str(tmp_path / "s")) == SECRET
+
+
+def test_owners_agree_and_move_little_when_a_node_joins() -> None:
+    nodes = [f"10.0.0.{i}:9570" for i in range(8)]
+    bids = [block_id(i.to_bytes(4, "big"), "blake3") for i in range(2000)]
+    first = {bid: owners(bid, nodes)[0] for bid in bids}
+    assert first == {bid: owners(bid, list(reversed(nodes)))[0] for bid in bids}  # order-free
+    share = {n: sum(1 for o in first.values() if o == n) for n in nodes}
+    assert min(share.values()) > 2000 / 8 * 0.7, share  # spread evenly
+    grown = {bid: owners(bid, [*nodes, "10.0.0.99:9570"])[0] for bid in bids}
+    moved = [bid for bid in bids if grown[bid] != first[bid]]
+    assert all(grown[bid] == "10.0.0.99:9570" for bid in moved)  # only to the newcomer
+    assert len(moved) < 2000 / 9 * 1.4
+
+
+def test_members_from_metadata_expire(tmp_path: Path) -> None:
+    meta = SqliteMeta(f"sqlite://{tmp_path / 'm.db'}", create=True)
+    a = membership("meta", "10.0.0.1:9570", meta, ttl_s=0.5)
+    b = membership("meta", "10.0.0.2:9570", meta, ttl_s=0.5)
+    a.refresh()
+    b.refresh()
+    a.refresh()
+    assert a.members() == ["10.0.0.1:9570", "10.0.0.2:9570"]
+    time.sleep(0.6)  # b stops refreshing: it is dead
+    a.refresh()
+    assert a.members() == ["10.0.0.1:9570"]
+    a.close()
+    assert meta.live_peers(time.time_ns()) == []
+
+
+def test_members_from_dns_and_a_static_list() -> None:
+    dns = membership("dns:localhost:9570", None, None)
+    dns.refresh()
+    assert "127.0.0.1:9570" in dns.members()
+    static = membership("10.0.0.1:1,10.0.0.2:2", "10.0.0.3:3", None)
+    static.refresh()
+    assert static.members() == ["10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"]
+    for bad in ("dns:nohost", "x", "10.0.0.1:0", "a/b:1"):
+        with pytest.raises(Exception):  # noqa: B017 - a usage error, whichever
+            membership(bad, None, None).refresh() if bad.startswith("dns") else membership(bad, None, None)
+
+
+# -- a real server and client over loopback ----------------------------------------------------
+def _block(seed: int, size: int = BLOCK) -> tuple[bytes, bytes]:
+    data = (seed.to_bytes(4, "big") * (size // 4 + 1))[:size]
+    return block_id(data, "blake3"), data
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, blocks: dict[bytes, bytes], **kwargs) -> Iterator[PeerServer]:  # type: ignore[no-untyped-def]
+    cache = BlockCache([tmp / "served-cache"], 1 << 30, 0.0, Metrics(), hash="blake3")
+    for bid, data in blocks.items():
+        assert cache.put(bid, data)
+    server = PeerServer(("127.0.0.1", 0), UUID, SECRET, cache, Metrics(), **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _client(peers: list[str], **kwargs) -> PeerClient:  # type: ignore[no-untyped-def]
+    members = Membership(lambda: peers, "test", None)
+    members.refresh()
+    return PeerClient(members, UUID, SECRET, Metrics(), **kwargs)
+
+
+def _fetch(client: PeerClient, bid: bytes, length: int, tmp: Path) -> bytes | None:
+    sink = BlockSink(BlockCodec(hash="blake3"), bid, length, None)
+    ok = client.fetch(bid, length, sink, memoryview(aligned_buffer(1 << 20)))
+    return bytes(sink.memory or b"") if ok else None
+
+
+def _raw(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_peer_serves_verified_blocks_and_nothing_else(tmp_path: Path) -> None:
+    bid, data = _block(1)
+    with serving(tmp_path, {bid: data}) as server:
+        client = _client([f"127.0.0.1:{server.port}"])
+        assert _fetch(client, bid, len(data), tmp_path) == data
+        wait_for(lambda: server.metrics.peer_served_blocks._value.get() == 1)  # counted once sent
+        path = f"{block_path(UUID, bid)}?length={len(data)}"
+        signed = {"Authorization": auth.sign(SECRET, "GET", path)}
+        assert _raw(server.port, "GET", path, signed) == (200, data)
+        # unauthenticated, or signed for something else: 401 and an empty body, whatever the path
+        for headers in ({}, {"Authorization": auth.sign(b"x" * 32, "GET", path)},
+                        {"Authorization": auth.sign(SECRET, "GET", path + "0")}):
+            assert _raw(server.port, "GET", path, headers) == (401, b"")
+        assert _raw(server.port, "GET", "/../../etc/passwd") == (401, b"")
+        # malformed ids and lengths: 400; another volume or an unknown block: 404; other methods: 405
+        for bad in (f"/v1/volumes/{UUID}/blocks/../../etc/passwd?length=1",
+                    f"/v1/volumes/{UUID}/blocks/{bid.hex()[:-2]}?length=1",
+                    f"/v1/volumes/{UUID}/blocks/{bid.hex().upper()}?length=1",
+                    f"{block_path(UUID, bid)}?length=-1", f"{block_path(UUID, bid)}?length={1 << 40}",
+                    f"{block_path(UUID, bid)}", "/"):
+            assert _raw(server.port, "GET", bad, {"Authorization": auth.sign(SECRET, "GET", bad)})[0] == 400, bad
+        other = f"{block_path('0b6c1c1e-0000-4000-8000-0000000000ff', bid)}?length={len(data)}"
+        assert _raw(server.port, "GET", other, {"Authorization": auth.sign(SECRET, "GET", other)})[0] == 404
+        unknown = f"{block_path(UUID, _block(2)[0])}?length={BLOCK}"
+        assert _raw(server.port, "GET", unknown, {"Authorization": auth.sign(SECRET, "GET", unknown)})[0] == 404
+        wrong_length = f"{block_path(UUID, bid)}?length={len(data) - 1}"
+        assert _raw(server.port, "GET", wrong_length,
+                    {"Authorization": auth.sign(SECRET, "GET", wrong_length)})[0] == 404
+        assert _raw(server.port, "PUT", path, {"Authorization": auth.sign(SECRET, "PUT", path)})[0] == 405
+        refused = {s.labels["reason"]: s.value for m in server.metrics.registry.collect()
+                   if m.name == "chunkfs_peer_requests_refused" for s in m.samples if s.name.endswith("_total")}
+        assert refused["unauthenticated"] == 4 and refused["malformed"] == 7, refused
+
+
+def test_an_owner_loads_a_missing_block_once_for_every_asker(tmp_path: Path) -> None:
+    bid, data = _block(3)
+    loads: list[bytes] = []
+    with serving(tmp_path, {}) as server:
+        def load(want: bytes, length: int) -> bool:
+            loads.append(want)
+            time.sleep(0.2)
+            return server.node_cache.put(want, data) if want == bid else False
+        server.load = load
+        client = _client([f"127.0.0.1:{server.port}"])
+        assert _fetch(client, bid, len(data), tmp_path) == data
+        assert _fetch(client, bid, len(data), tmp_path) == data
+        assert loads == [bid]
+        assert _fetch(client, _block(4)[0], BLOCK, tmp_path) is None  # the owner could not load it
+
+
+def test_uploads_are_bounded_busy_peers_say_so(tmp_path: Path) -> None:
+    bid, data = _block(5, 8 << 20)  # at 1 MiB/s it holds the one slot longer than a request queues
+    with serving(tmp_path, {bid: data}, max_uploads=1, max_rate=1 << 20) as server:
+        path = f"{block_path(UUID, bid)}?length={len(data)}"
+        headers = {"Authorization": auth.sign(SECRET, "GET", path)}
+        first = threading.Thread(target=_raw, args=(server.port, "GET", path, headers))
+        first.start()
+        wait_for(lambda: server.uploads._value == 0)  # type: ignore[attr-defined]  # the one slot is taken
+        start = time.monotonic()
+        assert _raw(server.port, "GET", path, headers)[0] == 503
+        assert time.monotonic() - start >= BUSY_WAIT_S - 0.1  # it queued first
+        first.join()
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """A peer answering with what ``mode`` says: corrupt bytes, a stall, or half a body."""
+
+    protocol_version = "HTTP/1.1"
+    mode = "corrupt"
+    requests = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        length = int(self.path.rpartition("length=")[2])
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if self.mode == "corrupt":
+            self.wfile.write(os.urandom(length))
+        elif self.mode == "slow":
+            self.wfile.write(b"\0" * 10)
+            time.sleep(5)
+        else:  # "cut": half the body, then the connection drops
+            self.wfile.write(b"\0" * (length // 2))
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def hostile(mode: str) -> Iterator[int]:
+    handler = type("Hostile", (_Hostile,), {"mode": mode, "requests": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], handler  # type: ignore[misc]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "slow", "cut"])
+def test_a_bad_peer_is_skipped_and_never_trusted(tmp_path: Path, mode: str) -> None:
+    bid, data = _block(6)
+    with hostile(mode) as (port, handler):
+        client = _client([f"127.0.0.1:{port}"], base_timeout=0.5, min_rate=1 << 30)
+        start = time.monotonic()
+        assert _fetch(client, bid, len(data), tmp_path) is None  # the caller goes to the store
+        assert time.monotonic() - start < 4
+        assert handler.requests == 1
+        assert _fetch(client, bid, len(data), tmp_path) is None
+        assert handler.requests == 1  # held off: not asked again for a while
+        reason = {"corrupt": "corrupt", "slow": "timeout", "cut": "unreachable"}[mode]
+        assert client.metrics.peer_errors.labels(reason)._value.get() == 1
+    if mode == "corrupt":
+        assert client._skip_until[f"127.0.0.1:{port}"] > time.monotonic() + BAD_PEER_S - 10
+
+
+def test_no_peer_up_means_the_store(tmp_path: Path) -> None:
+    bid, data = _block(7)
+    client = _client([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+    start = time.monotonic()
+    assert _fetch(client, bid, len(data), tmp_path) is None
+    assert time.monotonic() - start < 3
+    assert client.metrics.peer_errors.labels("unreachable")._value.get() == 2
+
+
+# -- real mounts in separate processes ---------------------------------------------------------
+MODEL_BLOCKS = 48
+
+
+@pytest.fixture
+def fleet_volume(s3_server, tmp_path: Path):  # type: ignore[no-untyped-def]
+    model = tmp_path / "src"
+    model.mkdir()
+    for i in range(3):
+        (model / f"shard-{i}.bin").write_bytes(os.urandom(MODEL_BLOCKS // 3 * BLOCK - 11 * i))
+    with FaultProxy(s3_server.endpoint) as proxy:
+        db = tmp_path / "meta" / "v.db"
+        vol = VolumeFixture(f"sqlite://{db}", tmp_path / "blocks", db, tmp_path)
+        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
+                "--block-size", str(BLOCK))
+        chunkfs("import", vol.meta_url, str(model), "/model")
+        proxy.config.gets_by_block.clear()
+        yield vol, proxy, model
+
+
+@pytest.fixture
+def peer_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(auth.SECRET_ENV, SECRET.decode())  # the mounts and warmups started below inherit it
+
+
+def _same_model(root: Path, model: Path) -> None:
+    for f in sorted(model.iterdir()):
+        assert (root / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def _warm_all(mounts: list, timeout: float = 120) -> list[dict]:  # type: ignore[type-arg]
+    procs = [subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", str(m.path / "model"), "--json", "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in mounts]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    return reports
+
+
+@contextlib.contextmanager
+def fleet(vol: VolumeFixture, count: int, *extra: str) -> Iterator[list]:  # type: ignore[type-arg]
+    ports = [free_port() for _ in range(count)]
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    with contextlib.ExitStack() as stack:
+        mounts = [stack.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{port}", "--peers", addresses,
+                                              *extra, cache=vol.tmp / f"cache{i}", name=f"node{i}"))
+                  for i, port in enumerate(ports)]
+        yield mounts
+
+
+@pytest.mark.mount
+def test_a_fleet_warming_one_model_gets_each_block_from_the_store_once(fleet_volume, peer_secret) -> None:  # type: ignore[no-untyped-def]
+    vol, proxy, model = fleet_volume
+    with fleet(vol, 3) as mounts:
+        reports = _warm_all(mounts)
+        assert all(r["complete"] for r in reports)
+        gets = proxy.config.gets_by_block
+        assert len(gets) == MODEL_BLOCKS and set(gets.values()) == {1}, gets  # each block once, fleet-wide
+        from_peers = sum(r["bytes_from_peers"] for r in reports)
+        assert from_peers >= 0.5 * sum(r["bytes_total"] for r in reports), reports
+        for m in mounts:
+            _same_model(m.path / "model", model)
+
+
+@pytest.mark.mount
+def test_a_node_killed_mid_transfer_fails_no_read(fleet_volume, peer_secret) -> None:  # type: ignore[no-untyped-def]
+    vol, _proxy, model = fleet_volume
+    ports = [free_port() for _ in range(3)]
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    victim_mnt = vol.tmp / "node2"
+    victim_mnt.mkdir()
+    victim = subprocess.Popen([sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(victim_mnt), "--read-only",
+                               "--cache-dir", str(vol.tmp / "cache2"), "--peer-listen", f"127.0.0.1:{ports[2]}",
+                               "--peers", addresses, "--peer-max-rate", "1M"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(victim_mnt, victim)
+        with contextlib.ExitStack() as stack:
+            mounts = [stack.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{port}", "--peers", addresses,
+                                                  cache=vol.tmp / f"cache{i}", name=f"node{i}"))
+                      for i, port in enumerate(ports[:2])]
+            files = [str(m.path / "model" / f.name) for m in mounts for f in model.iterdir()]
+            reader = subprocess.Popen([sys.executable, "-c", "import sys\nfor p in sys.argv[1:]: open(p,'rb').read()",
+                                       *files])
+            # node 2 owns about a third of the blocks and sends them at 1 MiB/s: kill it mid-transfer
+            wait_for(lambda: any(p.is_file() for p in (vol.tmp / "cache2").rglob("*")))
+            victim.kill()
+            assert reader.wait(timeout=120) == 0
+            for m in mounts:
+                _same_model(m.path / "model", model)
+    finally:
+        force_unmount(victim_mnt)
+        victim.kill()
+        victim.wait()
+
+
+@pytest.mark.mount
+def test_warmup_without_a_mount_fills_from_peers_or_the_store(fleet_volume, peer_secret, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vol, proxy, _model = fleet_volume
+    dead = f"127.0.0.1:{free_port()}"
+    result = chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / "c0"), "--peers", dead,
+                     "--json", "-q")
+    report = json.loads(result.stdout)
+    assert report["complete"] and report["bytes_from_peers"] == 0  # all peers gone: the store, nothing fails
+    port = free_port()
+    with mounted(vol, "--peer-listen", f"127.0.0.1:{port}", "--peers", f"127.0.0.1:{port}", cache=tmp_path / "c1"):
+        # the mount owns every block (it is the only member) and fetches each from the store once
+        before = dict(proxy.config.gets_by_block)
+        result = chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / "c2"), "--peers",
+                         f"127.0.0.1:{port}", "--json", "-q")
+        report = json.loads(result.stdout)
+        assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"]
+        assert sum(proxy.config.gets_by_block.values()) - sum(before.values()) == MODEL_BLOCKS
+        printed = chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / "c3"), "--peers",
+                          f"127.0.0.1:{port}").stdout
+        assert "from peers" in printed
+        assert sum(proxy.config.gets_by_block.values()) - sum(before.values()) == MODEL_BLOCKS
+
+
+@pytest.mark.mount
+def test_mounts_find_each_other_in_the_metadata(fleet_volume, peer_secret) -> None:  # type: ignore[no-untyped-def]
+    vol, _proxy, _model = fleet_volume
+    meta = SqliteMeta(vol.meta_url)
+    ports = [free_port() for _ in range(2)]
+    with contextlib.ExitStack() as stack:
+        for i, port in enumerate(ports):
+            stack.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{port}", cache=vol.tmp / f"cache{i}",
+                                        name=f"node{i}"))
+        wait_for(lambda: meta.live_peers(time.time_ns()) == sorted(f"127.0.0.1:{p}" for p in ports))
+    assert meta.live_peers(time.time_ns()) == []  # each unregistered when it stopped
+
+
+def test_peer_flags_are_checked(tmp_path: Path) -> None:
+    vol_db = tmp_path / "v.db"
+    chunkfs("format", f"sqlite://{vol_db}", "--storage", f"file://{tmp_path / 'b'}")
+    with_secret = {**os.environ, auth.SECRET_ENV: SECRET.decode()}
+    without = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+    for args, env, message in ((["--peers", "nonsense"], with_secret, "HOST:PORT"),
+                               (["--peers", "127.0.0.1:1"], without, "shared secret"),
+                               (["--peers", "127.0.0.1:1"], {**without, auth.SECRET_ENV: "short"}, "at least 16"),
+                               (["--peer-ca", "x"], with_secret, "needs --peers"),
+                               (["--peer-timeout", "0", "--peers", "meta"], with_secret, "positive")):
+        result = chunkfs("warmup", f"sqlite://{vol_db}", "/", "--cache-dir", str(tmp_path / "c"), *args,
+                         check=False, env=env)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
