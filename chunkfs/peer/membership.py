@@ -111,6 +111,11 @@ class Membership:
                 log.warning("peers: could not unregister %s: %s", self.own, exc)
 
 
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def static_members(addresses: list[str]) -> Callable[[], list[str]]:
     fixed = [check_address(a) for a in addresses]
     return lambda: fixed
@@ -123,7 +128,7 @@ def dns_members(name: str, port: int) -> Callable[[], list[str]]:
         except socket.gaierror as exc:
             raise ChunkfsError(f"cannot resolve {name}: {exc.strerror}") from None
         hosts = {str(info[4][0]) for info in infos}
-        return [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
+        return [host_port(h, port) for h in hosts]
     return resolve
 
 

@@ -7,7 +7,6 @@ Layer: ``peer/``; the CLI builds ``PeerSettings``, the mount and the warmup call
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import socket
@@ -20,7 +19,7 @@ from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.metrics import Metrics
 from chunkfs.peer import auth
 from chunkfs.peer.client import DEFAULT_BASE_TIMEOUT_S, PeerClient
-from chunkfs.peer.membership import Membership, PeerRegistry, check_address, membership
+from chunkfs.peer.membership import Membership, PeerRegistry, check_address, host_port, membership
 from chunkfs.peer.server import Load, PeerServer, tls_context
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,7 @@ def own_address(listen: str, port: int, advertise: str | None) -> str:
     host = listen.rpartition(":")[0].strip("[]")
     if host in ("", "0.0.0.0", "::"):
         host = os.environ.get("POD_IP", "") or _primary_ip()
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass  # a host name
-    return f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _primary_ip() -> str:
