@@ -13,17 +13,25 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from chunkfs.errors import UsageError
 from chunkfs.fuse.mountinfo import MountEntry, find_mount
+from chunkfs.peer.auth import MIN_SECRET_BYTES
+from chunkfs.peer.membership import check_spec
 from chunkfs.procs import pid_alive
 from chunkfs.urls import is_env_name
 
 log = logging.getLogger(__name__)
 
 META_ENV = "CHUNKFS_META_URL"  # the daemon reads its metadata URL from here, never argv
+PEER_SECRET_ENV = "CHUNKFS_PEER_SECRET"
+#: volume attributes of the fleet cache: serve the node cache to peers on this port of the
+#: plugin pod's address, and the members to ask (``meta``, ``dns:NAME:PORT`` or ``H:P,...``)
+PEER_PORT_KEY, PEERS_KEY = "peerPort", "peers"
 
 
 class MountError(Exception):
@@ -36,26 +44,53 @@ class DaemonSettings:
 
 
 def secrets_to_env(secrets: dict[str, str]) -> dict[str, str]:
-    """The mount daemon's environment from a CSI secret: ``metaurl``, ``access-key`` and
-    ``secret-key`` by name, and every UPPER_CASE key as is (AWS_SESSION_TOKEN, AWS_REGION,
-    CHUNKFS_META_PASSWORD, ...)."""
+    """The mount daemon's environment from a CSI secret: ``metaurl``, ``access-key``,
+    ``secret-key`` and ``peer-secret`` by name, and every UPPER_CASE key as is
+    (AWS_SESSION_TOKEN, AWS_REGION, CHUNKFS_META_PASSWORD, ...)."""
     env = {key: value for key, value in secrets.items() if is_env_name(key)}
-    aliases = {"metaurl": META_ENV, "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+    aliases = {"metaurl": META_ENV, "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY",
+               "peer-secret": PEER_SECRET_ENV}
     for key, name in aliases.items():
         if secrets.get(key):
             env[name] = secrets[key]
     return env
 
 
-def start_daemon(staging: str, env: dict[str, str], settings: DaemonSettings, log_file: str) -> int:
+def peer_args(attributes: Mapping[str, str], env: Mapping[str, str]) -> tuple[str, ...]:
+    """The ``chunkfs mount`` options of a volume's fleet cache, from its attributes
+    (``peerPort``: serve peers on that port of the pod's address, ``POD_IP``; ``peers``: the
+    members, default ``meta`` when serving). ``ValueError`` with a one-line reason for a bad
+    attribute or a missing shared secret (``peer-secret`` in the volume's Secret)."""
+    port, members = attributes.get(PEER_PORT_KEY, "").strip(), attributes.get(PEERS_KEY, "").strip()
+    if not port and not members:
+        return ()
+    args: list[str] = []
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"volume attribute {PEER_PORT_KEY} {port!r} is not a port number")
+        args += ["--peer-listen", f"0.0.0.0:{int(port)}"]
+    if members:
+        try:
+            args += ["--peers", check_spec(members)]
+        except UsageError as exc:
+            raise ValueError(f"volume attribute {PEERS_KEY}: {exc}") from None
+    if len(env.get(PEER_SECRET_ENV, "").encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"volume attributes {PEER_PORT_KEY}/{PEERS_KEY} need the volume's secret to hold "
+                         f"'peer-secret' (at least {MIN_SECRET_BYTES} bytes, the same on every node)")
+    return tuple(args)
+
+
+def start_daemon(staging: str, env: dict[str, str], settings: DaemonSettings, log_file: str,
+                 extra_args: tuple[str, ...] | list[str] = ()) -> int:
     """Mount the whole volume read-only at ``staging`` with a background chunkfs daemon in
-    its own session; returns its pid once the mount answers."""
+    its own session (the plugin's mount options, then the volume's ``extra_args``); returns
+    its pid once the mount answers."""
     os.makedirs(staging, exist_ok=True)
     pid_file = f"{log_file}.pid"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pid_file)
     cmd = [sys.executable, "-m", "chunkfs", "mount", META_ENV, staging, "--read-only", "--background",
-           "--log-file", log_file, "--pid-file", pid_file, *settings.mount_args]
+           "--log-file", log_file, "--pid-file", pid_file, *settings.mount_args, *extra_args]
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=180,
                             check=False)
     if result.returncode != 0:

@@ -12,8 +12,11 @@ Rules every call follows (CSI spec v1):
   unpublishing what is gone, answers OK.
 - Any access mode is accepted; the volume is always mounted read-only (kubelet sends a
   writer mode for inline volumes).
-- Secrets (``metaurl``, store keys) go to the mount daemon's environment and a root-only
-  state file; never to a command line, a log line or the volume context.
+- Secrets (``metaurl``, store keys, the peer secret) go to the mount daemon's environment and
+  a root-only state file; never to a command line, a log line or the volume context.
+- A volume with ``peerPort`` serves its node cache to the other nodes on that port (one port
+  per volume on a node: each volume's daemon listens on its own), and asks the members that
+  ``peers`` names (default ``meta``: the nodes serving this volume, from its metadata).
 - A ``path`` with ``..``, or one whose symlinks lead outside the volume, is refused.
 - One lock serialises the calls that change mounts, and the supervisor's repairs.
 """
@@ -38,6 +41,7 @@ from csi.mounter import (
     bind_read_only,
     chunkfs_mount_at,
     healthy,
+    peer_args,
     remove_target,
     secrets_to_env,
     start_daemon,
@@ -79,6 +83,15 @@ def volume_path(context: grpc.ServicerContext, volume_context: Any) -> str:
     if ".." in parts or "\0" in raw:
         _abort(context, Code.INVALID_ARGUMENT, f"volume attribute path {raw!r} may not contain '..'")
     return "/" + "/".join(parts)
+
+
+def volume_peer_args(context: grpc.ServicerContext, volume_context: Any, secrets: dict[str, str]) -> list[str]:
+    """The volume's fleet-cache mount options (``peerPort``, ``peers``); INVALID_ARGUMENT if
+    they are malformed or the secret has no ``peer-secret``."""
+    try:
+        return list(peer_args(volume_context, secrets_to_env(secrets)))
+    except ValueError as exc:
+        _abort(context, Code.INVALID_ARGUMENT, str(exc))
 
 
 class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
@@ -133,18 +146,19 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         _require(context, request.staging_target_path, "staging_target_path")
         _require_capability(context, request, "volume_capability")
         path = volume_path(context, request.volume_context)
+        peers = volume_peer_args(context, request.volume_context, dict(request.secrets))
         log.info("NodeStageVolume %s at %s (path %s)", request.volume_id, request.staging_target_path, path)
         with self.lock:
             record = self.records.get(request.volume_id)
             if record is not None:
-                if (record.staging_path, record.volume_path, record.ephemeral) != \
-                        (request.staging_target_path, path, False):
+                if (record.staging_path, record.volume_path, record.ephemeral, record.peer_args) != \
+                        (request.staging_target_path, path, False, peers):
                     _abort(context, Code.ALREADY_EXISTS,
                            f"volume {request.volume_id} is staged at {record.staging_path} with path "
-                           f"{record.volume_path}")
+                           f"{record.volume_path}" + (" and other peer settings" if record.peer_args != peers else ""))
                 self._ensure_running(context, record)
                 return csi_pb2.NodeStageVolumeResponse()
-            record = VolumeRecord(request.volume_id, request.staging_target_path, path)
+            record = VolumeRecord(request.volume_id, request.staging_target_path, path, peer_args=peers)
             self._stage(context, record, dict(request.secrets))
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -156,7 +170,8 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             _abort(context, Code.INVALID_ARGUMENT, "the volume's secret has no 'metaurl' key")
         self.state.save_env(record.volume_id, env)
         try:
-            record.pid = start_daemon(record.staging_path, env, self.settings, self.state.log_path(record.volume_id))
+            record.pid = start_daemon(record.staging_path, env, self.settings, self.state.log_path(record.volume_id),
+                                      record.peer_args)
         except MountError as exc:
             self.state.delete(record)
             _abort(context, Code.INTERNAL, f"cannot mount volume {record.volume_id}: {exc}")
@@ -233,7 +248,8 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             source = None
             if ephemeral and record is None:
                 record = VolumeRecord(request.volume_id, self.state.ephemeral_staging(request.volume_id), path,
-                                      ephemeral=True)
+                                      ephemeral=True, peer_args=volume_peer_args(context, request.volume_context,
+                                                                                 dict(request.secrets)))
                 source = self._stage(context, record, dict(request.secrets))
             elif record is None or (not ephemeral and record.staging_path != request.staging_target_path):
                 _abort(context, Code.FAILED_PRECONDITION,
@@ -326,7 +342,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                     record.staging_path)
         unmount(record.staging_path, fuse=True)
         record.pid = start_daemon(record.staging_path, self.state.load_env(record.volume_id), self.settings,
-                                  self.state.log_path(record.volume_id))
+                                  self.state.log_path(record.volume_id), record.peer_args)
         self.state.save(record)
         try:
             source = source_path(record)

@@ -39,6 +39,7 @@ class VolumeRecord:
     volume_path: str  # the directory of the volume that targets see ("/llama-3-8b")
     ephemeral: bool = False  # an inline volume: staged by the plugin itself at publish time
     pid: int = 0  # the mount daemon
+    peer_args: list[str] = field(default_factory=list)  # the volume's fleet-cache mount options ([] in older records)
     targets: dict[str, Target] = field(default_factory=dict)
 
     @property

@@ -366,6 +366,7 @@ class Bench:
         self.model_bytes = self.tensor_count = self.tensor_bytes = 0
         self.jfs_meta = f"sqlite3://{self.work / 'jfs.db'}"
         self.ck_meta = f"sqlite://{self.work / 'ck.db'}"
+        self.nginx_access_log: Path | None = None  # set before start_rclone to log nginx's requests
 
     # -- set-up --------------------------------------------------------------------------------
     def wants(self, *names: str) -> bool:
@@ -482,7 +483,11 @@ class Bench:
         multipart) goes to rclone. The Host header is passed on, so signatures still verify."""
         port = free_port()
         conf = self.work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=self.work, root=root, port=port, rclone=rclone_port))
+        text = NGINX_CONF.format(work=self.work, root=root, port=port, rclone=rclone_port)
+        if self.nginx_access_log is not None:  # one line per request: status and body bytes sent
+            text = text.replace("access_log off;", "log_format bytes '$status $body_bytes_sent $request_method';\n"
+                                f"    access_log {self.nginx_access_log} bytes;")
+        conf.write_text(text)
         cmd = ["nginx", "-c", str(conf), "-p", str(self.work)]
         self.commands["nginx"] = cmd
         with (self.work / "nginx.log").open("wb") as log:

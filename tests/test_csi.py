@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ import pytest
 from chunkfs.fuse.mountinfo import list_mounts
 from chunkfs.procs import pid_alive
 from csi import csi_pb2, csi_pb2_grpc
-from tests.conftest import VolumeFixture, chunkfs, require_mount_marker
+from tests.conftest import VolumeFixture, chunkfs, require_mount_marker, wait_for
+from tests.servers import free_port
 from tests.test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.mount
@@ -80,11 +82,12 @@ class Plugin:
 
     # requests as kubelet sends them
     def stage(self, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
-              secrets: dict | None = None, mode: int = Mode.MULTI_NODE_READER_ONLY) -> None:
+              secrets: dict | None = None, mode: int = Mode.MULTI_NODE_READER_ONLY,
+              attributes: dict[str, str] | None = None) -> None:
         self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging"),
             volume_capability=capability(mode), secrets=self.secrets if secrets is None else secrets,
-            volume_context={"path": path}), timeout=120)
+            volume_context={"path": path, **(attributes or {})}), timeout=120)
 
     def publish(self, target: Path, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
                 readonly: bool = True, mode: int = Mode.MULTI_NODE_READER_ONLY, **extra) -> None:
@@ -293,6 +296,54 @@ def test_plugin_restart_and_a_dead_daemon_are_survived(plugin, tmp_path: Path) -
     p.unpublish(target)
     p.unstage()
     assert mounts_under(tmp_path) == []
+
+
+def test_a_volume_with_peer_port_serves_its_node_cache_to_peers(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``peerPort`` (and ``peers``) volume attributes: the volume's daemon serves its verified
+    blocks to peers on that port, signed by the Secret's ``peer-secret``; a bad port, a bad
+    member list or a missing secret is INVALID_ARGUMENT; other peer settings for a staged
+    volume are ALREADY_EXISTS; a revived daemon serves again."""
+    p, src = plugin
+    port = free_port()
+    secret = "csi-peer-secret-0123456789"
+    secrets = {**p.secrets, "peer-secret": secret}
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(p.stage, attributes={"peerPort": "70000"}, secrets=secrets) == invalid
+    assert code_of(p.stage, attributes={"peerPort": str(port), "peers": "dns:no-port"}, secrets=secrets) == invalid
+    assert code_of(p.stage, attributes={"peerPort": str(port)}) == invalid  # no peer-secret
+    assert mounts_under(tmp_path) == []
+    attributes = {"peerPort": str(port), "peers": f"127.0.0.1:{port}"}
+    p.stage(attributes=attributes, secrets=secrets)
+    p.stage(attributes=attributes, secrets=secrets)  # idempotent
+    assert code_of(p.stage, secrets=secrets) == grpc.StatusCode.ALREADY_EXISTS  # staged with other peer settings
+    target = tmp_path / "t"
+    p.publish(target)
+    assert_reads(src, target)  # now in the node cache, verified
+    [pid] = p.daemon_pids()
+    assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+    # a node without a mount fills its cache from this one: every byte from the peer
+    env = {**os.environ, "CHUNKFS_PEER_SECRET": secret}
+    report = json.loads(chunkfs("warmup", p.vol.meta_url, "/m", "--cache-dir", str(tmp_path / "other-node"),
+                                "--peers", f"127.0.0.1:{port}", "--json", "-q", env=env).stdout)
+    assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"] > 0, report
+    assert _answers_401(port)  # unsigned: 401 and nothing else
+    os.kill(pid, signal.SIGKILL)  # a revived daemon listens again on the same port
+    wait_for(lambda: p.daemon_pids() != [pid] and _answers_401(port), timeout=60)
+    assert_reads(src, target)
+    p.unpublish(target)
+    p.unstage()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _answers_401(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /v1/volumes/x/blocks/00 HTTP/1.1\r\nHost: x\r\n\r\n")
+            return conn.recv(100).startswith(b"HTTP/1.1 401 ")
+    except OSError:
+        return False
 
 
 def test_inline_ephemeral_volume(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ DRIVER = "csi.chunkfs.io"
 PLUGIN_IMAGE = "ghcr.io/chunkfs/chunkfs:"
 REGISTRAR_IMAGE = "registry.k8s.io/sig-storage/csi-node-driver-registrar:"
 LIVENESS_IMAGE = "registry.k8s.io/sig-storage/livenessprobe:"
-BASE = ["namespace.yaml", "csidriver.yaml", "rbac.yaml", "node-daemonset.yaml"]
+BASE = ["namespace.yaml", "csidriver.yaml", "rbac.yaml", "node-daemonset.yaml", "peer-service.yaml"]
 
 
 def manifest_files() -> list[Path]:
@@ -86,7 +86,7 @@ def run_validate(version: str, paths: list[Path]) -> None:
 def test_manifests_found() -> None:
     names = {str(path.relative_to(DEPLOY)) for path in manifest_files()}
     for expected in [*BASE, "examples/secret.yaml", "examples/warmup-daemonset.yaml", "examples/static-pv.yaml",
-                     "examples/inline-volume.yaml"]:
+                     "examples/inline-volume.yaml", "examples/warmup-pool-daemonset.yaml"]:
         assert expected in names
 
 
@@ -125,7 +125,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_kustomize_renders_the_driver(rendered: Path) -> None:
     kinds = {doc["kind"] for doc in documents(rendered)}
-    assert kinds >= {"CSIDriver", "DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Namespace"}
+    assert kinds >= {"CSIDriver", "DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Namespace",
+                     "Service"}
     # The examples are not part of the base.
     assert not kinds & {"Secret", "PersistentVolume", "PersistentVolumeClaim", "Deployment", "Pod"}
 
@@ -329,3 +330,46 @@ def test_no_credentials_in_manifests() -> None:
     # The one Secret in deploy/ holds placeholders only.
     for key, value in only(secret_file, "Secret")["stringData"].items():
         assert PLACEHOLDER.search(value), f"examples/secret.yaml: {key} is not a placeholder"
+
+
+def _headless_service_lists(service: dict[str, Any], pod_labels: dict[str, str], port_name: str,
+                            pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """A headless Service whose DNS name lists the serving pods, ready or not, on the port the
+    container declares."""
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = [p for p in container["ports"] if p["name"] == port_name]
+    assert any(p["targetPort"] == port_name and p["port"] == port["containerPort"] for p in service["spec"]["ports"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"  # the address peers are given
+
+
+def test_fleet_cache_wiring_of_the_driver(node: dict[str, Any], node_pod: dict[str, Any],
+                                          plugin: dict[str, Any]) -> None:
+    service = only(DEPLOY / "peer-service.yaml", "Service")
+    assert service["metadata"]["namespace"] == node["metadata"]["namespace"]
+    _headless_service_lists(service, node["spec"]["template"]["metadata"]["labels"], "peers", node_pod, plugin)
+    attributes = only(EXAMPLES / "static-pv.yaml", "PersistentVolume")["spec"]["csi"]["volumeAttributes"]
+    name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert attributes["peers"] == f"dns:{name}:{attributes['peerPort']}"
+    assert "peer-secret" in only(EXAMPLES / "secret.yaml", "Secret")["stringData"]
+
+
+def test_warmup_pool_seeds_itself_through_its_headless_service() -> None:
+    path = EXAMPLES / "warmup-pool-daemonset.yaml"
+    daemonset, service = only(path, "DaemonSet"), only(path, "Service")
+    pod = daemonset["spec"]["template"]["spec"]
+    warmup = by_image(pod, PLUGIN_IMAGE)
+    _headless_service_lists(service, daemonset["spec"]["template"]["metadata"]["labels"], "peers", pod, warmup)
+    args = warmup["args"]
+    name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert flag(args, "--peers") == f"dns:{name}:9570" and flag(args, "--peer-listen") == "0.0.0.0:9570"
+    assert "--keep-serving" in args
+    env = {e["name"]: e for e in warmup["env"]}
+    assert env["CHUNKFS_PEER_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "peer-secret"
+    probe = warmup["readinessProbe"]["exec"]["command"]
+    assert "--check" in probe and flag(probe, "--cache-dir") == flag(args, "--cache-dir")
+    # the chunkfs CLI accepts exactly these arguments
+    from chunkfs.cli.main import build_parser
+    build_parser().parse_args(args)
+    build_parser().parse_args(probe[1:])

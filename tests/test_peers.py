@@ -12,12 +12,14 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -206,6 +208,43 @@ def test_an_owner_loads_a_missing_block_once_for_every_asker(tmp_path: Path) -> 
         assert _fetch(client, bid, len(data), tmp_path) == data
         assert loads == [bid]
         assert _fetch(client, _block(4)[0], BLOCK, tmp_path) is None  # the owner could not load it
+
+
+def test_an_owner_loading_slowly_keeps_its_askers_waiting_not_timing_out(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An owner whose load outlasts the asker's --peer-timeout sends interim answers, so the
+    asker waits (a store queued behind a fleet is slow, not dead); a load outlasting the
+    server's own bound is answered 404 and the asker uses the store."""
+    from chunkfs.peer import server as server_module
+
+    monkeypatch.setattr(server_module, "HEARTBEAT_S", 0.3)
+    bid, data = _block(50)
+    with serving(tmp_path, {}) as server:
+        def load(want: bytes, length: int) -> bool:
+            time.sleep(2.5)
+            return server.node_cache.put(want, data)
+        server.load = load
+        client = _client([f"127.0.0.1:{server.port}"], base_timeout=1.0)
+        assert _fetch(client, bid, len(data), tmp_path) == data
+        assert client.metrics.peer_errors.labels("timeout")._value.get() == 0
+        monkeypatch.setattr(server_module, "LOAD_WAIT_S", 0.5)
+        other, _ = _block(51)
+        assert _fetch(client, other, len(data), tmp_path) is None
+
+
+def test_loading_for_askers_holds_no_upload_slot(tmp_path: Path) -> None:
+    """Slow loads (the store is the fleet's bottleneck) queue beside each other, not for the one
+    upload slot: four askers of four missing blocks all get theirs, none is sent to the store."""
+    blocks = dict(_block(40 + i) for i in range(4))
+    with serving(tmp_path, {}, max_uploads=1) as server:
+        def load(want: bytes, length: int) -> bool:
+            time.sleep(BUSY_WAIT_S + 0.5)  # longer than a request would queue for a slot
+            return server.node_cache.put(want, blocks[want])
+        server.load = load
+        client = _client([f"127.0.0.1:{server.port}"])
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda bid: _fetch(client, bid, BLOCK, tmp_path), blocks))
+        assert got == list(blocks.values())
 
 
 def test_uploads_are_bounded_busy_peers_say_so(tmp_path: Path) -> None:
@@ -434,3 +473,102 @@ def test_peer_flags_are_checked(tmp_path: Path) -> None:
         result = chunkfs("warmup", f"sqlite://{vol_db}", "/", "--cache-dir", str(tmp_path / "c"), *args,
                          check=False, env=env)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
+
+
+@pytest.mark.mount
+def test_warmups_without_mounts_seed_a_node_pool_from_one_store_download(fleet_volume, peer_secret, tmp_path: Path,
+                                                                          ) -> None:  # type: ignore[no-untyped-def]
+    """A warmup DaemonSet's pods: each serves the cache it fills (--peer-listen), so the pool
+    fetches each block from the store once, and keeps serving once complete (--keep-serving)
+    until SIGTERM, which ends it with status 0 and its report."""
+    vol, proxy, model = fleet_volume
+    ports = [free_port() for _ in range(3)]
+    members = ",".join(f"127.0.0.1:{p}" for p in ports)
+    logs = [tmp_path / f"warmup{i}.err" for i in range(3)]
+    procs = []
+    try:
+        for i, port in enumerate(ports):
+            with logs[i].open("wb") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/model", "--cache-dir",
+                     str(tmp_path / f"pool{i}"), "--peer-listen", f"127.0.0.1:{port}", "--peers", members,
+                     "--keep-serving", "--json", "-q"], stdout=subprocess.PIPE, stderr=err, text=True))
+        wait_for(lambda: all("serving peers as" in log.read_text() for log in logs), timeout=120)
+        gets = dict(proxy.config.gets_by_block)
+        # fewer than the 3 per block of three lone warmups; not exactly one: the three processes
+        # start up to a second or two apart on a loaded machine, a member not listening yet is
+        # skipped for a second, and this whole warmup of 3 MiB takes well under a second
+        # (the mounts' test above, all listening first, checks exactly one GET per block)
+        assert len(gets) == MODEL_BLOCKS and sum(gets.values()) <= 2 * MODEL_BLOCKS, sum(gets.values())
+        # complete nodes go on serving: a node joining later gets every byte from them
+        late = json.loads(chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / "late"), "--peers",
+                                  members, "--json", "-q").stdout)
+        assert late["complete"] and late["bytes_from_peers"] == late["bytes_total"]
+        assert proxy.config.gets_by_block == gets
+        reports = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 0
+            reports.append(json.loads(out))
+        assert all(r["complete"] for r in reports)
+        # peers fed them (2/3 of the bytes at best; less for the start-up skew above)
+        assert sum(r["bytes_from_peers"] for r in reports) >= 0.25 * sum(r["bytes_total"] for r in reports), reports
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    with mounted(vol, cache=tmp_path / "pool0"):
+        _same_model(vol.tmp / "mnt" / "model", model)
+    assert proxy.config.gets_by_block == gets  # read whole from the warmed cache
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.mount
+def test_peers_over_tls(fleet_volume, peer_secret, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A TLS peer serves clients that trust its certificate; a client speaking plain HTTP to
+    it, or trusting another CA, gets nothing from it and completes from the store."""
+    vol, _proxy, model = fleet_volume
+    cert, key = _self_signed(tmp_path, "peer")
+    other_ca, _ = _self_signed(tmp_path, "other")
+    port = free_port()
+    with mounted(vol, "--peer-listen", f"127.0.0.1:{port}", "--peers", f"127.0.0.1:{port}", "--peer-tls-cert",
+                 str(cert), "--peer-tls-key", str(key), cache=tmp_path / "served"):
+        def warm(name: str, *extra: str) -> dict:  # type: ignore[type-arg]
+            return json.loads(chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / name),
+                                      "--peers", f"127.0.0.1:{port}", *extra, "--json", "-q").stdout)
+        trusted = warm("trusted", "--peer-ca", str(cert))
+        assert trusted["complete"] and trusted["bytes_from_peers"] == trusted["bytes_total"]
+        for report in (warm("plain"), warm("wrong-ca", "--peer-ca", str(other_ca))):
+            assert report["complete"] and report["bytes_from_peers"] == 0
+    with mounted(vol, cache=tmp_path / "trusted"):
+        _same_model(vol.tmp / "mnt" / "model", model)
+
+
+@pytest.mark.mount
+def test_a_slow_peer_costs_a_mount_one_timeout_not_a_failed_read(fleet_volume, peer_secret) -> None:  # type: ignore[no-untyped-def]
+    """Through a real mount: the peer owning about half the blocks stalls every answer; reads
+    stay byte-exact, the peer is asked, times out once per request then is skipped for a while
+    (not asked for each of its blocks)."""
+    vol, proxy, model = fleet_volume
+    port = free_port()
+    with hostile("slow") as (slow_port, handler):
+        members = f"127.0.0.1:{port},127.0.0.1:{slow_port}"
+        with mounted(vol, "--peer-listen", f"127.0.0.1:{port}", "--peers", members, "--peer-timeout", "1"):
+            start = time.monotonic()
+            _same_model(vol.tmp / "mnt" / "model", model)
+            elapsed = time.monotonic() - start
+    slow = f"127.0.0.1:{slow_port}"
+    owned_by_slow = sum(1 for key in proxy.config.gets_by_block
+                        if owners(bytes.fromhex(key.rsplit("/", 1)[1]), members.split(","))[0] == slow)
+    assert owned_by_slow >= 5  # rendezvous gave the slow peer a share
+    assert 1 <= handler.requests < owned_by_slow, (handler.requests, owned_by_slow)
+    assert set(proxy.config.gets_by_block.values()) == {1} and len(proxy.config.gets_by_block) == MODEL_BLOCKS
+    assert elapsed < 30

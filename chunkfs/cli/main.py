@@ -24,7 +24,7 @@ from chunkfs.cli.options import (
     CSI_MOUNT_OPTIONS,
     FREE_SPACE_RATIO,
     MOUNT_OPTIONS,
-    PEER_CLIENT_OPTIONS,
+    PEER_OPTIONS,
     STORE_OPTIONS,
     add_options,
     default_cache_dir,
@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     FREE_SPACE_RATIO.add_to(p, default=None, help="keep this fraction of each cache disk free (default 0.1); not "
                                                   "with a mount's paths")
     p.add_argument("--threads", type=positive_int, default=32, help="blocks downloaded in parallel (default 32)")
-    add_options(p, PEER_CLIENT_OPTIONS)  # without a mount: fetch from peers first
+    add_options(p, PEER_OPTIONS)  # without a mount: fetch from peers first, and serve them while warming
+    p.add_argument("--keep-serving", action="store_true",
+                   help="with --peer-listen: once every block is cached, go on serving peers until SIGTERM or "
+                        "Ctrl-C (exit 0), so a node pool warming together stays seeded (a warmup DaemonSet)")
     p.add_argument("--check", action="store_true", help="report how much of each path is cached; download nothing")
     p.add_argument("--evict", action="store_true", help="remove the paths' blocks from the cache")
     p.add_argument("--force", action="store_true", help="warm what fits even if the paths exceed the cache")

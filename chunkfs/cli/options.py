@@ -176,10 +176,11 @@ PEER_CLIENT_OPTIONS = (
            "CHUNKFS_PEER_SECRET environment variable); never on a command line", metavar="FILE"),
     Option("--peer-ca", "CA bundle to verify peers' TLS certificates; peers are then asked over https",
            metavar="FILE"),
-    Option("--peer-timeout", "seconds a peer may take for a block before the store is asked, plus its "
-           "length at 8 MiB/s (default 10)", float, 10.0),
+    Option("--peer-timeout", "seconds a peer may stay silent before the store is asked (an owner loading the "
+           "block says so every 2 s), and may take for a block beyond its length at 8 MiB/s (default 10)",
+           float, 10.0),
 )
-#: serving this node's cache to the others (mounts only)
+#: serving this node's cache to the others (mounts, and warmups without a mount)
 PEER_SERVER_OPTIONS = (
     Option("--peer-listen", "serve this node's cached blocks to peers on HOST:PORT, e.g. 0.0.0.0:9570",
            address, metavar="HOST:PORT"),

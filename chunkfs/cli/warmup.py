@@ -43,6 +43,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         raise UsageError("--check and --evict do not go together")
     targets = list(args.targets) + _read_list_files(args.list_file or [])
     op = "check" if args.check else "evict" if args.evict else "warmup"
+    if getattr(args, "keep_serving", False) and not getattr(args, "peer_listen", None):
+        raise UsageError("--keep-serving needs --peer-listen")
+    if op != "warmup" and getattr(args, "peer_listen", None):
+        raise UsageError("--peer-listen serves peers while warming; not with --check or --evict")
     if targets and _names_volume(targets[0]):
         meta_url, paths = resolve_meta_arg(targets[0]), targets[1:]
         if not paths:
@@ -56,6 +60,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
                             ("--free-space-ratio", args.free_space_ratio)):
             if value is not None:
                 raise UsageError(f"{flag} is for warming without a mount; a mount warms its own cache")
+        if getattr(args, "peer_listen", None) or getattr(args, "keep_serving", False):
+            raise UsageError("--peer-listen and --keep-serving are for warming without a mount; a mount serves "
+                             "peers with its own --peer-listen")
         result = _through_mount(args, op, targets)
     return _report(args, op, result)
 
@@ -118,7 +125,7 @@ def _standalone(args: argparse.Namespace, op: str, meta_url: str, paths: list[st
         try:
             fetcher = BlockFetcher(AsyncStore(volume.store, args.threads), volume.codec, cache,
                                    downloads=args.threads, peers=peers.client if peers else None)
-            runner = _warm(args, fetcher)
+            runner = _warm(args, fetcher, peers)
             return trio.run(_plan_and_run, volume.meta, volume.fmt.block_size, paths, runner)
         finally:
             if peers is not None:
@@ -142,11 +149,17 @@ def _inspect(op: str, cache: Any) -> Callable[..., Any]:
     return run
 
 
-def _warm(args: argparse.Namespace, fetcher: Any) -> Callable[..., Any]:
+def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable[..., Any]:
+    """The standalone warmup: with ``peers.server`` (``--peer-listen``) it answers peers from
+    the cache it fills, and loads the blocks it owns for them, while it warms; with
+    ``--keep-serving`` it goes on answering after a complete warmup until stopped."""
+    from chunkfs.peer.setup import owner_load, serve_cache
     from chunkfs.warmup.engine import Warmup
 
     async def run(plan: Any) -> dict[str, Any]:
         await trio.to_thread.run_sync(fetcher.cache.load_index)
+        if peers is not None and peers.server is not None:
+            serve_cache(peers, fetcher.cache, owner_load(fetcher))
         job = Warmup(fetcher, plan, threads=args.threads, force=args.force)
         show = _progress_printer(args)
         stopped_by: list[str] = []
@@ -160,9 +173,20 @@ def _warm(args: argparse.Namespace, fetcher: Any) -> Callable[..., Any]:
         if stopped_by:
             raise Stopped(f"warmup stopped by {stopped_by[0]}; run it again to resume")
         show(job.snapshot(), final=True)
-        return job.report.as_dict()
+        report = job.report.as_dict()
+        if getattr(args, "keep_serving", False) and report["complete"]:
+            await _serve_until_stopped(peers.membership.own)
+        return report
 
     return run
+
+
+async def _serve_until_stopped(address: str) -> None:
+    print(f"chunkfs: warmup complete; serving peers as {address} until stopped", file=sys.stderr, flush=True)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+        async for signum in signals:
+            print(f"chunkfs: stopped serving peers ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+            return
 
 
 async def _stop_on_sigterm(scope: trio.CancelScope, stopped_by: list[str]) -> None:

@@ -32,9 +32,8 @@ from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import FORMAT_VERSION
 from chunkfs.meta.sessions import HEARTBEAT_S, new_session_id, release_dead_sessions
 from chunkfs.metrics import Metrics
-from chunkfs.peer.server import Load
-from chunkfs.peer.setup import Peers, PeerSettings, open_peers, serve_cache
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.peer.setup import Peers, PeerSettings, open_peers, owner_load, serve_cache
+from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
 from chunkfs.vfs.vfs import MountOptions, Vfs
@@ -204,27 +203,11 @@ async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReade
             set_read_ahead(mountpoint, config.kernel_readahead, dev=root.st_dev)
         nursery.start_soon(_load_cache_index, cache)
         if peers is not None:
-            serve_cache(peers, cache, _owner_load(reader.fetcher))
+            serve_cache(peers, cache, owner_load(reader.fetcher))
         await _start_control(nursery, control, mountpoint)
         log.info("mounted at %s", mountpoint)
         if on_ready is not None:
             on_ready()
-
-
-def _owner_load(fetcher: BlockFetcher) -> Load:
-    """For the peer server's threads: put a block this node owns in its cache (one download
-    however many peers ask); whether it is there now."""
-    token = trio.lowlevel.current_trio_token()
-
-    def load(bid: bytes, length: int) -> bool:
-        try:
-            trio.from_thread.run(fetcher.warm, bid, length, trio_token=token)
-        except (BlockUnavailable, trio.RunFinishedError, trio.Cancelled) as exc:
-            log.info("peer request for block %s: %s", bid.hex()[:16], exc)
-            return False
-        return True
-
-    return load
 
 
 async def _start_control(nursery: trio.Nursery, control: ControlServer, mountpoint: str) -> None:

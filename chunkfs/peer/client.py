@@ -9,8 +9,10 @@ Invariants:
 - A peer is never trusted: its body goes through the same sink and check as the store's, and
   nothing is kept unless the whole block matches its id. A peer that sends bytes that fail
   the check is not asked again for ``BAD_PEER_S`` seconds; one that is down, refuses or is
-  too slow (a deadline of ``base_timeout`` plus the block's length at ``min_rate``) for
-  ``DOWN_PEER_S`` seconds.
+  too slow (silent for ``base_timeout``, or a body not done within ``base_timeout`` plus the
+  block's length at ``min_rate``) for ``DOWN_PEER_S`` seconds (``REFUSED_PEER_S`` when it
+  refused the connection: nothing listens yet). An owner loading the block
+  for us is not silent: it sends interim answers while it loads.
 - A read never fails because of a peer: every failure is counted and answered with False.
 - At most ``tries`` peers are asked per block, in rendezvous order; when this node is the
   first in that order, it is the owner and goes to the store itself (and then holds the block
@@ -43,9 +45,21 @@ ORIGIN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("chunkfs_peer
 BAD_PEER_S = 300.0
 #: seconds a peer that was down, refused or too slow is skipped
 DOWN_PEER_S = 10.0
+#: seconds a peer that refused the connection is skipped: a member still starting (its pod is
+#: listed before it listens) costs a few blocks from the store, not ten seconds' worth
+REFUSED_PEER_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
 DEFAULT_BASE_TIMEOUT_S = 10.0
 DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
+
+
+def _refused(exc: BaseException) -> bool:
+    """The peer's host answered that nothing listens there (not a timeout)."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 class PeerFailed(Exception):
@@ -121,17 +135,18 @@ class PeerClient:
     def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> None:
         path = block_path(self.volume_uuid, bid)
         query = f"{path}?length={length}"
-        budget = self.deadline(length)
-        give_up = time.monotonic() + budget
         headers = {"Authorization": auth.sign(self._secret, "GET", query)}
         try:
+            # the read timeout is per socket read: an owner loading the block for us sends an
+            # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
             response = self._pool.request(
                 "GET", f"{self.scheme}://{peer}{query}", headers=headers, preload_content=False,
-                redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=budget))
+                redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout))
         except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError to urllib3)
-            raise PeerFailed("unreachable", f"cannot connect: {exc}") from exc
+            raise PeerFailed("unreachable", f"cannot connect: {exc}",
+                             hold_off=REFUSED_PEER_S if _refused(exc) else DOWN_PEER_S) from exc
         except urllib3.exceptions.TimeoutError as exc:
-            raise PeerFailed("timeout", f"no answer within {budget:.1f} s") from exc
+            raise PeerFailed("timeout", f"silent for {self.base_timeout:.1f} s") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise PeerFailed("unreachable", f"{type(exc).__name__}: {exc}") from exc
         whole = False
@@ -144,7 +159,7 @@ class PeerClient:
             if announced != str(length):
                 raise PeerFailed("corrupt", f"announced {announced} bytes for a block of {length}",
                                  hold_off=BAD_PEER_S)
-            self._stream(response, length, sink, buffer, give_up)
+            self._stream(response, length, sink, buffer, time.monotonic() + self.deadline(length))
             whole = True
         finally:
             if not whole:

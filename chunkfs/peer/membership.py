@@ -161,3 +161,11 @@ def membership(spec: str, own: str | None, registry: PeerRegistry | None, *,
     if not addresses:
         raise UsageError("--peers: expected meta, dns:NAME:PORT or HOST:PORT[,HOST:PORT...]")
     return Membership(static_members(addresses), "static list", own, refresh_s=refresh_s)
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` stripped, if it is a valid ``--peers`` value; ``UsageError`` otherwise."""
+    spec = spec.strip()
+    if spec != "meta":
+        membership(spec, None, None)  # parses; starts nothing
+    return spec

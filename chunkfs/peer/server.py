@@ -6,7 +6,8 @@ single-flight download per block however many peers ask; run with ``ORIGIN_ONLY`
 load never asks a peer in turn).
 
 The protocol is one request: ``GET /v1/volumes/<volume uuid>/blocks/<64 hex>?length=<bytes>``
-signed by ``auth.sign``. Answers: 200 with exactly ``length`` bytes; 401 (no valid signature,
+signed by ``auth.sign``. Answers: 200 with exactly ``length`` bytes (preceded by an interim ``100 Continue`` every
+``HEARTBEAT_S`` while this node loads a block it owns for the asker); 401 (no valid signature,
 checked first, with an empty body whatever else is wrong); 400 (malformed); 404 (another
 volume, or a block this node neither holds nor could load); 405 (any other method); 503 (all
 upload slots stayed busy for ``BUSY_WAIT_S``: ask the store).
@@ -19,7 +20,8 @@ Invariants:
 - Nothing but block bytes is served: no listing, metadata or file names; a block id is 64 hex
   digits, never a path.
 - Bounded: at most ``max_connections`` connections (more are closed at once), ``max_uploads``
-  blocks sent or loaded at a time (more wait up to ``BUSY_WAIT_S``, then get 503),
+  blocks sent at a time (more wait up to ``BUSY_WAIT_S``, then get 503; a block being loaded
+  for the asker holds no slot: the mount's fetcher bounds its own downloads),
   ``max_rate`` bytes/s over all uploads, and a request line and headers read within
   ``REQUEST_TIMEOUT_S``. Memory per connection is a
   thread and one 1 MiB buffer under TLS.
@@ -51,6 +53,10 @@ REQUEST_TIMEOUT_S = 10.0
 #: short queue keeps a fleet's requests at their owners instead of spilling to the store
 BUSY_WAIT_S = 3.0
 SEND_PIECE = 1 << 20
+#: seconds between the interim answers that tell an asker a block it asked for is being loaded
+HEARTBEAT_S = 2.0
+#: seconds a request waits for this node to load a block before it is answered 404
+LOAD_WAIT_S = 120.0
 _PATH = re.compile(rf"^/v1/volumes/([0-9a-f-]{{1,64}})/blocks/([0-9a-f]{{{2 * HASH_LEN}}})$")
 
 Load = Callable[[bytes, int], bool]
@@ -195,6 +201,13 @@ class PeerHandler(BaseHTTPRequestHandler):
             self._empty(404, "other_volume")
             return
         bid, length = bytes.fromhex(match.group(2)), int(length_text)
+        if not self._held(bid, length):
+            # loading takes no upload slot: the fetcher bounds and single-flights its downloads,
+            # and while the store is the bottleneck a fleet's requests queue here, not at it
+            load = self.server.load
+            if load is None or not self._load_with_heartbeats(load, bid, length) or not self._held(bid, length):
+                self._empty(404, "missing")
+                return
         if not self.server.uploads.acquire(timeout=BUSY_WAIT_S):
             self._empty(503, "busy", **{"Retry-After": "1"})
             return
@@ -203,16 +216,34 @@ class PeerHandler(BaseHTTPRequestHandler):
         finally:
             self.server.uploads.release()
 
+    def _load_with_heartbeats(self, load: Load, bid: bytes, length: int) -> bool:
+        """Load ``bid`` for the asker, sending it an interim ``100 Continue`` every
+        ``HEARTBEAT_S`` meanwhile: a load queued behind a busy store is slow, not dead, and
+        the asker's inactivity timeout only has to outlast a heartbeat. Gives up (False)
+        after ``LOAD_WAIT_S``; the load itself goes on and keeps the block."""
+        done = threading.Event()
+        result: list[bool] = []
+
+        def run() -> None:
+            try:
+                result.append(_origin_only(load, bid, length))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="peer-load", daemon=True).start()
+        give_up = time.monotonic() + LOAD_WAIT_S
+        while not done.wait(HEARTBEAT_S):
+            if time.monotonic() > give_up:
+                return False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # any HTTP/1.1 client skips 1xx answers
+            self.wfile.flush()
+        return bool(result and result[0])
+
     def _held(self, bid: bytes, length: int) -> bool:
         cache = self.server.node_cache
         return cache.is_verified(bid) or cache.admit(bid, length, page_in=False)
 
     def _send_block(self, bid: bytes, length: int) -> None:
-        if not self._held(bid, length):
-            load = self.server.load
-            if load is None or not _origin_only(load, bid, length) or not self._held(bid, length):
-                self._empty(404, "missing")
-                return
         try:
             entry = open(self.server.node_cache.dir_for(bid).path(bid), "rb", buffering=0)  # noqa: SIM115
         except OSError:
