@@ -14,8 +14,6 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.metrics import Metrics
@@ -23,7 +21,7 @@ from chunkfs.peer import auth
 from chunkfs.peer.client import DEFAULT_BASE_TIMEOUT_S, PeerClient
 from chunkfs.peer.membership import Membership, PeerRegistry, check_address, host_port, membership
 from chunkfs.peer.server import Load, PeerServer, tls_context
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.fetcher import BlockFetcher
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +145,7 @@ def serve_cache(peers: Peers, cache: BlockCache, load: Load | None) -> None:
 
 
 def owner_load(fetcher: BlockFetcher) -> Load:
-    """For the peer server's threads: put a block this node owns in its cache through
-    ``fetcher`` (one download however many peers ask); whether it is there
-    now. Call it inside the trio run the fetcher belongs to."""
-    token = trio.lowlevel.current_trio_token()
-
-    def load(bid: bytes, length: int) -> bool:
-        try:
-            trio.from_thread.run(fetcher.warm, bid, length, trio_token=token)
-        except (BlockUnavailable, trio.RunFinishedError, trio.Cancelled) as exc:
-            log.info("peer request for block %s: %s", bid.hex()[:16], exc)
-            return False
-        return True
-
-    return load
+    """For the peer server's threads: put a block this node owns in its cache (one download
+    on the node however many peers ask), outside the fetcher's download slots, which this
+    node's own downloads may hold while they wait on other owners; whether it is there."""
+    return fetcher.load_for_peer

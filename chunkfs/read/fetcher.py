@@ -50,6 +50,8 @@ import enum
 import functools
 import logging
 import mmap
+import threading
+import time
 from typing import NamedTuple
 
 import trio
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 OTHER_DOWNLOADER_PATIENCE = 60.0
 #: seconds between looks at a block another process is downloading
 BUSY_RETRY = 0.02
+#: blocks loaded from the store at once to answer peers (``load_for_peer``)
+PEER_LOADS = 8
 
 
 class BlockUnavailable(Exception):
@@ -133,6 +137,7 @@ class BlockFetcher:
         self.slots = PrioritySlots(downloads)
         self.memory = BlockBuffers(block_buffers, recent_blocks)
         self._downloader = BlockDownload(store.store.get_into, codec, cache, peers)
+        self._peer_loads = threading.BoundedSemaphore(PEER_LOADS)
         self._disk = trio.CapacityLimiter(disk_threads)
         self._flights: SingleFlight[bytes, _Load] = SingleFlight()
         self._pieces: list[memoryview] = []  # ``download.PIECE``-sized, page-aligned: one per running download
@@ -253,6 +258,34 @@ class BlockFetcher:
         if not load.downloaded:
             return Source.NODE
         return Source.PEER if load.from_peer else Source.STORE
+
+    def load_for_peer(self, bid: bytes, length: int) -> bool:
+        """Blocking, from a peer server thread: put a block this node owns in the cache for a
+        peer that asked (from the store: the caller sets ``ORIGIN_ONLY``); whether it is there.
+
+        Outside the download slots on purpose: those may all be held by this node's own
+        downloads waiting on other owners, which may be waiting on this one; a load here only
+        waits for the store. One download per block on the node still holds: the cache's
+        download lock makes a second asker (or this node's own download) wait for the entry."""
+        with self._peer_loads:
+            piece = memoryview(aligned_buffer(download.PIECE))
+            deadline = time.monotonic() + OTHER_DOWNLOADER_PATIENCE
+            while not self.cache.is_verified(bid):
+                try:
+                    got = self._downloader.download(bid, length, piece, around=True, page_in=False)
+                except Busy:  # someone on this node is downloading it: wait for the entry
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(BUSY_RETRY)
+                    continue
+                except StoreError as exc:
+                    log.info("block %s for a peer: %s", bid.hex()[:16], exc)
+                    return False
+                if not got.planted:
+                    self.metrics.origin_blocks.inc()
+                    self.metrics.origin_bytes.inc(length)
+                return not got.declined or self.cache.is_verified(bid)
+            return True
 
     # -- step 3: one load per block ----------------------------------------------------------
     async def _load(self, bid: bytes, length: int, priority: Priority, want: Want) -> _Load:
