@@ -13,10 +13,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 
 from chunkfs.errors import UsageError
 from chunkfs.fuse.mountinfo import MountEntry, find_mount
@@ -32,6 +33,13 @@ PEER_SECRET_ENV = "CHUNKFS_PEER_SECRET"
 #: volume attributes of the fleet cache: serve the node cache to peers on this port of the
 #: plugin pod's address, and the members to ask (``meta``, ``dns:NAME:PORT`` or ``H:P,...``)
 PEER_PORT_KEY, PEERS_KEY = "peerPort", "peers"
+#: volume attributes: warm the volume's path into the node cache before a publish returns
+#: ("100%" or "true"), bounded by ``warmTimeout`` seconds per publish call
+WARM_KEY, WARM_TIMEOUT_KEY = "warm", "warmTimeout"
+#: below the kubelet's own bound on a NodePublishVolume call (2 minutes)
+DEFAULT_WARM_TIMEOUT = 100.0
+PROGRESS_LOG_S = 10.0
+SILENT_DAEMON_S = 30.0
 
 
 class MountError(Exception):
@@ -180,3 +188,82 @@ def remove_target(path: str) -> None:
         if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY):
             raise MountError(f"cannot remove {path}: {exc.strerror}") from None
         raise MountError(f"cannot remove {path}: {exc.strerror} (still mounted or not empty)") from None
+
+
+class WarmingIncomplete(MountError):
+    """The volume's path is not whole in the node cache yet (time ran out, or blocks failed);
+    a later publish resumes where this one stopped."""
+
+
+def warm_settings(attributes: Mapping[str, str]) -> float | None:
+    """Seconds a publish may spend warming the volume's path (``warm``, ``warmTimeout``
+    attributes), or None when it is not to warm; ``ValueError`` for a bad attribute."""
+    warm = attributes.get(WARM_KEY, "").strip().lower()
+    if warm in ("", "false", "0%", "no"):
+        return None
+    if warm not in ("true", "100%", "yes"):
+        raise ValueError(f"volume attribute {WARM_KEY} {attributes[WARM_KEY]!r}: expected \"100%\" (or \"true\")")
+    text = attributes.get(WARM_TIMEOUT_KEY, "").strip()
+    try:
+        timeout = float(text) if text else DEFAULT_WARM_TIMEOUT
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout <= 86400:
+        raise ValueError(f"volume attribute {WARM_TIMEOUT_KEY} {text!r}: expected seconds, e.g. \"100\"")
+    return timeout
+
+
+def warm(staging: str, volume_path: str, timeout: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Warm ``volume_path`` into the node cache through the daemon of the mount at
+    ``staging`` (``chunkfs warmup`` over its control socket), for at most ``timeout``
+    seconds. Returns the warmup's report once every block is cached; ``WarmingIncomplete``
+    (with how far it got) when time runs out or blocks fail. ``progress`` gets a line every
+    ``PROGRESS_LOG_S``."""
+    from chunkfs.errors import ChunkfsError
+    from chunkfs.units import format_size
+    from chunkfs.warmup.control import request, socket_path
+
+    entry = chunkfs_mount_at(staging)
+    if entry is None:
+        raise MountError(f"no chunkfs mount at {staging} to warm")
+    start = time.monotonic()
+    deadline, next_log = start + timeout, start
+    done = total = 0
+
+    def so_far() -> str:
+        pct = 100.0 * done / total if total else 0.0
+        return f"{pct:.0f}% ({format_size(done)} of {format_size(total)}) in the node cache"
+
+    # progress comes several times a second once planned: the deadline is checked on each;
+    # the socket's own bound only catches a daemon gone silent (a plan of a huge tree included)
+    answers = request(socket_path(entry.device), {"op": "warmup", "paths": [volume_path], "threads": 32},
+                      staging, timeout=timeout + SILENT_DAEMON_S)
+    try:
+        for answer in answers:
+            if "progress" in answer:
+                done, total = answer["progress"]["bytes_done"], answer["progress"]["bytes_total"]
+                now = time.monotonic()
+                if now >= next_log:
+                    progress(f"warming {volume_path}: {so_far()}")
+                    next_log = now + PROGRESS_LOG_S
+                if now > deadline:
+                    raise WarmingIncomplete(f"warming {volume_path}: {so_far()} after {timeout:.0f} s "
+                                            "(warmTimeout); the next publish resumes it")
+            elif "error" in answer:
+                raise MountError(f"warming {volume_path}: {answer['error']}")
+            elif "result" in answer:
+                result: dict[str, Any] = answer["result"]
+                done, total = result["bytes_done"], result["bytes_total"]
+                if not result["complete"]:
+                    raise WarmingIncomplete(f"warming {volume_path}: {result['failed_blocks']} blocks failed, "
+                                            f"{so_far()}; the next publish tries again")
+                return result
+    except TimeoutError:
+        raise WarmingIncomplete(f"warming {volume_path}: the mount's daemon said nothing for "
+                                f"{timeout + SILENT_DAEMON_S:.0f} s; "
+                                f"{so_far()}") from None
+    except ChunkfsError as exc:
+        raise MountError(f"warming {volume_path}: {exc}") from None
+    finally:
+        answers.close()  # a warmup cut short stops; what it cached stays
+    raise MountError(f"warming {volume_path}: the mount's daemon stopped answering")

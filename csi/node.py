@@ -14,6 +14,9 @@ Rules every call follows (CSI spec v1):
   writer mode for inline volumes).
 - Secrets (``metaurl``, store keys, the peer secret) go to the mount daemon's environment and
   a root-only state file; never to a command line, a log line or the volume context.
+- A publish of a volume with ``warm: "100%"`` returns only once the volume's path is whole in
+  the node cache (warmed through its daemon, outside the lock), or fails UNAVAILABLE after
+  ``warmTimeout`` seconds saying how far it got; the kubelet's retry resumes it.
 - A volume with ``peerPort`` serves its node cache to the other nodes on that port (one port
   per volume on a node: each volume's daemon listens on its own), and asks the members that
   ``peers`` names (default ``meta``: the nodes serving this volume, from its metadata).
@@ -38,6 +41,7 @@ from csi.mounter import (
     META_ENV,
     DaemonSettings,
     MountError,
+    WarmingIncomplete,
     bind_read_only,
     chunkfs_mount_at,
     healthy,
@@ -48,6 +52,8 @@ from csi.mounter import (
     statvfs_within,
     unmount,
     wait_exit,
+    warm,
+    warm_settings,
 )
 from csi.state import StateStore, Target, VolumeRecord
 
@@ -237,9 +243,42 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         if not ephemeral and not request.staging_target_path:
             _abort(context, Code.FAILED_PRECONDITION, "staging_target_path is required (the driver stages volumes)")
         path = volume_path(context, request.volume_context)
+        try:
+            warm_for = warm_settings(request.volume_context)
+        except ValueError as exc:
+            _abort(context, Code.INVALID_ARGUMENT, str(exc))
         target = request.target_path
         log.info("NodePublishVolume %s at %s (path %s%s)", request.volume_id, target, path,
                  ", inline" if ephemeral else "")
+        record = self._publish(context, request, ephemeral, path)
+        if warm_for is not None:  # outside the lock: other volumes' calls go on meanwhile
+            self._warm(context, record, warm_for)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, timeout: float) -> None:
+        """Warm the volume's path into the node cache before the publish answers (attribute
+        ``warm``). The target stays bound when time runs out: the kubelet retries the
+        publish (the same arguments: idempotent), and each retry resumes the warmup, its
+        error message (a pod event) saying how far it got."""
+        volume_id = record.volume_id
+
+        def progress(line: str) -> None:
+            log.info("volume %s: %s", volume_id, line)
+
+        try:
+            report = warm(record.staging_path, record.volume_path, timeout, progress)
+        except WarmingIncomplete as exc:
+            log.warning("volume %s: %s", volume_id, exc)
+            _abort(context, Code.UNAVAILABLE, f"volume {volume_id}: {exc}")
+        except MountError as exc:
+            log.warning("volume %s: %s", volume_id, exc)
+            _abort(context, Code.INTERNAL, f"volume {volume_id}: {exc}")
+        log.info("volume %s: %s is in the node cache (%d bytes fetched, %d already there)", volume_id,
+                 record.volume_path, report["bytes_fetched"], report["bytes_cached_before"])
+
+    def _publish(self, context: grpc.ServicerContext, request: Any, ephemeral: bool, path: str) -> VolumeRecord:
+        """Stage (inline volumes) and bind the target; the volume's record."""
+        target = request.target_path
         with self.lock:
             owner = self._owner_of(target)
             if owner is not None and owner.volume_id != request.volume_id:
@@ -267,7 +306,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                     _abort(context, Code.ALREADY_EXISTS,
                            f"{target} already publishes volume {request.volume_id} with another readonly flag "
                            "or volume capability")
-                return csi_pb2.NodePublishVolumeResponse()
+                return record
             if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
             try:
@@ -281,7 +320,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                 _abort(context, Code.INTERNAL, str(exc))
             record.targets[target] = asked
             self.state.save(record)
-        return csi_pb2.NodePublishVolumeResponse()
+        return record
 
     def _owner_of(self, target: str) -> VolumeRecord | None:
         return next((r for r in self.records.values() if target in r.targets), None)

@@ -23,7 +23,8 @@ N in --nodes, with and without peers (interleaved), and each mode:
 Caches are emptied, the mounts restarted and the page cache dropped before each measurement.
 Reported: the seconds from the common start until the last node is complete, that time against
 the same mode's N=1, origin bytes divided by the model's size, the bytes nodes got from peers
-(warmup), and how many of the machine's cores were busy. Every node shares this machine's 2
+(warmup), how many of the machine's cores were busy, and the machine's busy CPU seconds per
+node. Every node shares this machine's 2
 CPUs and one disk, which a real fleet does not: with many nodes the time here is bounded by
 what one machine can hash and write, not by the store.
 """
@@ -79,6 +80,12 @@ class Measurement:
     peer_bytes: int | None
     cores_busy: float
     node_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_s_per_node(self) -> float:
+        """Busy CPU seconds of the whole machine (store, nodes, readers) per node: what one
+        node costs when each has a machine of its own, as in a real fleet."""
+        return self.cores_busy * self.seconds / self.nodes
 
 
 class Fleet:
@@ -254,7 +261,8 @@ class Fleet:
     def table(self) -> tuple[str, list[str]]:
         size = self.bench.model_bytes
         lines = ["| mode | nodes | peers | last node complete, s | vs 1 node | origin bytes / model | "
-                 "bytes from peers / model | cores busy |", "|---|--:|---|--:|--:|--:|--:|--:|"]
+                 "bytes from peers / model | cores busy | machine CPU-s per node |",
+                 "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
         targets = []
         for mode in self.args.modes:
             for peers in (False, True):
@@ -267,7 +275,8 @@ class Fleet:
                     peer_text = f"{statistics.median(from_peers) / size:.2f}" if from_peers else ""
                     lines.append(f"| {mode} | {count} | {'yes' if peers else 'no'} | {seconds:.2f} | "
                                  f"{seconds / base:.2f}x | {origin:.2f} | {peer_text} | "
-                                 f"{self.median(mode, count, peers, 'cores_busy'):.2f} |")
+                                 f"{self.median(mode, count, peers, 'cores_busy'):.2f} | "
+                                 f"{self.median(mode, count, peers, 'cpu_s_per_node'):.1f} |")
                     if peers:
                         verdict = "met" if origin <= 1.1 else "missed"
                         targets.append(f"{verdict}: {mode}, {count} nodes with peers: origin <= 1.1x the model: "

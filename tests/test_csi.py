@@ -90,11 +90,13 @@ class Plugin:
             volume_context={"path": path, **(attributes or {})}), timeout=120)
 
     def publish(self, target: Path, volume_id: str = "model", staging: Path | None = None, path: str = "/m",
-                readonly: bool = True, mode: int = Mode.MULTI_NODE_READER_ONLY, **extra) -> None:
+                readonly: bool = True, mode: int = Mode.MULTI_NODE_READER_ONLY,
+                attributes: dict[str, str] | None = None, **extra) -> None:
         self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
             volume_id=volume_id, staging_target_path=str(staging or self.tmp / "staging"), target_path=str(target),
             volume_capability=capability(mode), readonly=readonly,
-            volume_context={"path": path, "csi.storage.k8s.io/pod.name": "vllm-0"}, **extra), timeout=120)
+            volume_context={"path": path, "csi.storage.k8s.io/pod.name": "vllm-0", **(attributes or {})}, **extra),
+            timeout=120)
 
     def unpublish(self, target: Path, volume_id: str = "model") -> None:
         self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id,
@@ -136,9 +138,17 @@ def mounts_under(root: Path) -> list[str]:
 def plugin(volume: VolumeFixture, tmp_path: Path) -> Iterator[tuple[Plugin, Path]]:
     src = make_model(tmp_path / "src")
     chunkfs("import", volume.meta_url, str(src), "/m")
+    with running_plugin(tmp_path, volume) as plugin:
+        yield plugin, src
+
+
+@contextlib.contextmanager
+def running_plugin(tmp_path: Path, volume: VolumeFixture) -> Iterator[Plugin]:
+    """A plugin for ``volume``; afterwards its mounts are gone, its daemons stopped and its
+    log free of tracebacks."""
     plugin = Plugin(tmp_path, volume)
     try:
-        yield plugin, src
+        yield plugin
     finally:
         pids = plugin.daemon_pids()
         plugin.stop()
@@ -335,6 +345,59 @@ def test_a_volume_with_peer_port_serves_its_node_cache_to_peers(plugin, tmp_path
     p.unstage()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _cached_percent(p: Plugin, path: str = "/m") -> float:
+    report = json.loads(chunkfs("warmup", p.vol.meta_url, path, "--cache-dir", str(p.tmp / "cache"), "--check",
+                                "--json", check=False).stdout)
+    return float(report["paths"][0]["percent"])
+
+
+def test_publish_with_warm_returns_once_the_path_is_in_the_node_cache(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p, src = plugin
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    p.stage()
+    assert code_of(p.publish, tmp_path / "t", attributes={"warm": "50%"}) == invalid
+    assert code_of(p.publish, tmp_path / "t", attributes={"warm": "100%", "warmTimeout": "soon"}) == invalid
+    assert _cached_percent(p) == 0.0  # staging reads nothing
+    p.publish(tmp_path / "t", attributes={"warm": "100%"})
+    assert _cached_percent(p) == 100.0  # before the pod could read a byte
+    p.publish(tmp_path / "t", attributes={"warm": "100%"})  # idempotent (and warm already)
+    assert_reads(src, tmp_path / "t")
+    assert "is in the node cache" in p.log.read_text()
+    p.unpublish(tmp_path / "t")
+    p.unstage()
+
+
+def test_publish_with_warm_fails_on_timeout_and_the_retry_resumes(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A store too slow for ``warmTimeout``: UNAVAILABLE saying how far it got (the kubelet
+    shows it as a pod event and retries); the retry, with the store back, completes."""
+    from tests.conftest import unique_bucket
+    from tests.faultproxy import FaultConfig, FaultProxy
+
+    src = make_model(tmp_path / "src")
+    with FaultProxy(s3_server.endpoint, FaultConfig(rate=1.0, kinds=("delay",), delay=2.0)) as proxy:
+        db = tmp_path / "meta" / "v.db"
+        vol = VolumeFixture(f"sqlite://{db}", tmp_path / "blocks", db, tmp_path)
+        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
+                "--block-size", str(64 << 10))
+        proxy.config.rate = 0.0
+        chunkfs("import", vol.meta_url, str(src), "/m")
+        with running_plugin(tmp_path, vol) as p:
+            p.stage()
+            proxy.config.rate = 1.0
+            attributes = {"warm": "true", "warmTimeout": "1"}
+            with pytest.raises(grpc.RpcError) as info:
+                p.publish(tmp_path / "t", attributes=attributes)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "warming /m:" in info.value.details() and "after 1 s (warmTimeout)" in info.value.details()
+            assert _cached_percent(p) < 100.0
+            proxy.config.rate = 0.0
+            p.publish(tmp_path / "t", attributes=attributes)  # the kubelet's retry
+            assert _cached_percent(p) == 100.0
+            assert_reads(src, tmp_path / "t")
+            p.unpublish(tmp_path / "t")
+            p.unstage()
 
 
 def _answers_401(port: int) -> bool:

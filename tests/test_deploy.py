@@ -86,7 +86,8 @@ def run_validate(version: str, paths: list[Path]) -> None:
 def test_manifests_found() -> None:
     names = {str(path.relative_to(DEPLOY)) for path in manifest_files()}
     for expected in [*BASE, "examples/secret.yaml", "examples/warmup-daemonset.yaml", "examples/static-pv.yaml",
-                     "examples/inline-volume.yaml", "examples/warmup-pool-daemonset.yaml"]:
+                     "examples/inline-volume.yaml", "examples/warmup-pool-daemonset.yaml",
+                     "examples/wait-for-model.yaml"]:
         assert expected in names
 
 
@@ -373,3 +374,19 @@ def test_warmup_pool_seeds_itself_through_its_headless_service() -> None:
     from chunkfs.cli.main import build_parser
     build_parser().parse_args(args)
     build_parser().parse_args(probe[1:])
+
+
+def test_examples_gate_pods_on_their_model_being_local() -> None:
+    """The volume attribute warm (checked by the plugin) and an init container running
+    `chunkfs warmup --wait` into the node cache the driver's mounts read."""
+    from chunkfs.cli.main import build_parser
+    from csi.mounter import warm_settings
+
+    attributes = only(EXAMPLES / "static-pv.yaml", "PersistentVolume")["spec"]["csi"]["volumeAttributes"]
+    assert warm_settings(attributes) == float(attributes["warmTimeout"]) < 120  # under the kubelet's bound
+    pod = only(EXAMPLES / "wait-for-model.yaml", "Pod")["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"].startswith(PLUGIN_IMAGE) and "--wait" in init["args"]
+    assert host_path_at(pod, init, flag(init["args"], "--cache-dir")) == "/var/cache/chunkfs"
+    args = build_parser().parse_args(init["args"])
+    assert args.wait and args.timeout == 1800

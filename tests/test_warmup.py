@@ -27,6 +27,7 @@ from chunkfs.meta.aio import AsyncMeta
 from chunkfs.warmup.plan import Planner, normalize_volume_path
 from tests.conftest import BLOCK, VolumeFixture, assert_cache_sound, block_files, chunkfs, mounted, unique_bucket
 from tests.faultproxy import FaultProxy
+from tests.test_cli import assert_one_line_error
 
 
 def make_model(root: Path, seed: int = 7) -> Path:
@@ -338,3 +339,45 @@ def test_bad_warmup_input_gets_one_line(s3_model, tmp_path: Path) -> None:  # ty
     listed.write_text("# models\n/m/config.json\n\n/m/model-00002.safetensors\n")
     report = json.loads(warmup(vol.meta_url, "--list-file", str(listed), "--cache-dir", cache, "--json").stdout)
     assert report["paths"] == ["/m/config.json", "/m/model-00002.safetensors"] and report["complete"]
+
+
+def test_wait_tries_failed_blocks_again_until_all_are_cached(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--wait: an init container's gate. While the store fails every GET the warmup keeps
+    trying (saying so); once it answers again, it completes and exits 0."""
+    vol, src, proxy = s3_model
+    proxy.config.rate, proxy.config.kinds = 1.0, ("slowdown",)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/m", "--cache-dir", str(cache),
+                             "--io-retries", "1", "--wait", "--json", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = [proc.stderr.readline() for _ in range(1)]
+        while "blocks failed; trying again in 1 s" not in seen[-1]:
+            assert seen[-1] and len(seen) < 500, seen  # it says so before the first retry
+            seen.append(proc.stderr.readline())
+        proxy.config.rate = 0.0
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert report["complete"] and report["blocks"] == len(unique_blocks(src))
+
+
+@pytest.mark.mount
+def test_timeout_bounds_a_warmup_with_or_without_a_mount(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vol, _src, proxy = s3_model
+    proxy.config.rate, proxy.config.kinds, proxy.config.delay = 1.0, ("delay",), 3.0
+    cache = tmp_path / "cache"
+    start = time.monotonic()
+    result = warmup(vol.meta_url, "/m", "--cache-dir", str(cache), "--timeout", "1s", check=False)
+    assert result.returncode == 1 and time.monotonic() - start < 15
+    assert_one_line_error(result, "warmup timed out after 1 s (--timeout): 0% (0 B of")
+    with mounted(vol, cache=tmp_path / "mount-cache") as mnt:
+        result = warmup(str(mnt.path / "m"), "--timeout", "1", check=False)
+        assert result.returncode == 1
+        assert_one_line_error(result, "warmup timed out after 1 s (--timeout)")
+    for args in (["--check", "--timeout", "1"], ["--timeout", "0"]):
+        result = warmup(vol.meta_url, "/m", "--cache-dir", str(cache), *args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr

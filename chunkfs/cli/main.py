@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "with a mount's paths")
     p.add_argument("--threads", type=positive_int, default=32, help="blocks downloaded in parallel (default 32)")
     add_options(p, PEER_OPTIONS)  # without a mount: fetch from peers first, and serve them while warming
+    p.add_argument("--wait", action="store_true",
+                   help="try blocks that failed again (backing off up to 30 s) until every one is cached: exit 0 "
+                        "means the model is on this node (an init container's gate)")
+    p.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
+                   help="give up after this long (90s, 30m, 1h) and exit 1 saying how much is cached (what is "
+                        "cached stays; running it again resumes)")
     p.add_argument("--keep-serving", action="store_true",
                    help="with --peer-listen: once every block is cached, go on serving peers until SIGTERM or "
                         "Ctrl-C (exit 0), so a node pool warming together stays seeded (a warmup DaemonSet)")

@@ -32,6 +32,7 @@ from chunkfs.units import format_size
 from chunkfs.urls import is_env_name, resolve_meta_arg
 
 PLAIN_PROGRESS_INTERVAL = 5.0
+WAIT_BACKOFF_MAX_S = 30.0
 
 
 class Stopped(ChunkfsError):
@@ -47,12 +48,18 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         raise UsageError("--keep-serving needs --peer-listen")
     if op != "warmup" and getattr(args, "peer_listen", None):
         raise UsageError("--peer-listen serves peers while warming; not with --check or --evict")
+    wait, timeout = getattr(args, "wait", False), getattr(args, "timeout", None)
+    if (wait or timeout is not None) and op != "warmup":
+        raise UsageError("--wait and --timeout are for warming; not with --check or --evict")
+    if timeout is not None and timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    args.deadline = time.monotonic() + timeout if timeout is not None else None
     if targets and _names_volume(targets[0]):
         meta_url, paths = resolve_meta_arg(targets[0]), targets[1:]
         if not paths:
             raise UsageError("name at least one path inside the volume to warm, e.g. "
                              f"chunkfs warmup {targets[0]} /llama-3-8b")
-        result = _standalone(args, op, meta_url, paths)
+        result = _until_complete(args, lambda: _standalone(args, op, meta_url, paths))
     else:
         if not targets:
             raise UsageError("name what to warm: META_URL /path ... (no mount needed) or paths inside a chunkfs mount")
@@ -63,8 +70,37 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         if getattr(args, "peer_listen", None) or getattr(args, "keep_serving", False):
             raise UsageError("--peer-listen and --keep-serving are for warming without a mount; a mount serves "
                              "peers with its own --peer-listen")
-        result = _through_mount(args, op, targets)
+        result = _until_complete(args, lambda: _through_mount(args, op, targets))
     return _report(args, op, result)
+
+
+def _until_complete(args: argparse.Namespace, attempt: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One warmup; with ``--wait``, again (backing off) while blocks failed, until every
+    block is cached or ``args.deadline`` passes."""
+    backoff = 1.0
+    while True:
+        result = attempt()
+        if not getattr(args, "wait", False) or result.get("complete", True):
+            return result
+        if args.deadline is not None and time.monotonic() + backoff > args.deadline:
+            return result
+        print(f"chunkfs: warmup: {result['failed_blocks']} of {result['blocks']} blocks failed; trying again in "
+              f"{backoff:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, WAIT_BACKOFF_MAX_S)
+
+
+def _timed_out(args: argparse.Namespace, snapshot: dict[str, Any]) -> ChunkfsError:
+    done, total = snapshot.get("bytes_done", 0), snapshot.get("bytes_total", 0)
+    pct = 100.0 * done / total if total else 0.0
+    return ChunkfsError(f"warmup timed out after {args.timeout:.0f} s (--timeout): {pct:.0f}% "
+                        f"({format_size(done)} of {format_size(total)}) is cached; run it again to resume")
+
+
+def _remaining(args: argparse.Namespace) -> float:
+    """Seconds left before ``--timeout`` (infinite without one)."""
+    deadline = getattr(args, "deadline", None)
+    return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _names_volume(text: str) -> bool:
@@ -167,9 +203,12 @@ def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable
             nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope, stopped_by)
             nursery.start_soon(_show_progress, job, show)
             try:
-                await job.run()
+                with trio.move_on_after(_remaining(args)) as bound:
+                    await job.run()
             finally:
                 nursery.cancel_scope.cancel()
+        if bound.cancelled_caught:
+            raise _timed_out(args, job.snapshot())
         if stopped_by:
             raise Stopped(f"warmup stopped by {stopped_by[0]}; run it again to resume")
         show(job.snapshot(), final=True)
@@ -226,7 +265,33 @@ def _through_mount(args: argparse.Namespace, op: str, targets: list[str]) -> dic
     assert mount is not None
     message = {"op": op, "paths": volume_paths, "threads": args.threads, "force": args.force}
     show = _progress_printer(args)
-    for answer in request(socket_path(mount.device), message, mount.mountpoint):
+    answers = request(socket_path(mount.device), message, mount.mountpoint,
+                      timeout=None if args.deadline is None else max(1.0, _remaining(args)))
+    last: dict[str, Any] = {}
+    try:
+        bounded = _answers_until(args, answers, last)
+        return _mount_result(args, op, mount.mountpoint, bounded, show)
+    except TimeoutError:
+        raise _timed_out(args, last) from None
+    finally:
+        answers.close()  # closing the connection stops the daemon's warmup (what it cached stays)
+
+
+def _answers_until(args: argparse.Namespace, answers: Any, last: dict[str, Any]) -> Any:
+    """The daemon's answers, until ``--timeout`` passes (``TimeoutError``); ``last`` keeps the
+    latest progress."""
+    for answer in answers:
+        if "progress" in answer:
+            last.clear()
+            last.update(answer["progress"])
+            if _remaining(args) <= 0:
+                raise TimeoutError
+        yield answer
+
+
+def _mount_result(args: argparse.Namespace, op: str, mountpoint: str, answers: Any,
+                  show: Callable[..., None]) -> dict[str, Any]:
+    for answer in answers:
         if "progress" in answer:
             show(answer["progress"])
         elif "error" in answer:
@@ -234,8 +299,9 @@ def _through_mount(args: argparse.Namespace, op: str, targets: list[str]) -> dic
         elif "result" in answer:
             if op == "warmup":
                 show(answer["result"], final=True)
-            return answer["result"]
-    raise ChunkfsError(f"the chunkfs daemon of {mount.mountpoint} stopped answering; see its log")
+            result: dict[str, Any] = answer["result"]
+            return result
+    raise ChunkfsError(f"the chunkfs daemon of {mountpoint} stopped answering; see its log")
 
 
 # -- output ------------------------------------------------------------------------------------

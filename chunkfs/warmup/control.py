@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import trio
@@ -147,9 +147,13 @@ async def _send_progress(stream: trio.SocketStream, job: Warmup) -> None:
         await stream.send_all(_line({"progress": job.snapshot()}))
 
 
-def request(path: str, message: dict[str, Any], mountpoint: str) -> Iterator[dict[str, Any]]:
-    """Send one request to the daemon at ``path``; yield the JSON lines it answers."""
+def request(path: str, message: dict[str, Any], mountpoint: str,
+            timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
+    """Send one request to the daemon at ``path``; yield the JSON lines it answers.
+    ``timeout``: seconds the daemon may stay silent (``TimeoutError``). Closing the
+    generator closes the connection, which cancels a warmup (its cached blocks stay)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         try:
             sock.connect(path)
