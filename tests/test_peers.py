@@ -593,14 +593,14 @@ def test_membership_changes_during_a_warmup(s3_server, peer_secret, tmp_path: Pa
         meta = SqliteMeta(vol.meta_url)
         first, second = free_port(), free_port()
         with contextlib.ExitStack() as joiner, contextlib.ExitStack() as leaver:
-            leaver.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{first}", cache=tmp_path / "a",
+            leaver.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{first}", cache=tmp_path / "cache-a",
                                          name="a"))
             wait_for(lambda: meta.live_peers(time.time_ns()) == [f"127.0.0.1:{first}"])
             warm = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/model", "--cache-dir",
                                      str(tmp_path / "w"), "--peers", "meta", "--threads", "2", "--json", "-q"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                joiner.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{second}", cache=tmp_path / "b",
+                joiner.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{second}", cache=tmp_path / "cache-b",
                                              name="b"))
                 wait_for(lambda: len(meta.live_peers(time.time_ns())) == 2)
                 time.sleep(6)  # one membership refresh of the warmup (every 5 s)
@@ -611,11 +611,13 @@ def test_membership_changes_during_a_warmup(s3_server, peer_secret, tmp_path: Pa
                 warm.kill()
         assert warm.returncode == 0, err
         report = json.loads(out)
-        assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"], report
-        gets = proxy.config.gets_by_block
-        assert set(gets.values()) == {1}, gets  # no block twice, whoever held it
-        assert any(p.is_file() for p in (tmp_path / "b").rglob("*")), "the joiner served nothing"
+        assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"], (report, err)
+        gets = dict(proxy.config.gets_by_block)
+        # once each, but for the blocks the leaving node was loading when it stopped (at most
+        # the warmup's 2 requests in flight): the joiner fetches those again
+        assert len(gets) == 36 and sum(gets.values()) <= 36 + 2, gets
+        assert any(p.is_file() for p in (tmp_path / "cache-b").rglob("*")), "the joiner served nothing"
         proxy.config.rate = 0.0
-        with mounted(vol, cache=tmp_path / "w", name="check"):
+        with mounted(vol, cache=tmp_path / "w", name="check"):  # the warmed cache, not a mountpoint
             _same_model(vol.tmp / "check" / "model", model)
-        assert set(proxy.config.gets_by_block.values()) == {1}
+        assert proxy.config.gets_by_block == gets  # read whole from the warmed cache

@@ -371,11 +371,13 @@ def test_timeout_bounds_a_warmup_with_or_without_a_mount(s3_model, tmp_path: Pat
     proxy.config.rate, proxy.config.kinds, proxy.config.delay = 1.0, ("delay",), 3.0
     cache = tmp_path / "cache"
     start = time.monotonic()
-    result = warmup(vol.meta_url, "/m", "--cache-dir", str(cache), "--timeout", "1s", check=False)
+    # one thread: a block takes 3 s, so at 1 s the first is in flight and the rest untouched
+    result = warmup(vol.meta_url, "/m", "--cache-dir", str(cache), "--timeout", "1s", "--threads", "1", check=False)
     assert result.returncode == 1 and time.monotonic() - start < 15
-    assert_one_line_error(result, "warmup timed out after 1 s (--timeout): 0% (0 B of")
+    assert_one_line_error(result, "warmup timed out after 1 s (--timeout): ", "is cached; run it again to resume")
+    assert "100%" not in result.stderr
     with mounted(vol, cache=tmp_path / "mount-cache") as mnt:
-        result = warmup(str(mnt.path / "m"), "--timeout", "1", check=False)
+        result = warmup(str(mnt.path / "m"), "--timeout", "1", "--threads", "1", check=False)
         assert result.returncode == 1
         assert_one_line_error(result, "warmup timed out after 1 s (--timeout)")
     for args in (["--check", "--timeout", "1"], ["--timeout", "0"]):

@@ -208,7 +208,10 @@ def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable
             finally:
                 nursery.cancel_scope.cancel()
         if bound.cancelled_caught:
-            raise _timed_out(args, job.snapshot())
+            snapshot = job.snapshot()  # downloads in flight when time ran out have finished meanwhile
+            if snapshot["bytes_done"] < snapshot["bytes_total"]:
+                raise _timed_out(args, snapshot)
+            job.report.complete = True
         if stopped_by:
             raise Stopped(f"warmup stopped by {stopped_by[0]}; run it again to resume")
         show(job.snapshot(), final=True)
