@@ -19,12 +19,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from chunkfs.errors import UsageError
+from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import MountEntry, find_mount
 from chunkfs.peer.auth import MIN_SECRET_BYTES
 from chunkfs.peer.membership import check_spec
 from chunkfs.procs import pid_alive
 from chunkfs.urls import is_env_name
+from chunkfs.warmup.control import WarmupTimedOut, cached_so_far, run, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -219,51 +220,28 @@ def warm(staging: str, volume_path: str, timeout: float, progress: Callable[[str
     seconds. Returns the warmup's report once every block is cached; ``WarmingIncomplete``
     (with how far it got) when time runs out or blocks fail. ``progress`` gets a line every
     ``PROGRESS_LOG_S``."""
-    from chunkfs.errors import ChunkfsError
-    from chunkfs.units import format_size
-    from chunkfs.warmup.control import request, socket_path
-
     entry = chunkfs_mount_at(staging)
     if entry is None:
         raise MountError(f"no chunkfs mount at {staging} to warm")
-    start = time.monotonic()
-    deadline, next_log = start + timeout, start
-    done = total = 0
+    next_log = [0.0]
 
-    def so_far() -> str:
-        pct = 100.0 * done / total if total else 0.0
-        return f"{pct:.0f}% ({format_size(done)} of {format_size(total)}) in the node cache"
+    def log_progress(snapshot: dict[str, Any]) -> None:
+        if time.monotonic() >= next_log[0]:
+            progress(f"warming {volume_path}: {cached_so_far(snapshot)} in the node cache")
+            next_log[0] = time.monotonic() + PROGRESS_LOG_S
 
-    # progress comes several times a second once planned: the deadline is checked on each;
-    # the socket's own bound only catches a daemon gone silent (a plan of a huge tree included)
-    answers = request(socket_path(entry.device), {"op": "warmup", "paths": [volume_path], "threads": 32},
-                      staging, timeout=timeout + SILENT_DAEMON_S)
+    # the deadline is checked at each progress answer (several a second once planned); the
+    # silence bound only catches a daemon gone quiet (a plan of a huge tree included)
     try:
-        for answer in answers:
-            if "progress" in answer:
-                done, total = answer["progress"]["bytes_done"], answer["progress"]["bytes_total"]
-                now = time.monotonic()
-                if now >= next_log:
-                    progress(f"warming {volume_path}: {so_far()}")
-                    next_log = now + PROGRESS_LOG_S
-                if now > deadline:
-                    raise WarmingIncomplete(f"warming {volume_path}: {so_far()} after {timeout:.0f} s "
-                                            "(warmTimeout); the next publish resumes it")
-            elif "error" in answer:
-                raise MountError(f"warming {volume_path}: {answer['error']}")
-            elif "result" in answer:
-                result: dict[str, Any] = answer["result"]
-                done, total = result["bytes_done"], result["bytes_total"]
-                if not result["complete"]:
-                    raise WarmingIncomplete(f"warming {volume_path}: {result['failed_blocks']} blocks failed, "
-                                            f"{so_far()}; the next publish tries again")
-                return result
-    except TimeoutError:
-        raise WarmingIncomplete(f"warming {volume_path}: the mount's daemon said nothing for "
-                                f"{timeout + SILENT_DAEMON_S:.0f} s; "
-                                f"{so_far()}") from None
+        result = run(socket_path(entry.device), {"op": "warmup", "paths": [volume_path], "threads": 32}, staging,
+                     deadline=time.monotonic() + timeout, silence=timeout + SILENT_DAEMON_S,
+                     on_progress=log_progress)
+    except WarmupTimedOut as exc:
+        raise WarmingIncomplete(f"warming {volume_path}: {cached_so_far(exc.snapshot)} in the node cache after "
+                                f"{timeout:.0f} s (warmTimeout); the next publish resumes it") from None
     except ChunkfsError as exc:
         raise MountError(f"warming {volume_path}: {exc}") from None
-    finally:
-        answers.close()  # a warmup cut short stops; what it cached stays
-    raise MountError(f"warming {volume_path}: the mount's daemon stopped answering")
+    if not result["complete"]:
+        raise WarmingIncomplete(f"warming {volume_path}: {result['failed_blocks']} blocks failed, "
+                                f"{cached_so_far(result)} in the node cache; the next publish tries again")
+    return result

@@ -575,49 +575,40 @@ def test_a_slow_peer_costs_a_mount_one_timeout_not_a_failed_read(fleet_volume, p
 
 
 @pytest.mark.mount
-def test_membership_changes_during_a_warmup(s3_server, peer_secret, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_membership_changes_during_a_warmup(fleet_volume, peer_secret, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A warmup finding its peers in the metadata (--peers meta) while a second node joins
     and the first leaves: it completes byte-exact, every byte from a peer, each block fetched
     from the store once, and the joiner served it once it was listed."""
-    model = tmp_path / "src"
-    model.mkdir()
-    (model / "weights.bin").write_bytes(os.urandom(36 * BLOCK))
-    with FaultProxy(s3_server.endpoint) as proxy:
-        db = tmp_path / "meta" / "v.db"
-        vol = VolumeFixture(f"sqlite://{db}", tmp_path / "blocks", db, tmp_path)
-        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
-                "--block-size", str(BLOCK))
-        chunkfs("import", vol.meta_url, str(model), "/model")
-        proxy.config.gets_by_block.clear()
-        proxy.config.rate, proxy.config.kinds, proxy.config.delay = 1.0, ("delay",), 1.0  # a slow store
-        meta = SqliteMeta(vol.meta_url)
-        first, second = free_port(), free_port()
-        with contextlib.ExitStack() as joiner, contextlib.ExitStack() as leaver:
-            leaver.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{first}", cache=tmp_path / "cache-a",
-                                         name="a"))
-            wait_for(lambda: meta.live_peers(time.time_ns()) == [f"127.0.0.1:{first}"])
-            warm = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/model", "--cache-dir",
-                                     str(tmp_path / "w"), "--peers", "meta", "--threads", "2", "--json", "-q"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                joiner.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{second}", cache=tmp_path / "cache-b",
-                                             name="b"))
-                wait_for(lambda: len(meta.live_peers(time.time_ns())) == 2)
-                time.sleep(6)  # one membership refresh of the warmup (every 5 s)
-                assert warm.poll() is None, "the warmup ended before the membership changed"
-                leaver.close()  # the first node leaves; the joiner stays
-                out, err = warm.communicate(timeout=120)
-            finally:
-                warm.kill()
-        assert warm.returncode == 0, err
-        report = json.loads(out)
-        assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"], (report, err)
-        gets = dict(proxy.config.gets_by_block)
-        # once each, but for the blocks the leaving node was loading when it stopped (at most
-        # the warmup's 2 requests in flight): the joiner fetches those again
-        assert len(gets) == 36 and sum(gets.values()) <= 36 + 2, gets
-        assert any(p.is_file() for p in (tmp_path / "cache-b").rglob("*")), "the joiner served nothing"
-        proxy.config.rate = 0.0
-        with mounted(vol, cache=tmp_path / "w", name="check"):  # the warmed cache, not a mountpoint
-            _same_model(vol.tmp / "check" / "model", model)
-        assert proxy.config.gets_by_block == gets  # read whole from the warmed cache
+    vol, proxy, model = fleet_volume
+    proxy.config.rate, proxy.config.kinds, proxy.config.delay = 1.0, ("delay",), 1.0  # a slow store
+    meta = SqliteMeta(vol.meta_url)
+    first, second = free_port(), free_port()
+    with contextlib.ExitStack() as joiner, contextlib.ExitStack() as leaver:
+        leaver.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{first}", cache=tmp_path / "cache-a",
+                                     name="a"))
+        wait_for(lambda: meta.live_peers(time.time_ns()) == [f"127.0.0.1:{first}"])
+        warm = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/model", "--cache-dir",
+                                 str(tmp_path / "w"), "--peers", "meta", "--threads", "2", "--json", "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            joiner.enter_context(mounted(vol, "--peer-listen", f"127.0.0.1:{second}", cache=tmp_path / "cache-b",
+                                         name="b"))
+            wait_for(lambda: len(meta.live_peers(time.time_ns())) == 2)
+            time.sleep(6)  # one membership refresh of the warmup (every 5 s)
+            assert warm.poll() is None, "the warmup ended before the membership changed"
+            leaver.close()  # the first node leaves; the joiner stays
+            out, err = warm.communicate(timeout=120)
+        finally:
+            warm.kill()
+    assert warm.returncode == 0, err
+    report = json.loads(out)
+    assert report["complete"] and report["bytes_from_peers"] == report["bytes_total"], (report, err)
+    gets = dict(proxy.config.gets_by_block)
+    # once each, but for the blocks the leaving node was loading when it stopped (at most
+    # the warmup's 2 requests in flight): the joiner fetches those again
+    assert len(gets) == MODEL_BLOCKS and sum(gets.values()) <= MODEL_BLOCKS + 2, gets
+    assert any(p.is_file() for p in (tmp_path / "cache-b").rglob("*")), "the joiner served nothing"
+    proxy.config.rate = 0.0
+    with mounted(vol, cache=tmp_path / "w", name="check"):  # the warmed cache, not a mountpoint
+        _same_model(vol.tmp / "check" / "model", model)
+    assert proxy.config.gets_by_block == gets  # read whole from the warmed cache

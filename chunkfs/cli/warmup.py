@@ -91,10 +91,10 @@ def _until_complete(args: argparse.Namespace, attempt: Callable[[], dict[str, An
 
 
 def _timed_out(args: argparse.Namespace, snapshot: dict[str, Any]) -> ChunkfsError:
-    done, total = snapshot.get("bytes_done", 0), snapshot.get("bytes_total", 0)
-    pct = 100.0 * done / total if total else 0.0
-    return ChunkfsError(f"warmup timed out after {args.timeout:.0f} s (--timeout): {pct:.0f}% "
-                        f"({format_size(done)} of {format_size(total)}) is cached; run it again to resume")
+    from chunkfs.warmup.control import cached_so_far
+
+    return ChunkfsError(f"warmup timed out after {args.timeout:.0f} s (--timeout): {cached_so_far(snapshot)} is "
+                        "cached; run it again to resume")
 
 
 def _remaining(args: argparse.Namespace) -> float:
@@ -248,7 +248,7 @@ async def _show_progress(job: Any, show: Callable[..., None]) -> None:
 # -- through a mount ---------------------------------------------------------------------------
 def _through_mount(args: argparse.Namespace, op: str, targets: list[str]) -> dict[str, Any]:
     from chunkfs.fuse.mountinfo import chunkfs_mount_of
-    from chunkfs.warmup.control import request, socket_path
+    from chunkfs.warmup.control import WarmupTimedOut, run, socket_path
 
     mount = None
     volume_paths = []
@@ -268,43 +268,14 @@ def _through_mount(args: argparse.Namespace, op: str, targets: list[str]) -> dic
     assert mount is not None
     message = {"op": op, "paths": volume_paths, "threads": args.threads, "force": args.force}
     show = _progress_printer(args)
-    answers = request(socket_path(mount.device), message, mount.mountpoint,
-                      timeout=None if args.deadline is None else max(1.0, _remaining(args)))
-    last: dict[str, Any] = {}
     try:
-        bounded = _answers_until(args, answers, last)
-        return _mount_result(args, op, mount.mountpoint, bounded, show)
-    except TimeoutError:
-        raise _timed_out(args, last) from None
-    finally:
-        answers.close()  # closing the connection stops the daemon's warmup (what it cached stays)
-
-
-def _answers_until(args: argparse.Namespace, answers: Any, last: dict[str, Any]) -> Any:
-    """The daemon's answers, until ``--timeout`` passes (``TimeoutError``); ``last`` keeps the
-    latest progress."""
-    for answer in answers:
-        if "progress" in answer:
-            last.clear()
-            last.update(answer["progress"])
-            if _remaining(args) <= 0:
-                raise TimeoutError
-        yield answer
-
-
-def _mount_result(args: argparse.Namespace, op: str, mountpoint: str, answers: Any,
-                  show: Callable[..., None]) -> dict[str, Any]:
-    for answer in answers:
-        if "progress" in answer:
-            show(answer["progress"])
-        elif "error" in answer:
-            raise ChunkfsError(answer["error"])
-        elif "result" in answer:
-            if op == "warmup":
-                show(answer["result"], final=True)
-            result: dict[str, Any] = answer["result"]
-            return result
-    raise ChunkfsError(f"the chunkfs daemon of {mountpoint} stopped answering; see its log")
+        result = run(socket_path(mount.device), message, mount.mountpoint, deadline=args.deadline,
+                     silence=None if args.deadline is None else max(1.0, _remaining(args)), on_progress=show)
+    except WarmupTimedOut as exc:
+        raise _timed_out(args, exc.snapshot) from None
+    if op == "warmup":
+        show(result, final=True)
+    return result
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -268,24 +268,31 @@ class BlockFetcher:
         waits for the store. One download per block on the node still holds: the cache's
         download lock makes a second asker (or this node's own download) wait for the entry."""
         with self._peer_loads:
-            piece = memoryview(aligned_buffer(download.PIECE))
-            deadline = time.monotonic() + OTHER_DOWNLOADER_PATIENCE
-            while not self.cache.is_verified(bid):
-                try:
-                    got = self._downloader.download(bid, length, piece, around=True, page_in=False)
-                except Busy:  # someone on this node is downloading it: wait for the entry
-                    if time.monotonic() > deadline:
-                        return False
-                    time.sleep(BUSY_RETRY)
-                    continue
-                except StoreError as exc:
-                    log.info("block %s for a peer: %s", bid.hex()[:16], exc)
+            # the download pieces' pool (list pop/append are atomic: shared with the trio thread)
+            piece = self._pieces.pop() if self._pieces else memoryview(aligned_buffer(download.PIECE))
+            try:
+                return self._load_for_peer(bid, length, piece)
+            finally:
+                self._pieces.append(piece)
+
+    def _load_for_peer(self, bid: bytes, length: int, piece: memoryview) -> bool:
+        deadline = time.monotonic() + OTHER_DOWNLOADER_PATIENCE
+        while not self.cache.is_verified(bid):
+            try:
+                got = self._downloader.download(bid, length, piece, around=True, page_in=False)
+            except Busy:  # someone on this node is downloading it: wait for the entry
+                if time.monotonic() > deadline:
                     return False
-                if not got.planted:
-                    self.metrics.origin_blocks.inc()
-                    self.metrics.origin_bytes.inc(length)
-                return not got.declined or self.cache.is_verified(bid)
-            return True
+                time.sleep(BUSY_RETRY)
+                continue
+            except StoreError as exc:
+                log.info("block %s for a peer: %s", bid.hex()[:16], exc)
+                return False
+            if not got.planted:
+                self.metrics.origin_blocks.inc()
+                self.metrics.origin_bytes.inc(length)
+            return not got.declined or self.cache.is_verified(bid)
+        return True
 
     # -- step 3: one load per block ----------------------------------------------------------
     async def _load(self, bid: bytes, length: int, priority: Priority, want: Want) -> _Load:

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from typing import Any
 
 import trio
@@ -27,6 +28,7 @@ import trio
 from chunkfs.errors import ChunkfsError, first_error
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.units import format_size
 from chunkfs.warmup.engine import Warmup, inspect
 from chunkfs.warmup.plan import Planner
 
@@ -168,3 +170,49 @@ def request(path: str, message: dict[str, Any], mountpoint: str,
                 yield json.loads(raw)
     finally:
         sock.close()
+
+
+class WarmupTimedOut(ChunkfsError):
+    """A request's deadline passed, or the daemon stayed silent; ``snapshot``: its latest
+    progress (``bytes_done``, ``bytes_total``; empty if none came)."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        super().__init__(f"timed out with {cached_so_far(snapshot)} cached")
+        self.snapshot = snapshot
+
+
+def run(path: str, message: dict[str, Any], mountpoint: str, *, deadline: float | None = None,
+        silence: float | None = None, on_progress: Callable[[dict[str, Any]], None] | None = None,
+        ) -> dict[str, Any]:
+    """One request to the daemon at ``path``, to its result: each progress snapshot goes to
+    ``on_progress``; an error answer raises ``ChunkfsError``; ``WarmupTimedOut`` once
+    ``deadline`` (``time.monotonic()``) has passed at a progress answer, or when the daemon
+    says nothing for ``silence`` seconds. Leaving early closes the connection, which cancels
+    the daemon's warmup (what it cached stays)."""
+    last: dict[str, Any] = {}
+    answers = request(path, message, mountpoint, timeout=silence)
+    try:
+        for answer in answers:
+            if "progress" in answer:
+                last = answer["progress"]
+                if on_progress is not None:
+                    on_progress(last)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WarmupTimedOut(last)
+            elif "error" in answer:
+                raise ChunkfsError(answer["error"])
+            elif "result" in answer:
+                result: dict[str, Any] = answer["result"]
+                return result
+    except TimeoutError:
+        raise WarmupTimedOut(last) from None
+    finally:
+        answers.close()
+    raise ChunkfsError(f"the chunkfs daemon of {mountpoint} stopped answering; see its log")
+
+
+def cached_so_far(snapshot: dict[str, Any]) -> str:
+    """``45% (3.6 GiB of 8.0 GiB)`` of a warmup snapshot or report."""
+    done, total = snapshot.get("bytes_done", 0), snapshot.get("bytes_total", 0)
+    pct = 100.0 * done / total if total else 0.0
+    return f"{pct:.0f}% ({format_size(done)} of {format_size(total)})"
