@@ -130,6 +130,17 @@ def assert_reads(src: Path, target: Path) -> None:
             assert (target / path.relative_to(src)).read_bytes() == path.read_bytes(), path
 
 
+def wait_until_reads(p: Plugin, src: Path, target: Path, timeout: float = 60) -> None:
+    """Wait until ``target`` reads exactly like ``src`` (after a revived daemon is re-bound)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            assert_reads(src, target)
+            return
+        assert time.monotonic() < deadline, f"the target never came back:\n{p.log.read_text()}"
+        time.sleep(0.2)
+
+
 def mounts_under(root: Path) -> list[str]:
     return [m.mountpoint for m in list_mounts() if m.mountpoint.startswith(str(root) + "/")]
 
@@ -293,13 +304,7 @@ def test_plugin_restart_and_a_dead_daemon_are_survived(plugin, tmp_path: Path) -
     assert stats.usage
     assert p.daemon_pids() == [first]
     os.kill(first, signal.SIGKILL)  # now the daemon dies: "transport endpoint is not connected" ...
-    deadline = time.monotonic() + 60
-    while True:  # ... until the plugin brings it back and re-binds the target
-        with contextlib.suppress(OSError):
-            assert_reads(src, target)
-            break
-        assert time.monotonic() < deadline, f"the target never came back:\n{p.log.read_text()}"
-        time.sleep(0.2)
+    wait_until_reads(p, src, target)  # ... until the plugin brings it back and re-binds the target
     [second] = p.daemon_pids()
     assert second != first and pid_alive(second)
     p.publish(target)  # still idempotent
@@ -340,7 +345,7 @@ def test_a_volume_with_peer_port_serves_its_node_cache_to_peers(plugin, tmp_path
     assert _answers_401(port)  # unsigned: 401 and nothing else
     os.kill(pid, signal.SIGKILL)  # a revived daemon listens again on the same port
     wait_for(lambda: p.daemon_pids() != [pid] and _answers_401(port), timeout=60)
-    assert_reads(src, target)
+    wait_until_reads(p, src, target)  # the plugin re-binds the target after the new daemon is up
     p.unpublish(target)
     p.unstage()
     with pytest.raises(OSError):
