@@ -21,7 +21,10 @@ their blocks become garbage like those of any deleted file.
 
 fsck walks every file (orphans included) and reports blocks that are missing from the store, of the wrong
 size, or (with ``check_content``) whose bytes do not match their hash; reference counts
-that disagree with the files; and objects no file uses (which gc removes). It changes nothing.
+that disagree with the files; snapshots that lost their path or hold an inode that is not
+frozen; and objects no file uses (which gc removes). It changes nothing.
+
+Snapshots need nothing of gc: their files reference their blocks like any file.
 """
 
 from __future__ import annotations
@@ -120,10 +123,13 @@ class FsckReport:
     orphans: int = 0  # objects no file uses (gc removes them)
     orphan_bytes: int = 0
     content_checked: bool = False
+    snapshots: int = 0
+    snapshot_errors: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.wrong_size or self.corrupt or self.refcount_errors)
+        return not (self.missing or self.wrong_size or self.corrupt or self.refcount_errors
+                    or self.snapshot_errors)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "clean": self.clean}
@@ -152,9 +158,29 @@ def _note(bucket: list[str], entry: str) -> None:
         bucket.append(entry)
 
 
+def _check_snapshots(volume: Volume, report: FsckReport) -> None:
+    """Every snapshot has a path, and every inode of its tree is frozen."""
+    meta = volume.meta
+    for record in meta.snapshots():
+        report.snapshots += 1
+        path = meta.dir_path(record.ino)
+        if path is None:
+            _note(report.snapshot_errors, f"snapshot of {record.source} (inode {record.ino}) has no path")
+            continue
+        stack = [(path, record.ino)]
+        while stack:
+            where, ino = stack.pop()
+            if not meta.is_frozen(ino):
+                _note(report.snapshot_errors, f"{where}: in snapshot {path} but not frozen (writable)")
+            if meta.getattr(ino).is_dir:
+                stack.extend((posixpath.join(where, name.decode(errors="surrogateescape")), attr.ino)
+                             for name, attr in meta.readdir(ino))
+
+
 def check_volume(volume: Volume, *, check_content: bool = False, threads: int = 16) -> FsckReport:
     meta, bs = volume.meta, volume.fmt.block_size
     report = FsckReport(content_checked=check_content)
+    _check_snapshots(volume, report)
     objects = _block_objects(volume)
     report.objects = len(objects)
     lengths: dict[bytes, tuple[int, str]] = {}

@@ -20,6 +20,7 @@ import pytest
 
 from chunkfs.blocks import block_id
 from chunkfs.fuse.mountinfo import find_mount
+from chunkfs.meta import MetaStore, VolumeFormat, open_meta
 from tests import mount_guard
 from tests.mount_guard import require_mount_marker
 
@@ -334,3 +335,17 @@ def volume_on(request: pytest.FixtureRequest, tmp: Path, meta_kind: str = "sqlit
     chunkfs("format", vol.meta_url, "--storage", storage_url(store_kind, request, tmp), "--block-size", str(BLOCK),
             *extra)
     return vol
+
+
+#: the volume settings of the engine contract tests (4-byte blocks)
+FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
+                   created="2026-01-01T00:00:00+00:00")
+
+
+@pytest.fixture(params=META_KINDS)
+def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
+    """A formatted volume on each metadata engine: SQLite, redis-server standalone, TLS and cluster."""
+    m = open_meta(meta_url(request.param, request, tmp_path), create=True)
+    m.save_format(FMT)
+    yield m
+    m.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,6 +372,31 @@ def test_publish_with_warm_returns_once_the_path_is_in_the_node_cache(plugin, tm
     assert_reads(src, tmp_path / "t")
     assert "is in the node cache" in p.log.read_text()
     p.unpublish(tmp_path / "t")
+    p.unstage()
+
+
+def test_a_volume_pins_a_snapshot_by_its_path(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A snapshot is a directory like any other for a CSI volume's ``path``: a pod reads the
+    bytes the snapshot pinned, warmed, while the live tree is replaced underneath."""
+    p, src = plugin
+    chunkfs("snapshot", p.vol.meta_url, "/m", "/m@v1")
+    changed = tmp_path / "changed"
+    shutil.copytree(src, changed, symlinks=True)
+    for path in changed.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.write_bytes(b"a newer model " + path.read_bytes()[:100])
+    chunkfs("import", p.vol.meta_url, str(changed), "/m")  # the live tree now holds other bytes
+    p.stage(path="/m@v1")
+    target = tmp_path / "t"
+    p.publish(target, path="/m@v1", attributes={"warm": "100%"})
+    assert_reads(src, target)
+    live_staging, live = tmp_path / "staging-live", tmp_path / "live"
+    p.stage(volume_id="live", staging=live_staging, path="/m")  # the live tree, beside it
+    p.publish(live, volume_id="live", staging=live_staging, path="/m")
+    assert_reads(changed, live)
+    p.unpublish(live, volume_id="live")
+    p.unstage(volume_id="live", staging=live_staging)
+    p.unpublish(target)
     p.unstage()
 
 

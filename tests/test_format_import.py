@@ -13,7 +13,7 @@ import pytest
 from chunkfs.blocks import block_length, object_key
 from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.meta import ROOT_INODE
-from chunkfs.meta.base import FORMAT_VERSION
+from chunkfs.meta.base import WRITABLE_FORMAT_VERSION
 from chunkfs.store.file import FileStore
 from chunkfs.volume import MARKER_KEY, format_volume, open_volume
 from chunkfs.write.importer import Importer
@@ -45,7 +45,7 @@ def test_format_stores_settings_and_marker(tmp_path: Path) -> None:
     with open_volume(f"sqlite://{tmp_path / 'v.db'}") as vol:
         assert vol.fmt == fmt
         assert (fmt.block_size, fmt.compression, fmt.name) == (BLOCK, "lz4", "models")
-        assert fmt.format_version == FORMAT_VERSION
+        assert fmt.format_version == WRITABLE_FORMAT_VERSION
     marker = json.loads((tmp_path / "blocks" / MARKER_KEY).read_text())
     assert marker["uuid"] == fmt.uuid
 

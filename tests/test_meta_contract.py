@@ -7,7 +7,7 @@ import errno
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,21 +15,12 @@ import pytest
 from chunkfs.blocklist import BlockList
 from chunkfs.blocks import block_id
 from chunkfs.errors import FsError, NotFormatted, UsageError
-from chunkfs.meta import ROOT_INODE, MetaStore, VolumeFormat, open_meta
+from chunkfs.meta import ROOT_INODE, MetaStore, open_meta
 from chunkfs.meta.base import BUSY, CLAIMED, DELETE_MARK_TTL_NS, KNOWN
 from chunkfs.meta.sessions import STALE_AFTER_S, new_session_id, release_dead_sessions
-from tests.conftest import META_KINDS, meta_url
+from tests.conftest import FMT
 
-FMT = VolumeFormat(name="t", uuid="u-1", storage="file:///x", block_size=4, compression="none",
-                   created="2026-01-01T00:00:00+00:00")
-
-
-@pytest.fixture(params=META_KINDS)
-def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
-    m = open_meta(meta_url(request.param, request, tmp_path), create=True)
-    m.save_format(FMT)
-    yield m
-    m.close()
+# the ``meta`` fixture (every engine, formatted with FMT) is in conftest.py
 
 
 def ids(*chunks: bytes) -> list[bytes]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs.meta.base import FORMAT_VERSION, MAX_FILE_SIZE
+from chunkfs.meta.base import MAX_FILE_SIZE, WRITABLE_FORMAT_VERSION
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -294,7 +294,7 @@ def test_a_volume_made_by_the_previous_format_reads_and_writes(tmp_path: Path) -
         os.mkfifo(mnt / "fifo")
         assert (mnt / "models/m/config.json").read_bytes() == b'{"a": 1}\n'
     status = json.loads(chunkfs("status", vol.meta_url, "--json").stdout)
-    assert status["format"]["format_version"] == FORMAT_VERSION
+    assert status["format"]["format_version"] == WRITABLE_FORMAT_VERSION
     assert json.loads(chunkfs("fsck", vol.meta_url, "--check-content", "--json").stdout)["clean"]
     with mounted(vol, name="ro2") as ro:
         assert (ro.path / "sparse").read_bytes() == b"head" + bytes(10 * BLOCK - 4)

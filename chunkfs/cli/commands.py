@@ -1,4 +1,4 @@
-"""Volume commands: format, import, status."""
+"""Volume commands: format, import, status, snapshot, gc, fsck, dump, load."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from chunkfs import snapshots
 from chunkfs.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_HASH
 from chunkfs.cli.options import store_options
 from chunkfs.errors import ChunkfsError, UsageError
@@ -62,13 +63,45 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    modes = sum((bool(args.paths), args.list, args.delete is not None))
+    if modes != 1 or (args.paths and len(args.paths) != 2):
+        raise UsageError("snapshot takes SRC DST, or --list, or --delete PATH "
+                         "(e.g. chunkfs snapshot META /llama /llama@v1)")
+    meta = open_meta(args.meta)
+    try:
+        if args.list:
+            found = snapshots.list_all(meta)
+            if args.json:
+                print(json.dumps([s.as_dict() for s in found], indent=2))
+            for snap in [] if args.json else found:
+                print(f"{snap.path}\t{snap.as_dict()['created']}\tfrom {snap.source}")
+            return 0
+        if args.delete is not None:
+            gone = snapshots.delete(meta, args.delete)
+            verb = "deleted snapshot"
+        else:
+            gone = snapshots.create(meta, args.paths[0], args.paths[1])
+            verb = "snapshot"
+    finally:
+        meta.close()
+    if args.json:
+        print(json.dumps(gone.as_dict(), indent=2))
+    elif verb == "snapshot":
+        print(f"snapshot {gone.path} of {gone.source} (read-only; no block copied)")
+    else:
+        print(f"deleted snapshot {gone.path}; 'chunkfs gc' collects the blocks nothing else uses")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with open_volume(args.meta) as volume:
         fmt = volume.fmt
         stats = volume.meta.stats()
+        pinned = snapshots.list_all(volume.meta)
     if args.json:
         out = {"metadata": mask_url(args.meta), "format": asdict(fmt), "stats": asdict(stats),
-               "dedup_ratio": round(stats.dedup_ratio, 4)}
+               "dedup_ratio": round(stats.dedup_ratio, 4), "snapshots": [s.as_dict() for s in pinned]}
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
     saved = max(0, stats.logical_bytes - stats.unique_bytes)
@@ -86,6 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("blocks", f"{stats.block_refs} referenced, {stats.unique_blocks} unique "
                    f"({format_size(stats.unique_bytes)})"),
         ("dedup", f"{stats.dedup_ratio:.2f}x (saves {format_size(saved)})"),
+        ("snapshots", ", ".join(s.path for s in pinned) if pinned else "none"),
     ]
     for key, value in rows:
         print(f"{key + ':':14}{value}")
@@ -148,8 +182,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         checked = "sizes and hashes" if report.content_checked else "sizes"
         print(f"{report.files} files, {report.blocks} distinct blocks, {report.objects} objects in the store "
               f"({checked} checked)")
+        if report.snapshots:
+            print(f"{report.snapshots} snapshots")
         for title, entries in (("missing", report.missing), ("wrong size", report.wrong_size),
-                               ("corrupt", report.corrupt)):
+                               ("corrupt", report.corrupt), ("snapshot", report.snapshot_errors)):
             for entry in entries:
                 print(f"{title}: {entry}")
         if report.refcount_errors:

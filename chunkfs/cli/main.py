@@ -172,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("--input", "-i", default="-", help="file to read (default stdin)")
 
+    p = sub.add_parser("snapshot", help="pin a directory tree as a read-only version (metadata only); "
+                                        "list or delete snapshots",
+                       description="chunkfs snapshot META SRC DST copies the tree SRC as the read-only "
+                                   "directory DST (no block is copied); --list shows every snapshot; "
+                                   "--delete DST removes one (gc then collects blocks nothing else uses).")
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="SRC DST: volume paths, e.g. /llama /llama@v1")
+    p.add_argument("--list", action="store_true", help="list every snapshot")
+    p.add_argument("--delete", metavar="PATH", help="delete the snapshot at this volume path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("status", help="show volume settings and usage")
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -201,6 +212,7 @@ def run(argv: list[str] | None = None) -> int:
         "format": commands.cmd_format,
         "import": commands.cmd_import,
         "status": commands.cmd_status,
+        "snapshot": commands.cmd_snapshot,
         "objbench": commands.cmd_objbench,
         "gc": commands.cmd_gc,
         "fsck": commands.cmd_fsck,

@@ -29,7 +29,7 @@ from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.fuse.ops import FuseOperations
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import FORMAT_VERSION
+from chunkfs.meta.base import WRITABLE_FORMAT_VERSION
 from chunkfs.meta.sessions import HEARTBEAT_S, new_session_id, release_dead_sessions
 from chunkfs.metrics import Metrics
 from chunkfs.peer.setup import Peers, PeerSettings, open_peers, owner_load, serve_cache
@@ -151,9 +151,9 @@ def _begin_session(volume: Volume) -> str:
     """Before a writable mount: raise the volume to the current format (its writes may use
     what older chunkfs cannot read), release the orphans of dead sessions, register ours."""
     meta = volume.meta
-    if volume.fmt.format_version < FORMAT_VERSION:
-        meta.save_format(dataclasses.replace(volume.fmt, format_version=FORMAT_VERSION))
-        log.info("volume raised to format version %d", FORMAT_VERSION)
+    if volume.fmt.format_version < WRITABLE_FORMAT_VERSION:
+        meta.save_format(dataclasses.replace(volume.fmt, format_version=WRITABLE_FORMAT_VERSION))
+        log.info("volume raised to format version %d", WRITABLE_FORMAT_VERSION)
     released = release_dead_sessions(meta)
     if released:
         log.info("released %d file(s) unlinked while open in mounts that are gone", released)

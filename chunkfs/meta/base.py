@@ -13,6 +13,11 @@ Contract (checked by ``tests/test_meta_contract.py`` for every engine):
   directory's group, and a new directory there its set-gid bit, as ext4 does.
 - Block reference counts (``blockrefs``) always equal the number of (file, index) slots
   that name the block; ``stats`` derives the dedup figures from them.
+- Snapshots (``snapshot``) are read-only copies of a directory tree made in the metadata
+  only: every inode of a snapshot is *frozen*, and every change that would alter a frozen
+  inode or a frozen directory's entries raises ``FsError(EROFS)`` in the engine, whoever
+  asks (a mount, an import, a load). Only ``delete_snapshot`` removes them. A frozen file
+  references its blocks like any file, so gc keeps them.
 - Per-operation failures raise ``FsError(errno)``; engine-level failures raise
   ``ChunkfsError`` with a one-line message.
 """
@@ -33,8 +38,16 @@ from chunkfs.errors import ChunkfsError, FsError, NotFormatted
 ROOT_INODE = 1
 #: 1: dense block lists only. 2: block lists may have holes (``BlockList``'s sparse form) and
 #: inodes may be FIFOs, sockets or device nodes. Code reading version 1 would misread both,
-#: so a writable mount raises a volume to 2 before it writes; this code reads both.
-FORMAT_VERSION = 2
+#: so a writable mount raises a volume to 2 before it writes. 3: the volume may hold
+#: snapshots (frozen inodes); code reading version 2 would let a writable mount change them,
+#: so making a snapshot (or loading a dump with one) raises a volume to 3 first. This code
+#: reads all three; new volumes are made at 2, so chunkfs before snapshots keeps reading
+#: them until someone takes a snapshot.
+FORMAT_VERSION = 3
+#: what new volumes are made at and what a writable mount raises an older volume to
+WRITABLE_FORMAT_VERSION = 2
+#: the version a volume needs before it may hold snapshots
+SNAPSHOT_FORMAT_VERSION = 3
 NAME_MAX = 255
 #: the largest file size: sizes travel as Lua numbers (doubles) in the Redis engine, exact
 #: up to 2**53 (8 PiB). A larger truncate or write gets EFBIG.
@@ -52,7 +65,7 @@ class VolumeFormat:
     compression: str
     created: str
     hash: str = HASH_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = WRITABLE_FORMAT_VERSION
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -120,6 +133,24 @@ class VolumeStats:
     @property
     def dedup_ratio(self) -> float:
         return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A snapshot as the engine registers it: its root directory's inode, the volume path it
+    was copied from, and when (ns)."""
+
+    ino: int
+    source: str
+    created_ns: int
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "created_ns": self.created_ns}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, ino: int, text: str | bytes) -> SnapshotRecord:
+        data = json.loads(text)
+        return cls(ino, str(data.get("source", "")), int(data.get("created_ns", 0)))
 
 
 class MetaStore(ABC):
@@ -346,6 +377,39 @@ class MetaStore(ABC):
     @abstractmethod
     def remove_xattr(self, ino: int, name: bytes) -> None:
         """ENODATA if absent."""
+
+    # -- snapshots (read-only copies made in the metadata) ----------------------------------------
+    @abstractmethod
+    def snapshot(self, src: int, parent: int, name: bytes, *, source: str, created_ns: int) -> Attr:
+        """In one transaction: copy directory ``src`` and everything below it to a new
+        directory ``parent/name`` (new inodes with the same attributes, xattrs, symlink targets
+        and block lists; hard links inside the tree stay links; no block is copied, each copied
+        file adds its block references), freeze every new inode and register the copy as a
+        snapshot of ``source``. ENOTDIR if ``src`` is not a directory, EEXIST if the name is
+        taken, EINVAL if ``parent`` lies inside ``src``, EROFS if ``parent`` is frozen."""
+
+    @abstractmethod
+    def freeze_tree(self, root: int, *, source: str, created_ns: int) -> None:
+        """Freeze directory ``root`` and everything below it and register it as a snapshot
+        (``load`` of a dump that holds snapshots)."""
+
+    @abstractmethod
+    def delete_snapshot(self, root: int) -> None:
+        """In one transaction: remove the snapshot whose root directory is ``root`` with all
+        it holds, dropping its block references (gc may then collect blocks no one else
+        uses). EINVAL if ``root`` is not a snapshot's root."""
+
+    @abstractmethod
+    def snapshots(self) -> list[SnapshotRecord]:
+        """Every registered snapshot, by root inode."""
+
+    @abstractmethod
+    def is_frozen(self, ino: int) -> bool:
+        """True if the inode belongs to a snapshot (never changes while the inode exists)."""
+
+    @abstractmethod
+    def dir_path(self, ino: int) -> str | None:
+        """The volume path of directory ``ino`` (``/`` for the root), or None if it has none."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

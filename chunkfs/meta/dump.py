@@ -10,9 +10,11 @@ devices;
 ``xattrs`` (name -> base64 value) when the entry has extended attributes. A file reached
 again under another name (a hard link) is a ``{"path", "type": "hardlink", "link_to"}``
 record naming the path it was first dumped at, so ``load`` recreates one inode, not two.
-Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``. Version 1
-dumps (no xattrs, hard links dumped as copies) and version 2 dumps (no holes or special
-files) load unchanged. Files unlinked while open are not dumped (they have no path).
+Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``. After the tree,
+one ``{"type": "snapshot", "path", "source", "created_ns"}`` record per snapshot; ``load``
+freezes that directory's tree again once everything is loaded. Version 1 dumps (no xattrs,
+hard links dumped as copies), version 2 dumps (no holes or special files) and version 3
+dumps (no snapshots) load unchanged. Files unlinked while open are not dumped (they have no path).
 
 Uses only the ``MetaStore`` interface, so it works between any two engines. ``load``
 refuses a target that already holds a volume. Inode numbers are not preserved (nothing
@@ -22,6 +24,7 @@ refers to them outside the engine).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import stat
@@ -32,9 +35,9 @@ from typing import IO
 from chunkfs.blocklist import BlockList
 from chunkfs.blocks import block_count
 from chunkfs.errors import ChunkfsError
-from chunkfs.meta.base import ROOT_INODE, Attr, FsError, MetaStore, VolumeFormat
+from chunkfs.meta.base import ROOT_INODE, SNAPSHOT_FORMAT_VERSION, Attr, FsError, MetaStore, VolumeFormat
 
-DUMP_VERSION = 3
+DUMP_VERSION = 4
 _SPECIAL_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK, "char": stat.S_IFCHR, "block": stat.S_IFBLK}
 
 
@@ -67,8 +70,14 @@ def iter_dump(meta: MetaStore) -> Iterator[dict]:
     yield {"chunkfs_dump": DUMP_VERSION, "format": asdict(fmt)}
     stack = [("/", meta.getattr(ROOT_INODE))]
     first_path: dict[int, str] = {}  # inode -> where a file with several links was dumped
+    snapshot_roots = {record.ino: record for record in meta.snapshots()}
+    snapshots = []
     while stack:
         path, attr = stack.pop()
+        if attr.ino in snapshot_roots:
+            record = snapshot_roots[attr.ino]
+            snapshots.append({"type": "snapshot", "path": path, "source": record.source,
+                              "created_ns": record.created_ns})
         if not attr.is_dir and attr.nlink > 1:
             if attr.ino in first_path:
                 yield {"path": path, "type": "hardlink", "link_to": first_path[attr.ino]}
@@ -79,6 +88,7 @@ def iter_dump(meta: MetaStore) -> Iterator[dict]:
             children = meta.readdir(attr.ino)
             for name, child in reversed(children):
                 stack.append((f"{path.rstrip('/')}/{os.fsdecode(name)}", child))
+    yield from snapshots
 
 
 def dump(meta: MetaStore, out: IO[str]) -> int:
@@ -104,6 +114,7 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
     meta.save_format(VolumeFormat(**header["format"]))
     inodes: dict[str, int] = {"/": ROOT_INODE}  # every path loaded so far
     dirs: list[tuple[int, dict]] = []
+    snapshots: list[tuple[int, dict]] = []
     count = 0
     for number, line in enumerate(lines, start=2):
         if not line.strip():
@@ -111,6 +122,9 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
         try:
             rec = json.loads(line)
             path = rec["path"]
+            if rec.get("type") == "snapshot":
+                snapshots.append((inodes[path], rec))
+                continue
             if path == "/":
                 dirs.append((ROOT_INODE, rec))
                 _load_xattrs(meta, ROOT_INODE, rec)
@@ -146,7 +160,17 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
         count += 1
     for ino, rec in reversed(dirs):  # after the children, whose creation touched the mtimes
         meta.set_attrs(ino, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"], mtime_ns=rec["mtime_ns"])
+    if snapshots:
+        _raise_to_snapshot_format(meta)
+    for ino, rec in snapshots:  # last: a frozen directory takes no more changes
+        meta.freeze_tree(ino, source=str(rec.get("source", "")), created_ns=int(rec.get("created_ns", 0)))
     return count
+
+
+def _raise_to_snapshot_format(meta: MetaStore) -> None:
+    fmt = meta.load_format()
+    if fmt is not None and fmt.format_version < SNAPSHOT_FORMAT_VERSION:
+        meta.save_format(dataclasses.replace(fmt, format_version=SNAPSHOT_FORMAT_VERSION))
 
 
 def _blocks_of(rec: dict, block_size: int) -> BlockList:

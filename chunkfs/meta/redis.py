@@ -26,6 +26,10 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:sessions        hash     writable mount session -> last heartbeat (ns)
     chunkfs{P}:orphans         hash     inode unlinked while open (nlink 0) -> its session
     chunkfs{P}:parents         string   "1" once every directory has its link
+    chunkfs{P}:snapshots       hash     snapshot root inode -> SnapshotRecord JSON
+
+An inode of a snapshot has the field ``frozen`` (``"1"``); every script that changes an inode
+or a directory's entries refuses a frozen one with EROFS.
 
 Directory links (``parent``, ``pname``) let a rename check "not into its own subtree" by
 walking up from the destination (bounded by its depth, as on SQLite) instead of searching
@@ -64,6 +68,7 @@ from chunkfs.meta.base import (
     ROOT_INODE,
     Attr,
     MetaStore,
+    SnapshotRecord,
     VolumeFormat,
     VolumeStats,
     as_block_list,
@@ -168,7 +173,8 @@ class RedisMeta(MetaStore):
                          for name in ("MKDIR", "SYMLINK", "PUBLISH", "UNLINK", "SET_ATTRS", "FORMAT", "READDIR",
                                       "CREATE", "COMMIT", "RMDIR", "RENAME", "EXCHANGE", "LINK", "XATTR",
                                       "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE", "MKNOD", "RELEASE_ORPHAN",
-                                      "CLOSE_SESSION", "LINK_PARENTS")}
+                                      "CLOSE_SESSION", "LINK_PARENTS", "SNAPSHOT", "FREEZE_TREE",
+                                      "DELETE_SNAPSHOT")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -405,6 +411,41 @@ class RedisMeta(MetaStore):
 
     def remove_xattr(self, ino: int, name: bytes) -> None:
         self._run("XATTR", ino, name, b"", "remove", time.time_ns())
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self, src: int, parent: int, name: bytes, *, source: str, created_ns: int) -> Attr:
+        check_name(name)
+        self._link_parents()  # a snapshot's path is found by its directories' links
+        record = SnapshotRecord(0, source, created_ns)
+        root = self._run("SNAPSHOT", src, parent, name, time.time_ns(), self.block_size, record.to_json())
+        return self.getattr(int(root))
+
+    def freeze_tree(self, root: int, *, source: str, created_ns: int) -> None:
+        self._run("FREEZE_TREE", root, SnapshotRecord(root, source, created_ns).to_json())
+
+    def delete_snapshot(self, root: int) -> None:
+        self._run("DELETE_SNAPSHOT", root, self.block_size, time.time_ns())
+
+    def snapshots(self) -> list[SnapshotRecord]:
+        raw = self._call(self.client.hgetall, self.prefix + "snapshots")
+        return sorted((SnapshotRecord.from_json(int(k), v) for k, v in raw.items()), key=lambda r: r.ino)
+
+    def is_frozen(self, ino: int) -> bool:
+        return bool(self._call(self.client.hexists, self._ikey(ino), "frozen"))
+
+    def dir_path(self, ino: int) -> str | None:
+        """Walks up the directories' links (a snapshot's root and every directory made or moved
+        since links exist has one); None when a link is missing or stale."""
+        names: list[str] = []
+        while ino != ROOT_INODE:
+            parent, pname = self._call(self.client.hmget, self._ikey(ino), ["parent", "pname"])
+            if parent is None or pname is None or len(names) > 4096:
+                return None
+            if self._call(self.client.hget, self._dkey(int(parent)), pname) not in (str(ino).encode(), str(ino)):
+                return None
+            names.append(os.fsdecode(_bytes(pname)))
+            ino = int(parent)
+        return "/" + "/".join(reversed(names))
 
     def close(self) -> None:
         self.client.close()

@@ -16,6 +16,16 @@ local function parent_dir(parent)
   if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR parent ' .. parent) end
   return nil
 end
+-- an EROFS error reply if any of the given inodes (nil ones skipped) belongs to a snapshot
+local function refuse_frozen(...)
+  for k = 1, select('#', ...) do
+    local ino = select(k, ...)
+    if ino and redis.call('HEXISTS', ikey(ino), 'frozen') == 1 then
+      return redis.error_reply('EROFS inode ' .. ino .. ' is in a snapshot (read-only)')
+    end
+  end
+  return nil
+end
 local function touch(ino, now, nlink_delta)
   redis.call('HSET', ikey(ino), 'mtime', now, 'ctime', now)
   if nlink_delta ~= 0 then redis.call('HINCRBY', ikey(ino), 'nlink', nlink_delta) end
@@ -113,7 +123,7 @@ end
 -- error reply. In a set-gid parent it takes the parent's group, a new directory its set-gid bit.
 local S_ISGID = 1024
 local function add_entry(parent, name, mode, uid, gid, size, mtime, now)
-  local err = parent_dir(parent) if err then return nil, err end
+  local err = parent_dir(parent) or refuse_frozen(parent) if err then return nil, err end
   local p = redis.call('HMGET', ikey(parent), 'mode', 'gid')
   if bit.band(tonumber(p[1]), S_ISGID) ~= 0 then
     gid = p[2]
@@ -224,6 +234,7 @@ local parent, name, mode, size, blob, bs, now = ARGV[2], ARGV[3], ARGV[4], tonum
   tonumber(ARGV[10]), ARGV[11]
 local err = parent_dir(parent) if err then return err end
 local old = redis.call('HGET', dkey(parent), name)
+err = refuse_frozen(parent, old) if err then return err end
 local ino
 if old then
   local a = redis.call('HMGET', ikey(old), 'mode', 'size', 'blocks')
@@ -255,6 +266,7 @@ local parent, name = ARGV[2], ARGV[3]
 local err = parent_dir(parent) if err then return err end
 local ino = redis.call('HGET', dkey(parent), name)
 if not ino then return redis.error_reply('ENOENT ' .. name) end
+err = refuse_frozen(parent, ino) if err then return err end
 if ftype(redis.call('HGET', ikey(ino), 'mode')) == S_IFDIR then return redis.error_reply('EISDIR ' .. name) end
 drop_entry(parent, name, ino, tonumber(ARGV[5]), ARGV[4], ARGV[6], ARGV[7])
 touch(parent, ARGV[4], 0)
@@ -266,6 +278,7 @@ SET_ATTRS = PRELUDE + r"""
 local k = ikey(ARGV[2])
 local mode = redis.call('HGET', k, 'mode')
 if not mode then return redis.error_reply('ENOENT inode ' .. ARGV[2]) end
+local err = refuse_frozen(ARGV[2]) if err then return err end
 if ARGV[3] ~= '' then redis.call('HSET', k, 'mode', ftype(mode) + tonumber(ARGV[3])) end
 if ARGV[4] ~= '' then redis.call('HSET', k, 'uid', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', k, 'gid', ARGV[5]) end
@@ -312,6 +325,7 @@ COMMIT = PRELUDE + r"""
 local ino, size, blob, bs, now = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[6]), ARGV[7]
 local a = redis.call('HMGET', ikey(ino), 'mode', 'size', 'blocks')
 if not a[1] then return redis.error_reply('ENOENT inode ' .. ino) end
+local err = refuse_frozen(ino) if err then return err end
 local t = ftype(a[1])
 if t == S_IFDIR then return redis.error_reply('EISDIR inode ' .. ino) end
 if t ~= S_IFREG then return redis.error_reply('EINVAL inode ' .. ino) end
@@ -329,6 +343,7 @@ local parent, name = ARGV[2], ARGV[3]
 local err = parent_dir(parent) if err then return err end
 local ino, mode = child_of(parent, name)
 if not ino then return redis.error_reply('ENOENT ' .. name) end
+err = refuse_frozen(parent, ino) if err then return err end
 if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR ' .. name) end
 if redis.call('HLEN', dkey(ino)) > 0 then return redis.error_reply('ENOTEMPTY ' .. name) end
 redis.call('HDEL', dkey(parent), name)
@@ -346,6 +361,7 @@ local err = parent_dir(parent) if err then return err end
 err = parent_dir(np) if err then return err end
 local src, smode = child_of(parent, name)
 if not src then return redis.error_reply('ENOENT ' .. name) end
+err = refuse_frozen(parent, np, src, redis.call('HGET', dkey(np), nn)) if err then return err end
 if parent == np and name == nn then return 1 end
 local src_is_dir = ftype(smode) == S_IFDIR
 if src_is_dir and within(src, np) then  -- the destination may not be inside the directory being moved
@@ -386,6 +402,7 @@ local a, amode = child_of(parent, name)
 if not a then return redis.error_reply('ENOENT ' .. name) end
 local b, bmode = child_of(op, on)
 if not b then return redis.error_reply('ENOENT ' .. on) end
+err = refuse_frozen(parent, op, a, b) if err then return err end
 if a == b then return 1 end
 local a_dir, b_dir = ftype(amode) == S_IFDIR, ftype(bmode) == S_IFDIR
 if parent ~= op and ((a_dir and within(a, op)) or (b_dir and within(b, parent))) then
@@ -410,7 +427,7 @@ local ino, np, nn, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local mode = redis.call('HGET', ikey(ino), 'mode')
 if not mode then return redis.error_reply('ENOENT inode ' .. ino) end
 if ftype(mode) == S_IFDIR then return redis.error_reply('EPERM hard links to directories are not allowed') end
-local err = parent_dir(np) if err then return err end
+local err = parent_dir(np) or refuse_frozen(ino, np) if err then return err end
 if redis.call('HEXISTS', dkey(np), nn) == 1 then return redis.error_reply('EEXIST ' .. nn) end
 redis.call('HSET', dkey(np), nn, ino)
 redis.call('HINCRBY', ikey(ino), 'nlink', 1)
@@ -423,6 +440,7 @@ return 1
 XATTR = PRELUDE + r"""
 local ino, name, mode = ARGV[2], ARGV[3], ARGV[5]
 if redis.call('EXISTS', ikey(ino)) == 0 then return redis.error_reply('ENOENT inode ' .. ino) end
+local err = refuse_frozen(ino) if err then return err end
 local exists = redis.call('HEXISTS', xkey(ino), name) == 1
 if mode == 'create' and exists then return redis.error_reply('EEXIST xattr') end
 if (mode == 'replace' or mode == 'remove') and not exists then return redis.error_reply('ENODATA xattr') end
@@ -479,4 +497,133 @@ for j = 2, #entries, 2 do
   end
 end
 return subdirs
+"""
+
+# ARGV: P, src dir, parent, name, now, block_size, snapshot record JSON -> the copy's root inode
+# (MetaStore.snapshot: the whole tree in one script, so the copy is one point in time; it
+# holds the server for as long as the tree is large, a few ms per thousand entries)
+SNAPSHOT = PRELUDE + r"""
+local src, parent, name, now, bs = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local err = parent_dir(parent) or refuse_frozen(parent) if err then return err end
+local smode = redis.call('HGET', ikey(src), 'mode')
+if not smode then return redis.error_reply('ENOENT inode ' .. src) end
+if ftype(smode) ~= S_IFDIR then return redis.error_reply('ENOTDIR inode ' .. src) end
+if within(src, parent) then return redis.error_reply('EINVAL a snapshot cannot be placed inside its source') end
+if redis.call('HEXISTS', dkey(parent), name) == 1 then return redis.error_reply('EEXIST ' .. name) end
+local copies, links = {}, {}
+local function copy(old)
+  local fields = redis.call('HGETALL', ikey(old))
+  local ino = redis.call('INCR', P .. 'next_ino')
+  local kept = {}
+  local mode, size, blob = '0', '0', nil
+  for j = 1, #fields, 2 do
+    local f = fields[j]
+    if f ~= 'parent' and f ~= 'pname' then
+      table.insert(kept, f)
+      table.insert(kept, fields[j + 1])
+    end
+    if f == 'mode' then mode = fields[j + 1] elseif f == 'size' then size = fields[j + 1]
+    elseif f == 'blocks' then blob = fields[j + 1] end
+  end
+  redis.call('HSET', ikey(ino), unpack(kept))
+  redis.call('HSET', ikey(ino), 'frozen', '1')
+  local x = redis.call('HGETALL', xkey(old))
+  for j = 1, #x, 200 do  -- 100 pairs a call: unpack has a bound, an inode's xattrs do not
+    redis.call('HSET', xkey(ino), unpack(x, j, math.min(j + 199, #x)))
+  end
+  count(mode, 1, size)
+  if ftype(mode) == S_IFREG then change_refs(blob, tonumber(size), bs, 1, now) end
+  copies[old] = ino
+  return ino
+end
+copy(src)
+local queue, i = {src}, 1
+while queue[i] do
+  local old_dir = queue[i]
+  local entries = redis.call('HGETALL', dkey(old_dir))
+  for j = 1, #entries, 2 do
+    local cname, child = entries[j], entries[j + 1]
+    local cmode = redis.call('HGET', ikey(child), 'mode')
+    if cmode then  -- (an entry whose inode is gone is skipped, as READDIR does)
+      local is_dir = ftype(cmode) == S_IFDIR
+      if not copies[child] then
+        copy(child)
+        if is_dir then table.insert(queue, child) end
+      end
+      local new = copies[child]
+      redis.call('HSET', dkey(copies[old_dir]), cname, new)
+      if is_dir then link_dir(new, copies[old_dir], cname) else links[new] = (links[new] or 0) + 1 end
+    end
+  end
+  i = i + 1
+end
+for ino, n in pairs(links) do redis.call('HSET', ikey(ino), 'nlink', n) end
+local root = copies[src]
+redis.call('HSET', dkey(parent), name, root)
+link_dir(root, parent, name)
+touch(parent, now, 1)
+redis.call('HSET', P .. 'snapshots', root, ARGV[7])
+return root
+"""
+
+# ARGV: P, root dir, snapshot record JSON (MetaStore.freeze_tree: a loaded dump's snapshot)
+FREEZE_TREE = PRELUDE + r"""
+local root = ARGV[2]
+local mode = redis.call('HGET', ikey(root), 'mode')
+if not mode then return redis.error_reply('ENOENT inode ' .. root) end
+if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR inode ' .. root) end
+local queue, i = {root}, 1
+while queue[i] do
+  redis.call('HSET', ikey(queue[i]), 'frozen', '1')
+  local entries = redis.call('HGETALL', dkey(queue[i]))
+  for j = 2, #entries, 2 do
+    local cmode = redis.call('HGET', ikey(entries[j]), 'mode')
+    if cmode and ftype(cmode) == S_IFDIR then
+      table.insert(queue, entries[j])
+    elseif cmode then
+      redis.call('HSET', ikey(entries[j]), 'frozen', '1')
+    end
+  end
+  i = i + 1
+end
+redis.call('HSET', P .. 'snapshots', root, ARGV[3])
+return 1
+"""
+
+# ARGV: P, root dir, block_size, now (MetaStore.delete_snapshot)
+DELETE_SNAPSHOT = PRELUDE + r"""
+local root, bs, now = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if redis.call('HEXISTS', P .. 'snapshots', root) == 0 then
+  return redis.error_reply('EINVAL inode ' .. root .. ' is not a snapshot')
+end
+local link = redis.call('HMGET', ikey(root), 'parent', 'pname')
+local queue, i, gone = {root}, 1, {}
+while queue[i] do
+  local entries = redis.call('HGETALL', dkey(queue[i]))
+  for j = 2, #entries, 2 do
+    local child = entries[j]
+    if not gone[child] then
+      gone[child] = true
+      local a = redis.call('HMGET', ikey(child), 'mode', 'size', 'blocks')
+      if ftype(a[1] or '0') == S_IFDIR then
+        table.insert(queue, child)
+      else
+        if ftype(a[1] or '0') == S_IFREG then change_refs(a[3], tonumber(a[2]), bs, -1, now) end
+        if a[1] then delete_inode(child, a[1], a[2]) end
+      end
+    end
+  end
+  i = i + 1
+end
+for _, dir in ipairs(queue) do
+  local mode = redis.call('HGET', ikey(dir), 'mode')
+  redis.call('DEL', dkey(dir))
+  if mode then delete_inode(dir, mode, 0) end
+end
+if link[1] and redis.call('HGET', dkey(link[1]), link[2]) == root then
+  redis.call('HDEL', dkey(link[1]), link[2])
+  touch(link[1], now, -1)
+end
+redis.call('HDEL', P .. 'snapshots', root)
+return 1
 """

@@ -16,6 +16,8 @@ Schema (one database file per volume):
     deleting(id BLOB PRIMARY KEY, at)                    blocks gc is deleting (since when)
     sessions(id TEXT PRIMARY KEY, heartbeat)             writable mounts alive (last heartbeat, ns)
     orphans(ino INTEGER PRIMARY KEY, session TEXT)       inodes unlinked while open, nlink 0
+    frozen(ino INTEGER PRIMARY KEY)                      inodes of snapshots (read-only)
+    snapshots(ino INTEGER PRIMARY KEY, info TEXT)        snapshot root -> SnapshotRecord JSON
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -45,6 +47,7 @@ from chunkfs.meta.base import (
     ROOT_INODE,
     Attr,
     MetaStore,
+    SnapshotRecord,
     VolumeFormat,
     VolumeStats,
     as_block_list,
@@ -88,6 +91,8 @@ CREATE TABLE IF NOT EXISTS deleting (id BLOB PRIMARY KEY, at INTEGER NOT NULL) W
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, heartbeat INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans (ino INTEGER PRIMARY KEY, session TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (address TEXT PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS frozen (ino INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS snapshots (ino INTEGER PRIMARY KEY, info TEXT NOT NULL);
 """
 
 
@@ -180,6 +185,18 @@ class SqliteMeta(MetaStore):
             raise FsError(errno.ENOTDIR, f"inode {parent}")
         return attr
 
+    @staticmethod
+    def _refuse_frozen(conn: sqlite3.Connection, *inos: int | None) -> None:
+        """EROFS if any of ``inos`` belongs to a snapshot."""
+        wanted = [ino for ino in inos if ino is not None]
+        try:
+            row = conn.execute(f"SELECT ino FROM frozen WHERE ino IN ({','.join('?' * len(wanted))}) LIMIT 1",
+                               wanted).fetchone()
+        except sqlite3.OperationalError:  # a read-only database made before snapshots: none frozen
+            return
+        if row is not None:
+            raise FsError(errno.EROFS, f"inode {row[0]} is in a snapshot (read-only)")
+
     def _change_refs(self, conn: sqlite3.Connection, blob: bytes | None, size: int, delta: int) -> None:
         bs = self.block_size
         for index, bid in BlockList.unpack(blob).stored():
@@ -214,6 +231,7 @@ class SqliteMeta(MetaStore):
         check_name(name)
         with self._tx() as conn:
             parent_attr = self._parent_dir(conn, parent)
+            self._refuse_frozen(conn, parent)
             if parent_attr.mode & stat.S_ISGID:
                 gid = parent_attr.gid
                 if stat.S_ISDIR(mode):
@@ -373,6 +391,7 @@ class SqliteMeta(MetaStore):
         with self._tx() as conn:
             self._parent_dir(conn, parent)
             old = self._child(conn, parent, name)
+            self._refuse_frozen(conn, parent, old.ino if old else None)
             if old is not None and old.is_dir:
                 raise FsError(errno.EISDIR, repr(name))
             if old is not None and old.is_reg:
@@ -421,6 +440,7 @@ class SqliteMeta(MetaStore):
             attr = self._child(conn, parent, name)
             if attr is None:
                 raise FsError(errno.ENOENT, repr(name))
+            self._refuse_frozen(conn, parent, attr.ino)
             if attr.is_dir:
                 raise FsError(errno.EISDIR, repr(name))
             self._drop_entry(conn, parent, name, attr, sustain, session)
@@ -482,6 +502,7 @@ class SqliteMeta(MetaStore):
                   gid: int | None = None, mtime_ns: int | None = None, atime_ns: int | None = None) -> Attr:
         with self._tx() as conn:
             attr = self._attr_of(conn, ino)
+            self._refuse_frozen(conn, ino)
             new_mode = attr.mode if mode is None else (stat.S_IFMT(attr.mode) | stat.S_IMODE(mode))
             conn.execute(
                 "UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, atime_ns=?, ctime_ns=? WHERE ino=?",
@@ -500,6 +521,7 @@ class SqliteMeta(MetaStore):
         blob = as_block_list(blocks).pack()
         with self._tx() as conn:
             attr = self._attr_of(conn, ino)
+            self._refuse_frozen(conn, ino)
             if not attr.is_reg:
                 raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL, f"inode {ino}")
             (old_blob,) = conn.execute("SELECT blocks FROM inodes WHERE ino=?", (ino,)).fetchone()
@@ -516,6 +538,7 @@ class SqliteMeta(MetaStore):
             attr = self._child(conn, parent, name)
             if attr is None:
                 raise FsError(errno.ENOENT, repr(name))
+            self._refuse_frozen(conn, parent, attr.ino)
             self._remove_empty_dir(conn, parent, name, attr)
 
     def _remove_empty_dir(self, conn: sqlite3.Connection, parent: int, name: bytes, attr: Attr) -> None:
@@ -547,11 +570,12 @@ class SqliteMeta(MetaStore):
             src = self._child(conn, parent, name)
             if src is None:
                 raise FsError(errno.ENOENT, repr(name))
+            dst = self._child(conn, new_parent, new_name)
+            self._refuse_frozen(conn, parent, new_parent, src.ino, dst.ino if dst else None)
             if (parent, name) == (new_parent, new_name):
                 return
             if src.is_dir and self._is_ancestor(conn, src.ino, new_parent):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
-            dst = self._child(conn, new_parent, new_name)
             if dst is not None:
                 if noreplace:
                     raise FsError(errno.EEXIST, repr(new_name))
@@ -577,6 +601,7 @@ class SqliteMeta(MetaStore):
             a, b = self._child(conn, parent, name), self._child(conn, other_parent, other_name)
             if a is None or b is None:
                 raise FsError(errno.ENOENT, repr(name if a is None else other_name))
+            self._refuse_frozen(conn, parent, other_parent, a.ino, b.ino)
             if a.ino == b.ino:
                 return
             if parent != other_parent and ((a.is_dir and self._is_ancestor(conn, a.ino, other_parent)) or
@@ -598,6 +623,7 @@ class SqliteMeta(MetaStore):
             if attr.is_dir:
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
             self._parent_dir(conn, new_parent)
+            self._refuse_frozen(conn, ino, new_parent)
             if self._child(conn, new_parent, new_name) is not None:
                 raise FsError(errno.EEXIST, repr(new_name))
             conn.execute("INSERT INTO dentries VALUES (?,?,?)", (new_parent, new_name, ino))
@@ -623,6 +649,7 @@ class SqliteMeta(MetaStore):
         check_xattr(name, value)
         with self._tx() as conn:
             self._attr_of(conn, ino)
+            self._refuse_frozen(conn, ino)
             exists = conn.execute("SELECT 1 FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
             if exists and create:
                 raise FsError(errno.EEXIST, repr(name))
@@ -634,9 +661,125 @@ class SqliteMeta(MetaStore):
     def remove_xattr(self, ino: int, name: bytes) -> None:
         with self._tx() as conn:
             self._attr_of(conn, ino)
+            self._refuse_frozen(conn, ino)
             if conn.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount == 0:
                 raise FsError(errno.ENODATA, repr(name))
             conn.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (_now_ns(), ino))
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self, src: int, parent: int, name: bytes, *, source: str, created_ns: int) -> Attr:
+        check_name(name)
+        with self._tx() as conn:
+            self._parent_dir(conn, parent)
+            self._refuse_frozen(conn, parent)
+            if not self._attr_of(conn, src).is_dir:
+                raise FsError(errno.ENOTDIR, f"inode {src}")
+            if self._is_ancestor(conn, src, parent):
+                raise FsError(errno.EINVAL, "a snapshot cannot be placed inside its source")
+            if self._child(conn, parent, name) is not None:
+                raise FsError(errno.EEXIST, repr(name))
+            copies = {src: self._copy_inode(conn, src)}  # source inode -> its copy
+            links: dict[int, int] = {}  # a copied non-directory -> its names inside the copy
+            queue = [src]
+            while queue:
+                old_dir = queue.pop()
+                rows = conn.execute("SELECT d.name, d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino "
+                                    "WHERE d.parent=?", (old_dir,)).fetchall()
+                for child_name, child, mode in rows:
+                    if child not in copies:
+                        copies[child] = self._copy_inode(conn, child)
+                        if stat.S_ISDIR(mode):
+                            queue.append(child)
+                    if not stat.S_ISDIR(mode):
+                        links[copies[child]] = links.get(copies[child], 0) + 1
+                    conn.execute("INSERT INTO dentries VALUES (?,?,?)", (copies[old_dir], child_name, copies[child]))
+            conn.executemany("UPDATE inodes SET nlink=? WHERE ino=?", [(n, ino) for ino, n in links.items()])
+            root = copies[src]
+            conn.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, root))
+            self._touch_dir(conn, parent, nlink_delta=1)
+            conn.executemany("INSERT INTO frozen VALUES (?)", [(ino,) for ino in copies.values()])
+            conn.execute("INSERT INTO snapshots VALUES (?, ?)",
+                         (root, SnapshotRecord(root, source, created_ns).to_json()))
+            return self._attr_of(conn, root)
+
+    def _copy_inode(self, conn: sqlite3.Connection, ino: int) -> int:
+        """A new inode with ``ino``'s attributes, content and xattrs (its block references added)."""
+        cur = conn.execute(
+            "INSERT INTO inodes(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, target, blocks, rdev) "
+            "SELECT mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, target, blocks, rdev "
+            "FROM inodes WHERE ino=?", (ino,))
+        new = cur.lastrowid
+        assert new is not None
+        conn.execute("INSERT INTO xattrs SELECT ?, name, value FROM xattrs WHERE ino=?", (new, ino))
+        mode, size, blob = conn.execute("SELECT mode, size, blocks FROM inodes WHERE ino=?", (new,)).fetchone()
+        if stat.S_ISREG(mode):
+            self._change_refs(conn, blob, size, +1)
+        return new
+
+    def _subtree(self, conn: sqlite3.Connection, root: int) -> tuple[list[int], set[int]]:
+        """(the directories, every other inode) of the tree below directory ``root`` (with it)."""
+        dirs, others, i = [root], set(), 0
+        while i < len(dirs):
+            rows = conn.execute("SELECT d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino = d.ino "
+                                "WHERE d.parent=?", (dirs[i],)).fetchall()
+            for child, mode in rows:
+                if stat.S_ISDIR(mode):
+                    dirs.append(child)
+                else:
+                    others.add(child)
+            i += 1
+        return dirs, others
+
+    def freeze_tree(self, root: int, *, source: str, created_ns: int) -> None:
+        with self._tx() as conn:
+            if not self._attr_of(conn, root).is_dir:
+                raise FsError(errno.ENOTDIR, f"inode {root}")
+            dirs, others = self._subtree(conn, root)
+            conn.executemany("INSERT OR IGNORE INTO frozen VALUES (?)", [(ino,) for ino in [*dirs, *others]])
+            conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?)",
+                         (root, SnapshotRecord(root, source, created_ns).to_json()))
+
+    def delete_snapshot(self, root: int) -> None:
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM snapshots WHERE ino=?", (root,)).fetchone() is None:
+                raise FsError(errno.EINVAL, f"inode {root} is not a snapshot")
+            dirs, others = self._subtree(conn, root)
+            for ino in others:
+                self._forget_inode(conn, self._attr_of(conn, ino))
+            for ino in dirs:
+                conn.execute("DELETE FROM dentries WHERE parent=?", (ino,))
+                self._delete_inode(conn, ino)
+            conn.executemany("DELETE FROM frozen WHERE ino=?", [(ino,) for ino in [*dirs, *others]])
+            for (parent,) in conn.execute("SELECT parent FROM dentries WHERE ino=?", (root,)).fetchall():
+                self._touch_dir(conn, parent, nlink_delta=-1)
+            conn.execute("DELETE FROM dentries WHERE ino=?", (root,))
+            conn.execute("DELETE FROM snapshots WHERE ino=?", (root,))
+
+    def snapshots(self) -> list[SnapshotRecord]:
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT ino, info FROM snapshots ORDER BY ino").fetchall()
+            except sqlite3.OperationalError:  # a read-only database made before snapshots
+                return []
+        return [SnapshotRecord.from_json(ino, info) for ino, info in rows]
+
+    def is_frozen(self, ino: int) -> bool:
+        with self._lock:
+            try:
+                return self._conn.execute("SELECT 1 FROM frozen WHERE ino=?", (ino,)).fetchone() is not None
+            except sqlite3.OperationalError:
+                return False
+
+    def dir_path(self, ino: int) -> str | None:
+        names: list[str] = []
+        with self._lock:
+            while ino != ROOT_INODE:
+                row = self._conn.execute("SELECT parent, name FROM dentries WHERE ino=? LIMIT 1", (ino,)).fetchone()
+                if row is None or len(names) > 4096:
+                    return None
+                ino = row[0]
+                names.append(os.fsdecode(bytes(row[1])))
+        return "/" + "/".join(reversed(names))
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,8 @@ reader or the writer serves a read. It speaks ``Attr``, ``bytes`` and ``FsError`
 pyfuse3 type crosses it, so its tests drive it without a kernel (``tests/test_vfs.py``).
 
 One class serves both mount kinds: a read-only mount (``writer`` None) answers every
-modifying call with EROFS.
+modifying call with EROFS. In a writable mount, a snapshot's inodes are refused by the
+metadata engine (EROFS); opening one of its files for writing is refused here, at open.
 
 Consistency of a writable mount: a file's content is published when a handle is closed
 (flush) or fsync'd, so another mount that opens it afterwards sees it (close-to-open, as NFS
@@ -408,6 +409,8 @@ class Vfs:
             attr = await self.meta.getattr(ino)
             if attr.is_dir:
                 raise FsError(errno.EISDIR, "a directory")
+            if await self.meta.call(self.meta.meta.is_frozen, ino):
+                raise FsError(errno.EROFS, "a file of a snapshot")
             writer.opened(ino, attr.size, await self.meta.read_blocks(ino))
         else:
             writer.opened(ino, 0, BlockList())  # one more handle on the state already there
