@@ -35,6 +35,12 @@ times, measures in this order:
                        every shard (as tensor-parallel loaders do), empty cache; the time is from the
                        first rank's start to the last rank's end. The issue's "same throughput as one
                        reader" target compares it with ck_cold_mmap1, the same loader in one process
+  ck_cold_mmap4_recording  the same, the mount recording the model directory's access profile
+                       (--access-profile record: it replaces the stored one at unmount)
+  ck_cold_mmap4_profiled   the same over a mount that prefetches in that recorded order
+                       (--access-profile use); its "first tensor" is the time from the first rank's
+                       start to the first slice any rank got (printed for every mmap row)
+  Every other chunkfs mount runs with --access-profile off, so no row's recording steers another.
   jfs_write            `cp -r MODEL MNT/model` into a fresh JuiceFS volume (default mount flags); cp's wall time
                        (each close waits for the file's upload)
   ck_write             the same into a fresh chunkfs volume through a read-write mount (each close publishes)
@@ -156,8 +162,10 @@ sys.stdin.read()
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
 NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "disk_write", "boto3_download_load",
          "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
-         "ck_cold_mmap1", "ck_cold_mmap4", "jfs_write", "ck_write", "jfs_warmup", "ck_warmup"]
-COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", "ck_cold_mmap4"}
+         "ck_cold_mmap1", "ck_cold_mmap4", "ck_cold_mmap4_recording", "ck_cold_mmap4_profiled", "jfs_write",
+         "ck_write", "jfs_warmup", "ck_warmup"]
+MMAP4_PROFILE_ROWS = {"ck_cold_mmap4": "off", "ck_cold_mmap4_recording": "record", "ck_cold_mmap4_profiled": "use"}
+COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS}
 RANKS = 4
 WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
@@ -182,14 +190,15 @@ import json, sys, time
 from pathlib import Path
 from safetensors import safe_open
 model, rank, world = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-start, nbytes = time.time(), 0
+start, nbytes, first = time.time(), 0, None
 for shard in sorted(model.glob("*.safetensors")):
     with safe_open(str(shard), framework="np") as f:
         for key in f.keys():
             part = f.get_slice(key)
             rows = part.get_shape()[0]
             nbytes += part[rows * rank // world: rows * (rank + 1) // world].nbytes
-print(json.dumps({"start": start, "end": time.time(), "tensor_bytes": nbytes}))
+            first = first or time.time()
+print(json.dumps({"start": start, "end": time.time(), "first": first, "tensor_bytes": nbytes}))
 """
 
 
@@ -539,9 +548,10 @@ class Bench:
         return [self.juicefs, "mount", "--no-usage-report", "--cache-dir", str(cache),
                 *(JFS_TUNED if tuned else []), meta or self.jfs_meta, str(mnt)]
 
-    def ck_mount_cmd(self, cache: Path, mnt: Path, meta: str | None = None, read_only: bool = True) -> list[str]:
+    def ck_mount_cmd(self, cache: Path, mnt: Path, meta: str | None = None, read_only: bool = True,
+                     profile: str = "off") -> list[str]:
         return [self.chunkfs, "mount", meta or self.ck_meta, str(mnt), *(["--read-only"] if read_only else []),
-                "--cache-dir", str(cache), *shlex.split(self.args.chunkfs_args)]
+                "--cache-dir", str(cache), "--access-profile", profile, *shlex.split(self.args.chunkfs_args)]
 
     def profiled(self, cmd: list[str], name: str) -> list[str]:
         """``cmd`` under ``py-spy record`` with --profile (collapsed on-CPU stacks, one file per
@@ -739,12 +749,12 @@ class Bench:
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
 
-    def ck_cold_mmap(self, cache: Path, ranks_wanted: int) -> Sample:
-        """RANK_LOADER in ``ranks_wanted`` processes started together over one fresh mount and empty cache."""
-        name = f"ck_cold_mmap{ranks_wanted}"
+    def ck_cold_mmap(self, cache: Path, ranks_wanted: int, name: str, profile: str = "off") -> Sample:
+        """RANK_LOADER in ``ranks_wanted`` processes started together over one fresh mount and
+        empty cache, with ``--access-profile profile``."""
         reset_dir(cache)
         mnt = self.work / "mnt"
-        proc = self.mount(self.ck_mount_cmd(cache, mnt), mnt, "chunkfs")
+        proc = self.mount(self.ck_mount_cmd(cache, mnt, profile=profile), mnt, "chunkfs")
         drop_caches()
         ranks = [subprocess.Popen([sys.executable, "-c", RANK_LOADER, str(mnt / "model"), str(rank),
                                    str(ranks_wanted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -760,8 +770,10 @@ class Bench:
         payload = sum(r["tensor_bytes"] for r in results)
         if payload != self.tensor_bytes:
             raise BenchError(f"{name}: the ranks read {payload} bytes of tensors, expected {self.tensor_bytes}")
-        seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
-        return Sample(seconds, rss_mib=rss, extra={"ranks": ranks_wanted})
+        started = min(r["start"] for r in results)
+        seconds = max(r["end"] for r in results) - started
+        first = min(r["first"] for r in results) - started
+        return Sample(seconds, rss_mib=rss, extra={"ranks": ranks_wanted, "first_tensor_s": first})
 
     def jfs_write(self, run_index: int) -> Sample:
         meta = f"sqlite3://{self.work / f'jfs-write-{run_index}.db'}"
@@ -901,9 +913,11 @@ class Bench:
             warm, hot = self.ck_warm_hot(ck_cache)
             self.record("ck_warm", warm, i)
             self.record("ck_hot", hot, i)
-        for ranks in (1, RANKS):
-            if self.wants(f"ck_cold_mmap{ranks}"):
-                self.record(f"ck_cold_mmap{ranks}", self.ck_cold_mmap(ck_cache, ranks), i)
+        if self.wants("ck_cold_mmap1"):
+            self.record("ck_cold_mmap1", self.ck_cold_mmap(ck_cache, 1, "ck_cold_mmap1"), i)
+        for name, profile in MMAP4_PROFILE_ROWS.items():  # interleaved: without, recording, with
+            if self.wants(name) or (name == "ck_cold_mmap4_recording" and self.wants("ck_cold_mmap4_profiled")):
+                self.record(name, self.ck_cold_mmap(ck_cache, RANKS, name, profile), i)
         if self.wants("jfs_write"):
             self.record("jfs_write", self.jfs_write(i), i)
         if self.wants("ck_write"):
@@ -920,7 +934,8 @@ class Bench:
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
-        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap1", "ck_cold_mmap4"):
+        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap1",
+                      *MMAP4_PROFILE_ROWS):
             self.setup_chunkfs()
         if self.args.store_disk == "memory":
             self.hold_store_in_memory()
@@ -965,7 +980,7 @@ class Bench:
             row["vs_jfs_cold_tuned"] = ratio(name, "jfs_cold_tuned") if name in COLD else None
             row["vs_local_disk"] = ratio(name, "local_disk") if name in WARM else None
 
-        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", "ck_cold_mmap4", "ck_write")
+        ck_names = ("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS, "ck_write")
         ck_rss = [s.rss_mib for n in ck_names for s in self.samples.get(n, [])
                   if s.rss_mib is not None]
         def cpu(name: str) -> float | None:
@@ -1015,6 +1030,14 @@ class Bench:
         context = [{"what": f"{name} / {raw}", "value": ratio(name, raw)}
                    for raw in ("raw_get_sha256", "raw_get_blake3") for name in ("ck_cold", "ck_warmup")
                    if ratio(name, raw) is not None]
+        for name in ("ck_cold_mmap1", *MMAP4_PROFILE_ROWS):
+            firsts = [s.extra["first_tensor_s"] for s in self.samples.get(name, []) if "first_tensor_s" in s.extra]
+            if firsts:
+                context.append({"what": f"{name}: time to first tensor (median)", "value": statistics.median(firsts),
+                                "unit": " s"})
+        if ratio("ck_cold_mmap4_profiled", "ck_cold_mmap4") is not None:
+            context.append({"what": "ck_cold_mmap4_profiled / ck_cold_mmap4 (the same load with and without a profile)",
+                            "value": ratio("ck_cold_mmap4_profiled", "ck_cold_mmap4")})
         if ratio("ck_warmup", "disk_write") is not None:
             context.append({"what": "ck_warmup / disk_write (writing the cache is the floor of a warmup)",
                             "value": ratio("ck_warmup", "disk_write")})

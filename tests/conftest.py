@@ -22,6 +22,7 @@ from chunkfs.blocks import block_id
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import MetaStore, VolumeFormat, open_meta
 from tests import mount_guard
+from tests.faultproxy import FaultProxy
 from tests.mount_guard import require_mount_marker
 
 BLOCK = 64 << 10  # small blocks make multi-block edge cases cheap
@@ -349,3 +350,15 @@ def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
     m.save_format(FMT)
     yield m
     m.close()
+
+
+@contextlib.contextmanager
+def proxied_s3_volume(s3_server, tmp: Path, block: int) -> Iterator[tuple[VolumeFixture, FaultProxy]]:  # type: ignore[no-untyped-def]
+    """A fresh volume on the S3 server reached through a ``FaultProxy`` (no faults until a
+    test sets a rate; the proxy counts and orders the block GETs)."""
+    with FaultProxy(s3_server.endpoint) as proxy:
+        db = tmp / "meta" / "v.db"
+        vol = VolumeFixture(f"sqlite://{db}", tmp / "blocks", db, tmp)
+        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
+                "--block-size", str(block))
+        yield vol, proxy

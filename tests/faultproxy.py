@@ -36,6 +36,7 @@ class FaultConfig:
     requests: int = 0
     block_gets: int = 0  # GETs of block objects (the store-side download count)
     gets_by_block: dict[str, int] = field(default_factory=dict)  # block object path -> GETs
+    get_order: list[str] = field(default_factory=list)  # block object paths, in the order GETs arrived
     connections: set = field(default_factory=set)  # client (host, port) pairs seen
     in_flight: int = 0
     max_in_flight: int = 0
@@ -92,6 +93,7 @@ class FaultProxy:
                 cfg.block_gets += 1
                 key = path.split("?", 1)[0]
                 cfg.gets_by_block[key] = cfg.gets_by_block.get(key, 0) + 1
+                cfg.get_order.append(key)
             if not (cfg.all_requests or block_get):
                 return None
             if self._rng.random() >= cfg.rate:

@@ -26,6 +26,7 @@ from tests.conftest import (
     assert_cache_sound,
     chunkfs,
     mounted,
+    proxied_s3_volume,
     storage_url,
     unique_bucket,
 )
@@ -142,11 +143,7 @@ def test_objbench_reports_levels_and_cleans_up(s3_server) -> None:  # type: igno
 def proxied_volume(s3_server, tmp_path: Path, source: Path):  # type: ignore[no-untyped-def]
     big = source / "big.bin"
     big.write_bytes(os.urandom(64 * BLOCK + 17))
-    with FaultProxy(s3_server.endpoint) as proxy:
-        db = tmp_path / "meta" / "v.db"
-        vol = VolumeFixture(f"sqlite://{db}", tmp_path / "blocks", db, tmp_path)
-        chunkfs("format", vol.meta_url, "--storage", f"s3://{unique_bucket()}/m?endpoint={proxy.endpoint}",
-                "--block-size", str(BLOCK))
+    with proxied_s3_volume(s3_server, tmp_path, BLOCK) as (vol, proxy):
         chunkfs("import", vol.meta_url, str(source), "/model")
         yield vol, proxy
 

@@ -17,6 +17,7 @@ from chunkfs.errors import FsError
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import open_meta
 from chunkfs.meta.base import ROOT_INODE
+from chunkfs.meta.dump import DUMP_VERSION
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -145,7 +146,7 @@ def test_dump_load_between_sqlite_and_redis(request: pytest.FixtureRequest, tmp_
     finally:
         meta.close()
     dumped = chunkfs("dump", vol.meta_url).stdout
-    assert dumped.splitlines()[0].startswith('{"chunkfs_dump": 3')
+    assert dumped.splitlines()[0].startswith(f'{{"chunkfs_dump": {DUMP_VERSION}')
     assert '"type": "hardlink"' in dumped
     redis_url = meta_url("redis", request, tmp_path)
     chunkfs("load", redis_url, input=dumped)

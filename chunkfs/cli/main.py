@@ -16,7 +16,7 @@ import sys
 from chunkfs import __version__
 from chunkfs.blocks import COMPRESSIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HASH, HASHES
 from chunkfs.cache.block_cache import DEFAULT_CACHE_SIZE
-from chunkfs.cli import commands, csi_node, mount, stats, warmup
+from chunkfs.cli import commands, csi_node, mount, profile, stats, warmup
 from chunkfs.cli.csi_node import CSI_CACHE_DIR
 from chunkfs.cli.options import (
     CACHE_DIR,
@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", metavar="PATH", help="delete the snapshot at this volume path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("profile", help="show, delete or record a model directory's access profile (the order "
+                                       "its loader reads blocks; mounts and warmups fetch in that order)",
+                       description="chunkfs profile show META /llama; chunkfs profile delete META /llama; "
+                                   "chunkfs profile record META /llama -- python load.py {} (an argument {} "
+                                   "becomes the directory's path in a temporary read-only mount that records the "
+                                   "load)")
+    p.add_argument("action", choices=("show", "delete", "record"))
+    p.add_argument("meta", metavar="META_URL")
+    p.add_argument("path", metavar="PATH", help="the model directory in the volume, e.g. /llama-3-8b")
+    p.add_argument("program", nargs="*", metavar="-- COMMAND",
+                   help="record: -- COMMAND ARGS... that loads the model")
+    p.add_argument("--json", action="store_true", help="show: machine-readable output")
+    p.add_argument("--cache-dir", action="append", metavar="DIR", help="record: the mount's cache directory")
+
     p = sub.add_parser("status", help="show volume settings and usage")
     p.add_argument("meta", metavar="META_URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -213,6 +227,7 @@ def run(argv: list[str] | None = None) -> int:
         "import": commands.cmd_import,
         "status": commands.cmd_status,
         "snapshot": commands.cmd_snapshot,
+        "profile": profile.cmd_profile,
         "objbench": commands.cmd_objbench,
         "gc": commands.cmd_gc,
         "fsck": commands.cmd_fsck,

@@ -99,7 +99,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         buffer_size=args.buffer_size, readahead_max=args.max_readahead,
         prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
         metrics_address=metrics_address, metrics=metrics, cache_writes=args.cache_writes,
-        peers=PeerSettings.from_args(args),
+        peers=PeerSettings.from_args(args), access_profile=args.access_profile,
     )
     with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics),
                      store_may_be_down=args.read_only) as volume:

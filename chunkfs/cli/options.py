@@ -23,6 +23,7 @@ from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS
 from chunkfs.store.base import StoreOptions
 from chunkfs.units import parse_size
+from chunkfs.vfs.profiles import PROFILE_MODES
 
 
 def default_cache_dir() -> str:
@@ -148,6 +149,9 @@ MOUNT_TUNING = (
     Option("--max-readahead", "how far a sequential reader is read ahead, at most (default 512M)", size, 512 << 20),
     Option("--prefetch", "comma-separated file-name patterns fetched whole, in parallel, when opened; 'none' turns "
            "it off (default: %(default)s)", default=",".join(DEFAULT_PREFETCH_PATTERNS), metavar="PATTERNS"),
+    Option("--access-profile", "access profiles of model directories: 'auto' prefetches a directory in the order "
+           "its profile recorded and records one for a directory without, 'use' only prefetches, 'record' records "
+           "anew (replacing), 'off' (default auto)", choices=PROFILE_MODES, default="auto"),
     Option("--kernel-readahead", "the kernel's readahead for this mount, 0 to keep the kernel default "
            "(default 16M)", size, 16 << 20),
     Option("--attr-timeout", "kernel attribute cache seconds (default 300 read-only, 1 read-write)", float),

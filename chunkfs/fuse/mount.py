@@ -36,6 +36,7 @@ from chunkfs.peer.setup import Peers, PeerSettings, open_peers, owner_load, serv
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.reader import DEFAULT_PREFETCH_PATTERNS, FileReader, ReadConfig
 from chunkfs.store.aio import AsyncStore
+from chunkfs.vfs.profiles import ProfileBook
 from chunkfs.vfs.vfs import MountOptions, Vfs
 from chunkfs.volume import Volume
 from chunkfs.warmup.control import ControlServer, socket_path
@@ -62,6 +63,7 @@ class ServeConfig:
     cache_writes: bool = False  # read-write mounts: also put written blocks in the node cache
     metrics: Metrics = field(default_factory=Metrics)
     peers: PeerSettings | None = None  # fetch from (and with a listener, serve) other nodes' caches
+    access_profile: str = "auto"  # record and use access profiles (``vfs/profiles.py``)
 
     def download_slots(self, block_size: int, compressed: bool) -> int:
         """Concurrent downloads: ``max_downloads``, fewer if their blocks would not fit in
@@ -115,6 +117,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
                             cache_writes=config.cache_writes, on_publish=reader.refresh)
         session = _begin_session(volume)
         vfs = Vfs(meta, reader, block_size, config.options, metrics, writer, session)
+    vfs.profiles = ProfileBook(meta, reader, block_size, config.access_profile,
+                               prefetch_limit=reader.config.prefetch_limit, name_of=vfs.name_of)
     ops = FuseOperations(vfs)
     control = ControlServer(fetcher, meta, block_size)
     http = None
@@ -132,7 +136,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         unmounted = False
         try:
             trio.run(_run_session, config, cache, reader, writer, control, on_ready,
-                     None if writer is None else (volume, session), peers)
+                     None if writer is None else (volume, session), peers, vfs.profiles)
             unmounted = find_mount(config.mountpoint) is None
         finally:
             pyfuse3.close(unmount=not unmounted)
@@ -180,11 +184,14 @@ async def _heartbeat(volume: Volume, session: str) -> None:
 
 async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, writer: FileWriter | None,
                        control: ControlServer, on_ready: Callable[[], None] | None,
-                       session: tuple[Volume, str] | None, peers: Peers | None = None) -> None:
+                       session: tuple[Volume, str] | None, peers: Peers | None = None,
+                       profiles: ProfileBook | None = None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         await nursery.start(reader.run)
+        if profiles is not None:
+            await nursery.start(profiles.run)
         if writer is not None:
             await nursery.start(writer.run)
         if session is not None:

@@ -407,12 +407,32 @@ class MetaStore(ABC):
     def is_frozen(self, ino: int) -> bool:
         """True if the inode belongs to a snapshot (never changes while the inode exists)."""
 
+    # -- access profiles (``chunkfs.profile``): hints, so allowed on snapshots too -------------
+    @abstractmethod
+    def get_profile(self, ino: int) -> bytes | None:
+        """The access profile stored for directory ``ino``, or None."""
+
+    @abstractmethod
+    def set_profile(self, ino: int, data: bytes | None, *, replace: bool = True) -> bool:
+        """Store directory ``ino``'s access profile (None: drop it); with ``replace`` False
+        only if it has none (the first recording mount wins). True if stored. An inode's
+        profile goes with the inode, and a snapshot copies its directories' profiles."""
+
     @abstractmethod
     def dir_path(self, ino: int) -> str | None:
         """The volume path of directory ``ino`` (``/`` for the root), or None if it has none."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+#: the largest access profile an engine stores (a compressed profile is a few KB per model)
+MAX_PROFILE_BYTES = 1 << 20
+
+
+def check_profile(data: bytes | None) -> None:
+    if data is not None and len(data) > MAX_PROFILE_BYTES:
+        raise FsError(E2BIG, f"an access profile of {len(data)} bytes (at most {MAX_PROFILE_BYTES})")
 
 
 XATTR_NAME_MAX = 255

@@ -11,7 +11,8 @@ devices;
 again under another name (a hard link) is a ``{"path", "type": "hardlink", "link_to"}``
 record naming the path it was first dumped at, so ``load`` recreates one inode, not two.
 Names that are not UTF-8 round-trip through ``os.fsdecode``/``os.fsencode``. After the tree,
-one ``{"type": "snapshot", "path", "source", "created_ns"}`` record per snapshot; ``load``
+one ``{"type": "snapshot", "path", "source", "created_ns"}`` record per snapshot; a
+directory's access profile is its ``profile`` (base64); ``load``
 freezes that directory's tree again once everything is loaded. Version 1 dumps (no xattrs,
 hard links dumped as copies), version 2 dumps (no holes or special files) and version 3
 dumps (no snapshots) load unchanged. Files unlinked while open are not dumped (they have no path).
@@ -46,6 +47,9 @@ def _entry(path: str, attr: Attr, meta: MetaStore) -> dict:
            "mtime_ns": attr.mtime_ns}
     if attr.is_dir:
         out["type"] = "dir"
+        profile = meta.get_profile(attr.ino)
+        if profile is not None:
+            out["profile"] = base64.b64encode(profile).decode()
     elif attr.is_link:
         out.update(type="symlink", target=os.fsdecode(meta.readlink(attr.ino)))
     elif attr.is_special:
@@ -160,6 +164,8 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
         count += 1
     for ino, rec in reversed(dirs):  # after the children, whose creation touched the mtimes
         meta.set_attrs(ino, mode=rec["mode"], uid=rec["uid"], gid=rec["gid"], mtime_ns=rec["mtime_ns"])
+        if "profile" in rec:
+            meta.set_profile(ino, base64.b64decode(rec["profile"], validate=True))
     if snapshots:
         _raise_to_snapshot_format(meta)
     for ino, rec in snapshots:  # last: a frozen directory takes no more changes

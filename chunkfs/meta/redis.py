@@ -27,6 +27,7 @@ slot and every multi-key update is atomic)::
     chunkfs{P}:orphans         hash     inode unlinked while open (nlink 0) -> its session
     chunkfs{P}:parents         string   "1" once every directory has its link
     chunkfs{P}:snapshots       hash     snapshot root inode -> SnapshotRecord JSON
+    chunkfs{P}:profiles        hash     directory inode -> its access profile
 
 An inode of a snapshot has the field ``frozen`` (``"1"``); every script that changes an inode
 or a directory's entries refuses a frozen one with EROFS.
@@ -73,6 +74,7 @@ from chunkfs.meta.base import (
     VolumeStats,
     as_block_list,
     check_name,
+    check_profile,
     check_special,
     check_xattr,
     is_device,
@@ -432,6 +434,22 @@ class RedisMeta(MetaStore):
 
     def is_frozen(self, ino: int) -> bool:
         return bool(self._call(self.client.hexists, self._ikey(ino), "frozen"))
+
+    def get_profile(self, ino: int) -> bytes | None:
+        data = self._call(self.client.hget, self.prefix + "profiles", str(ino))
+        return None if data is None else _bytes(data)
+
+    def set_profile(self, ino: int, data: bytes | None, *, replace: bool = True) -> bool:
+        check_profile(data)
+        if not self.getattr(ino).is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino}")
+        key = self.prefix + "profiles"
+        if data is None:
+            return bool(self._call(self.client.hdel, key, str(ino)))
+        if replace:
+            self._call(self.client.hset, key, str(ino), data)
+            return True
+        return bool(self._call(self.client.hsetnx, key, str(ino), data))
 
     def dir_path(self, ino: int) -> str | None:
         """Walks up the directories' links (a snapshot's root and every directory made or moved

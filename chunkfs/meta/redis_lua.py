@@ -89,6 +89,7 @@ local function xkey(ino) return P .. 'x:' .. ino end
 local function delete_inode(ino, mode, size)
   count(mode, -1, size)
   redis.call('DEL', ikey(ino), xkey(ino))
+  redis.call('HDEL', P .. 'profiles', ino)
 end
 -- delete an inode that has no name left, dropping its block references
 local function forget_inode(ino, bs, now)
@@ -533,6 +534,8 @@ local function copy(old)
   end
   count(mode, 1, size)
   if ftype(mode) == S_IFREG then change_refs(blob, tonumber(size), bs, 1, now) end
+  local profile = redis.call('HGET', P .. 'profiles', old)
+  if profile then redis.call('HSET', P .. 'profiles', ino, profile) end
   copies[old] = ino
   return ino
 end

@@ -18,6 +18,7 @@ Schema (one database file per volume):
     orphans(ino INTEGER PRIMARY KEY, session TEXT)       inodes unlinked while open, nlink 0
     frozen(ino INTEGER PRIMARY KEY)                      inodes of snapshots (read-only)
     snapshots(ino INTEGER PRIMARY KEY, info TEXT)        snapshot root -> SnapshotRecord JSON
+    profiles(ino INTEGER PRIMARY KEY, data BLOB)         directory -> its access profile
 
 Concurrency: one connection guarded by a lock (callers may be any thread); WAL journal so
 an importer in one process and mounts in others work at once; every change runs inside
@@ -52,6 +53,7 @@ from chunkfs.meta.base import (
     VolumeStats,
     as_block_list,
     check_name,
+    check_profile,
     check_special,
     check_xattr,
     is_device,
@@ -93,6 +95,7 @@ CREATE TABLE IF NOT EXISTS orphans (ino INTEGER PRIMARY KEY, session TEXT NOT NU
 CREATE TABLE IF NOT EXISTS peers (address TEXT PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS frozen (ino INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS snapshots (ino INTEGER PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (ino INTEGER PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
@@ -433,6 +436,7 @@ class SqliteMeta(MetaStore):
     def _delete_inode(self, conn: sqlite3.Connection, ino: int) -> None:
         conn.execute("DELETE FROM inodes WHERE ino=?", (ino,))
         conn.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+        conn.execute("DELETE FROM profiles WHERE ino=?", (ino,))
 
     def unlink(self, parent: int, name: bytes, *, sustain: int = 0, session: str = "") -> None:
         with self._tx() as conn:
@@ -711,6 +715,7 @@ class SqliteMeta(MetaStore):
         new = cur.lastrowid
         assert new is not None
         conn.execute("INSERT INTO xattrs SELECT ?, name, value FROM xattrs WHERE ino=?", (new, ino))
+        conn.execute("INSERT INTO profiles SELECT ?, data FROM profiles WHERE ino=?", (new, ino))
         mode, size, blob = conn.execute("SELECT mode, size, blocks FROM inodes WHERE ino=?", (new,)).fetchone()
         if stat.S_ISREG(mode):
             self._change_refs(conn, blob, size, +1)
@@ -769,6 +774,24 @@ class SqliteMeta(MetaStore):
                 return self._conn.execute("SELECT 1 FROM frozen WHERE ino=?", (ino,)).fetchone() is not None
             except sqlite3.OperationalError:
                 return False
+
+    def get_profile(self, ino: int) -> bytes | None:
+        with self._lock:
+            try:
+                row = self._conn.execute("SELECT data FROM profiles WHERE ino=?", (ino,)).fetchone()
+            except sqlite3.OperationalError:  # a read-only database made before profiles
+                return None
+        return None if row is None else bytes(row[0])
+
+    def set_profile(self, ino: int, data: bytes | None, *, replace: bool = True) -> bool:
+        check_profile(data)
+        with self._tx() as conn:
+            if not self._attr_of(conn, ino).is_dir:
+                raise FsError(errno.ENOTDIR, f"inode {ino}")
+            if data is None:
+                return conn.execute("DELETE FROM profiles WHERE ino=?", (ino,)).rowcount > 0
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            return conn.execute(f"{verb} INTO profiles VALUES (?, ?)", (ino, data)).rowcount > 0
 
     def dir_path(self, ino: int) -> str | None:
         names: list[str] = []

@@ -20,6 +20,10 @@ file's background fetches.
   ``prefetch_limit`` bytes beyond the furthest block read so far (so a file larger than the
   cache does not evict its own unread blocks), and stop when the cache declines a block of
   that file (other files' prefetches go on).
+- Profiles (``vfs/profiles.py``): a file whose directory has an access profile is opened
+  with ``prefetch=False``; the profile's own prefetch fetches the directory's blocks in the
+  recorded order through ``prefetch_block``. ``on_demand`` (if set) hears of every block a
+  reader asks for, for recording a profile.
 - Demand reads run at ``DEMAND`` priority and so jump both queues.
 - Accounting: a block fetched ahead that no reader asked for before the last close counts as
   wasted (``chunkfs_readahead_wasted_blocks_total``, ``chunkfs_prefetch_wasted_blocks_total``).
@@ -90,6 +94,8 @@ class FileReader:
         self.metrics = metrics or fetcher.metrics
         self._files: dict[int, _OpenInode] = {}
         self._nursery: trio.Nursery | None = None
+        #: called with (inode, block index) for every block a reader asks for
+        self.on_demand: Callable[[int, int], None] | None = None
         self._max_window = max(1, config.readahead_max // config.block_size)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,13 +106,15 @@ class FileReader:
             await trio.sleep_forever()
 
     # -- open / close ----------------------------------------------------------------------
-    def opened(self, ino: int, name: str, size: int, blocks: BlockList) -> None:
+    def opened(self, ino: int, name: str, size: int, blocks: BlockList, *, prefetch: bool = True) -> None:
+        """One more handle on the inode. ``prefetch`` False: its whole-file prefetch is left to
+        someone else (an access profile)."""
         self.refresh(ino, size, blocks)  # changed by a writer since another handle opened it
         state = self._files.get(ino)
         if state is None:
             detector = StreamDetector(initial=1, maximum=self._max_window)
             state = self._files[ino] = _OpenInode(ino, name, size, blocks, detector)
-            if len(blocks) and self.config.wants_prefetch(name):
+            if prefetch and len(blocks) and self.config.wants_prefetch(name):
                 state.to_prefetch = [index for index, _ in blocks.stored()]
                 for _ in range(min(self.config.prefetch_workers, len(state.to_prefetch))):
                     self._spawn(state, self._prefetch_worker, state)
@@ -172,6 +180,8 @@ class FileReader:
         return done
 
     def _note_read(self, state: _OpenInode, index: int) -> None:
+        if self.on_demand is not None:
+            self.on_demand(state.ino, index)
         state.ahead.pop(index, None)
         if index > state.furthest:
             state.furthest = index
@@ -188,6 +198,28 @@ class FileReader:
             self._spawn(state, self._fetch_ahead, state, ahead, Priority.READAHEAD)
 
     # -- background fetches ----------------------------------------------------------------
+    def start_background(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run ``fn(*args)`` among the reader's background fetches (until done or unmount);
+        False when the reader is not running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
+    async def prefetch_block(self, bid: bytes, length: int, label: str) -> Fetched:
+        """Download one block ahead of its readers at ``PREFETCH`` priority (a profile's
+        order); a block already on this node is left for the readahead to read in."""
+        if self.fetcher.is_local(bid) or self.fetcher.on_node(bid):
+            return Fetched()
+        try:
+            fetched = await self.fetcher.ensure(bid, length, Priority.PREFETCH, near=False)
+        except BlockUnavailable as exc:
+            log.debug("prefetching a block of %s failed: %s", label, exc)
+            return Fetched()
+        if fetched.worked:
+            self.metrics.prefetch_blocks.inc()
+        return fetched
+
     def _spawn(self, state: _OpenInode, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         if self._nursery is None:
             return  # not running (unit use without ``run``): no background work

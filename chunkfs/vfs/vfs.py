@@ -44,6 +44,7 @@ from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockUnavailable
 from chunkfs.read.reader import FileReader
 from chunkfs.vfs.handles import Handles, OpenDir, OpenFile
+from chunkfs.vfs.profiles import ProfileBook
 from chunkfs.write.file_writer import FileWriter, WriteFailed
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class Vfs:
         self.handles = Handles()
         self._names: dict[int, bytes] = {ROOT_INODE: b"/"}  # last name seen per inode, for log messages
         self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}  # directory -> its parent, as seen
+        self._file_dirs: dict[int, int] = {}  # regular file -> the directory it was last seen in
+        #: the mount's access profiles (recorded from reads, used for prefetch), if any
+        self.profiles: ProfileBook | None = None
         self._sustained: set[int] = set()  # open inodes that lost a name while open: maybe orphans
         # Reply buffers for ``read``: one is back in the pool as ``read`` returns, and reused
         # only by a later request. That is safe as long as the adapter replies (copies the
@@ -167,6 +171,8 @@ class Vfs:
         self._names[attr.ino] = name
         if attr.is_dir:
             self._parents[attr.ino] = parent
+        elif attr.is_reg:
+            self._file_dirs[attr.ino] = parent
         return self._shown(attr)
 
     def name_of(self, ino: int) -> str:
@@ -399,7 +405,12 @@ class Vfs:
         attr = await self.meta.getattr(ino)
         if attr.is_dir:
             raise FsError(errno.EISDIR, "a directory")
-        self.reader.opened(ino, self.name_of(ino), attr.size, await self.meta.read_blocks(ino))
+        name = self.name_of(ino)
+        directory = self._file_dirs.get(ino)
+        covered = False
+        if self.profiles is not None and directory is not None:
+            covered = await self.profiles.on_open(directory, ino, os.fsdecode(self._names.get(ino, b"?")))
+        self.reader.opened(ino, name, attr.size, await self.meta.read_blocks(ino), prefetch=not covered)
         return self.handles.open_file(OpenFile(ino)), self.writer is None
 
     async def _open_writer(self, ino: int) -> None:

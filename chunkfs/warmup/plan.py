@@ -10,19 +10,23 @@ Rules:
   snapshots link to ``../../blobs/...``); absolute targets point outside the volume and are
   skipped. A file reached twice (two paths, two links) is counted once.
 - A path that does not exist is an error naming it, raised before anything is fetched.
+- Order: blocks of a directory with an access profile (``chunkfs.profile``) come first, in
+  the profile's order (the order its loader reads them); then every block in file order.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import posixpath
 from dataclasses import dataclass, field
 
-from chunkfs.blocklist import BlockList
+from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length
 from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import ROOT_INODE, Attr
+from chunkfs.profile import AccessProfile, ProfileDamaged
 
 MAX_LINK_HOPS = 40
 
@@ -50,6 +54,8 @@ class PathPlan:
 class WarmPlan:
     paths: list[PathPlan]
     skipped_links: list[str] = field(default_factory=list)
+    #: (block id, length) of profiled directories, in their profiles' order: fetched first
+    leading: list[tuple[bytes, int]] = field(default_factory=list)
 
     def files(self) -> list[WarmFile]:
         """Every file once, in the order the paths name them."""
@@ -63,8 +69,10 @@ class WarmPlan:
         return out
 
     def unique_blocks(self) -> dict[bytes, int]:
-        """Block id -> length for every block, each once, in file order."""
+        """Block id -> length for every block, each once: ``leading`` first, then file order."""
         blocks: dict[bytes, int] = {}
+        for bid, length in self.leading:
+            blocks.setdefault(bid, length)
         for f in self.files():
             for bid, length in f.blocks:
                 blocks.setdefault(bid, length)
@@ -151,7 +159,10 @@ class Planner:
             if attr.ino in seen_dirs:
                 return  # a link loop back into a directory already walked
             seen_dirs.add(attr.ino)
+            children: dict[str, Attr] = {}
             for name, child in await self.meta.readdir(attr.ino):
+                if child.is_reg:
+                    children[os.fsdecode(name)] = child
                 child_path = posixpath.join(path, name.decode(errors="surrogateescape"))
                 if child.is_link:
                     try:
@@ -162,3 +173,23 @@ class Planner:
                     await self._collect(real, target, entry, plan, seen_dirs)
                 else:
                     await self._collect(child_path, child, entry, plan, seen_dirs)
+            await self._lead_by_profile(attr.ino, children, plan)
+
+    async def _lead_by_profile(self, directory: int, files: dict[str, Attr], plan: WarmPlan) -> None:
+        """Put the directory's blocks in its access profile's order first (if it has one)."""
+        try:
+            data = await self.meta.call(self.meta.meta.get_profile, directory)
+            profile = None if data is None else AccessProfile.from_bytes(data)
+        except (ChunkfsError, ProfileDamaged):
+            return  # a hint: without it, file order
+        if profile is None:
+            return
+        blocks: dict[str, BlockList] = {}
+        for name, index in profile.entries():
+            attr = files.get(name)
+            if attr is None:
+                continue
+            if name not in blocks:
+                blocks[name] = await self.meta.read_blocks(attr.ino)
+            if index < len(blocks[name]) and blocks[name][index] != HOLE:
+                plan.leading.append((blocks[name][index], block_length(index, attr.size, self.block_size)))

@@ -1,0 +1,241 @@
+"""ProfileBook: a mount's access profiles, recorded from its readers and used for prefetch.
+
+Layer: ``vfs/``, between the ``Vfs`` (which tells it which file of which directory is
+opened) and the ``FileReader`` (whose ``on_demand`` hook reports every block a reader asks
+for, and whose ``prefetch_block`` fetches ahead). Profiles are stored per directory in the
+metadata (``chunkfs.profile``).
+
+Modes (``--access-profile``):
+
+- ``auto`` (default): a directory with a profile is prefetched in the profile's order when
+  one of its files is first opened; a directory without one is recorded, and the recording
+  is stored once its readers have read nothing new for ``IDLE_SAVE_S`` seconds (or at
+  unmount), unless another mount stored one first, and only if it covers at least half the
+  blocks of the directory's model files (those ``--prefetch`` names): a probe that reads a
+  config file or a header does not stand in for a load.
+- ``use``: prefetch by profiles, never record. ``record``: record and replace whatever is
+  stored, never use. ``off``: neither.
+
+The profile prefetch replaces the whole-file prefetch for the files the profile names (the
+others keep theirs): ``prefetch_workers`` tasks walk the recorded (file, block) order, then
+the rest of those files' blocks front to back, and never run more than ``prefetch_limit``
+bytes ahead of the furthest position a reader has reached in that order (so a model larger
+than the cache does not evict its own unread blocks). It stops when the cache declines a
+block. Everything here is a hint: a failure to read or store a profile is logged and the
+mount goes on as without one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from chunkfs.blocklist import HOLE, BlockList
+from chunkfs.blocks import block_length
+from chunkfs.errors import ChunkfsError, FsError
+from chunkfs.meta.aio import AsyncMeta
+from chunkfs.profile import AccessProfile, ProfileDamaged, ProfileRecorder
+from chunkfs.read.reader import FileReader
+
+log = logging.getLogger(__name__)
+
+PROFILE_MODES = ("auto", "use", "record", "off")
+#: a recording is stored once its readers read no new block for this long
+IDLE_SAVE_S = 10.0
+#: how often recordings are checked for that
+CHECK_S = 1.0
+
+
+@dataclass(eq=False)
+class _Directory:
+    ino: int
+    profile: AccessProfile | None = None
+    recorder: ProfileRecorder | None = None
+    prefetch_started: bool = False
+    # the profile prefetch's order: (file name, block index) -> position, and bytes before each position
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    offsets: list[int] = field(default_factory=list)
+    furthest: int = -1  # furthest position in that order a reader asked for
+    progress: trio.Event = field(default_factory=trio.Event)
+
+
+class ProfileBook:
+    def __init__(self, meta: AsyncMeta, reader: FileReader, block_size: int, mode: str = "auto", *,
+                 prefetch_limit: int = 1 << 62, name_of: Callable[[int], str] = str) -> None:
+        if mode not in PROFILE_MODES:
+            raise ValueError(f"access profile mode {mode!r}")
+        self.meta = meta
+        self.reader = reader
+        self.block_size = block_size
+        self.mode = mode
+        self.prefetch_limit = prefetch_limit
+        self.name_of = name_of
+        self._dirs: dict[int, _Directory] = {}
+        self._files: dict[int, tuple[_Directory, str]] = {}  # inode -> its directory and name
+        if mode != "off":
+            reader.on_demand = self._on_demand
+
+    # -- the vfs tells it about opens ------------------------------------------------------------
+    async def on_open(self, directory: int, ino: int, name: str) -> bool:
+        """File ``name`` (inode ``ino``) of ``directory`` is being opened for reading: True if
+        a profile covers its prefetch (the reader then does not prefetch it whole)."""
+        if self.mode == "off":
+            return False
+        d = self._dirs.get(directory)
+        if d is None:
+            d = self._dirs[directory] = await self._load(directory)
+        if d.profile is None and d.recorder is None:
+            return False
+        self._files[ino] = (d, name)
+        if d.profile is None:
+            return False
+        if not d.prefetch_started:
+            d.prefetch_started = True
+            self.reader.start_background(self._prefetch, d)
+        return name in d.profile.names
+
+    async def _load(self, directory: int) -> _Directory:
+        d = _Directory(directory)
+        if self.mode in ("auto", "use"):
+            try:
+                data = await self.meta.call(self.meta.meta.get_profile, directory)
+                d.profile = None if data is None else AccessProfile.from_bytes(data)
+            except (ChunkfsError, ProfileDamaged) as exc:
+                log.warning("access profile of %s not used: %s", self.name_of(directory), exc)
+        if d.profile is None and self.mode in ("auto", "record"):
+            d.recorder = ProfileRecorder()
+        return d
+
+    def _on_demand(self, ino: int, index: int) -> None:
+        known = self._files.get(ino)
+        if known is None:
+            return
+        d, name = known
+        if d.recorder is not None:
+            d.recorder.note(name, index)
+        position = d.positions.get((name, index))
+        if position is not None and position > d.furthest:
+            d.furthest = position
+            d.progress.set()
+            d.progress = trio.Event()
+
+    # -- prefetch in the profile's order -------------------------------------------------------
+    async def _prefetch(self, d: _Directory) -> None:
+        assert d.profile is not None
+        files = await self._resolve(d)
+        order: list[tuple[bytes, int]] = []
+        seen: set[bytes] = set()
+
+        def add(name: str, index: int) -> None:
+            size, blocks = files[name]
+            if index >= len(blocks) or blocks[index] == HOLE:
+                return
+            d.positions.setdefault((name, index), len(order))
+            if blocks[index] not in seen:
+                seen.add(blocks[index])
+                order.append((blocks[index], block_length(index, size, self.block_size)))
+
+        for name, index in d.profile.entries():
+            if name in files:
+                add(name, index)
+        for name, (_, blocks) in files.items():  # then the rest of the files the profile names
+            for index, _bid in blocks.stored():
+                add(name, index)
+        d.offsets = [0]
+        for _, length in order:
+            d.offsets.append(d.offsets[-1] + length)
+        label = f"{self.name_of(d.ino)} (access profile)"
+        log.info("prefetching %s: %d blocks in the recorded order", label, len(order))
+        cursor = iter(range(len(order)))
+        stop = trio.Event()
+
+        async def worker() -> None:
+            for position in cursor:
+                if stop.is_set():
+                    return
+                while d.offsets[position] - d.offsets[max(d.furthest, 0)] > self.prefetch_limit:
+                    await d.progress.wait()
+                bid, length = order[position]
+                if (await self.reader.prefetch_block(bid, length, label)).declined:
+                    log.info("prefetch of %s stopped at block %d of %d: the cache declined a block", label,
+                             position, len(order))
+                    stop.set()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, min(self.reader.config.prefetch_workers, len(order)))):
+                nursery.start_soon(worker)
+
+    async def _resolve(self, d: _Directory) -> dict[str, tuple[int, BlockList]]:
+        """(size, blocks) of each regular file the profile names that is still there."""
+        assert d.profile is not None
+        files = {}
+        for name in d.profile.names:
+            try:
+                attr = await self.meta.lookup(d.ino, os.fsencode(name))
+                if attr.is_reg:
+                    files[name] = (attr.size, await self.meta.read_blocks(attr.ino))
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("access profile of %s: %s: %s", self.name_of(d.ino), name, exc)
+            except ChunkfsError as exc:
+                log.warning("access profile of %s: %s: %s", self.name_of(d.ino), name, exc)
+        return files
+
+    # -- storing recordings --------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Store recordings once idle; at the end (unmount) store what is left."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(CHECK_S)
+                for d in list(self._dirs.values()):
+                    r = d.recorder
+                    if r is not None and r.last_note != r.checked and time.monotonic() - r.last_note >= IDLE_SAVE_S:
+                        await self._store(d)
+        finally:
+            with trio.move_on_after(10) as scope:
+                scope.shield = True
+                for d in list(self._dirs.values()):
+                    if d.recorder is not None and d.recorder.last_note != d.recorder.checked:
+                        await self._store(d)
+
+    async def _coverage(self, directory: int, profile: AccessProfile) -> tuple[int, int]:
+        """(blocks of the directory's model files the profile names, blocks they have)."""
+        wanted = Counter(name for name, _ in profile.entries())
+        read = total = 0
+        for name, attr in await self.meta.readdir(directory):
+            text = os.fsdecode(name)
+            if attr.is_reg and self.reader.config.wants_prefetch(text):
+                count = sum(1 for _ in (await self.meta.read_blocks(attr.ino)).stored())
+                total += count
+                read += min(count, wanted.get(text, 0))
+        return read, total
+
+    async def _store(self, d: _Directory) -> None:
+        recorder, d.recorder = d.recorder, None  # one recording per directory and mount
+        assert recorder is not None
+        profile = recorder.finished()
+        replace = self.mode == "record"
+        try:
+            if not replace:
+                read, total = await self._coverage(d.ino, profile)
+                if read * 2 < total or not total:
+                    log.info("not storing the access profile of %s yet: its readers read %d of the %d blocks of "
+                             "its model files", self.name_of(d.ino), read, total)
+                    recorder.checked = recorder.last_note
+                    d.recorder = recorder  # goes on recording; checked again after more reads
+                    return
+            stored = await self.meta.call(self.meta.meta.set_profile, d.ino, profile.to_bytes(), replace=replace)
+        except (ChunkfsError, FsError) as exc:
+            log.warning("could not store the access profile of %s: %s", self.name_of(d.ino), exc)
+            return
+        if stored:
+            log.info("recorded the access profile of %s: %d blocks of %d files in %d runs", self.name_of(d.ino),
+                     profile.blocks, len(profile.names), len(profile.runs))
