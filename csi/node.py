@@ -16,7 +16,8 @@ Rules every call follows (CSI spec v1):
   a root-only state file; never to a command line, a log line or the volume context.
 - A publish of a volume with ``warm: "100%"`` returns only once the volume's path is whole in
   the node cache (warmed through its daemon, outside the lock), or fails UNAVAILABLE after
-  ``warmTimeout`` seconds saying how far it got; the kubelet's retry resumes it.
+  ``warmTimeout`` seconds saying how far it got; the kubelet's retry resumes it. Its progress
+  also goes to events on the pod when the API is reachable (``csi/events.py``).
 - A volume with ``peerPort`` serves its node cache to the other nodes on that port (one port
   per volume on a node: each volume's daemon listens on its own), and asks the members that
   ``peers`` names (default ``meta``: the nodes serving this volume, from its metadata).
@@ -37,6 +38,7 @@ from google.protobuf import wrappers_pb2
 
 from chunkfs.fuse.mountinfo import find_mount
 from csi import csi_pb2, csi_pb2_grpc
+from csi.events import PodEvents, PodRef
 from csi.mounter import (
     META_ENV,
     DaemonSettings,
@@ -145,6 +147,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         self.settings = settings
         self.lock = threading.RLock()
         self.records: dict[str, VolumeRecord] = {r.volume_id: r for r in state.load_all()}
+        self.events = PodEvents.from_environment(node_id)  # None outside a cluster
 
     # -- stage ---------------------------------------------------------------------------------
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -252,29 +255,41 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                  ", inline" if ephemeral else "")
         record = self._publish(context, request, ephemeral, path)
         if warm_for is not None:  # outside the lock: other volumes' calls go on meanwhile
-            self._warm(context, record, warm_for)
+            self._warm(context, record, warm_for, PodRef.from_volume_context(request.volume_context))
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, timeout: float) -> None:
+    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, timeout: float, pod: PodRef | None) -> None:
         """Warm the volume's path into the node cache before the publish answers (attribute
         ``warm``). The target stays bound when time runs out: the kubelet retries the
         publish (the same arguments: idempotent), and each retry resumes the warmup, its
-        error message (a pod event) saying how far it got."""
+        error message (a pod event) saying how far it got. Progress goes to the log and,
+        when the plugin can reach the API, to events on the pod (``csi/events.py``)."""
         volume_id = record.volume_id
+
+        def event(reason: str, message: str, warning: bool = False) -> None:
+            if self.events is not None:
+                self.events.post(pod, reason, f"volume {volume_id}: {message}", warning=warning)
 
         def progress(line: str) -> None:
             log.info("volume %s: %s", volume_id, line)
+            event("ChunkfsWarming", line)
 
+        event("ChunkfsWarming", f"warming {record.volume_path} into the node cache before the pod starts "
+                                f"(warmTimeout {timeout:.0f} s)")
         try:
             report = warm(record.staging_path, record.volume_path, timeout, progress)
         except WarmingIncomplete as exc:
             log.warning("volume %s: %s", volume_id, exc)
+            event("ChunkfsWarmingIncomplete", str(exc), warning=True)
             _abort(context, Code.UNAVAILABLE, f"volume {volume_id}: {exc}")
         except MountError as exc:
             log.warning("volume %s: %s", volume_id, exc)
+            event("ChunkfsWarmingFailed", str(exc), warning=True)
             _abort(context, Code.INTERNAL, f"volume {volume_id}: {exc}")
-        log.info("volume %s: %s is in the node cache (%d bytes fetched, %d already there)", volume_id,
-                 record.volume_path, report["bytes_fetched"], report["bytes_cached_before"])
+        done = (f"{record.volume_path} is in the node cache ({report['bytes_fetched']} bytes fetched, "
+                f"{report['bytes_cached_before']} already there)")
+        log.info("volume %s: %s", volume_id, done)
+        event("ChunkfsWarmed", done)
 
     def _publish(self, context: grpc.ServicerContext, request: Any, ephemeral: bool, path: str) -> VolumeRecord:
         """Stage (inline volumes) and bind the target; the volume's record."""

@@ -36,11 +36,13 @@ class Plugin:
     """One `chunkfs csi` process and a client; ``restart`` kills and starts it again."""
 
     def __init__(self, tmp: Path, vol: VolumeFixture, launcher: tuple[str, ...] = (sys.executable, "-m", "chunkfs"),
-                 ) -> None:
-        """``launcher``: how to run ``chunkfs`` (tests/test_image.py runs the built image's)."""
+                 env: dict[str, str] | None = None) -> None:
+        """``launcher``: how to run ``chunkfs`` (tests/test_image.py runs the built image's);
+        ``env``: more environment for the plugin process."""
         self.tmp = tmp
         self.vol = vol
         self.launcher = launcher
+        self.env = {**os.environ, **(env or {})}
         self.socket = tmp / "plugin" / "csi.sock"
         self.state = tmp / "state"
         self.log = tmp / "plugin.log"
@@ -55,7 +57,7 @@ class Plugin:
                 [*self.launcher, "csi", "--endpoint", f"unix://{self.socket}", "--node-id", "node-1",
                  "--state-dir", str(self.state), "--cache-dir", str(self.tmp / "cache"), "--check-interval", "0.3",
                  "--verify-cache", "full"],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             assert self.proc.poll() is None, f"plugin exited {self.proc.returncode}: {self.log.read_text()}"
@@ -398,6 +400,83 @@ def test_a_volume_pins_a_snapshot_by_its_path(plugin, tmp_path: Path) -> None:  
     p.unstage(volume_id="live", staging=live_staging)
     p.unpublish(target)
     p.unstage()
+
+
+class FakeApiServer:
+    """An HTTPS endpoint standing in for the Kubernetes API: it records the events posted."""
+
+    def __init__(self, root: Path) -> None:
+        import ssl
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from tests.servers import make_ca_and_cert
+
+        certs = make_ca_and_cert(root / "certs")
+        self.sa_dir = root / "serviceaccount"
+        self.sa_dir.mkdir()
+        (self.sa_dir / "token").write_text("sa-token-123\n")
+        (self.sa_dir / "ca.crt").write_bytes(certs["ca"].read_bytes())
+        self.events: list[tuple[str, str, dict]] = []  # (path, Authorization, body)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.events.append((self.path, self.headers.get("Authorization", ""), body))
+                self.send_response(201)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(certs["server"], certs["server-key"])
+        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self) -> dict[str, str]:
+        return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.server.server_port),
+                "CHUNKFS_KUBE_SA_DIR": str(self.sa_dir)}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_publish_with_warm_posts_progress_events_on_the_pod(volume: VolumeFixture, tmp_path: Path) -> None:
+    """In a cluster (the API reachable with the service account), a warming publish posts
+    its progress and its end as events on the pod the volume context names."""
+    src = make_model(tmp_path / "src")
+    chunkfs("import", volume.meta_url, str(src), "/m")
+    api = FakeApiServer(tmp_path / "api")
+    plugin = Plugin(tmp_path, volume, env=api.env())
+    try:
+        pod = {"csi.storage.k8s.io/pod.namespace": "serving", "csi.storage.k8s.io/pod.uid": "uid-7"}
+        plugin.stage()
+        plugin.publish(tmp_path / "t", attributes={"warm": "100%", **pod})
+        wait_for(lambda: any(body["reason"] == "ChunkfsWarmed" for _, _, body in api.events))
+        reasons = [body["reason"] for _, _, body in api.events]
+        assert reasons[0] == "ChunkfsWarming" and reasons[-1] == "ChunkfsWarmed", reasons
+        for path, auth, body in api.events:
+            assert path == "/api/v1/namespaces/serving/events" and auth == "Bearer sa-token-123"
+            assert body["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "name": "vllm-0",
+                                              "namespace": "serving", "uid": "uid-7"}
+            assert body["source"] == {"component": "csi.chunkfs.io", "host": "node-1"}
+        assert "/m is in the node cache" in api.events[-1][2]["message"]
+        api.close()  # the API gone: publish goes on, the failure only logged
+        plugin.publish(tmp_path / "t2", attributes={"warm": "100%", **pod})
+        wait_for(lambda: "cannot post an event on pod serving/vllm-0" in plugin.log.read_text())
+        plugin.unpublish(tmp_path / "t2")
+        plugin.unpublish(tmp_path / "t")
+        plugin.unstage()
+    finally:
+        plugin.stop()
+        for mountpoint in sorted(mounts_under(tmp_path), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
 
 
 def test_publish_with_warm_fails_on_timeout_and_the_retry_resumes(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

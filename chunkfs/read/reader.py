@@ -206,13 +206,16 @@ class FileReader:
         self._nursery.start_soon(fn, *args)
         return True
 
-    async def prefetch_block(self, bid: bytes, length: int, label: str) -> Fetched:
+    async def prefetch_block(self, bid: bytes, length: int, label: str, *, ahead: int = 0) -> Fetched:
         """Download one block ahead of its readers at ``PREFETCH`` priority (a profile's
-        order); a block already on this node is left for the readahead to read in."""
+        order); ``ahead``: how many blocks before the readers it is in that order. A block
+        within ``stage_ahead`` of them stays in a block buffer for them (as the file prefetch
+        does); a block already on this node is left for the readahead to read in."""
         if self.fetcher.is_local(bid) or self.fetcher.on_node(bid):
             return Fetched()
+        near = self.fetcher.stage_ahead is None or ahead <= self.fetcher.stage_ahead
         try:
-            fetched = await self.fetcher.ensure(bid, length, Priority.PREFETCH, near=False)
+            fetched = await self.fetcher.ensure(bid, length, Priority.PREFETCH, near=near)
         except BlockUnavailable as exc:
             log.debug("prefetching a block of %s failed: %s", label, exc)
             return Fetched()

@@ -163,7 +163,7 @@ class ProfileBook:
                 while d.offsets[position] - d.offsets[max(d.furthest, 0)] > self.prefetch_limit:
                     await d.progress.wait()
                 bid, length = order[position]
-                if (await self.reader.prefetch_block(bid, length, label)).declined:
+                if (await self.reader.prefetch_block(bid, length, label, ahead=position - d.furthest)).declined:
                     log.info("prefetch of %s stopped at block %d of %d: the cache declined a block", label,
                              position, len(order))
                     stop.set()
