@@ -48,6 +48,9 @@ times, measures in this order:
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
                        complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
 
+--store-delay MS and --store-rate SIZE shape what the store sends (tc on loopback, in a network
+namespace of the bench's own), after the set-up: a store across a network rather than on the node.
+
 Page caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measurement except
 ck_hot, including raw_get. The store's objects stay in memory (--store-disk memory, the
 default, a helper maps them so that drop_caches leaves them resident), as a real store's disks are
@@ -92,6 +95,7 @@ from botocore.config import Config
 
 from chunkfs.blocks import DEFAULT_HASH, HASHES, new_hasher
 from chunkfs.procs import process_tree, stop_process
+from chunkfs.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -939,6 +943,8 @@ class Bench:
             self.setup_chunkfs()
         if self.args.store_disk == "memory":
             self.hold_store_in_memory()
+        if self.args.store_delay or self.args.store_rate:  # after the set-up: only the measurements pay it
+            shape_store(int(self.endpoint.rsplit(":", 1)[1]), self.args.store_delay, self.args.store_rate)
         loader = import_load_model()
         for i in range(self.args.runs):
             self.one_run(i, loader)
@@ -1123,6 +1129,11 @@ def parse_args() -> argparse.Namespace:
                              "(costs CPU: for finding where it goes, not for the table)")
     parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                         help="with --profile: py-spy (Python stacks, collapsed) or perf (user and kernel, perf.data)")
+    parser.add_argument("--store-delay", type=float, default=0.0, metavar="MS",
+                        help="delay every packet the store sends by MS milliseconds (tc netem), as a store across a "
+                             "network is; the bench then runs in a network namespace of its own (unshare --net)")
+    parser.add_argument("--store-rate", type=parse_size, default=0, metavar="SIZE",
+                        help="cap the store's egress at SIZE bytes/s, e.g. 500M (tc htb; own network namespace)")
     parser.add_argument("--verify", action="store_true",
                         help="load with scripts/load_model.py --compare MODEL (bit-for-bit check, slower)")
     args = parser.parse_args()
@@ -1134,8 +1145,31 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+NETNS_ENV = "CHUNKFS_BENCH_NETNS"
+
+
+def shape_store(port: int, delay_ms: float, rate: int) -> None:
+    """Every packet from the store's port through an HTB class (capped at ``rate`` bytes/s,
+    0: not capped) whose queue delays it ``delay_ms``; all other loopback traffic unshaped."""
+    bits = f"{rate * 8}bit" if rate else "100gbit"
+    for cmd in (
+        "qdisc add dev lo root handle 1: htb default 20",
+        f"class add dev lo parent 1: classid 1:10 htb rate {bits} ceil {bits} burst 4mb cburst 4mb quantum 65536",
+        "class add dev lo parent 1: classid 1:20 htb rate 100gbit quantum 200000",
+        f"qdisc add dev lo parent 1:10 handle 10: netem delay {delay_ms}ms limit 1000000",
+        f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {port} 0xffff flowid 1:10",
+    ):
+        run(["tc", *cmd.split()], f"tc {cmd}")
+    say(f"store packets delayed {delay_ms:g} ms" + (f", egress capped at {rate / 2**20:.0f} MiB/s" if rate else ""))
+
+
 def main() -> None:
     args = parse_args()
+    if (args.store_delay or args.store_rate) and os.environ.get(NETNS_ENV) != "1":
+        # shaping is a tc qdisc on loopback: in a namespace of our own it touches nothing else
+        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *sys.argv], {**os.environ, NETNS_ENV: "1"})
+    if os.environ.get(NETNS_ENV) == "1":
+        run(["ip", "link", "set", "lo", "up"], "ip link set lo up")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below unmounts and stops servers
     os.environ.update({"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": REGION,
                        "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"})
