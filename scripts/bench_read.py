@@ -48,8 +48,9 @@ times, measures in this order:
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
                        complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
 
---store-delay MS and --store-rate SIZE shape what the store sends (tc on loopback, in a network
-namespace of the bench's own), after the set-up: a store across a network rather than on the node.
+--store-conn-rate SIZE caps each connection's object GETs (nginx limit_rate: S3 serves one
+connection at about 100 MB/s) and --store-rate SIZE the store's whole egress (tc htb on loopback,
+in a network namespace of the bench's own, after the set-up): a store across a network.
 
 Page caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measurement except
 ck_hot, including raw_get. The store's objects stay in memory (--store-disk memory, the
@@ -497,6 +498,9 @@ class Bench:
         port = free_port()
         conf = self.work / "nginx.conf"
         text = NGINX_CONF.format(work=self.work, root=root, port=port, rclone=rclone_port)
+        if getattr(self.args, "store_conn_rate", 0):  # object GETs only (rclone's answers are not file answers)
+            text = text.replace(f"            root {root};",
+                                f"            limit_rate {self.args.store_conn_rate};\n            root {root};")
         if self.nginx_access_log is not None:  # one line per request: status and body bytes sent
             text = text.replace("access_log off;", "log_format bytes '$status $body_bytes_sent $request_method';\n"
                                 f"    access_log {self.nginx_access_log} bytes;")
@@ -943,8 +947,8 @@ class Bench:
             self.setup_chunkfs()
         if self.args.store_disk == "memory":
             self.hold_store_in_memory()
-        if self.args.store_delay or self.args.store_rate:  # after the set-up: only the measurements pay it
-            shape_store(int(self.endpoint.rsplit(":", 1)[1]), self.args.store_delay, self.args.store_rate)
+        if self.args.store_rate:  # after the set-up: only the measurements pay it
+            cap_store_egress(int(self.endpoint.rsplit(":", 1)[1]), self.args.store_rate)
         loader = import_load_model()
         for i in range(self.args.runs):
             self.one_run(i, loader)
@@ -1129,11 +1133,12 @@ def parse_args() -> argparse.Namespace:
                              "(costs CPU: for finding where it goes, not for the table)")
     parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                         help="with --profile: py-spy (Python stacks, collapsed) or perf (user and kernel, perf.data)")
-    parser.add_argument("--store-delay", type=float, default=0.0, metavar="MS",
-                        help="delay every packet the store sends by MS milliseconds (tc netem), as a store across a "
-                             "network is; the bench then runs in a network namespace of its own (unshare --net)")
+    parser.add_argument("--store-conn-rate", type=parse_size, default=0, metavar="SIZE",
+                        help="cap each connection's object GETs at SIZE bytes/s, e.g. 90M (nginx limit_rate), as S3 "
+                             "serves one connection at about 100 MB/s")
     parser.add_argument("--store-rate", type=parse_size, default=0, metavar="SIZE",
-                        help="cap the store's egress at SIZE bytes/s, e.g. 500M (tc htb; own network namespace)")
+                        help="cap the store's egress at SIZE bytes/s, e.g. 500M (tc htb on loopback; the bench then "
+                             "runs in a network namespace of its own, unshare --net)")
     parser.add_argument("--verify", action="store_true",
                         help="load with scripts/load_model.py --compare MODEL (bit-for-bit check, slower)")
     args = parser.parse_args()
@@ -1148,24 +1153,23 @@ def parse_args() -> argparse.Namespace:
 NETNS_ENV = "CHUNKFS_BENCH_NETNS"
 
 
-def shape_store(port: int, delay_ms: float, rate: int) -> None:
-    """Every packet from the store's port through an HTB class (capped at ``rate`` bytes/s,
-    0: not capped) whose queue delays it ``delay_ms``; all other loopback traffic unshaped."""
-    bits = f"{rate * 8}bit" if rate else "100gbit"
+def cap_store_egress(port: int, rate: int) -> None:
+    """Every packet from the store's port through an HTB class of ``rate`` bytes/s; all other
+    loopback traffic through an unlimited one. (This kernel has no netem to add latency.)"""
     for cmd in (
         "qdisc add dev lo root handle 1: htb default 20",
-        f"class add dev lo parent 1: classid 1:10 htb rate {bits} ceil {bits} burst 4mb cburst 4mb quantum 65536",
+        f"class add dev lo parent 1: classid 1:10 htb rate {rate * 8}bit ceil {rate * 8}bit burst 4mb cburst 4mb "
+        "quantum 65536",
         "class add dev lo parent 1: classid 1:20 htb rate 100gbit quantum 200000",
-        f"qdisc add dev lo parent 1:10 handle 10: netem delay {delay_ms}ms limit 1000000",
         f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {port} 0xffff flowid 1:10",
     ):
         run(["tc", *cmd.split()], f"tc {cmd}")
-    say(f"store packets delayed {delay_ms:g} ms" + (f", egress capped at {rate / 2**20:.0f} MiB/s" if rate else ""))
+    say(f"store egress capped at {rate / 2**20:.0f} MiB/s")
 
 
 def main() -> None:
     args = parse_args()
-    if (args.store_delay or args.store_rate) and os.environ.get(NETNS_ENV) != "1":
+    if args.store_rate and os.environ.get(NETNS_ENV) != "1":
         # shaping is a tc qdisc on loopback: in a namespace of our own it touches nothing else
         os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *sys.argv], {**os.environ, NETNS_ENV: "1"})
     if os.environ.get(NETNS_ENV) == "1":
