@@ -4,7 +4,9 @@ benchmark and the tests (process trees)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -34,6 +36,21 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """Terminate a process we know by pid (not our child: a daemon we started through a
+    launcher); kill it if it outlives ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pid_alive(pid):
+            return
 
 
 def process_tree(pid: int) -> list[int]:

@@ -65,8 +65,10 @@ class AccessProfile:
             runs = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)]
             if len(flat) % 3 or any(not 0 <= n < len(names) or first < 0 or count < 1 for n, first, count in runs):
                 raise ProfileDamaged("profile runs out of range")
+            if sum(count for _, _, count in runs) > MAX_PROFILE_ENTRIES:
+                raise ProfileDamaged(f"a profile of more than {MAX_PROFILE_ENTRIES} blocks")
             return cls(names, runs, int(body.get("recorded_ns", 0)))
-        except (zlib.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (zlib.error, ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
             if isinstance(exc, ProfileDamaged):
                 raise
             raise ProfileDamaged(f"not a chunkfs access profile ({type(exc).__name__})") from None

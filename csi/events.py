@@ -8,10 +8,11 @@ publish that names its pod (the CSIDriver's ``podInfoOnMount: true`` puts
 ``csi.storage.k8s.io/pod.name``, ``pod.namespace`` and ``pod.uid`` in the volume context).
 The ClusterRole in ``deploy/rbac.yaml`` grants ``events: create``.
 
-Best effort: events are posted from one background thread, each request bounded by
-``TIMEOUT_S``; a failure is logged (the first at warning level, later ones at debug) and
-never delays or fails a publish. The token is read again for every event (projected
-service account tokens rotate).
+Best effort: events are posted from one background daemon thread, each request bounded by
+``TIMEOUT_S``, at most ``QUEUE_MAX`` waiting (more are dropped while the API is slow); a
+failure is logged (the first at warning level, later ones at debug) and never delays or
+fails a publish or the plugin's exit. The token is read again for every event (projected
+service account tokens rotate); an unreadable CA means no events, not a plugin that fails.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SA_DIR_ENV = "CHUNKFS_KUBE_SA_DIR"
 COMPONENT = "csi.chunkfs.io"
 TIMEOUT_S = 2.0
+QUEUE_MAX = 100
 POD_KEYS = ("csi.storage.k8s.io/pod.name", "csi.storage.k8s.io/pod.namespace", "csi.storage.k8s.io/pod.uid")
 
 
@@ -58,8 +61,9 @@ class PodEvents:
         self.node_id = node_id
         ca = sa_dir / "ca.crt"
         self._tls = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl.create_default_context()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pod-events")
+        self._queue: queue.Queue[tuple[PodRef, str, str, bool]] = queue.Queue(QUEUE_MAX)
         self._failed = False
+        threading.Thread(target=self._drain, name="pod-events", daemon=True).start()
 
     @classmethod
     def from_environment(cls, node_id: str) -> PodEvents | None:
@@ -69,15 +73,23 @@ class PodEvents:
         if not host or not port or not (sa_dir / "token").exists():
             return None
         host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", sa_dir, node_id)
+        try:
+            return cls(f"https://{host}:{port}", sa_dir, node_id)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("no events on pods: cannot use the service account's CA: %s", exc)
+            return None
 
     def post(self, pod: PodRef | None, reason: str, message: str, *, warning: bool = False) -> None:
         """Queue an event on ``pod`` (nothing when the publish named no pod)."""
         if pod is not None:
-            self._pool.submit(self._send, pod, reason, message, warning)
+            try:
+                self._queue.put_nowait((pod, reason, message, warning))
+            except queue.Full:
+                log.debug("event on pod %s/%s dropped: the API is not keeping up", pod.namespace, pod.name)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+    def _drain(self) -> None:
+        while True:
+            self._send(*self._queue.get())
 
     def _send(self, pod: PodRef, reason: str, message: str, warning: bool) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def test_a_recorder_keeps_first_reads_as_runs() -> None:
 
 
 @pytest.mark.parametrize("data", [b"", b"junk", b"x\x9c\x03\x00", AccessProfile(["a"], [(1, 0, 1)]).to_bytes(),
-                                  AccessProfile(["a"], [(0, -1, 1)]).to_bytes()])
+                                  AccessProfile(["a"], [(0, -1, 1)]).to_bytes(),
+                                  AccessProfile(["a"], [(0, 0, 10**12)]).to_bytes(),  # would spin a prefetch
+                                  zlib.compress(b'{"v":1,"names":["a"],"runs":[0,0,1e400]}')])
 def test_a_damaged_profile_is_refused(data: bytes) -> None:
     with pytest.raises(ProfileDamaged):
         AccessProfile.from_bytes(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,14 +19,17 @@ import time
 from pathlib import Path
 
 from chunkfs.errors import ChunkfsError, UsageError
+from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import open_meta
 from chunkfs.meta.base import MetaStore
-from chunkfs.procs import pid_alive
+from chunkfs.procs import pid_alive, stop_pid
 from chunkfs.profile import AccessProfile, ProfileDamaged
 from chunkfs.snapshots import lookup_path
 from chunkfs.warmup.plan import normalize_volume_path
 
 META_ENV = "CHUNKFS_PROFILE_META_URL"
+#: how long the recording daemon may take to store its profile and exit after the unmount
+DAEMON_EXIT_S = 30.0
 SHOWN_RUNS = 20
 
 
@@ -91,53 +95,75 @@ def _record(args: argparse.Namespace, command: list[str], path: str, before: byt
     if not command:
         raise UsageError("profile record needs a command to run, e.g. "
                          "chunkfs profile record META /llama -- python load.py {}")
-    with tempfile.TemporaryDirectory(prefix="chunkfs-profile-") as tmp:
-        mountpoint, pid_file, log_file = Path(tmp, "mnt"), Path(tmp, "pid"), Path(tmp, "mount.log")
-        mountpoint.mkdir()
-        env = {**os.environ, META_ENV: args.meta}
-        mount = [sys.executable, "-m", "chunkfs", "mount", META_ENV, str(mountpoint), "--read-only",
-                 "--access-profile", "record", "--background", "--pid-file", str(pid_file),
-                 "--log-file", str(log_file), *[a for d in args.cache_dir or [] for a in ("--cache-dir", d)]]
-        started = subprocess.run(mount, env=env, capture_output=True, text=True, check=False)
-        if started.returncode != 0:
-            reason = (started.stderr.strip().splitlines() or ["mount failed"])[-1].removeprefix("chunkfs: ")
-            raise ChunkfsError(f"cannot mount the volume to record: {reason}")
-        model = str(mountpoint) + path.rstrip("/")
-        try:
-            run = subprocess.run([model if part == "{}" else part for part in command],
-                                 env={**os.environ, "CHUNKFS_MODEL_PATH": model}, check=False)
-        except OSError as exc:
-            run = None
-            failure = f"cannot run {command[0]}: {exc.strerror}"
-        finally:
-            _unmount(mountpoint, pid_file)
+    started_ns = time.time_ns()
+    run: subprocess.CompletedProcess[bytes] | None = None
+    failure = ""
+    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="chunkfs-profile-") as tmp:
+            mountpoint, pid_file, log_file = Path(tmp, "mnt"), Path(tmp, "pid"), Path(tmp, "mount.log")
+            mountpoint.mkdir()
+            env = {**os.environ, META_ENV: args.meta}
+            mount = [sys.executable, "-m", "chunkfs", "mount", META_ENV, str(mountpoint), "--read-only",
+                     "--access-profile", "record", "--background", "--pid-file", str(pid_file),
+                     "--log-file", str(log_file), *[a for d in args.cache_dir or [] for a in ("--cache-dir", d)]]
+            started = subprocess.run(mount, env=env, capture_output=True, text=True, check=False)
+            if started.returncode != 0:
+                reason = (started.stderr.strip().splitlines() or ["mount failed"])[-1].removeprefix("chunkfs: ")
+                raise ChunkfsError(f"cannot mount the volume to record: {reason}")
+            model = str(mountpoint) + path.rstrip("/")
+            try:
+                run = subprocess.run([model if part == "{}" else part for part in command],
+                                     env={**os.environ, "CHUNKFS_MODEL_PATH": model}, check=False)
+            except OSError as exc:
+                failure = f"cannot run {command[0]}: {exc.strerror}"
+            finally:
+                _unmount(mountpoint, pid_file)
+    except BaseException:  # interrupted: the recording of a load cut short is not kept
+        _restore(args.meta, path, before)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if run is None or run.returncode != 0:
         _restore(args.meta, path, before)
-        if run is not None:
-            failure = f"{command[0]} exited with status {run.returncode}"
+        failure = failure or f"{command[0]} exited with status {run.returncode if run else '?'}"
         raise ChunkfsError(f"{failure}; the access profile of {path} is left as it was")
     meta = open_meta(args.meta)
     try:
         profile = _load(meta, _directory(meta, path), path)
     finally:
         meta.close()
-    if profile is None:
-        raise ChunkfsError(f"the command read no block of a file directly in {path}: nothing recorded")
+    if profile is None or profile.recorded_ns < started_ns:
+        raise ChunkfsError(f"the command read no block of a model file directly in {path}: nothing recorded")
     print(f"recorded the access profile of {path}: {profile.blocks} blocks of {len(profile.names)} files "
           f"in {len(profile.runs)} runs")
     return 0
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _unmount(mountpoint: Path, pid_file: Path) -> None:
-    """Unmount and wait for the daemon to exit (it stores its recording on the way out)."""
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
+    """Unmount and wait for the daemon to exit (it stores its recording on the way out);
+    a daemon still there after ``DAEMON_EXIT_S`` is stopped."""
+    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        try:
+            subprocess.run(cmd, capture_output=True, check=False)
+        except FileNotFoundError:
+            continue
+        if find_mount(str(mountpoint)) is None:
+            break
     try:
         pid = int(pid_file.read_text())
     except (OSError, ValueError):
         return
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + DAEMON_EXIT_S
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    if pid_alive(pid):
+        stop_pid(pid)
 
 
 def _restore(meta_url: str, path: str, before: bytes | None) -> None:

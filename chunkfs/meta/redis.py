@@ -176,7 +176,7 @@ class RedisMeta(MetaStore):
                                       "CREATE", "COMMIT", "RMDIR", "RENAME", "EXCHANGE", "LINK", "XATTR",
                                       "FORGET_FREED", "CLAIM_UPLOAD", "BEGIN_DELETE", "MKNOD", "RELEASE_ORPHAN",
                                       "CLOSE_SESSION", "LINK_PARENTS", "SNAPSHOT", "FREEZE_TREE",
-                                      "DELETE_SNAPSHOT")}
+                                      "DELETE_SNAPSHOT", "SET_PROFILE")}
         if not create and self._call(self.client.get, self._format_key) is None:
             raise NotFormatted(f"no chunkfs volume at {self.url} (run 'chunkfs format')")
 
@@ -441,15 +441,7 @@ class RedisMeta(MetaStore):
 
     def set_profile(self, ino: int, data: bytes | None, *, replace: bool = True) -> bool:
         check_profile(data)
-        if not self.getattr(ino).is_dir:
-            raise FsError(errno.ENOTDIR, f"inode {ino}")
-        key = self.prefix + "profiles"
-        if data is None:
-            return bool(self._call(self.client.hdel, key, str(ino)))
-        if replace:
-            self._call(self.client.hset, key, str(ino), data)
-            return True
-        return bool(self._call(self.client.hsetnx, key, str(ino), data))
+        return bool(self._run("SET_PROFILE", ino, data or b"", int(replace), int(data is None)))
 
     def dir_path(self, ino: int) -> str | None:
         """Walks up the directories' links (a snapshot's root and every directory made or moved

@@ -569,6 +569,18 @@ redis.call('HSET', P .. 'snapshots', root, ARGV[7])
 return root
 """
 
+# ARGV: P, dir, data ('' with drop = '1'), replace ('1'/'0'), drop ('1'/'0') -> 1 if stored or dropped
+# (MetaStore.set_profile: the directory checked and the profile set at once)
+SET_PROFILE = PRELUDE + r"""
+local ino = ARGV[2]
+local mode = redis.call('HGET', ikey(ino), 'mode')
+if not mode then return redis.error_reply('ENOENT inode ' .. ino) end
+if ftype(mode) ~= S_IFDIR then return redis.error_reply('ENOTDIR inode ' .. ino) end
+if ARGV[5] == '1' then return redis.call('HDEL', P .. 'profiles', ino) end
+if ARGV[4] == '1' then redis.call('HSET', P .. 'profiles', ino, ARGV[3]) return 1 end
+return redis.call('HSETNX', P .. 'profiles', ino, ARGV[3])
+"""
+
 # ARGV: P, root dir, snapshot record JSON (MetaStore.freeze_tree: a loaded dump's snapshot)
 FREEZE_TREE = PRELUDE + r"""
 local root = ARGV[2]

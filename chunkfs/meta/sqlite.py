@@ -785,13 +785,16 @@ class SqliteMeta(MetaStore):
 
     def set_profile(self, ino: int, data: bytes | None, *, replace: bool = True) -> bool:
         check_profile(data)
-        with self._tx() as conn:
-            if not self._attr_of(conn, ino).is_dir:
-                raise FsError(errno.ENOTDIR, f"inode {ino}")
-            if data is None:
-                return conn.execute("DELETE FROM profiles WHERE ino=?", (ino,)).rowcount > 0
-            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-            return conn.execute(f"{verb} INTO profiles VALUES (?, ?)", (ino, data)).rowcount > 0
+        try:
+            with self._tx() as conn:
+                if not self._attr_of(conn, ino).is_dir:
+                    raise FsError(errno.ENOTDIR, f"inode {ino}")
+                if data is None:
+                    return conn.execute("DELETE FROM profiles WHERE ino=?", (ino,)).rowcount > 0
+                verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+                return conn.execute(f"{verb} INTO profiles VALUES (?, ?)", (ino, data)).rowcount > 0
+        except sqlite3.Error as exc:  # a read-only database file, one made before profiles, a lock
+            raise ChunkfsError(f"{self.url}: cannot store an access profile: {exc}") from None
 
     def dir_path(self, ino: int) -> str | None:
         names: list[str] = []

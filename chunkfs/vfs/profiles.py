@@ -56,9 +56,11 @@ CHECK_S = 1.0
 @dataclass(eq=False)
 class _Directory:
     ino: int
+    loaded: trio.Event = field(default_factory=trio.Event)
     profile: AccessProfile | None = None
     recorder: ProfileRecorder | None = None
-    prefetch_started: bool = False
+    opens: int = 0  # handles open on its files (opened through ``on_open``)
+    prefetch: trio.CancelScope | None = None  # the running profile prefetch, if any
     # the profile prefetch's order: (file name, block index) -> position, and bytes before each position
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     offsets: list[int] = field(default_factory=list)
@@ -77,41 +79,67 @@ class ProfileBook:
         self.mode = mode
         self.prefetch_limit = prefetch_limit
         self.name_of = name_of
-        self._dirs: dict[int, _Directory] = {}
-        self._files: dict[int, tuple[_Directory, str]] = {}  # inode -> its directory and name
+        self._dirs: dict[int, _Directory] = {}  # directories with open files, a profile or a recording
+        self._files: dict[int, tuple[_Directory, str]] = {}  # open inode -> its directory and name
+        self._handles: Counter[int] = Counter()  # open inode -> handles opened through ``on_open``
         if mode != "off":
             reader.on_demand = self._on_demand
 
-    # -- the vfs tells it about opens ------------------------------------------------------------
+    # -- the vfs tells it about opens and closes ----------------------------------------------
     async def on_open(self, directory: int, ino: int, name: str) -> bool:
         """File ``name`` (inode ``ino``) of ``directory`` is being opened for reading: True if
-        a profile covers its prefetch (the reader then does not prefetch it whole)."""
-        if self.mode == "off":
+        a profile covers its prefetch (the reader then does not prefetch it whole). Only
+        files the reader would prefetch (model files) start a recording or a prefetch."""
+        if self.mode == "off" or not self.reader.config.wants_prefetch(name):
             return False
         d = self._dirs.get(directory)
         if d is None:
-            d = self._dirs[directory] = await self._load(directory)
-        if d.profile is None and d.recorder is None:
-            return False
-        self._files[ino] = (d, name)
+            d = self._dirs[directory] = _Directory(directory)  # before awaiting: one per directory
+            try:
+                await self._load(d)
+            finally:
+                d.loaded.set()
+        await d.loaded.wait()
+        self._files.setdefault(ino, (d, name))
+        self._handles[ino] += 1
+        d.opens += 1
         if d.profile is None:
             return False
-        if not d.prefetch_started:
-            d.prefetch_started = True
-            self.reader.start_background(self._prefetch, d)
+        if d.prefetch is None:
+            d.prefetch = trio.CancelScope()
+            d.furthest = -1
+            self.reader.start_background(self._prefetch, d, d.prefetch)
         return name in d.profile.names
 
-    async def _load(self, directory: int) -> _Directory:
-        d = _Directory(directory)
+    def on_release(self, ino: int) -> None:
+        """A read handle on ``ino`` closed. When none of its directory's files is open any
+        more, the directory's prefetch stops (the next open starts it again) and a directory
+        with nothing to keep is forgotten."""
+        known = self._files.get(ino)
+        if known is None:
+            return
+        self._handles[ino] -= 1
+        if self._handles[ino] <= 0:
+            del self._handles[ino], self._files[ino]
+        d, _ = known
+        d.opens -= 1
+        if d.opens > 0:
+            return
+        if d.prefetch is not None:
+            d.prefetch.cancel()
+            d.prefetch = None
+        if d.profile is None and (d.recorder is None or not len(d.recorder)):
+            self._dirs.pop(d.ino, None)
+
+    async def _load(self, d: _Directory) -> None:
         if self.mode in ("auto", "use"):
             try:
-                data = await self.meta.call(self.meta.meta.get_profile, directory)
+                data = await self.meta.call(self.meta.meta.get_profile, d.ino)
                 d.profile = None if data is None else AccessProfile.from_bytes(data)
             except (ChunkfsError, ProfileDamaged) as exc:
-                log.warning("access profile of %s not used: %s", self.name_of(directory), exc)
+                log.warning("access profile of %s not used: %s", self.name_of(d.ino), exc)
         if d.profile is None and self.mode in ("auto", "record"):
             d.recorder = ProfileRecorder()
-        return d
 
     def _on_demand(self, ino: int, index: int) -> None:
         known = self._files.get(ino)
@@ -127,20 +155,28 @@ class ProfileBook:
             d.progress = trio.Event()
 
     # -- prefetch in the profile's order -------------------------------------------------------
-    async def _prefetch(self, d: _Directory) -> None:
+    async def _prefetch(self, d: _Directory, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._prefetch_in_order(d)
+        if d.prefetch is scope:
+            d.prefetch = None  # done (or stopped): the next open may start it again
+
+    async def _prefetch_in_order(self, d: _Directory) -> None:
         assert d.profile is not None
         files = await self._resolve(d)
         order: list[tuple[bytes, int]] = []
-        seen: set[bytes] = set()
+        placed: dict[bytes, int] = {}  # block id -> its position (a block in several places: the first)
+        d.positions = {}
 
         def add(name: str, index: int) -> None:
             size, blocks = files[name]
             if index >= len(blocks) or blocks[index] == HOLE:
                 return
-            d.positions.setdefault((name, index), len(order))
-            if blocks[index] not in seen:
-                seen.add(blocks[index])
-                order.append((blocks[index], block_length(index, size, self.block_size)))
+            bid = blocks[index]
+            if bid not in placed:
+                placed[bid] = len(order)
+                order.append((bid, block_length(index, size, self.block_size)))
+            d.positions.setdefault((name, index), placed[bid])
 
         for name, index in d.profile.entries():
             if name in files:
@@ -190,11 +226,15 @@ class ProfileBook:
 
     # -- storing recordings --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Store recordings once idle; at the end (unmount) store what is left."""
+        """Store recordings once idle (``auto``; ``record`` stores at the end only, so a
+        loader's pause does not cut its recording short); at the end (unmount) store what
+        is left."""
         task_status.started()
         try:
             while True:
                 await trio.sleep(CHECK_S)
+                if self.mode != "auto":
+                    continue
                 for d in list(self._dirs.values()):
                     r = d.recorder
                     if r is not None and r.last_note != r.checked and time.monotonic() - r.last_note >= IDLE_SAVE_S:
@@ -219,21 +259,23 @@ class ProfileBook:
         return read, total
 
     async def _store(self, d: _Directory) -> None:
-        recorder, d.recorder = d.recorder, None  # one recording per directory and mount
+        """Store the directory's recording (a hint: any failure is logged, never raised)."""
+        recorder = d.recorder
         assert recorder is not None
         profile = recorder.finished()
         replace = self.mode == "record"
         try:
             if not replace:
                 read, total = await self._coverage(d.ino, profile)
-                if read * 2 < total or not total:
+                if read * 2 < total:
                     log.info("not storing the access profile of %s yet: its readers read %d of the %d blocks of "
                              "its model files", self.name_of(d.ino), read, total)
-                    recorder.checked = recorder.last_note
-                    d.recorder = recorder  # goes on recording; checked again after more reads
+                    recorder.checked = recorder.last_note  # checked again after more reads
                     return
+            d.recorder = None  # one recording per directory and mount
             stored = await self.meta.call(self.meta.meta.set_profile, d.ino, profile.to_bytes(), replace=replace)
-        except (ChunkfsError, FsError) as exc:
+        except Exception as exc:  # a profile is a hint: the mount goes on without it
+            d.recorder = None
             log.warning("could not store the access profile of %s: %s", self.name_of(d.ino), exc)
             return
         if stored:

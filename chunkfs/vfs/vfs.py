@@ -496,6 +496,8 @@ class Vfs:
                 await self._release_writer(f.ino)
             else:
                 self.reader.released(f.ino)
+                if self.profiles is not None:
+                    self.profiles.on_release(f.ino)
         finally:
             if last and f.ino in self._sustained:
                 self._sustained.discard(f.ino)
