@@ -3,6 +3,7 @@ benchmark and the tests (process trees)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def wait_exit(pid: int, timeout: float = 10.0) -> bool:
+    """Wait up to ``timeout`` seconds for process ``pid`` to be gone (reaping it if it is our
+    child); True if it is."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """Terminate a process we know by pid (not our child: a daemon we started through a
     launcher); kill it if it outlives ``timeout``."""
@@ -46,10 +58,7 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + wait
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not pid_alive(pid):
+        if wait_exit(pid, wait):
             return
 
 

@@ -16,7 +16,6 @@ older chunkfs, which would let a writable mount change frozen inodes, refuses th
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
 from dataclasses import dataclass
@@ -63,12 +62,6 @@ def lookup_path(meta: MetaStore, path: str) -> Attr:
     return attr
 
 
-def _raise_format(meta: MetaStore) -> None:
-    fmt = meta.load_format()
-    if fmt is not None and fmt.format_version < SNAPSHOT_FORMAT_VERSION:
-        meta.save_format(dataclasses.replace(fmt, format_version=SNAPSHOT_FORMAT_VERSION))
-
-
 def create(meta: MetaStore, source: str, dest: str) -> Snapshot:
     """Snapshot the directory at volume path ``source`` as the new directory ``dest``."""
     source, dest = normalize_volume_path(source), normalize_volume_path(dest)
@@ -81,7 +74,7 @@ def create(meta: MetaStore, source: str, dest: str) -> Snapshot:
     parent = lookup_path(meta, parent_path or "/")
     if not parent.is_dir:
         raise ChunkfsError(f"{parent_path}: not a directory in the volume")
-    _raise_format(meta)
+    meta.raise_format(SNAPSHOT_FORMAT_VERSION)
     created = time.time_ns()
     try:
         root = meta.snapshot(src.ino, parent.ino, name.encode(errors="surrogateescape"), source=source,

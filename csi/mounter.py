@@ -23,7 +23,6 @@ from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import MountEntry, find_mount
 from chunkfs.peer.auth import MIN_SECRET_BYTES
 from chunkfs.peer.membership import check_spec
-from chunkfs.procs import pid_alive
 from chunkfs.urls import is_env_name
 from chunkfs.warmup.control import WarmupTimedOut, cached_so_far, run, socket_path
 
@@ -149,14 +148,6 @@ def unmount(path: str, *, fuse: bool) -> None:
             raise MountError(f"cannot unmount {path}: {result.stderr.strip() or 'failed'}")
     deadline = time.monotonic() + 10
     while find_mount(path) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def wait_exit(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
 
 

@@ -37,6 +37,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 
 from chunkfs.fuse.mountinfo import find_mount
+from chunkfs.procs import wait_exit
 from csi import csi_pb2, csi_pb2_grpc
 from csi.events import PodEvents, PodRef
 from csi.mounter import (
@@ -53,7 +54,6 @@ from csi.mounter import (
     start_daemon,
     statvfs_within,
     unmount,
-    wait_exit,
     warm,
     warm_settings,
 )

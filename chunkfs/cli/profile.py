@@ -22,7 +22,7 @@ from chunkfs.errors import ChunkfsError, UsageError
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import open_meta
 from chunkfs.meta.base import MetaStore
-from chunkfs.procs import pid_alive, stop_pid
+from chunkfs.procs import stop_pid, wait_exit
 from chunkfs.profile import AccessProfile, ProfileDamaged
 from chunkfs.snapshots import lookup_path
 from chunkfs.warmup.plan import normalize_volume_path
@@ -159,10 +159,7 @@ def _unmount(mountpoint: Path, pid_file: Path) -> None:
         pid = int(pid_file.read_text())
     except (OSError, ValueError):
         return
-    deadline = time.monotonic() + DAEMON_EXIT_S
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
+    if not wait_exit(pid, DAEMON_EXIT_S):
         stop_pid(pid)
 
 

@@ -11,7 +11,6 @@ SIGTERM, SIGINT and SIGHUP end the session cleanly (unmount, exit 0). ``fusermou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -155,8 +154,7 @@ def _begin_session(volume: Volume) -> str:
     """Before a writable mount: raise the volume to the current format (its writes may use
     what older chunkfs cannot read), release the orphans of dead sessions, register ours."""
     meta = volume.meta
-    if volume.fmt.format_version < WRITABLE_FORMAT_VERSION:
-        meta.save_format(dataclasses.replace(volume.fmt, format_version=WRITABLE_FORMAT_VERSION))
+    if meta.raise_format(WRITABLE_FORMAT_VERSION):
         log.info("volume raised to format version %d", WRITABLE_FORMAT_VERSION)
     released = release_dead_sessions(meta)
     if released:

@@ -24,6 +24,7 @@ Contract (checked by ``tests/test_meta_contract.py`` for every engine):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 import time
@@ -179,6 +180,15 @@ class MetaStore(ABC):
     @abstractmethod
     def save_format(self, fmt: VolumeFormat) -> None:
         """Store the settings and create the root directory if it does not exist."""
+
+    def raise_format(self, version: int) -> bool:
+        """Raise the volume's format version to ``version`` before it holds what older code
+        would misread (never lowers it); True if it was raised."""
+        fmt = self.load_format()
+        if fmt is None or fmt.format_version >= version:
+            return False
+        self.save_format(dataclasses.replace(fmt, format_version=version))
+        return True
 
     @abstractmethod
     def stats(self) -> VolumeStats: ...

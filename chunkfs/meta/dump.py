@@ -25,7 +25,6 @@ refers to them outside the engine).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import stat
@@ -167,16 +166,10 @@ def load(meta: MetaStore, lines: IO[str]) -> int:
         if "profile" in rec:
             meta.set_profile(ino, base64.b64decode(rec["profile"], validate=True))
     if snapshots:
-        _raise_to_snapshot_format(meta)
+        meta.raise_format(SNAPSHOT_FORMAT_VERSION)
     for ino, rec in snapshots:  # last: a frozen directory takes no more changes
         meta.freeze_tree(ino, source=str(rec.get("source", "")), created_ns=int(rec.get("created_ns", 0)))
     return count
-
-
-def _raise_to_snapshot_format(meta: MetaStore) -> None:
-    fmt = meta.load_format()
-    if fmt is not None and fmt.format_version < SNAPSHOT_FORMAT_VERSION:
-        meta.save_format(dataclasses.replace(fmt, format_version=SNAPSHOT_FORMAT_VERSION))
 
 
 def _blocks_of(rec: dict, block_size: int) -> BlockList:

@@ -22,8 +22,8 @@ file's background fetches.
   that file (other files' prefetches go on).
 - Profiles (``vfs/profiles.py``): a file whose directory has an access profile is opened
   with ``prefetch=False``; the profile's own prefetch fetches the directory's blocks in the
-  recorded order through ``prefetch_block``. ``on_demand`` (if set) hears of every block a
-  reader asks for, for recording a profile.
+  recorded order through ``prefetch_block``. A file opened with an ``on_read`` hook has it
+  called with every block a reader asks for (recording a profile, pacing its prefetch).
 - Demand reads run at ``DEMAND`` priority and so jump both queues.
 - Accounting: a block fetched ahead that no reader asked for before the last close counts as
   wasted (``chunkfs_readahead_wasted_blocks_total``, ``chunkfs_prefetch_wasted_blocks_total``).
@@ -77,6 +77,7 @@ class _OpenInode:
     next_prefetch: int = 0  # position in ``to_prefetch``
     declined: bool = False  # the node cache declined a block of this file: its prefetch stops
     scopes: set[trio.CancelScope] = field(default_factory=set)
+    on_read: Callable[[int], None] | None = None  # hears of every block index a reader asks for
 
 
 _ZEROS = bytes(1 << 20)
@@ -94,8 +95,6 @@ class FileReader:
         self.metrics = metrics or fetcher.metrics
         self._files: dict[int, _OpenInode] = {}
         self._nursery: trio.Nursery | None = None
-        #: called with (inode, block index) for every block a reader asks for
-        self.on_demand: Callable[[int, int], None] | None = None
         self._max_window = max(1, config.readahead_max // config.block_size)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -106,14 +105,16 @@ class FileReader:
             await trio.sleep_forever()
 
     # -- open / close ----------------------------------------------------------------------
-    def opened(self, ino: int, name: str, size: int, blocks: BlockList, *, prefetch: bool = True) -> None:
+    def opened(self, ino: int, name: str, size: int, blocks: BlockList, *, prefetch: bool = True,
+               on_read: Callable[[int], None] | None = None) -> None:
         """One more handle on the inode. ``prefetch`` False: its whole-file prefetch is left to
-        someone else (an access profile)."""
+        someone else (an access profile); ``on_read``: called with each block index a reader
+        of the inode asks for (the first handle's hook is kept)."""
         self.refresh(ino, size, blocks)  # changed by a writer since another handle opened it
         state = self._files.get(ino)
         if state is None:
             detector = StreamDetector(initial=1, maximum=self._max_window)
-            state = self._files[ino] = _OpenInode(ino, name, size, blocks, detector)
+            state = self._files[ino] = _OpenInode(ino, name, size, blocks, detector, on_read=on_read)
             if prefetch and len(blocks) and self.config.wants_prefetch(name):
                 state.to_prefetch = [index for index, _ in blocks.stored()]
                 for _ in range(min(self.config.prefetch_workers, len(state.to_prefetch))):
@@ -180,8 +181,8 @@ class FileReader:
         return done
 
     def _note_read(self, state: _OpenInode, index: int) -> None:
-        if self.on_demand is not None:
-            self.on_demand(state.ino, index)
+        if state.on_read is not None:
+            state.on_read(index)
         state.ahead.pop(index, None)
         if index > state.furthest:
             state.furthest = index

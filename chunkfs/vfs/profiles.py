@@ -1,8 +1,9 @@
 """ProfileBook: a mount's access profiles, recorded from its readers and used for prefetch.
 
 Layer: ``vfs/``, between the ``Vfs`` (which tells it which file of which directory is
-opened) and the ``FileReader`` (whose ``on_demand`` hook reports every block a reader asks
-for, and whose ``prefetch_block`` fetches ahead). Profiles are stored per directory in the
+opened and closed, and hands the ``FileReader`` the per-file read hook ``on_open`` returns:
+only files being recorded or prefetched by profile have one) and the ``FileReader`` (whose
+``prefetch_block`` fetches ahead). Profiles are stored per directory in the
 metadata (``chunkfs.profile``).
 
 Modes (``--access-profile``):
@@ -28,6 +29,7 @@ mount goes on as without one.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -47,6 +49,8 @@ from chunkfs.read.reader import FileReader
 log = logging.getLogger(__name__)
 
 PROFILE_MODES = ("auto", "use", "record", "off")
+#: what the reader calls with each block index a reader of one file asks for
+ReadHook = Callable[[int], None]
 #: a recording is stored once its readers read no new block for this long
 IDLE_SAVE_S = 10.0
 #: how often recordings are checked for that
@@ -80,18 +84,17 @@ class ProfileBook:
         self.prefetch_limit = prefetch_limit
         self.name_of = name_of
         self._dirs: dict[int, _Directory] = {}  # directories with open files, a profile or a recording
-        self._files: dict[int, tuple[_Directory, str]] = {}  # open inode -> its directory and name
-        self._handles: Counter[int] = Counter()  # open inode -> handles opened through ``on_open``
-        if mode != "off":
-            reader.on_demand = self._on_demand
+        self._handles: Counter[int] = Counter()  # open inode -> its handles counted by ``on_open``
+        self._dir_of: dict[int, _Directory] = {}  # open inode -> its directory
 
     # -- the vfs tells it about opens and closes ----------------------------------------------
-    async def on_open(self, directory: int, ino: int, name: str) -> bool:
-        """File ``name`` (inode ``ino``) of ``directory`` is being opened for reading: True if
-        a profile covers its prefetch (the reader then does not prefetch it whole). Only
-        files the reader would prefetch (model files) start a recording or a prefetch."""
+    async def on_open(self, directory: int, ino: int, name: str) -> tuple[bool, ReadHook | None]:
+        """File ``name`` (inode ``ino``) of ``directory`` is being opened for reading:
+        (whether a profile covers its prefetch: the reader then does not prefetch it whole,
+        the hook the reader calls with each block index read, if any). Only files the reader
+        would prefetch (model files) start a recording or a prefetch."""
         if self.mode == "off" or not self.reader.config.wants_prefetch(name):
-            return False
+            return False, None
         d = self._dirs.get(directory)
         if d is None:
             d = self._dirs[directory] = _Directory(directory)  # before awaiting: one per directory
@@ -100,28 +103,30 @@ class ProfileBook:
             finally:
                 d.loaded.set()
         await d.loaded.wait()
-        self._files.setdefault(ino, (d, name))
+        if d.profile is None and d.recorder is None:
+            return False, None
+        self._dir_of[ino] = d
         self._handles[ino] += 1
         d.opens += 1
+        hook = functools.partial(self._on_read, d, name)
         if d.profile is None:
-            return False
+            return False, hook
         if d.prefetch is None:
             d.prefetch = trio.CancelScope()
             d.furthest = -1
             self.reader.start_background(self._prefetch, d, d.prefetch)
-        return name in d.profile.names
+        return name in d.profile.names, hook
 
     def on_release(self, ino: int) -> None:
         """A read handle on ``ino`` closed. When none of its directory's files is open any
         more, the directory's prefetch stops (the next open starts it again) and a directory
         with nothing to keep is forgotten."""
-        known = self._files.get(ino)
-        if known is None:
+        d = self._dir_of.get(ino)
+        if d is None:
             return
         self._handles[ino] -= 1
         if self._handles[ino] <= 0:
-            del self._handles[ino], self._files[ino]
-        d, _ = known
+            del self._handles[ino], self._dir_of[ino]
         d.opens -= 1
         if d.opens > 0:
             return
@@ -141,13 +146,12 @@ class ProfileBook:
         if d.profile is None and self.mode in ("auto", "record"):
             d.recorder = ProfileRecorder()
 
-    def _on_demand(self, ino: int, index: int) -> None:
-        known = self._files.get(ino)
-        if known is None:
-            return
-        d, name = known
+    def _on_read(self, d: _Directory, name: str, index: int) -> None:
+        """A reader asked for block ``index`` of file ``name`` of ``d`` (once per FUSE read)."""
         if d.recorder is not None:
             d.recorder.note(name, index)
+        if not d.positions:
+            return
         position = d.positions.get((name, index))
         if position is not None and position > d.furthest:
             d.furthest = position
@@ -253,7 +257,8 @@ class ProfileBook:
         for name, attr in await self.meta.readdir(directory):
             text = os.fsdecode(name)
             if attr.is_reg and self.reader.config.wants_prefetch(text):
-                count = sum(1 for _ in (await self.meta.read_blocks(attr.ino)).stored())
+                blocks = await self.meta.read_blocks(attr.ino)
+                count = len(blocks) - blocks.holes
                 total += count
                 read += min(count, wanted.get(text, 0))
         return read, total

@@ -128,8 +128,9 @@ class Vfs:
         self.session = session
         self.handles = Handles()
         self._names: dict[int, bytes] = {ROOT_INODE: b"/"}  # last name seen per inode, for log messages
-        self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}  # directory -> its parent, as seen
-        self._file_dirs: dict[int, int] = {}  # regular file -> the directory it was last seen in
+        # directory or regular file -> the directory it was last seen in (a directory's '..', a
+        # file's access profile)
+        self._parents: dict[int, int] = {ROOT_INODE: ROOT_INODE}
         #: the mount's access profiles (recorded from reads, used for prefetch), if any
         self.profiles: ProfileBook | None = None
         self._sustained: set[int] = set()  # open inodes that lost a name while open: maybe orphans
@@ -169,10 +170,8 @@ class Vfs:
         """Remember what a lookup, listing or creation showed: the name (for log messages)
         and, for a directory, its parent (for its ``..`` entry)."""
         self._names[attr.ino] = name
-        if attr.is_dir:
+        if attr.is_dir or attr.is_reg:
             self._parents[attr.ino] = parent
-        elif attr.is_reg:
-            self._file_dirs[attr.ino] = parent
         return self._shown(attr)
 
     def name_of(self, ino: int) -> str:
@@ -406,11 +405,12 @@ class Vfs:
         if attr.is_dir:
             raise FsError(errno.EISDIR, "a directory")
         name = self.name_of(ino)
-        directory = self._file_dirs.get(ino)
-        covered = False
+        directory = self._parents.get(ino)
+        covered, on_read = False, None
         if self.profiles is not None and directory is not None:
-            covered = await self.profiles.on_open(directory, ino, os.fsdecode(self._names.get(ino, b"?")))
-        self.reader.opened(ino, name, attr.size, await self.meta.read_blocks(ino), prefetch=not covered)
+            covered, on_read = await self.profiles.on_open(directory, ino, os.fsdecode(self._names.get(ino, b"?")))
+        self.reader.opened(ino, name, attr.size, await self.meta.read_blocks(ino), prefetch=not covered,
+                           on_read=on_read)
         return self.handles.open_file(OpenFile(ino)), self.writer is None
 
     async def _open_writer(self, ino: int) -> None:
