@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -251,7 +252,7 @@ class Fleet:
             for mode in self.args.modes:
                 for count in self.args.nodes:
                     order = (False, True) if (run + count) % 2 == 0 else (True, False)  # interleaved
-                    for peers in order:
+                    for peers in (p for p in order if p in self.args.peers):
                         self.measurements.append(self.measure(mode, count, peers))
 
     def median(self, mode: str, count: int, peers: bool, what: str) -> float:
@@ -265,7 +266,7 @@ class Fleet:
                  "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
         targets = []
         for mode in self.args.modes:
-            for peers in (False, True):
+            for peers in self.args.peers:
                 base = self.median(mode, self.args.nodes[0], peers, "seconds")
                 for count in self.args.nodes:
                     seconds = self.median(mode, count, peers, "seconds")
@@ -281,6 +282,8 @@ class Fleet:
                         verdict = "met" if origin <= 1.1 else "missed"
                         targets.append(f"{verdict}: {mode}, {count} nodes with peers: origin <= 1.1x the model: "
                                        f"{origin:.2f}x")
+            if True not in self.args.peers:
+                continue
             top, first = max(self.args.nodes), self.args.nodes[0]
             ratio = self.median(mode, top, True, "seconds") / self.median(mode, first, True, "seconds")
             targets.append(f"{'met' if ratio <= 2 else 'missed'}: {mode} with peers: {top} nodes take <= 2x the "
@@ -308,10 +311,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nodes", default="1,2,4,8", help="fleet sizes, comma-separated (default 1,2,4,8)")
     parser.add_argument("--modes", default="warmup,cold", help="warmup, cold or both (default warmup,cold)")
     parser.add_argument("--runs", type=int, default=1, help="runs of every case; medians are shown (default 1)")
+    parser.add_argument("--peers", choices=("both", "yes", "no"), default="both",
+                        help="measure with peers, without, or both, interleaved (default both)")
     parser.add_argument("--egress", default="200M", help="the store's total egress in bytes/s (default 200M)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/chunkfs-bench-fleet"),
                         help="work directory, wiped except for the model (default /tmp/chunkfs-bench-fleet)")
     parser.add_argument("--json", type=Path, help="where to write every measurement (default WORK/bench-fleet.json)")
+    parser.add_argument("--page-reporting", choices=("pause", "keep"), default="pause",
+                        help="pause (default): turn this VM's free page reporting off for the run and restore it "
+                             "after (see scripts/bench_read.py PageReporting); keep: leave it on")
     parser.add_argument("--chunkfs-args", default="", help="extra `chunkfs mount` arguments for every node")
     args = parser.parse_args()
     try:
@@ -319,6 +327,7 @@ def parse_args() -> argparse.Namespace:
         args.egress = parse_size(args.egress)
     except ValueError as exc:
         parser.error(str(exc))
+    args.peers = {"both": (False, True), "yes": (True,), "no": (False,)}[args.peers]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.nodes or args.nodes[0] < 1 or args.runs < 1 or args.egress < 1 << 20:
         parser.error("--nodes and --runs need positive numbers, --egress at least 1M")
@@ -332,7 +341,10 @@ def main() -> None:
     os.environ.update({"AWS_ACCESS_KEY_ID": br.S3_KEY, "AWS_SECRET_ACCESS_KEY": br.S3_SECRET,
                        "AWS_REGION": br.REGION, "AWS_DEFAULT_REGION": br.REGION, "AWS_EC2_METADATA_DISABLED": "true"})
     fleet = Fleet(args)
+    reporting = br.PageReporting(args.page_reporting)
     try:
+        fleet.bench.memory_note = reporting.pause()
+        br.say(fleet.bench.memory_note)
         fleet.execute()
         table, targets = fleet.table()
         print(table)
@@ -352,6 +364,8 @@ def main() -> None:
         sys.exit(130)
     finally:
         fleet.bench.cleanup()
+        reporting.restore()
+        shutil.rmtree(fleet.work / "fleet", ignore_errors=True)  # N node caches: N times the model
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -31,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def run(*cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 

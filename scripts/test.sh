@@ -13,6 +13,6 @@ setup_venv test
 say "ruff"
 "$VENV/bin/ruff" check chunkfs csi tests scripts
 say "mypy"
-"$VENV/bin/mypy" chunkfs csi
+"$VENV/bin/mypy" chunkfs csi scripts/*.py
 say "pytest"
 "$PY" -m pytest -p no:cacheprovider "$@"
