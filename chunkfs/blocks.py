@@ -137,6 +137,11 @@ class BlockDecoder:
         self._lz4 = lz4.frame.LZ4FrameDecompressor() if compressed else None
         self._error: str | None = None
 
+    @property
+    def compressed(self) -> bool:
+        """Stored bytes decode to other plain bytes (lz4): ``feed`` returns new bytes."""
+        return self._lz4 is not None
+
     def feed(self, piece: bytes | memoryview) -> bytes | memoryview:
         if self._error is not None:
             return b""

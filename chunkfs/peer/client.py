@@ -178,10 +178,12 @@ class PeerClient:
             while got < length:
                 if time.monotonic() > give_up:
                     raise PeerFailed("timeout", f"too slow: {got} of {length} bytes in time")
-                n = response.readinto(buffer[: min(len(buffer), length - got)])
+                want = min(len(buffer), length - got)
+                target = sink.lend(want) or buffer[:want]
+                n = response.readinto(target)
                 if not n:
                     raise PeerFailed("unreachable", f"closed after {got} of {length} bytes")
-                sink.write(buffer[:n])
+                sink.write(target[:n])
                 got += n
         except urllib3.exceptions.TimeoutError as exc:
             raise PeerFailed("timeout", f"stalled after {got} of {length} bytes") from exc

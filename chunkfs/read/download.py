@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -74,7 +75,7 @@ class BlockSink:
     a block buffer the bytes before it are gone, so the block must be read again."""
 
     __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
-                 "from_peer", "length", "memory")
+                 "from_peer", "length", "lent", "memory")
 
     def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
                  block: memoryview | None = None) -> None:
@@ -89,9 +90,11 @@ class BlockSink:
         self.disk_error: str | None = None
         self.finished = False
         self.from_peer = False
+        self.lent: memoryview | None = None  # what ``lend`` gave out for the next piece
 
     def restart(self) -> None:
         self.finished = False
+        self.lent = None
         self.decoder = self.codec.decoder(self.bid, self.length)
         self.filled = self.flushed = 0
         if self.memory is not None:
@@ -102,13 +105,26 @@ class BlockSink:
             except OSError as exc:
                 self.disk_error = exc.strerror or str(exc)
 
+    def lend(self, size: int) -> memoryview | None:
+        """The block buffer from the bytes filled so far (up to ``size``), when the stored
+        bytes are the plain ones: the store receives straight into the block buffer and the
+        piece costs no copy. None without a block buffer, for compressed blocks, or once the
+        buffer is full (a longer body is then refused by the decoder)."""
+        if self.block is None or self.decoder.compressed:
+            return None
+        room = min(size, len(self.block) - self.filled)
+        self.lent = self.block[self.filled : self.filled + room] if room > 0 else None
+        return self.lent
+
     def write(self, piece: memoryview) -> None:
+        lent, self.lent = self.lent, None
         plain = self.decoder.feed(piece)
         if not plain:
             return
         if self.block is not None:
             end = self.filled + len(plain)
-            self.block[self.filled : end] = plain
+            if lent is None or not _starts_at(plain, lent):  # (in place: received where it belongs)
+                self.block[self.filled : end] = plain
             self.filled = end
             aligned = end - end % DIRECT_ALIGN
             if aligned - self.flushed >= PIECE:
@@ -141,6 +157,13 @@ class BlockSink:
     @property
     def spilled(self) -> bool:
         return self.disk_error is not None
+
+
+def _starts_at(piece: bytes | memoryview, lent: memoryview) -> bool:
+    """``piece`` is ``lent`` or a prefix of it (the same memory, not a copy)."""
+    if not isinstance(piece, memoryview) or piece.readonly or len(piece) > len(lent) or not len(piece):
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(piece)) == ctypes.addressof(ctypes.c_char.from_buffer(lent))
 
 
 class BlockDownload:

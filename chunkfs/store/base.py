@@ -53,9 +53,15 @@ class Sink(Protocol):
     def restart(self) -> None:
         """A (new) attempt begins: forget every piece an earlier attempt delivered."""
 
+    def lend(self, size: int) -> memoryview | None:
+        """Memory to receive the next piece into (up to ``size`` bytes), where the sink would
+        copy it anyway; the caller then passes that view, or a prefix of it, to ``write``,
+        and the sink keeps the bytes without a copy. None: use your own buffer."""
+
     def write(self, piece: memoryview) -> None:
-        """Take the next piece. It is a view of the caller's buffer, valid only during the
-        call. Must not raise: a sink that cannot keep a piece remembers that itself."""
+        """Take the next piece. It is a view of the caller's buffer (or of what ``lend``
+        gave), valid only during the call. Must not raise: a sink that cannot keep a piece
+        remembers that itself."""
 
     def finish(self) -> None:
         """The whole body arrived: raise ``BodyRejected`` if it is not what was asked for."""

@@ -54,10 +54,13 @@ class FileStore(ObjectStore):
             with open(path, "rb", buffering=0) as f:
                 sink.restart()
                 total = 0
-                while got := f.readinto(buffer):
-                    sink.write(buffer[:got])
+                while True:
+                    target = sink.lend(len(buffer)) or buffer
+                    got = f.readinto(target)
+                    if not got:
+                        return total
+                    sink.write(target[:got])
                     total += got
-                return total
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.url}") from None
         except OSError as exc:

@@ -33,30 +33,34 @@ _TEMPORARY = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.Connec
 
 class _Pieces:
     """A write-only file for ``download_to_file`` that passes what it is given on to a sink
-    in ``buffer``-sized pieces (the last one shorter)."""
+    in pieces of up to ``buffer``'s size (the last one shorter), gathered in the memory the
+    sink lends (``Sink.lend``) or else in ``buffer``."""
 
     def __init__(self, sink: Sink, buffer: memoryview) -> None:
         self.sink = sink
         self.buffer = buffer
+        self.target: memoryview | None = None  # where the piece being gathered goes
         self.filled = 0
         self.total = 0
 
     def write(self, data: bytes) -> int:
         view = memoryview(data)
         while view:
-            take = min(len(view), len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + take] = view[:take]
+            if self.target is None:
+                self.target = self.sink.lend(len(self.buffer)) or self.buffer
+            take = min(len(view), len(self.target) - self.filled)
+            self.target[self.filled : self.filled + take] = view[:take]
             self.filled += take
             view = view[take:]
-            if self.filled == len(self.buffer):
+            if self.filled == len(self.target):
                 self.flush()
         self.total += len(data)
         return len(data)
 
     def flush(self) -> None:
-        if self.filled:
-            self.sink.write(self.buffer[: self.filled])
-            self.filled = 0
+        if self.target is not None and self.filled:
+            self.sink.write(self.target[: self.filled])
+        self.target, self.filled = None, 0
 
 
 class GCSStore(ObjectStore):

@@ -262,10 +262,12 @@ def _stream_body(raw: Any, expected: int | None, sink: Sink, buffer: memoryview)
     total = 0
     if isinstance(direct, http.client.HTTPResponse) and expected is not None and hasattr(raw, "release_conn"):
         while total < expected:
-            got = direct.readinto(buffer[: min(len(buffer), expected - total)])
+            want = min(len(buffer), expected - total)
+            target = sink.lend(want) or buffer[:want]
+            got = direct.readinto(target)
             if not got:
                 break  # short body: the caller reports it
-            sink.write(buffer[:got])
+            sink.write(target[:got])
             total += got
         if total == expected and direct.isclosed():  # read to its end: the connection is reusable
             raw.release_conn()
