@@ -7,12 +7,13 @@ toy ``get_into``.
 
 Invariants:
 
-- The object is read in ``PIECE``-sized pieces into a page-aligned piece buffer; each piece is
-  decoded and hashed while it is still in the CPU cache (``BlockSink``), and written on to its
-  destinations. Nothing is published (cache entry committed, bytes returned) unless the
-  whole block matched its id: a body that does not is ``BodyRejected``, which the retry
-  policy treats as a temporary failure; a store without that policy (unit tests) gets the
-  same check here.
+- The object is read in ``PIECE``-sized pieces into a page-aligned piece buffer, or, for a
+  plain (uncompressed) block with a block buffer lent, straight into that block buffer
+  (``BlockSink.lend``: no copy afterwards); each piece is decoded and hashed while it is
+  still in the CPU cache (``BlockSink``), and written on to its destinations. Nothing is
+  published (cache entry committed, bytes returned) unless the whole block matched its id:
+  a body that does not is ``BodyRejected``, which the retry policy treats as a temporary
+  failure; a store without that policy (unit tests) gets the same check here.
 - Under the block's node-wide download lock (``BlockCache.try_claim``, unless ``claim`` is
   off) an intact entry another process just planted is used instead of downloading
   (``Downloaded.planted``); while another process holds the lock, ``Busy`` is raised and
