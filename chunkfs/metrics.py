@@ -35,9 +35,10 @@ chunkfs_origin_blocks_total                counter    blocks downloaded from the
 chunkfs_origin_bytes_total                 counter    bytes of those blocks
 chunkfs_peer_fetched_blocks_total          counter    blocks downloaded from peers (verified)
 chunkfs_peer_fetched_bytes_total           counter    bytes of those blocks
-chunkfs_peer_errors_total{reason}          counter    peer fetches that failed, then went to the
-                                                      store: ``timeout``, ``unreachable``,
-                                                      ``refused`` (busy/missing), ``corrupt``
+chunkfs_peer_errors_total{reason}          counter    failed peer requests: ``timeout``,
+                                                      ``unreachable``, ``refused`` (missing or
+                                                      an error), ``corrupt`` (then the next peer
+                                                      or the store), ``busy`` (asked again)
 chunkfs_peer_served_blocks_total           counter    blocks this node sent to peers
 chunkfs_peer_served_bytes_total            counter    bytes of those blocks
 chunkfs_peer_requests_refused_total{reason}  counter  peer requests answered without a block:
@@ -96,7 +97,7 @@ class Metrics:
                                            registry=r)
         self.peer_fetched_bytes = Counter("chunkfs_peer_fetched_bytes", "Bytes of blocks downloaded from peers",
                                           registry=r)
-        self.peer_errors = Counter("chunkfs_peer_errors", "Failed peer fetches (the store was used)", ["reason"],
+        self.peer_errors = Counter("chunkfs_peer_errors", "Failed peer requests", ["reason"],
                                    registry=r)
         self.peer_served_blocks = Counter("chunkfs_peer_served_blocks", "Blocks sent to peers", registry=r)
         self.peer_served_bytes = Counter("chunkfs_peer_served_bytes", "Bytes of blocks sent to peers", registry=r)

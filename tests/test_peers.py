@@ -261,6 +261,36 @@ def test_uploads_are_bounded_busy_peers_say_so(tmp_path: Path) -> None:
         first.join()
 
 
+def test_a_busy_owner_is_asked_again_not_the_store(tmp_path: Path) -> None:
+    """Two askers, one upload slot held longer than a request queues: the second is told 503,
+    asks again and gets the block from the owner (origin bytes stay at once per block)."""
+    blocks = dict(_block(seed, 8 << 20) for seed in (30, 31))
+    with serving(tmp_path, blocks, max_uploads=1, max_rate=1 << 20) as server:  # about 7 s per block
+        client = _client([f"127.0.0.1:{server.port}"], base_timeout=25.0)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda bid: _fetch(client, bid, len(blocks[bid]), tmp_path), blocks))
+    assert got == list(blocks.values())  # both from the owner, none left to the store
+    assert client.metrics.peer_errors.labels("busy")._value.get() >= 1
+    assert client.metrics.peer_fetched_blocks._value.get() == 2
+
+
+def test_a_busy_owner_is_given_up_at_the_blocks_deadline(tmp_path: Path) -> None:
+    bid, data = _block(32, 8 << 20)
+    with serving(tmp_path, {bid: data}, max_uploads=1, max_rate=1 << 20) as server:
+        path = f"{block_path(UUID, bid)}?length={len(data)}"
+        first = threading.Thread(target=_raw, args=(server.port, "GET", path,
+                                                    {"Authorization": auth.sign(SECRET, "GET", path)}))
+        first.start()  # holds the one slot for about 8 s
+        wait_for(lambda: server.uploads._value == 0)  # type: ignore[attr-defined]
+        # deadline 4 s (the queue sends nothing for 3 s: the read timeout must outlast it)
+        client = _client([f"127.0.0.1:{server.port}"], base_timeout=4.0, min_rate=1 << 30)
+        start = time.monotonic()
+        assert _fetch(client, bid, len(data), tmp_path) is None  # the store, once the deadline passed
+        assert time.monotonic() - start < 2 * BUSY_WAIT_S + 1.5  # 503 at 3 s, again at 6.5 s, no more
+        assert client.metrics.peer_errors.labels("busy")._value.get() == 2
+        first.join()
+
+
 class _Hostile(BaseHTTPRequestHandler):
     """A peer answering with what ``mode`` says: corrupt bytes, a stall, or half a body."""
 

@@ -13,6 +13,10 @@ Invariants:
   block's length at ``min_rate``) for ``DOWN_PEER_S`` seconds (``REFUSED_PEER_S`` when it
   refused the connection: nothing listens yet). An owner loading the block
   for us is not silent: it sends interim answers while it loads.
+- A busy owner (503: every upload slot taken, after the request queued for one) has the block
+  and is serving the fleet: it is asked again ``BUSY_RETRY_S`` later, until the block's
+  deadline (``deadline``) has passed since the first request, rather than fetching from the
+  store what the fleet already holds (each such retry counts as ``busy``).
 - A read never fails because of a peer: every failure is counted and answered with False.
 - At most ``tries`` peers are asked per block, in rendezvous order; when this node is the
   first in that order, it is the owner and goes to the store itself (and then holds the block
@@ -48,6 +52,8 @@ DOWN_PEER_S = 10.0
 #: seconds a peer that refused the connection is skipped: a member still starting (its pod is
 #: listed before it listens) costs a few blocks from the store, not ten seconds' worth
 REFUSED_PEER_S = 1.0
+#: seconds before a busy owner (503) is asked again
+BUSY_RETRY_S = 0.5
 CONNECT_TIMEOUT_S = 2.0
 DEFAULT_BASE_TIMEOUT_S = 10.0
 DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
@@ -115,18 +121,23 @@ class PeerClient:
         if a peer delivered the whole, verified block; False: use the store."""
         if ORIGIN_ONLY.get():
             return False
+        give_up = time.monotonic() + self.deadline(length)
         for peer in self.candidates(bid):
-            try:
-                self._get(peer, bid, length, sink, buffer)
-            except PeerFailed as exc:
-                self.metrics.peer_errors.labels(exc.reason).inc()
-                log.info("peer %s: block %s: %s", peer, bid.hex()[:16], exc)
-                if exc.hold_off:
-                    self._hold_off(peer, exc.hold_off)
-                continue
-            self.metrics.peer_fetched_blocks.inc()
-            self.metrics.peer_fetched_bytes.inc(length)
-            return True
+            while True:
+                try:
+                    self._get(peer, bid, length, sink, buffer)
+                except PeerFailed as exc:
+                    self.metrics.peer_errors.labels(exc.reason).inc()
+                    log.info("peer %s: block %s: %s", peer, bid.hex()[:16], exc)
+                    if exc.reason == "busy" and time.monotonic() + BUSY_RETRY_S < give_up:
+                        time.sleep(BUSY_RETRY_S)
+                        continue
+                    if exc.hold_off:
+                        self._hold_off(peer, exc.hold_off)
+                    break
+                self.metrics.peer_fetched_blocks.inc()
+                self.metrics.peer_fetched_bytes.inc(length)
+                return True
         return False
 
     def deadline(self, length: int) -> float:
@@ -151,9 +162,11 @@ class PeerClient:
             raise PeerFailed("unreachable", f"{type(exc).__name__}: {exc}") from exc
         whole = False
         try:
+            if response.status == 503:  # busy: it holds the block (asked again, see fetch)
+                raise PeerFailed("busy", "answered 503: every upload slot is taken", hold_off=0.0)
             if response.status != 200:
-                # busy (503) or without the block (404) says nothing about its other blocks
-                hold = 0.0 if response.status in (404, 503) else DOWN_PEER_S
+                # without the block (404) says nothing about its other blocks
+                hold = 0.0 if response.status == 404 else DOWN_PEER_S
                 raise PeerFailed("refused", f"answered {response.status}", hold_off=hold)
             announced = response.headers.get("Content-Length")
             if announced != str(length):
