@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -292,17 +293,32 @@ def test_a_busy_owner_is_given_up_at_the_blocks_deadline(tmp_path: Path) -> None
 
 
 class _Hostile(BaseHTTPRequestHandler):
-    """A peer answering with what ``mode`` says: corrupt bytes, a stall, or half a body."""
+    """A peer answering with what ``mode`` says: corrupt bytes, a stall, or half a body; or
+    ("stale") the right block, except that a keep-alive connection's second request is met
+    by closing it unanswered (an idle connection the peer closed just as the client reused it)."""
 
     protocol_version = "HTTP/1.1"
     mode = "corrupt"
     requests = 0
+    blocks: ClassVar[dict[str, bytes]] = {}
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
         type(self).requests += 1
+        if self.mode == "stale":
+            served = getattr(self, "served", 0)
+            self.served = served + 1
+            if served:
+                self.close_connection = True
+                return
+            body = self.blocks[self.path.split("/blocks/")[1].split("?")[0]]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         length = int(self.path.rpartition("length=")[2])
         self.send_response(200)
         self.send_header("Content-Length", str(length))
@@ -318,8 +334,8 @@ class _Hostile(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def hostile(mode: str) -> Iterator[int]:
-    handler = type("Hostile", (_Hostile,), {"mode": mode, "requests": 0})
+def hostile(mode: str, blocks: dict[str, bytes] | None = None) -> Iterator[int]:
+    handler = type("Hostile", (_Hostile,), {"mode": mode, "requests": 0, "blocks": blocks or {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -345,6 +361,18 @@ def test_a_bad_peer_is_skipped_and_never_trusted(tmp_path: Path, mode: str) -> N
         assert client.metrics.peer_errors.labels(reason)._value.get() == 1
     if mode == "corrupt":
         assert client._skip_until[f"127.0.0.1:{port}"] > time.monotonic() + BAD_PEER_S - 10
+
+
+def test_a_keep_alive_connection_the_peer_closed_is_replaced_not_held_against_it(tmp_path: Path) -> None:
+    first, second = _block(40), _block(41)
+    with hostile("stale", {bid.hex(): data for bid, data in (first, second)}) as (port, handler):
+        client = _client([f"127.0.0.1:{port}"])
+        assert _fetch(client, first[0], len(first[1]), tmp_path) == first[1]
+        # the pooled connection is reused and closed unanswered: asked again on a new one
+        assert _fetch(client, second[0], len(second[1]), tmp_path) == second[1]
+        assert handler.requests == 3
+        assert client.metrics.peer_errors.labels("unreachable")._value.get() == 0
+        assert not client._skip_until
 
 
 def test_no_peer_up_means_the_store(tmp_path: Path) -> None:

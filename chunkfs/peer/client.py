@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextvars
+import http.client
 import logging
 import threading
 import time
@@ -65,6 +66,19 @@ def _refused(exc: BaseException) -> bool:
         if isinstance(exc, ConnectionRefusedError):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _closed_unanswered(exc: BaseException) -> bool:
+    """The peer closed the connection before answering at all (not a timeout, not a refusal)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # urllib3 wraps the socket's error once or twice
+        if seen is None:
+            break
+        if isinstance(seen, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            return True
+        wrapped = seen.args[1] if len(seen.args) > 1 and isinstance(seen.args[1], BaseException) else None
+        seen = seen.__cause__ or seen.__context__ or wrapped
     return False
 
 
@@ -143,16 +157,28 @@ class PeerClient:
     def deadline(self, length: int) -> float:
         return self.base_timeout + length / self.min_rate
 
+    def _request(self, peer: str, query: str, headers: dict[str, str]) -> Any:
+        """The response's head. A pooled keep-alive connection the peer closed as it was
+        reused (it closes idle ones after its request timeout) fails before any answer: the
+        request is sent once more, on a new connection, and does not count against the peer."""
+        for attempt in range(2):
+            try:
+                # the read timeout is per socket read: an owner loading the block for us sends an
+                # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
+                return self._pool.request(
+                    "GET", f"{self.scheme}://{peer}{query}", headers=headers, preload_content=False,
+                    redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout))
+            except urllib3.exceptions.ProtocolError as exc:
+                if attempt or not _closed_unanswered(exc):
+                    raise
+        raise AssertionError("unreachable")  # (the loop returns or raises)
+
     def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> None:
         path = block_path(self.volume_uuid, bid)
         query = f"{path}?length={length}"
         headers = {"Authorization": auth.sign(self._secret, "GET", query)}
         try:
-            # the read timeout is per socket read: an owner loading the block for us sends an
-            # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
-            response = self._pool.request(
-                "GET", f"{self.scheme}://{peer}{query}", headers=headers, preload_content=False,
-                redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout))
+            response = self._request(peer, query, headers)
         except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError to urllib3)
             raise PeerFailed("unreachable", f"cannot connect: {exc}",
                              hold_off=REFUSED_PEER_S if _refused(exc) else DOWN_PEER_S) from exc
