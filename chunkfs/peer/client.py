@@ -60,26 +60,28 @@ DEFAULT_BASE_TIMEOUT_S = 10.0
 DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
 
 
-def _refused(exc: BaseException) -> bool:
-    """The peer's host answered that nothing listens there (not a timeout)."""
-    while exc is not None:
-        if isinstance(exc, ConnectionRefusedError):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
-
-
-def _closed_unanswered(exc: BaseException) -> bool:
-    """The peer closed the connection before answering at all (not a timeout, not a refusal)."""
+def _caused_by(exc: BaseException, *kinds: type[BaseException]) -> bool:
+    """``exc`` is, or was caused by, one of ``kinds`` (urllib3 wraps the socket's error in
+    ``__cause__``/``__context__`` or in its second argument, once or twice)."""
     seen: BaseException | None = exc
-    for _ in range(8):  # urllib3 wraps the socket's error once or twice
+    for _ in range(8):
         if seen is None:
-            break
-        if isinstance(seen, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            return False
+        if isinstance(seen, kinds):
             return True
         wrapped = seen.args[1] if len(seen.args) > 1 and isinstance(seen.args[1], BaseException) else None
         seen = seen.__cause__ or seen.__context__ or wrapped
     return False
+
+
+def _refused(exc: BaseException) -> bool:
+    """The peer's host answered that nothing listens there (not a timeout)."""
+    return _caused_by(exc, ConnectionRefusedError)
+
+
+def _closed_unanswered(exc: BaseException) -> bool:
+    """The peer closed the connection before answering at all (not a timeout, not a refusal)."""
+    return _caused_by(exc, http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 class PeerFailed(Exception):
@@ -161,17 +163,18 @@ class PeerClient:
         """The response's head. A pooled keep-alive connection the peer closed as it was
         reused (it closes idle ones after its request timeout) fails before any answer: the
         request is sent once more, on a new connection, and does not count against the peer."""
-        for attempt in range(2):
-            try:
-                # the read timeout is per socket read: an owner loading the block for us sends an
-                # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
-                return self._pool.request(
-                    "GET", f"{self.scheme}://{peer}{query}", headers=headers, preload_content=False,
-                    redirect=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout))
-            except urllib3.exceptions.ProtocolError as exc:
-                if attempt or not _closed_unanswered(exc):
-                    raise
-        raise AssertionError("unreachable")  # (the loop returns or raises)
+        # the read timeout is per socket read: an owner loading the block for us sends an
+        # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
+        timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout)
+        url = f"{self.scheme}://{peer}{query}"
+        try:
+            return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
+                                      timeout=timeout)
+        except urllib3.exceptions.ProtocolError as exc:
+            if not _closed_unanswered(exc):
+                raise
+        return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
+                                  timeout=timeout)
 
     def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> None:
         path = block_path(self.volume_uuid, bid)
