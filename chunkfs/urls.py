@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from chunkfs.errors import UsageError
 
@@ -24,11 +24,22 @@ def mask_url(url: str) -> str:
     return _SECRET_QUERY_RE.sub(lambda m: f"{m['key']}****", masked)
 
 
+def split_url(url: str) -> SplitResult:
+    """``urlsplit(url)`` whose host and port are known to parse: a malformed one (``[::1``
+    unclosed, a port that is not a number or out of range) is a usage error naming the URL."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsed lazily: raises ValueError for a bad port
+    except ValueError as exc:
+        raise UsageError(f"{mask_url(url)!r} is not a valid URL: {exc}") from None
+    return parts
+
+
 def url_scheme(url: str) -> str:
     """The lower-cased scheme of ``url``; a URL without ``scheme://`` is a usage error."""
     if "://" not in url:
         raise UsageError(f"{mask_url(url)!r} is not a URL (expected scheme://...)")
-    scheme = urlsplit(url).scheme.lower()
+    scheme = split_url(url).scheme.lower()
     if not scheme:
         raise UsageError(f"{mask_url(url)!r} has no scheme")
     return scheme

@@ -88,19 +88,42 @@ def peer_args(attributes: Mapping[str, str], env: Mapping[str, str]) -> tuple[st
     return tuple(args)
 
 
+#: seconds a ``chunkfs mount --background`` may take to answer (below kubelet's 2-minute call)
+MOUNT_TIMEOUT_S = 110.0
+
+
+def _run(cmd: list[str], *, env: Mapping[str, str] | None = None,
+         timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing its output; a missing binary or a timeout is a ``MountError``."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MountError(f"{os.path.basename(cmd[0])} {cmd[1] if len(cmd) > 1 else ''} did not finish within "
+                         f"{timeout:.0f} s") from None
+    except OSError as exc:
+        raise MountError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+
+
 def start_daemon(staging: str, env: dict[str, str], settings: DaemonSettings, log_file: str,
                  extra_args: tuple[str, ...] | list[str] = ()) -> int:
     """Mount the whole volume read-only at ``staging`` with a background chunkfs daemon in
     its own session (the plugin's mount options, then the volume's ``extra_args``); returns
     its pid once the mount answers."""
-    os.makedirs(staging, exist_ok=True)
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot create {staging}: {exc.strerror}") from None
     pid_file = f"{log_file}.pid"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pid_file)
     cmd = [sys.executable, "-m", "chunkfs", "mount", META_ENV, staging, "--read-only", "--background",
            "--log-file", log_file, "--pid-file", pid_file, *settings.mount_args, *extra_args]
-    result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=180,
-                            check=False)
+    try:
+        result = _run(cmd, env={**os.environ, **env}, timeout=MOUNT_TIMEOUT_S)
+    except MountError:
+        with contextlib.suppress(MountError):  # it may have mounted after all: leave nothing behind
+            unmount(staging, fuse=True)
+        raise
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]
         raise MountError(lines[-1].removeprefix("chunkfs: "))
@@ -140,10 +163,10 @@ def unmount(path: str, *, fuse: bool) -> None:
     if find_mount(path) is None:
         return
     cmd = ["fusermount3", "-u"] if fuse else ["umount"]
-    result = subprocess.run([*cmd, path], capture_output=True, text=True, check=False)
+    result = _run([*cmd, path], timeout=60)
     if result.returncode != 0:
         lazy = ["fusermount3", "-u", "-z"] if fuse else ["umount", "-l"]
-        result = subprocess.run([*lazy, path], capture_output=True, text=True, check=False)
+        result = _run([*lazy, path], timeout=60)
         if result.returncode != 0 and find_mount(path) is not None:
             raise MountError(f"cannot unmount {path}: {result.stderr.strip() or 'failed'}")
     deadline = time.monotonic() + 10
@@ -153,14 +176,17 @@ def unmount(path: str, *, fuse: bool) -> None:
 
 def bind_read_only(source: str, target: str) -> None:
     """Bind-mount ``source`` at ``target`` read-only (creating ``target`` like ``source``)."""
-    if os.path.isdir(source):
-        os.makedirs(target, exist_ok=True)
-    elif not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "a"):
-            pass
+    try:
+        if os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)
+        elif not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "a"):
+                pass
+    except OSError as exc:
+        raise MountError(f"cannot create {target}: {exc.strerror}") from None
     for cmd in (["mount", "--bind", source, target], ["mount", "-o", "remount,bind,ro", target]):
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        result = _run(cmd, timeout=60)
         if result.returncode != 0:
             with contextlib.suppress(MountError):
                 unmount(target, fuse=False)

@@ -27,6 +27,7 @@ Rules every call follows (CSI spec v1):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -78,10 +79,36 @@ def _require(context: grpc.ServicerContext, value: str, name: str) -> None:
 
 
 def _require_capability(context: grpc.ServicerContext, request: Any, field: str) -> None:
+    """A capability names its access type (``mount``; ``block`` is refused) and a known
+    access mode: the spec makes both required."""
     if not request.HasField(field):
         _abort(context, Code.INVALID_ARGUMENT, f"{field} is required")
-    if getattr(request, field).HasField("block"):
+    capability = getattr(request, field)
+    if capability.WhichOneof("access_type") is None:
+        _abort(context, Code.INVALID_ARGUMENT, f"{field} needs an access type (mount)")
+    if not capability.HasField("access_mode") or \
+            capability.access_mode.mode == csi_pb2.VolumeCapability.AccessMode.UNKNOWN:
+        _abort(context, Code.INVALID_ARGUMENT, f"{field} needs an access mode")
+    if capability.HasField("block"):
         _abort(context, Code.FAILED_PRECONDITION, "chunkfs volumes are filesystems; block access is not supported")
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An RPC handler that answers INTERNAL, with the reason, for an error it did not expect
+    (grpc would answer UNKNOWN, "Exception calling application", which a CO cannot act on);
+    what the handler aborted with on purpose goes through unchanged."""
+
+    @functools.wraps(method)
+    def handle(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            if context.code() is not None:  # an _abort: its code and message are set
+                raise
+            log.exception("%s failed", method.__name__)
+            _abort(context, Code.INTERNAL, f"{method.__name__}: {type(exc).__name__}: {exc}")
+
+    return handle
 
 
 def volume_path(context: grpc.ServicerContext, volume_context: Any) -> str:
@@ -107,12 +134,15 @@ class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
         self.version = version
         self.ready = ready  # None when healthy, else the reason
 
+    @rpc
     def GetPluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=self.version)
 
+    @rpc
     def GetPluginCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[])  # a node plugin only: no controller
 
+    @rpc
     def Probe(self, request: Any, context: grpc.ServicerContext) -> Any:
         problem = self.ready()
         if problem is not None:
@@ -150,6 +180,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         self.events = PodEvents.from_environment(node_id)  # None outside a cluster
 
     # -- stage ---------------------------------------------------------------------------------
+    @rpc
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.staging_target_path, "staging_target_path")
@@ -215,9 +246,10 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         if not healthy(record.staging_path):
             try:
                 self.revive(record)
-            except MountError as exc:
+            except (MountError, OSError, ValueError) as exc:  # OSError, ValueError: its saved state
                 _abort(context, Code.UNAVAILABLE, f"volume {record.volume_id}: mount daemon cannot restart: {exc}")
 
+    @rpc
     def NodeUnstageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.staging_target_path, "staging_target_path")
@@ -238,6 +270,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish -------------------------------------------------------------------------------
+    @rpc
     def NodePublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.target_path, "target_path")
@@ -255,15 +288,18 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                  ", inline" if ephemeral else "")
         record = self._publish(context, request, ephemeral, path)
         if warm_for is not None:  # outside the lock: other volumes' calls go on meanwhile
-            self._warm(context, record, warm_for, PodRef.from_volume_context(request.volume_context))
+            self._warm(context, record, target, warm_for, PodRef.from_volume_context(request.volume_context))
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, timeout: float, pod: PodRef | None) -> None:
+    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, target: str, timeout: float,
+              pod: PodRef | None) -> None:
         """Warm the volume's path into the node cache before the publish answers (attribute
-        ``warm``). The target stays bound when time runs out: the kubelet retries the
-        publish (the same arguments: idempotent), and each retry resumes the warmup, its
-        error message (a pod event) saying how far it got. Progress goes to the log and,
-        when the plugin can reach the API, to events on the pod (``csi/events.py``)."""
+        ``warm``). The target stays bound when time runs out (UNAVAILABLE: kubelet holds the
+        volume as maybe-mounted and retries the publish, the same arguments, idempotent), and
+        each retry resumes the warmup, its error message (a pod event) saying how far it got.
+        A warmup that fails outright undoes the publish first (INTERNAL: kubelet holds the
+        volume as not mounted and will not unpublish it). Progress goes to the log and, when
+        the plugin can reach the API, to events on the pod (``csi/events.py``)."""
         volume_id = record.volume_id
 
         def event(reason: str, message: str, warning: bool = False) -> None:
@@ -285,6 +321,11 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         except MountError as exc:
             log.warning("volume %s: %s", volume_id, exc)
             event("ChunkfsWarmingFailed", str(exc), warning=True)
+            with self.lock:
+                try:
+                    self._unpublish(target)
+                except MountError as undo:
+                    _abort(context, Code.UNAVAILABLE, f"volume {volume_id}: {exc}; and {undo}")
             _abort(context, Code.INTERNAL, f"volume {volume_id}: {exc}")
         done = (f"{record.volume_path} is in the node cache ({report['bytes_fetched']} bytes fetched, "
                 f"{report['bytes_cached_before']} already there)")
@@ -344,6 +385,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         if record.ephemeral and not record.targets:
             self._teardown(record)
 
+    @rpc
     def NodeUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.target_path, "target_path")
@@ -351,17 +393,24 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         log.info("NodeUnpublishVolume %s at %s", request.volume_id, target)
         with self.lock:
             try:
-                unmount(target, fuse=False)
-                remove_target(target)
+                self._unpublish(target)
             except MountError as exc:
                 _abort(context, Code.INTERNAL, str(exc))
-            record = self.records.get(request.volume_id)
-            if record is not None and record.targets.pop(target, None) is not None:
-                self.state.save(record)
-                self._teardown_ephemeral_if_unused(record)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
+    def _unpublish(self, target: str) -> None:
+        """Unbind and remove ``target`` and forget it in whichever record holds it (an
+        inline volume left with no target is torn down). Under the lock."""
+        unmount(target, fuse=False)
+        remove_target(target)
+        record = self._owner_of(target)
+        if record is not None:
+            del record.targets[target]
+            self.state.save(record)
+            self._teardown_ephemeral_if_unused(record)
+
     # -- information ---------------------------------------------------------------------------
+    @rpc
     def NodeGetVolumeStats(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.volume_path, "volume_path")
@@ -380,12 +429,14 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage, volume_condition=csi_pb2.VolumeCondition(abnormal=False, message="ok"))
 
+    @rpc
     def NodeGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         rpc = csi_pb2.NodeServiceCapability.RPC
         kinds = [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION]
         return csi_pb2.NodeGetCapabilitiesResponse(
             capabilities=[csi_pb2.NodeServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
 
+    @rpc
     def NodeGetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
 

@@ -68,6 +68,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, 
     (["sqlite:///{tmp}/v.db", "--storage", "s3://bucket/p?secret_key=abc"], ["credentials"]),
     (["sqlite:///{tmp}/v.db", "--storage", "/dev/null/blocks"], ["cannot create storage directory"]),
     (["sqlite:///dev/null/x.db", "--storage", "/tmp/x"], ["cannot create"]),
+    (["redis://:secret@[::1/0", "--storage", "/tmp/x"], ["not a valid URL", "Invalid IPv6"]),
+    (["redis://host:notaport/0", "--storage", "/tmp/x"], ["not a valid URL", "Port"]),
+    (["redis://host:99999/0", "--storage", "/tmp/x"], ["not a valid URL", "out of range"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "s3://bucket:99999/x"], ["not a valid URL", "out of range"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "s3://bucket:9000/x"], ["bucket name holds only"]),
+    (["sqlite:///{tmp}/v.db", "--storage", "gs://bu ck/x"], ["bucket name holds only"]),
 ])
 def test_format_bad_inputs(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
     args = [a.replace("/{tmp}", str(tmp_path)) for a in args]

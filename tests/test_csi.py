@@ -246,7 +246,8 @@ def test_error_codes(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert code_of(node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(volume_id="x")) == invalid
     assert code_of(node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest(staging_target_path=staging)) == invalid
     assert code_of(node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(volume_id="x")) == invalid
-    block = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume())
+    block = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
+                                     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER))
     assert code_of(node.NodeStageVolume, stage(volume_id="x", staging_target_path=staging, volume_capability=block,
                                                secrets=p.secrets)) == grpc.StatusCode.FAILED_PRECONDITION
     assert code_of(p.stage, path="/m/../../etc") == invalid
@@ -553,22 +554,26 @@ def test_csi_command_bad_input_is_one_line(tmp_path: Path) -> None:
 
 
 class _AbortingContext:
-    """The part of grpc.ServicerContext the node servicer uses: ``abort`` raises."""
+    """The part of grpc.ServicerContext the node servicer uses: ``abort`` raises, ``code``
+    tells what it aborted with."""
+
+    def __init__(self) -> None:
+        self._code: grpc.StatusCode | None = None
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
 
     def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self._code = code
         raise grpc.RpcError(code, message)
 
 
-def test_publish_refused_for_a_vanished_path_leaves_the_volume_staged(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Unit test of the servicer alone (no daemon): a static volume whose ``path`` has gone
-    from the volume refuses the publish, and stays staged (the CO unstages it, not us)."""
+def _servicer_alone(tmp_path: Path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A node servicer with no daemon behind it: mounts always healthy, binds recorded only."""
     from csi import node as node_module
     from csi.mounter import DaemonSettings
-    from csi.state import StateStore, VolumeRecord
+    from csi.state import StateStore
 
-    staging = tmp_path / "staging"
-    (staging / "m").mkdir(parents=True)
-    (staging / "out").symlink_to("/etc")
     unmounted: list[str] = []
     monkeypatch.setattr(node_module, "healthy", lambda _path: True)
     monkeypatch.setattr(node_module, "unmount", lambda path, fuse: unmounted.append(path))
@@ -576,6 +581,115 @@ def test_publish_refused_for_a_vanished_path_leaves_the_volume_staged(tmp_path: 
     monkeypatch.setattr(node_module, "_mounted", lambda _path: False)
     node = node_module.ChunkfsNode("n", StateStore(tmp_path / "state"),
                                    DaemonSettings(("--cache-dir", str(tmp_path / "c"), "--cache-size", "1G")))
+    return node_module, node, unmounted
+
+
+def _rpc_error(call, request) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, _AbortingContext())
+    return err.value.args[0], err.value.args[1]
+
+
+def test_capabilities_need_an_access_type_and_mode(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _module, node, _unmounted = _servicer_alone(tmp_path, monkeypatch)
+    no_mode = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume())
+    unknown_mode = capability(Mode.UNKNOWN)
+    no_type = csi_pb2.VolumeCapability(access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=Mode.MULTI_NODE_READER_ONLY))
+    for cap in (no_mode, unknown_mode, no_type):
+        stage = csi_pb2.NodeStageVolumeRequest(volume_id="v", staging_target_path=str(tmp_path / "s"),
+                                               volume_capability=cap)
+        assert _rpc_error(node.NodeStageVolume, stage)[0] == grpc.StatusCode.INVALID_ARGUMENT, cap
+        publish = csi_pb2.NodePublishVolumeRequest(volume_id="v", target_path=str(tmp_path / "t"),
+                                                   staging_target_path=str(tmp_path / "s"), volume_capability=cap)
+        assert _rpc_error(node.NodePublishVolume, publish)[0] == grpc.StatusCode.INVALID_ARGUMENT, cap
+
+
+def test_a_failed_warmup_undoes_its_publish(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """INTERNAL makes kubelet hold the volume as not mounted, so it never unpublishes it: the
+    plugin must not leave the target bound (a timeout is UNAVAILABLE and keeps it)."""
+    from csi.mounter import MountError, WarmingIncomplete
+    from csi.state import VolumeRecord
+
+    node_module, node, unmounted = _servicer_alone(tmp_path, monkeypatch)
+    staging = tmp_path / "staging"
+    (staging / "m").mkdir(parents=True)
+    node.records["v"] = record = VolumeRecord("v", str(staging), "/m")
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id="v", target_path=str(tmp_path / "t"), staging_target_path=str(staging),
+        volume_capability=capability(Mode.MULTI_NODE_READER_ONLY), volume_context={"path": "/m", "warm": "100%"})
+
+    def incomplete(*_args):  # type: ignore[no-untyped-def]
+        raise WarmingIncomplete("2 of 5 GiB in the node cache after 100 s")
+
+    monkeypatch.setattr(node_module, "warm", incomplete)
+    assert _rpc_error(node.NodePublishVolume, request)[0] == grpc.StatusCode.UNAVAILABLE
+    assert str(tmp_path / "t") in record.targets and unmounted == []  # kept for the retry
+
+    def broken(*_args):  # type: ignore[no-untyped-def]
+        raise MountError("warming /m: the daemon's control socket is gone")
+
+    monkeypatch.setattr(node_module, "warm", broken)
+    code, message = _rpc_error(node.NodePublishVolume, request)
+    assert code == grpc.StatusCode.INTERNAL and "control socket" in message
+    assert record.targets == {} and unmounted == [str(tmp_path / "t")]
+    assert node.state.load_all()[0].targets == {}  # and so is the saved record
+
+
+def test_unpublish_forgets_the_target_in_the_record_that_holds_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from csi.state import Target, VolumeRecord
+
+    _module, node, unmounted = _servicer_alone(tmp_path, monkeypatch)
+    node.records["a"] = a = VolumeRecord("a", str(tmp_path / "sa"), "/")
+    a.targets["/pods/1/vol"] = Target("/pods/1/vol")
+    node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="b", target_path="/pods/1/vol"),
+                             _AbortingContext())
+    assert a.targets == {} and unmounted == ["/pods/1/vol"]
+
+
+def test_an_unexpected_error_is_internal_with_its_reason(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from csi.state import VolumeRecord
+
+    node_module, node, _unmounted = _servicer_alone(tmp_path, monkeypatch)
+    staging = tmp_path / "staging"
+    (staging / "m").mkdir(parents=True)
+    node.records["v"] = VolumeRecord("v", str(staging), "/m")
+
+    def bind_fails(*_args):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(node_module, "bind_read_only", bind_fails)
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id="v", target_path=str(tmp_path / "t"), staging_target_path=str(staging),
+        volume_capability=capability(Mode.MULTI_NODE_READER_ONLY), volume_context={"path": "/m"})
+    code, message = _rpc_error(node.NodePublishVolume, request)
+    assert code == grpc.StatusCode.INTERNAL and "PermissionError" in message and "Permission denied" in message
+
+
+def test_mount_lookups_see_through_a_symlinked_parent(tmp_path: Path) -> None:
+    from chunkfs.fuse.mountinfo import find_mount
+    from csi.mounter import unmount
+
+    (tmp_path / "real" / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(tmp_path / "real" / "mnt")], check=True)
+    try:
+        assert find_mount(str(tmp_path / "link" / "mnt")) is not None
+        unmount(str(tmp_path / "link" / "mnt"), fuse=False)
+        assert find_mount(str(tmp_path / "real" / "mnt")) is None
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "real" / "mnt")], check=False, capture_output=True)
+
+
+def test_publish_refused_for_a_vanished_path_leaves_the_volume_staged(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Unit test of the servicer alone (no daemon): a static volume whose ``path`` has gone
+    from the volume refuses the publish, and stays staged (the CO unstages it, not us)."""
+    from csi.state import VolumeRecord
+
+    node_module, node, unmounted = _servicer_alone(tmp_path, monkeypatch)
+    staging = tmp_path / "staging"
+    (staging / "m").mkdir(parents=True)
+    (staging / "out").symlink_to("/etc")
     cap = capability(Mode.MULTI_NODE_READER_ONLY)
     for path, code in (("/m/gone", grpc.StatusCode.NOT_FOUND), ("/out", grpc.StatusCode.INVALID_ARGUMENT)):
         record = VolumeRecord("v", str(staging), path)

@@ -242,6 +242,11 @@ def run(argv: list[str] | None = None) -> int:
     return handlers[args.command](args)
 
 
+def one_line(message: str) -> str:
+    """An error message on one line: a library's multi-line text joined with '; '."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
     except ChunkfsError as exc:
-        print(f"chunkfs: {exc}", file=sys.stderr)
+        print(f"chunkfs: {one_line(str(exc))}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("chunkfs: interrupted", file=sys.stderr)
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
-        print(f"chunkfs: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+        print(f"chunkfs: internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for details)",
               file=sys.stderr)
         code = EXIT_INTERNAL
     sys.exit(code)

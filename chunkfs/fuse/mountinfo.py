@@ -52,8 +52,12 @@ def list_mounts() -> list[MountEntry]:
 
 
 def find_mount(path: str) -> MountEntry | None:
-    """The topmost mount whose mountpoint is exactly ``path`` (after making it absolute)."""
+    """The topmost mount whose mountpoint is exactly ``path`` (made absolute, and its parent's
+    symlinks resolved as mountinfo shows them; ``path`` itself is never looked at, so a dead
+    or hung FUSE mount there cannot block the call)."""
     path = os.path.abspath(path)
+    if path != "/":
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     found = None
     for entry in list_mounts():
         if entry.mountpoint == path:

@@ -53,7 +53,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import redis
 import redis.exceptions as rexc
@@ -79,7 +79,7 @@ from chunkfs.meta.base import (
     check_xattr,
     is_device,
 )
-from chunkfs.urls import mask_url
+from chunkfs.urls import mask_url, split_url
 
 T = TypeVar("T")
 _ATTR_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime", "nlink", "rdev")
@@ -89,7 +89,7 @@ PASSWORD_ENVS = ("CHUNKFS_META_PASSWORD", "REDIS_PASSWORD")
 
 def connect(url: str, *, timeout: float = 5.0, retries: int = 8) -> tuple[redis.Redis | RedisCluster, str]:
     """A client for ``url`` (cluster detected or asked for) and the volume key prefix."""
-    parts = urlsplit(url)
+    parts = split_url(url)
     params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(params) - _OPTIONS
     if unknown:

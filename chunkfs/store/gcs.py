@@ -13,8 +13,8 @@ temporary, 401/403/404 and credential problems are not; the HTTP pool holds
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import google.api_core.exceptions as gexc
 import google.auth.exceptions as aexc
@@ -25,7 +25,10 @@ from google.cloud import storage
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
+from chunkfs.urls import split_url
 
+#: bucket names GCS accepts are a subset of these (lower case, 3-222 characters)
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,222}")
 _TEMPORARY = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
               requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError, aexc.TransportError,
               ConnectionError, TimeoutError)
@@ -65,9 +68,11 @@ class _Pieces:
 
 class GCSStore(ObjectStore):
     def __init__(self, url: str, options: StoreOptions, *, create: bool = False) -> None:
-        parts = urlsplit(url)
+        parts = split_url(url)
         if not parts.netloc:
             raise UsageError(f"GCS URL {url!r} needs a bucket: gs://bucket/prefix")
+        if not _BUCKET.fullmatch(parts.netloc):
+            raise UsageError(f"GCS URL {url!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
         if parts.query:
             raise UsageError(f"GCS URL {url!r} takes no options")
         self.url = url

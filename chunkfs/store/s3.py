@@ -31,7 +31,7 @@ import http.client
 import re
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import botocore.exceptions as bexc
 import botocore.session
@@ -40,6 +40,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
+from chunkfs.urls import split_url
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
@@ -49,16 +50,20 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 #: seconds a block GET's presigned URL is valid (it is sent at once)
 PRESIGN_SECONDS = 300
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</")
+#: what botocore accepts as a bucket name (AWS is stricter; S3-compatible stores vary)
+_BUCKET = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                    bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
                    bexc.HTTPClientError, ConnectionError, TimeoutError, http.client.IncompleteRead)
 
 
 def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
-    parts = urlsplit(url)
+    parts = split_url(url)
     bucket = parts.netloc
     if not bucket:
         raise UsageError(f"S3 URL {url!r} needs a bucket: s3://bucket/prefix")
+    if not _BUCKET.fullmatch(bucket):
+        raise UsageError(f"S3 URL {url!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
     params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(params) - {"endpoint", "region", "path_style"}
     if unknown:
