@@ -2,7 +2,7 @@
 """Fleet benchmark: N chunkfs nodes start one model at once from one capped object store.
 
     scripts/bench-fleet [--size 2G] [--shards 4] [--nodes 1,2,4,8] [--modes warmup,cold] [--runs 1]
-                        [--egress 200M] [--work /tmp/chunkfs-bench-fleet] [--json PATH]
+                        [--egress 200M] [--scaled] [--work /tmp/chunkfs-bench-fleet] [--json PATH]
 
 (scripts/bench-fleet installs what it needs and runs this file in a network namespace of its
 own, ``unshare --net``, so that its traffic shaping touches nothing else on the machine.)
@@ -19,6 +19,11 @@ N in --nodes, with and without peers (interleaved), and each mode:
   warmup   ``chunkfs warmup MNT/model`` through each node's mount, all N at once
   cold     every shard of the model read whole through each node's mount (one thread per shard,
            1 MiB reads, bytes discarded), all N at once, caches empty
+
+With ``--scaled``, N nodes share a store capped at ``--egress`` / N, so that each node's part of
+the store's egress shrinks as its share of this machine's 2 CPUs does, and every time is
+divided by N: what a fleet whose every node had this whole machine would take, so that N = 8
+is not charged for 8 nodes' worth of CPU on 2 cores (memory and the disk are not scaled).
 
 Caches are emptied, the mounts restarted and the page cache dropped before each measurement.
 Reported: the seconds from the common start until the last node is complete, that time against
@@ -81,6 +86,14 @@ class Measurement:
     peer_bytes: int | None
     cores_busy: float
     node_seconds: list[float] = field(default_factory=list)
+    scale: int = 1  # --scaled: the store's egress was --egress / scale, and so was each node's CPU share
+
+    @property
+    def fleet_seconds(self) -> float:
+        """The time a fleet whose every node had this machine and the whole ``--egress`` would
+        take: with ``--scaled`` every resource a node has (its CPU share, its part of the
+        store's egress) was 1/N of that, so the run was N times slower than that fleet."""
+        return self.seconds / self.scale
 
     @property
     def cpu_s_per_node(self) -> float:
@@ -126,16 +139,27 @@ class Fleet:
     def cap_egress(self, port: int) -> None:
         """Every packet from the store's port through one HTB class of ``--egress`` bytes/s;
         all other loopback traffic (peers, rclone behind nginx) through an unlimited one."""
-        bits = self.args.egress * 8
         for cmd in (
             "qdisc add dev lo root handle 1: htb default 20",
-            f"class add dev lo parent 1: classid 1:10 htb rate {bits}bit ceil {bits}bit burst 4mb cburst 4mb "
-            "quantum 65536",
+            f"class add dev lo parent 1: classid 1:10 {self.egress_class(self.args.egress)}",
             "class add dev lo parent 1: classid 1:20 htb rate 100gbit quantum 200000",
             f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {port} 0xffff flowid 1:10",
         ):
             br.run(["tc", *cmd.split()], f"tc {cmd}")
+        self.egress = self.args.egress
         br.say(f"store egress capped at {self.args.egress / 2**20:.0f} MiB/s (tc htb on lo, source port {port})")
+
+    @staticmethod
+    def egress_class(rate: int) -> str:
+        bits = rate * 8
+        return f"htb rate {bits}bit ceil {bits}bit burst 4mb cburst 4mb quantum 65536"
+
+    def set_egress(self, rate: int) -> None:
+        """Change the store's cap (``--scaled``: ``--egress`` / N for N nodes)."""
+        if rate != self.egress:
+            cmd = f"class change dev lo parent 1: classid 1:10 {self.egress_class(rate)}"
+            br.run(["tc", *cmd.split()], f"tc {cmd}")
+            self.egress = rate
 
     # -- one measurement -----------------------------------------------------------------------
     def start_nodes(self, count: int, peers: bool) -> list[tuple[Path, subprocess.Popen[bytes]]]:
@@ -171,6 +195,8 @@ class Fleet:
 
     def measure(self, mode: str, count: int, peers: bool) -> Measurement:
         nodes: list[tuple[Path, subprocess.Popen[bytes]]] = []
+        scale = count if self.args.scaled else 1
+        self.set_egress(self.args.egress // scale)
         try:
             nodes = self.start_nodes(count, peers)
             br.drop_caches()
@@ -199,9 +225,11 @@ class Fleet:
                     raise br.BenchError(f"a cold read got {json.loads(out)['bytes']} bytes, expected "
                                         f"{self.bench.model_bytes}")
         m = Measurement(mode, count, peers, round(seconds, 2), origin, requests, peer_bytes, round(cores, 2),
-                        [round(e, 2) for e in ends])
-        br.say(f"{mode} N={count} {'with' if peers else 'without'} peers: {m.seconds:.2f} s, origin "
-               f"{origin / self.bench.model_bytes:.2f}x the model in {requests} requests, {m.cores_busy} cores busy")
+                        [round(e, 2) for e in ends], scale)
+        br.say(f"{mode} N={count} {'with' if peers else 'without'} peers: {m.seconds:.2f} s"
+               + (f" at {self.egress / 2**20:.0f} MiB/s (scaled: {m.fleet_seconds:.2f} s)" if scale > 1 else "")
+               + f", origin {origin / self.bench.model_bytes:.2f}x the model in {requests} requests, "
+               f"{m.cores_busy} cores busy")
         return m
 
     def node_command(self, mode: str, mnt: Path) -> list[str]:
@@ -261,15 +289,16 @@ class Fleet:
 
     def table(self) -> tuple[str, list[str]]:
         size = self.bench.model_bytes
-        lines = ["| mode | nodes | peers | last node complete, s | vs 1 node | origin bytes / model | "
+        done = "last node complete, s" + (" (scaled: ÷ N)" if self.args.scaled else "")
+        lines = [f"| mode | nodes | peers | {done} | vs 1 node | origin bytes / model | "
                  "bytes from peers / model | cores busy | machine CPU-s per node |",
                  "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
         targets = []
         for mode in self.args.modes:
             for peers in self.args.peers:
-                base = self.median(mode, self.args.nodes[0], peers, "seconds")
+                base = self.median(mode, self.args.nodes[0], peers, "fleet_seconds")
                 for count in self.args.nodes:
-                    seconds = self.median(mode, count, peers, "seconds")
+                    seconds = self.median(mode, count, peers, "fleet_seconds")
                     origin = self.median(mode, count, peers, "origin_bytes") / size
                     from_peers = [m.peer_bytes for m in self.measurements
                                   if (m.mode, m.nodes, m.peers) == (mode, count, peers) and m.peer_bytes is not None]
@@ -285,9 +314,11 @@ class Fleet:
             if True not in self.args.peers:
                 continue
             top, first = max(self.args.nodes), self.args.nodes[0]
-            ratio = self.median(mode, top, True, "seconds") / self.median(mode, first, True, "seconds")
+            ratio = self.median(mode, top, True, "fleet_seconds") / self.median(mode, first, True, "fleet_seconds")
+            how = " (scaled: each of N nodes had 1/N of the CPU and of the egress, times divided by N)" \
+                if self.args.scaled else ""
             targets.append(f"{'met' if ratio <= 2 else 'missed'}: {mode} with peers: {top} nodes take <= 2x the "
-                           f"time of {first}: {ratio:.2f}x")
+                           f"time of {first}{how}: {ratio:.2f}x")
         return "\n".join(lines), targets
 
 
@@ -320,6 +351,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--page-reporting", choices=("pause", "keep"), default="pause",
                         help="pause (default): turn this VM's free page reporting off for the run and restore it "
                              "after (see scripts/bench_read.py PageReporting); keep: leave it on")
+    parser.add_argument("--scaled", action="store_true",
+                        help="for N nodes cap the store at --egress / N, so that each node's part of the egress "
+                             "shrinks with its share of this machine's CPU, and report times divided by N: "
+                             "what a fleet whose nodes each had this whole machine would take (default: off, "
+                             "every N shares --egress and the 2 cores)")
     parser.add_argument("--chunkfs-args", default="", help="extra `chunkfs mount` arguments for every node")
     args = parser.parse_args()
     try:
