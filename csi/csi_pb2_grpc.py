@@ -5,7 +5,7 @@ import warnings
 
 from . import csi_pb2 as csi__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -502,6 +502,127 @@ class Node:
             '/csi.v1.Node/NodeGetInfo',
             csi__pb2.NodeGetInfoRequest.SerializeToString,
             csi__pb2.NodeGetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ControllerStub:
+    """Not advertised (GetPluginCapabilities names no CONTROLLER_SERVICE): its other RPCs answer
+    UNIMPLEMENTED.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ControllerGetCapabilities = channel.unary_unary(
+                '/csi.v1.Controller/ControllerGetCapabilities',
+                request_serializer=csi__pb2.ControllerGetCapabilitiesRequest.SerializeToString,
+                response_deserializer=csi__pb2.ControllerGetCapabilitiesResponse.FromString,
+                _registered_method=True)
+        self.GetCapacity = channel.unary_unary(
+                '/csi.v1.Controller/GetCapacity',
+                request_serializer=csi__pb2.GetCapacityRequest.SerializeToString,
+                response_deserializer=csi__pb2.GetCapacityResponse.FromString,
+                _registered_method=True)
+
+
+class ControllerServicer:
+    """Not advertised (GetPluginCapabilities names no CONTROLLER_SERVICE): its other RPCs answer
+    UNIMPLEMENTED.
+    """
+
+    def ControllerGetCapabilities(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCapacity(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControllerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ControllerGetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerGetCapabilities,
+                    request_deserializer=csi__pb2.ControllerGetCapabilitiesRequest.FromString,
+                    response_serializer=csi__pb2.ControllerGetCapabilitiesResponse.SerializeToString,
+            ),
+            'GetCapacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapacity,
+                    request_deserializer=csi__pb2.GetCapacityRequest.FromString,
+                    response_serializer=csi__pb2.GetCapacityResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'csi.v1.Controller', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('csi.v1.Controller', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Controller:
+    """Not advertised (GetPluginCapabilities names no CONTROLLER_SERVICE): its other RPCs answer
+    UNIMPLEMENTED.
+    """
+
+    @staticmethod
+    def ControllerGetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/ControllerGetCapabilities',
+            csi__pb2.ControllerGetCapabilitiesRequest.SerializeToString,
+            csi__pb2.ControllerGetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCapacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/GetCapacity',
+            csi__pb2.GetCapacityRequest.SerializeToString,
+            csi__pb2.GetCapacityResponse.FromString,
             options,
             channel_credentials,
             insecure,

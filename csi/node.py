@@ -150,6 +150,25 @@ class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
 
 
+class ChunkfsController(csi_pb2_grpc.ControllerServicer):
+    """The least of a Controller service, for clients that ask every plugin for controller
+    capabilities (csi-sanity before v5.6 does so before each Node test, and fails the test if
+    the call fails or the list is empty). Never advertised to a CO: GetPluginCapabilities
+    names no CONTROLLER_SERVICE, and every other Controller RPC answers UNIMPLEMENTED.
+
+    Its one capability is GET_CAPACITY, and the capacity is 0: models are put into a chunkfs
+    volume by import or a writable mount, and no volume can be provisioned through CSI."""
+
+    @rpc
+    def ControllerGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        kind = csi_pb2.ControllerServiceCapability.RPC(type=csi_pb2.ControllerServiceCapability.RPC.GET_CAPACITY)
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[csi_pb2.ControllerServiceCapability(rpc=kind)])
+
+    @rpc
+    def GetCapacity(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return csi_pb2.GetCapacityResponse(available_capacity=0)
+
+
 class SourceRefused(Exception):
     """The volume's ``path`` cannot be bound: it is missing or leads outside the volume."""
 

@@ -23,7 +23,7 @@ from chunkfs import __version__
 from chunkfs.errors import ChunkfsError, UsageError
 from csi import csi_pb2_grpc
 from csi.mounter import DaemonSettings
-from csi.node import ChunkfsIdentity, ChunkfsNode
+from csi.node import ChunkfsController, ChunkfsIdentity, ChunkfsNode
 from csi.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def serve(endpoint: str, node_id: str, state_dir: str, settings: DaemonSettings,
     server = grpc.server(ThreadPoolExecutor(max_workers=8))
     csi_pb2_grpc.add_IdentityServicer_to_server(ChunkfsIdentity(__version__, readiness_problem), server)
     csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(ChunkfsController(), server)
     if server.add_insecure_port(f"unix://{path}") == 0:
         raise ChunkfsError(f"cannot listen on {path}")
     stop = threading.Event()

@@ -194,6 +194,14 @@ def test_identity_and_node_info(plugin) -> None:  # type: ignore[no-untyped-def]
     kinds = {c.rpc.type for c in p.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities}
     assert {rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS} <= kinds
     assert p.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "node-1"
+    # no Controller is advertised, but its capabilities answer (older csi-sanity asks before
+    # every Node test): a non-empty list without volume creation, and no capacity to provision
+    controller = csi_pb2_grpc.ControllerStub(p.channel)
+    caps = controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+    assert [c.rpc.type for c in caps] == [csi_pb2.ControllerServiceCapability.RPC.GET_CAPACITY]
+    assert controller.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity == 0
+    create = p.channel.unary_unary("/csi.v1.Controller/CreateVolume")
+    assert code_of(create, b"") == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_stage_publish_twice_read_and_tear_down_idempotently(plugin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
