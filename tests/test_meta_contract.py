@@ -325,7 +325,8 @@ def test_xattrs_and_times(meta: MetaStore) -> None:
              (lambda: meta.get_xattr(f.ino, b"user.c"), errno.ENODATA),
              (lambda: meta.remove_xattr(f.ino, b"user.c"), errno.ENODATA),
              (lambda: meta.get_xattr(999, b"user.a"), errno.ENOENT),
-             (lambda: meta.set_xattr(f.ino, b"user.big", b"x" * 70000), errno.E2BIG)]
+             (lambda: meta.set_xattr(f.ino, b"user.big", b"x" * 70000), errno.E2BIG),
+             (lambda: meta.set_xattr(f.ino, b"bogus.a", b"1"), errno.EOPNOTSUPP)]  # as ext4
     for call, code in calls:
         with pytest.raises(FsError) as err:
             call()
@@ -335,6 +336,9 @@ def test_xattrs_and_times(meta: MetaStore) -> None:
     assert meta.list_xattrs(f.ino) == [b"user.a"] and meta.get_xattr(f.ino, b"user.a") == b"3"
     attr = meta.set_attrs(f.ino, atime_ns=111, mtime_ns=222)
     assert (attr.atime_ns, attr.mtime_ns) == (111, 222) and attr.ctime_ns > 222
+    attr = meta.set_attrs(f.ino, atime_ns=(1 << 63) - 1, mtime_ns=-(1 << 63))  # the stored range's ends
+    assert (attr.atime_ns, attr.mtime_ns) == ((1 << 63) - 1, -(1 << 63))
+    assert (meta.getattr(f.ino).atime_ns, meta.getattr(f.ino).mtime_ns) == ((1 << 63) - 1, -(1 << 63))
     meta.unlink(ROOT_INODE, b"f")
     g = meta.create_file(ROOT_INODE, b"g", 0o644, 0, 0, 0)
     assert meta.list_xattrs(g.ino) == []  # nothing left behind by the deleted inode

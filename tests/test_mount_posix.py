@@ -263,8 +263,15 @@ def test_times_are_right_at_once_and_survive_the_close(volume: VolumeFixture) ->
         before = time.time_ns()
         _utimensat(mnt / "f", (0, (1 << 30) - 1), (0, _UTIME_OMIT))  # UTIME_NOW for atime only
         assert _stat(mnt / "f").st_atime_ns >= before - 10**7 and _stat(mnt / "f").st_mtime_ns == 5_000_000_006
+        # times beyond what the volume stores (64-bit nanoseconds) are clamped, as ext4 clamps
+        # to its range, not refused with EIO
+        (mnt / "far").write_bytes(b"")
+        os.utime(mnt / "far", ns=((1 << 40) * 10**9, -(1 << 40) * 10**9))
+        far = _stat(mnt / "far")
+        assert (far.st_atime_ns, far.st_mtime_ns) == ((1 << 63) - 1, -(1 << 63))
     with rw_mount(volume, "again") as mnt:
         assert _stat(mnt / "f").st_mtime_ns == 5_000_000_006 and (mnt / "f").read_bytes() == b"a\0\0more"
+        assert _stat(mnt / "far").st_mtime_ns == -(1 << 63)
 
 
 def test_a_volume_made_by_the_previous_format_reads_and_writes(tmp_path: Path) -> None:

@@ -85,6 +85,16 @@ class AttrChange:
     ctime: bool = False  # mark the change time even if nothing else changes
 
 
+#: the times a volume stores: signed 64-bit nanoseconds (years 1677 to 2262)
+TIME_NS_MIN, TIME_NS_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def clamp_time_ns(ns: int) -> int:
+    """A time set by utimensat, clamped to what the volume stores (as ext4 clamps to its own
+    range): a year-30000 mtime is kept as the latest time there is, not an I/O error."""
+    return min(max(ns, TIME_NS_MIN), TIME_NS_MAX)
+
+
 @dataclass(frozen=True, slots=True)
 class DirEntry:
     name: bytes
@@ -338,10 +348,10 @@ class Vfs:
         if (change.uid is not None or change.gid is not None) and change.mode is None:
             await self._drop_privileges(ino, changes)
         if change.mtime_ns is not None:
-            changes["mtime_ns"] = change.mtime_ns
-            writer.set_mtime(ino, change.mtime_ns)
+            changes["mtime_ns"] = clamp_time_ns(change.mtime_ns)
+            writer.set_mtime(ino, changes["mtime_ns"])
         if change.atime_ns is not None:
-            changes["atime_ns"] = change.atime_ns
+            changes["atime_ns"] = clamp_time_ns(change.atime_ns)
         if changes or change.ctime:
             return self._shown(await self.meta.change(self.meta.meta.set_attrs, ino, **changes))
         return self._shown(truncated or await self.meta.getattr(ino))
