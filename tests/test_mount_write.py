@@ -152,6 +152,9 @@ def test_rename_exchange_swaps_two_entries(volume: VolumeFixture) -> None:
         expect_errno(errno.ENOENT, renameat2, mnt / "b" / "old.bin", mnt / "b" / "missing", exchange)
         expect_errno(errno.EINVAL, renameat2, mnt / "b" / "old.bin", mnt / "a" / "sub", exchange | noreplace)
         expect_errno(errno.EINVAL, renameat2, mnt / "b", moved / "inner", exchange)  # b into itself
+        # RENAME_WHITEOUT (overlayfs upper layers) is refused, not taken for a plain rename
+        expect_errno(errno.EINVAL, renameat2, mnt / "a" / "sub", mnt / "a" / "other", 4)
+        assert (mnt / "a" / "sub").read_bytes() == b"old weights" and not (mnt / "a" / "other").exists()
     with rw_mount(volume, "again") as mnt:  # published, and the same from a fresh mount
         assert (mnt / "b" / "old.bin").read_bytes() == b"new weights"
         assert (mnt / "b" / "new.bin" / "inner").read_text() == "inner"

@@ -60,7 +60,9 @@ UNKNOWN_INODE = 0xFFFFFFFF  # FUSE_UNKNOWN_INO: what libfuse reports when it has
 REPLY_BUFFER = 1 << 20
 #: reply buffers kept for reuse: as many as reads are answered at once, at most
 REPLY_BUFFERS_KEPT = 32
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+#: the renameat2 flags chunkfs honours (a whiteout, for overlayfs upper layers, is refused)
+RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR
 
@@ -306,6 +308,8 @@ class Vfs:
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         self._writer()
+        if flags & ~RENAME_FLAGS:
+            raise FsError(errno.EINVAL, f"renameat2 flags {flags:#x} (RENAME_WHITEOUT is not supported)")
         if flags & RENAME_EXCHANGE:
             await self._exchange(parent, name, new_parent, new_name, flags)
             return
