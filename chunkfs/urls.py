@@ -12,6 +12,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from chunkfs.errors import UsageError
 
+_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*")
 _USERINFO_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
 _SECRET_QUERY_RE = re.compile(
     r"(?P<key>[?&](?:password|secret|secret_key|access_key_secret|token)=)[^&]*", re.IGNORECASE
@@ -39,8 +40,8 @@ def url_scheme(url: str) -> str:
     """The lower-cased scheme of ``url``; a URL without ``scheme://`` is a usage error."""
     if "://" not in url:
         raise UsageError(f"{mask_url(url)!r} is not a URL (expected scheme://...)")
-    scheme = split_url(url).scheme.lower()
-    if not scheme:
+    scheme = url.partition("://")[0].lower()  # not urlsplit: a relative sqlite path may hold a ':'
+    if not _SCHEME_RE.fullmatch(scheme):
         raise UsageError(f"{mask_url(url)!r} has no scheme")
     return scheme
 

@@ -88,18 +88,23 @@ def peer_args(attributes: Mapping[str, str], env: Mapping[str, str]) -> tuple[st
     return tuple(args)
 
 
-#: seconds a ``chunkfs mount --background`` may take to answer (below kubelet's 2-minute call)
-MOUNT_TIMEOUT_S = 110.0
+#: seconds a ``chunkfs mount --background`` may take: beyond its own 120 s wait for the daemon,
+#: after which it kills a daemon that never reported ready (so none mounts later, unseen)
+MOUNT_TIMEOUT_S = 150.0
 
 
-def _run(cmd: list[str], *, env: Mapping[str, str] | None = None,
-         timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing its output; a missing binary or a timeout is a ``MountError``."""
+class _TimedOut(MountError):
+    """A command did not finish in time (``_run``)."""
+
+
+def _run(cmd: list[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None,
+         what: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing its output; a missing binary or a timeout is a ``MountError``
+    naming it (``what``, else the command)."""
     try:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise MountError(f"{os.path.basename(cmd[0])} {cmd[1] if len(cmd) > 1 else ''} did not finish within "
-                         f"{timeout:.0f} s") from None
+        raise _TimedOut(f"{what or ' '.join(cmd)} did not finish within {timeout:.0f} s") from None
     except OSError as exc:
         raise MountError(f"cannot run {cmd[0]}: {exc.strerror}") from None
 
@@ -119,7 +124,7 @@ def start_daemon(staging: str, env: dict[str, str], settings: DaemonSettings, lo
     cmd = [sys.executable, "-m", "chunkfs", "mount", META_ENV, staging, "--read-only", "--background",
            "--log-file", log_file, "--pid-file", pid_file, *settings.mount_args, *extra_args]
     try:
-        result = _run(cmd, env={**os.environ, **env}, timeout=MOUNT_TIMEOUT_S)
+        result = _run(cmd, env={**os.environ, **env}, timeout=MOUNT_TIMEOUT_S, what="chunkfs mount")
     except MountError:
         with contextlib.suppress(MountError):  # it may have mounted after all: leave nothing behind
             unmount(staging, fuse=True)
@@ -163,8 +168,11 @@ def unmount(path: str, *, fuse: bool) -> None:
     if find_mount(path) is None:
         return
     cmd = ["fusermount3", "-u"] if fuse else ["umount"]
-    result = _run([*cmd, path], timeout=60)
-    if result.returncode != 0:
+    try:
+        failed = _run([*cmd, path], timeout=60).returncode != 0
+    except _TimedOut:  # a hung daemon: detach lazily
+        failed = True
+    if failed:
         lazy = ["fusermount3", "-u", "-z"] if fuse else ["umount", "-l"]
         result = _run([*lazy, path], timeout=60)
         if result.returncode != 0 and find_mount(path) is not None:
@@ -256,7 +264,7 @@ def warm(staging: str, volume_path: str, timeout: float, progress: Callable[[str
     except WarmupTimedOut as exc:
         raise WarmingIncomplete(f"warming {volume_path}: {cached_so_far(exc.snapshot)} in the node cache after "
                                 f"{timeout:.0f} s (warmTimeout); the next publish resumes it") from None
-    except ChunkfsError as exc:
+    except (ChunkfsError, OSError, ValueError) as exc:  # OSError, ValueError: the daemon died mid-answer
         raise MountError(f"warming {volume_path}: {exc}") from None
     if not result["complete"]:
         raise WarmingIncomplete(f"warming {volume_path}: {result['failed_blocks']} blocks failed, "

@@ -196,6 +196,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         self.settings = settings
         self.lock = threading.RLock()
         self.records: dict[str, VolumeRecord] = {r.volume_id: r for r in state.load_all()}
+        self._warming: dict[str, int] = {}  # target -> publishes of it warming now (under the lock)
         self.events = PodEvents.from_environment(node_id)  # None outside a cluster
 
     # -- stage ---------------------------------------------------------------------------------
@@ -305,19 +306,29 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         target = request.target_path
         log.info("NodePublishVolume %s at %s (path %s%s)", request.volume_id, target, path,
                  ", inline" if ephemeral else "")
-        record = self._publish(context, request, ephemeral, path)
+        record, bound = self._publish(context, request, ephemeral, path)
         if warm_for is not None:  # outside the lock: other volumes' calls go on meanwhile
-            self._warm(context, record, target, warm_for, PodRef.from_volume_context(request.volume_context))
+            with self.lock:
+                self._warming[target] = self._warming.get(target, 0) + 1
+            try:
+                self._warm(context, record, target, bound, warm_for, PodRef.from_volume_context(request.volume_context))
+            finally:
+                with self.lock:
+                    self._warming[target] -= 1
+                    if not self._warming[target]:
+                        del self._warming[target]
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, target: str, timeout: float,
-              pod: PodRef | None) -> None:
+    def _warm(self, context: grpc.ServicerContext, record: VolumeRecord, target: str, bound: bool,
+              timeout: float, pod: PodRef | None) -> None:
         """Warm the volume's path into the node cache before the publish answers (attribute
         ``warm``). The target stays bound when time runs out (UNAVAILABLE: kubelet holds the
         volume as maybe-mounted and retries the publish, the same arguments, idempotent), and
         each retry resumes the warmup, its error message (a pod event) saying how far it got.
         A warmup that fails outright undoes the publish first (INTERNAL: kubelet holds the
-        volume as not mounted and will not unpublish it). Progress goes to the log and, when
+        volume as not mounted and will not unpublish it), if this call made the bind and no
+        other publish of the target is warming; else the bind stays, for the call or pod that
+        holds it (UNAVAILABLE). Progress goes to the log and, when
         the plugin can reach the API, to events on the pod (``csi/events.py``)."""
         volume_id = record.volume_id
 
@@ -341,6 +352,8 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             log.warning("volume %s: %s", volume_id, exc)
             event("ChunkfsWarmingFailed", str(exc), warning=True)
             with self.lock:
+                if not bound or self._warming.get(target) != 1 or target not in record.targets:
+                    _abort(context, Code.UNAVAILABLE, f"volume {volume_id}: {exc}")
                 try:
                     self._unpublish(target)
                 except MountError as undo:
@@ -351,8 +364,10 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         log.info("volume %s: %s", volume_id, done)
         event("ChunkfsWarmed", done)
 
-    def _publish(self, context: grpc.ServicerContext, request: Any, ephemeral: bool, path: str) -> VolumeRecord:
-        """Stage (inline volumes) and bind the target; the volume's record."""
+    def _publish(self, context: grpc.ServicerContext, request: Any, ephemeral: bool,
+                 path: str) -> tuple[VolumeRecord, bool]:
+        """Stage (inline volumes) and bind the target; the volume's record, and whether this
+        call made the bind (False: it was there already)."""
         target = request.target_path
         with self.lock:
             owner = self._owner_of(target)
@@ -381,7 +396,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                     _abort(context, Code.ALREADY_EXISTS,
                            f"{target} already publishes volume {request.volume_id} with another readonly flag "
                            "or volume capability")
-                return record
+                return record, False
             if mounted:
                 _abort(context, Code.ALREADY_EXISTS, f"something else is mounted at {target}")
             try:
@@ -395,7 +410,7 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
                 _abort(context, Code.INTERNAL, str(exc))
             record.targets[target] = asked
             self.state.save(record)
-        return record
+        return record, True
 
     def _owner_of(self, target: str) -> VolumeRecord | None:
         return next((r for r in self.records.values() if target in r.targets), None)

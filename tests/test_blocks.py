@@ -18,7 +18,7 @@ from chunkfs.blocks import (
 )
 from chunkfs.errors import UsageError
 from chunkfs.units import format_size, parse_size
-from chunkfs.urls import mask_url
+from chunkfs.urls import mask_url, split_url, url_scheme
 
 
 @given(size=st.integers(0, 10_000), bs=st.sampled_from([1, 7, 64, 4096]),
@@ -143,3 +143,16 @@ def test_parse_and_format_sizes() -> None:
 ])
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_url_schemes_and_malformed_hosts() -> None:
+    assert url_scheme("sqlite://models:v2.db") == "sqlite"  # a relative path with a ':' is no port
+    assert url_scheme("S3://bucket/p") == "s3" and url_scheme("redis://[::1]:6379/0") == "redis"
+    assert split_url("redis://[::1]:6379/0").port == 6379
+    for bad, why in (("redis://:pw@[::1", "Invalid IPv6"), ("redis://h:port/0", "Port"),
+                     ("redis://h:70000/0", "out of range")):
+        with pytest.raises(UsageError, match=why) as err:
+            split_url(bad)
+        assert "pw" not in str(err.value)
+    with pytest.raises(UsageError, match="no scheme"):
+        url_scheme("1x://a")

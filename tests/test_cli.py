@@ -195,6 +195,16 @@ def _pid_gone(pid: int, timeout: float = 15) -> bool:
     return False
 
 
+def test_a_daemon_that_never_reported_ready_is_killed(tmp_path: Path) -> None:
+    """``mount --background`` gives up on a daemon after READY_TIMEOUT: it must not mount
+    later, unseen (the CSI plugin would find its staging path taken)."""
+    from chunkfs.cli.mount import _abandon
+
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    _abandon(proc, str(tmp_path), None)
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.mount
 def test_background_mount_and_umount(imported: VolumeFixture, tmp_path: Path, source: Path) -> None:
     mnt, log, pid, _result = background_mount(imported.meta_url, tmp_path)

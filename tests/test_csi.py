@@ -638,10 +638,18 @@ def test_a_failed_warmup_undoes_its_publish(tmp_path: Path, monkeypatch) -> None
         raise MountError("warming /m: the daemon's control socket is gone")
 
     monkeypatch.setattr(node_module, "warm", broken)
+    # the target is bound already (by the call that ran out of time): this call did not bind
+    # it, so it leaves it to its holder
+    monkeypatch.setattr(node_module, "_mounted", lambda path: path == str(tmp_path / "t"))
+    assert _rpc_error(node.NodePublishVolume, request)[0] == grpc.StatusCode.UNAVAILABLE
+    assert str(tmp_path / "t") in record.targets and unmounted == []
+    monkeypatch.setattr(node_module, "_mounted", lambda _path: False)
+    record.targets.clear()  # a fresh publish binds the target itself, and so undoes it
     code, message = _rpc_error(node.NodePublishVolume, request)
     assert code == grpc.StatusCode.INTERNAL and "control socket" in message
     assert record.targets == {} and unmounted == [str(tmp_path / "t")]
     assert node.state.load_all()[0].targets == {}  # and so is the saved record
+    assert node._warming == {}
 
 
 def test_unpublish_forgets_the_target_in_the_record_that_holds_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -199,6 +199,27 @@ def test_o_trunc_unlink_while_open_and_rename_flags(volume: VolumeFixture) -> No
         run(scenario)
 
 
+def test_xattr_namespaces_and_far_times_as_on_ext4(volume: VolumeFixture) -> None:
+    async def scenario(vfs: Vfs) -> None:
+        _fh, f = await vfs.create(ROOT_INODE, b"f", 0o644, 0, 0)
+        for name in (b"user.a", b"trusted.a", b"security.a"):
+            await vfs.setxattr(f.ino, name, b"1")
+        assert await errno_of(vfs.setxattr(f.ino, b"bogus.a", b"1")) == errno.EOPNOTSUPP
+        assert await errno_of(vfs.setxattr(f.ino, b"system.posix_acl_access", b"1")) == errno.EOPNOTSUPP
+        # too long or empty: ERANGE first, whatever the namespace (as Linux checks)
+        assert await errno_of(vfs.setxattr(f.ino, b"x" * 300, b"1")) == errno.ERANGE
+        assert await errno_of(vfs.setxattr(f.ino, b"", b"1")) == errno.ERANGE
+        # a name stored before the rule (or loaded from such a volume's dump) still reads
+        vfs.meta.meta.set_xattr(f.ino, b"older.a", b"2")
+        assert await vfs.getxattr(f.ino, b"older.a") == b"2"
+        attr = await vfs.setattr(f.ino, AttrChange(atime_ns=1 << 70, mtime_ns=-(1 << 70)), 0)
+        assert (attr.atime_ns, attr.mtime_ns) == ((1 << 63) - 1, -(1 << 63))  # clamped, not EIO
+        assert await errno_of(vfs.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 4)) == errno.EINVAL  # RENAME_WHITEOUT
+
+    with vfs_on(volume, read_only=False) as run:
+        run(scenario)
+
+
 def test_a_directory_never_seen_lists_an_unknown_parent(volume: VolumeFixture) -> None:
     async def make(vfs: Vfs) -> None:
         await vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)

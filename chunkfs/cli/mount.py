@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,13 @@ from pathlib import Path
 
 from chunkfs.cli.options import MOUNT_OPTIONS, cache_dirs, store_options, to_argv
 from chunkfs.errors import ChunkfsError, UsageError
-from chunkfs.fuse.mountinfo import check_fuse_device, check_mountpoint, find_mount, require_chunkfs_mount
+from chunkfs.fuse.mountinfo import (
+    MountEntry,
+    check_fuse_device,
+    check_mountpoint,
+    find_mount,
+    require_chunkfs_mount,
+)
 from chunkfs.urls import mask_url
 
 READY_TIMEOUT = 120.0
@@ -130,6 +137,7 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     meta_read, meta_write = os.pipe()
     os.write(meta_write, args.meta.encode())  # far below the pipe buffer: never blocks
     os.close(meta_write)
+    before = find_mount(args.mountpoint)
     with log:
         proc = subprocess.Popen(
             _daemon_argv(args, write_end, meta_read), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -144,9 +152,23 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         print(f"chunkfs: mounted {os.path.abspath(args.mountpoint)} (pid {proc.pid}, log {log_file})",
               file=sys.stderr)
         return 0
+    _abandon(proc, args.mountpoint, before)
     if message.startswith("error: "):
         raise ChunkfsError(message[len("error: "):])
     raise ChunkfsError(f"mount daemon {message}; see {log_file}")
+
+
+def _abandon(proc: subprocess.Popen, mountpoint: str, before: MountEntry | None) -> None:
+    """A daemon that did not report ready is not left to mount later, unseen: its session is
+    killed, and a mount it made meanwhile (not ``before``, what was mounted there already)
+    is detached."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+        proc.wait()
+    entry = find_mount(mountpoint)
+    if entry is not None and entry.fstype == "fuse.chunkfs" and (before is None or entry.device != before.device):
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=False)
 
 
 def _write_pid_file(path: str, pid: int) -> None:

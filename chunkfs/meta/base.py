@@ -462,18 +462,13 @@ CLAIM_RENEW_S = 300.0
 MIN_GC_GRACE_S = 2 * CLAIM_RENEW_S + 60.0
 
 
-#: the namespaces ext4 stores (``system.*`` aside: chunkfs has no ACLs)
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-
-
 def check_xattr(name: bytes, value: bytes) -> None:
-    """Reject what Linux would (empty or too long names, values over 64 KiB, a namespace
-    ext4 does not know) and ``system.*`` names: chunkfs has no ACLs, so none is ever stored
-    (mounts answer for them unasked)."""
+    """Reject what Linux would (empty or too long names, values over 64 KiB) and ``system.*``
+    names: chunkfs has no ACLs, so none is ever stored (mounts answer for them unasked).
+    (Which namespaces a mount takes new names in is the VFS's rule: a dump of a volume that
+    stored others before still loads.)"""
     if name.startswith(b"system."):
         raise FsError(EOPNOTSUPP, "system.* extended attributes are not supported (no ACLs)")
-    if not name.startswith(XATTR_NAMESPACES):
-        raise FsError(EOPNOTSUPP, f"xattr {name[:40]!r} is in no namespace (user., trusted., security.)")
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(ERANGE, f"xattr name of {len(name)} bytes")
     if len(value) > XATTR_SIZE_MAX:

@@ -25,7 +25,7 @@ from google.cloud import storage
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.urls import split_url
+from chunkfs.urls import mask_url, split_url
 
 #: bucket names GCS accepts are a subset of these (lower case, 3-222 characters)
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{1,222}")
@@ -70,11 +70,11 @@ class GCSStore(ObjectStore):
     def __init__(self, url: str, options: StoreOptions, *, create: bool = False) -> None:
         parts = split_url(url)
         if not parts.netloc:
-            raise UsageError(f"GCS URL {url!r} needs a bucket: gs://bucket/prefix")
+            raise UsageError(f"GCS URL {mask_url(url)!r} needs a bucket: gs://bucket/prefix")
         if not _BUCKET.fullmatch(parts.netloc):
-            raise UsageError(f"GCS URL {url!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
+            raise UsageError(f"GCS URL {mask_url(url)!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
         if parts.query:
-            raise UsageError(f"GCS URL {url!r} takes no options")
+            raise UsageError(f"GCS URL {mask_url(url)!r} takes no options")
         self.url = url
         self.bucket_name = parts.netloc
         prefix = parts.path.strip("/")

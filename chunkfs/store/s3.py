@@ -40,7 +40,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.urls import split_url
+from chunkfs.urls import mask_url, split_url
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
@@ -61,9 +61,9 @@ def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
     parts = split_url(url)
     bucket = parts.netloc
     if not bucket:
-        raise UsageError(f"S3 URL {url!r} needs a bucket: s3://bucket/prefix")
+        raise UsageError(f"S3 URL {mask_url(url)!r} needs a bucket: s3://bucket/prefix")
     if not _BUCKET.fullmatch(bucket):
-        raise UsageError(f"S3 URL {url!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
+        raise UsageError(f"S3 URL {mask_url(url)!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
     params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(params) - {"endpoint", "region", "path_style"}
     if unknown:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from chunkfs.blocklist import BlockList
 from chunkfs.errors import FsError
 from chunkfs.meta.aio import AsyncMeta
-from chunkfs.meta.base import NAME_MAX, ROOT_INODE, Attr
+from chunkfs.meta.base import NAME_MAX, ROOT_INODE, XATTR_NAME_MAX, Attr
 from chunkfs.metrics import Metrics
 from chunkfs.read.fetcher import BlockUnavailable
 from chunkfs.read.reader import FileReader
@@ -86,6 +86,9 @@ class AttrChange:
     atime_ns: int | None = None
     ctime: bool = False  # mark the change time even if nothing else changes
 
+
+#: the namespaces a mount takes new extended attributes in, as ext4 (``system.*``: no ACLs)
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 
 #: the times a volume stores: signed 64-bit nanoseconds (years 1677 to 2262)
 TIME_NS_MIN, TIME_NS_MAX = -(1 << 63), (1 << 63) - 1
@@ -387,6 +390,8 @@ class Vfs:
         self._writer()
         if ino == STATS_INODE:
             raise FsError(errno.EOPNOTSUPP, "the stats file")
+        if 0 < len(name) <= XATTR_NAME_MAX and not name.startswith(XATTR_NAMESPACES):  # (else ERANGE, below)
+            raise FsError(errno.EOPNOTSUPP, f"xattr {name[:40]!r} is in no namespace ext4 knows")
         await self.meta.change(self.meta.meta.set_xattr, ino, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
