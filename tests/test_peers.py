@@ -211,6 +211,38 @@ def test_an_owner_loads_a_missing_block_once_for_every_asker(tmp_path: Path) -> 
         assert _fetch(client, _block(4)[0], BLOCK, tmp_path) is None  # the owner could not load it
 
 
+def test_a_late_owner_takes_what_the_fleet_already_holds_before_the_store(tmp_path: Path) -> None:
+    """Nodes that start seconds apart: askers turned to the next peer in a block's order while
+    its owner was not up yet. The owner asks that peer, only for a block it holds (no load
+    there), before going to the store itself."""
+    with serving(tmp_path, {}) as server:
+        other, own = f"127.0.0.1:{server.port}", "127.0.0.1:1"
+        members = Membership(lambda: [own, other], "test", own)
+        members.refresh()
+        client = PeerClient(members, UUID, SECRET, Metrics())
+        owned = [b for b in (_block(seed) for seed in range(100, 140)) if owners(b[0], [own, other])[0] == own]
+        (held, held_data), (absent, _) = owned[0], owned[1]
+        assert server.node_cache.put(held, held_data)
+        loads: list[bytes] = []
+        server.load = lambda bid, length: loads.append(bid) or False
+        assert client.candidates(held) == [(other, True)]
+        assert _fetch(client, held, len(held_data), tmp_path) == held_data  # not from the store
+        assert _fetch(client, absent, BLOCK, tmp_path) is None  # the store, and nothing loaded there
+        assert loads == []
+        assert sum(s.value for m in client.metrics.registry.collect() if m.name == "chunkfs_peer_errors"
+                   for s in m.samples if s.name.endswith("_total")) == 0  # a 404 there is no error
+        not_owned = next(b for b, _ in (_block(seed) for seed in range(200, 240))
+                         if owners(b, [own, other])[0] == other)
+        assert client.candidates(not_owned) == [(other, False)]  # an asker asks the owner, which loads
+        # a holder with every upload slot taken answers such an ask at once, without queueing
+        while server.uploads.acquire(blocking=False):
+            pass
+        path = f"{block_path(UUID, held)}?length={len(held_data)}&held=1"
+        start = time.monotonic()
+        assert _raw(server.port, "GET", path, {"Authorization": auth.sign(SECRET, "GET", path)})[0] == 503
+        assert time.monotonic() - start < BUSY_WAIT_S / 2
+
+
 def test_an_owner_loading_slowly_keeps_its_askers_waiting_not_timing_out(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """An owner whose load outlasts the asker's --peer-timeout sends interim answers, so the
@@ -555,8 +587,11 @@ def test_warmups_without_mounts_seed_a_node_pool_from_one_store_download(fleet_v
         gets = dict(proxy.config.gets_by_block)
         # fewer than the 3 per block of three lone warmups; not exactly one: the three processes
         # start up to a second or two apart on a loaded machine, a member not listening yet is
-        # skipped for a second, and this whole warmup of 3 MiB takes well under a second
-        # (the mounts' test above, all listening first, checks exactly one GET per block)
+        # skipped for a second, and this whole warmup of 3 MiB takes well under a second, so
+        # an asker may go to the store before the owner is up (a late owner then asks the
+        # others for blocks they hold before the store: about 1.1x per block, against 1.3-1.9x
+        # without that, on this machine under load; the mounts' test above, all listening
+        # first, checks exactly one GET per block)
         assert len(gets) == MODEL_BLOCKS and sum(gets.values()) <= 2 * MODEL_BLOCKS, sum(gets.values())
         # complete nodes go on serving: a node joining later gets every byte from them
         late = json.loads(chunkfs("warmup", vol.meta_url, "/model", "--cache-dir", str(tmp_path / "late"), "--peers",
@@ -614,7 +649,8 @@ def test_peers_over_tls(fleet_volume, peer_secret, tmp_path: Path) -> None:  # t
 def test_a_slow_peer_costs_a_mount_one_timeout_not_a_failed_read(fleet_volume, peer_secret) -> None:  # type: ignore[no-untyped-def]
     """Through a real mount: the peer owning about half the blocks stalls every answer; reads
     stay byte-exact, the peer is asked, times out once per request then is skipped for a while
-    (not asked for each of its blocks)."""
+    (not asked for each block: its own, or the mount's, which the mount asks it for first only
+    if it holds them)."""
     vol, proxy, model = fleet_volume
     port = free_port()
     with hostile("slow") as (slow_port, handler):
@@ -627,7 +663,7 @@ def test_a_slow_peer_costs_a_mount_one_timeout_not_a_failed_read(fleet_volume, p
     owned_by_slow = sum(1 for key in proxy.config.gets_by_block
                         if owners(bytes.fromhex(key.rsplit("/", 1)[1]), members.split(","))[0] == slow)
     assert owned_by_slow >= 5  # rendezvous gave the slow peer a share
-    assert 1 <= handler.requests < owned_by_slow, (handler.requests, owned_by_slow)
+    assert 1 <= handler.requests < MODEL_BLOCKS, (handler.requests, owned_by_slow)  # (16 downloads at once)
     assert set(proxy.config.gets_by_block.values()) == {1} and len(proxy.config.gets_by_block) == MODEL_BLOCKS
     assert elapsed < 30
 

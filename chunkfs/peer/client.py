@@ -20,7 +20,12 @@ Invariants:
 - A read never fails because of a peer: every failure is counted and answered with False.
 - At most ``tries`` peers are asked per block, in rendezvous order; when this node is the
   first in that order, it is the owner and goes to the store itself (and then holds the block
-  for the others).
+  for the others) after asking the next live peers in that order (up to ``tries`` in all) for
+  the block only if they hold it already (``held=1``: such a peer answers 404 rather than load
+  it). Those are the peers its askers turned to, or that went to the store themselves, while
+  this node was not up yet (a fleet whose nodes start seconds apart), so a late owner does not
+  fetch from the store what the fleet already has. The 404 is the usual answer and counts as
+  no error.
 - Loads a node makes to answer a peer (``ORIGIN_ONLY`` set) never ask peers in turn, so a
   request cannot travel in circles between nodes whose member lists differ.
 """
@@ -56,6 +61,9 @@ REFUSED_PEER_S = 1.0
 #: seconds before a busy owner (503) is asked again
 BUSY_RETRY_S = 0.5
 CONNECT_TIMEOUT_S = 2.0
+#: seconds an owner waits for the first answer to a ``held=1`` ask (the peer answers such an
+#: ask at once: 404, 503 or the block), so a stalled peer costs the owner's own blocks little
+HELD_ANSWER_S = 1.0
 DEFAULT_BASE_TIMEOUT_S = 10.0
 DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
 
@@ -113,16 +121,19 @@ class PeerClient:
         self._lock = threading.Lock()
 
     # -- which peers ---------------------------------------------------------------------------
-    def candidates(self, bid: bytes) -> list[str]:
-        """The peers to ask for ``bid``, in order (empty: this node owns it, or none is up)."""
+    def candidates(self, bid: bytes) -> list[tuple[str, bool]]:
+        """The peers to ask for ``bid``, in order, each with whether it is asked only for a
+        block it holds (empty: none is up)."""
         now = time.monotonic()
-        out = []
+        out: list[tuple[str, bool]] = []
+        owning = False
         for peer in owners(bid, self.membership.members()):
             if peer == self.membership.own:
-                break  # this node owns it (or takes over from those skipped): the store
+                owning = True  # this node owns it (or takes over from those skipped): the store,
+                continue  # but first the next peers, should they hold the block already
             if self._skip_until.get(peer, 0.0) > now:
                 continue
-            out.append(peer)
+            out.append((peer, owning))
             if len(out) == self.tries:
                 break
         return out
@@ -138,11 +149,13 @@ class PeerClient:
         if ORIGIN_ONLY.get():
             return False
         give_up = time.monotonic() + self.deadline(length)
-        for peer in self.candidates(bid):
+        for peer, held_only in self.candidates(bid):
             while True:
                 try:
-                    self._get(peer, bid, length, sink, buffer)
+                    self._get(peer, bid, length, sink, buffer, held_only=held_only)
                 except PeerFailed as exc:
+                    if exc.reason == "not_held":
+                        break
                     self.metrics.peer_errors.labels(exc.reason).inc()
                     log.info("peer %s: block %s: %s", peer, bid.hex()[:16], exc)
                     if exc.reason == "busy" and time.monotonic() + BUSY_RETRY_S < give_up:
@@ -159,13 +172,14 @@ class PeerClient:
     def deadline(self, length: int) -> float:
         return self.base_timeout + length / self.min_rate
 
-    def _request(self, peer: str, query: str, headers: dict[str, str]) -> Any:
+    def _request(self, peer: str, query: str, headers: dict[str, str], held_only: bool = False) -> Any:
         """The response's head. A pooled keep-alive connection the peer closed as it was
         reused (it closes idle ones after its request timeout) fails before any answer: the
         request is sent once more, on a new connection, and does not count against the peer."""
         # the read timeout is per socket read: an owner loading the block for us sends an
         # interim answer every few seconds (server.HEARTBEAT_S), so only silence times out
-        timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=self.base_timeout)
+        timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_S,
+                                  read=min(self.base_timeout, HELD_ANSWER_S) if held_only else self.base_timeout)
         url = f"{self.scheme}://{peer}{query}"
         try:
             return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
@@ -176,12 +190,13 @@ class PeerClient:
         return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
                                   timeout=timeout)
 
-    def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview) -> None:
+    def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview, *,
+             held_only: bool = False) -> None:
         path = block_path(self.volume_uuid, bid)
-        query = f"{path}?length={length}"
+        query = f"{path}?length={length}" + ("&held=1" if held_only else "")
         headers = {"Authorization": auth.sign(self._secret, "GET", query)}
         try:
-            response = self._request(peer, query, headers)
+            response = self._request(peer, query, headers, held_only)
         except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError to urllib3)
             raise PeerFailed("unreachable", f"cannot connect: {exc}",
                              hold_off=REFUSED_PEER_S if _refused(exc) else DOWN_PEER_S) from exc
@@ -193,6 +208,8 @@ class PeerClient:
         try:
             if response.status == 503:  # busy: it holds the block (asked again, see fetch)
                 raise PeerFailed("busy", "answered 503: every upload slot is taken", hold_off=0.0)
+            if response.status == 404 and held_only:
+                raise PeerFailed("not_held", "does not hold it", hold_off=0.0)
             if response.status != 200:
                 # without the block (404) says nothing about its other blocks
                 hold = 0.0 if response.status == 404 else DOWN_PEER_S

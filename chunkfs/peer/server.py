@@ -9,7 +9,8 @@ The protocol is one request: ``GET /v1/volumes/<volume uuid>/blocks/<64 hex>?len
 signed by ``auth.sign``. Answers: 200 with exactly ``length`` bytes (preceded by an interim ``100 Continue`` every
 ``HEARTBEAT_S`` while this node loads a block it owns for the asker); 401 (no valid signature,
 checked first, with an empty body whatever else is wrong); 400 (malformed); 404 (another
-volume, or a block this node neither holds nor could load); 405 (any other method); 503 (all
+volume, or a block this node neither holds nor could load; with ``held=1``, one it does not
+hold, never loaded); 405 (any other method); 503 (all
 upload slots stayed busy for ``BUSY_WAIT_S``: ask the store).
 
 Invariants:
@@ -201,6 +202,10 @@ class PeerHandler(BaseHTTPRequestHandler):
             self._empty(404, "other_volume")
             return
         bid, length = bytes.fromhex(match.group(2)), int(length_text)
+        held_only = query.get("held", [""])[-1] == "1"  # an owner checking whether the fleet has it
+        if held_only and not self._held(bid, length):
+            self._empty(404, "not_held")  # never loaded for such an ask
+            return
         if not self._held(bid, length):
             # loading takes no upload slot: the fetcher bounds and single-flights its downloads,
             # and while the store is the bottleneck a fleet's requests queue here, not at it
@@ -208,7 +213,7 @@ class PeerHandler(BaseHTTPRequestHandler):
             if load is None or not self._load_with_heartbeats(load, bid, length) or not self._held(bid, length):
                 self._empty(404, "missing")
                 return
-        if not self.server.uploads.acquire(timeout=BUSY_WAIT_S):
+        if not self.server.uploads.acquire(timeout=0 if held_only else BUSY_WAIT_S):  # held_only: answer at once
             self._empty(503, "busy", **{"Retry-After": "1"})
             return
         try:
