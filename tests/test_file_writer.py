@@ -237,3 +237,33 @@ def test_a_block_gc_deletes_despite_the_claims_fails_the_flush_until_it_is_store
 
     trio.run(main)
     assert published(parts, ino) == block
+
+
+def test_blocks_pending_in_all_files_together_stay_within_the_bound(parts: Parts) -> None:
+    """Ten files written at once, each ending in a growing half block: past ``max_pending``
+    in all files together, writers upload (a growing block too, when nothing else makes
+    room) or wait, so at most ``max_pending`` blocks are held; the content is exact."""
+    writer = FileWriter(parts.meta, AsyncStore(parts.volume.store, 4), parts.fetcher, BLOCK, max_pending=4)
+    inos = [parts.volume.meta.create_file(ROOT_INODE, f"f{i}".encode(), 0o644, 0, 0, time.time_ns()).ino
+            for i in range(10)]
+    halves = {ino: (bytes([ino % 251]) * (BLOCK // 2), bytes([(ino + 7) % 251]) * (BLOCK // 2 + 3)) for ino in inos}
+    most = 0
+
+    async def main() -> None:
+        nonlocal most
+        async with trio.open_nursery() as background:
+            await background.start(writer.run)
+            for ino in inos:
+                writer.opened(ino, 0, BlockList())
+            for part in (0, 1):
+                for ino in inos:
+                    await writer.write(ino, part * (BLOCK // 2), halves[ino][part])
+                    most = max(most, sum(len(s.pending) for s in writer._files.values()))
+            for ino in inos:
+                await writer.release(ino)
+            background.cancel_scope.cancel()
+
+    trio.run(main)
+    assert most <= 4, most
+    for ino in inos:
+        assert published(parts, ino) == halves[ino][0] + halves[ino][1]

@@ -108,7 +108,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         vfs = Vfs(meta, reader, block_size, config.options, metrics)
     else:
         # a few uploads at once keep the store busy; more threads only fight over the GIL.
-        # Written blocks waiting for upload hold at most --buffer-size per file being written (at
+        # Written blocks waiting for upload hold at most --buffer-size in all files together (at
         # least 4 blocks).
         uploads = max(1, min(8, slots // 2))
         writer = FileWriter(meta, AsyncStore(volume.store, slots), fetcher, block_size,

@@ -16,8 +16,14 @@ A file open for writing has one ``_Dirty`` state per inode (shared by its handle
   bytearray.
 - A block that a write fills to its end is uploaded in the background (at most ``uploads``
   at once; writers wait beyond that); a block rewritten while its upload runs stays pending
-  (a version number tells). With more than ``max_pending`` pending blocks, the oldest are
-  uploaded too, so memory stays bounded whatever the write pattern.
+  (a version number tells). With more than ``max_pending`` pending blocks in a file, its
+  oldest are uploaded too; with more than ``max_pending`` in all files together, a writer
+  uploads the oldest whole blocks waiting in any file, else waits for an upload to end, and
+  uploads a file's growing last block only when nothing else can make room. So memory stays
+  bounded whatever the write pattern and however many files are written at once (while
+  uploads succeed: a block whose upload failed stays pending, and a writer stops waiting for
+  room once an upload has failed since it began, so that a dead store fails the flush rather
+  than hanging every write).
 - ``flush`` (close, fsync) uploads what is pending and publishes size + block list in one
   metadata transaction (``commit_file``): another mount that opens the file afterwards sees
   the new content (close-to-open). Before that, the volume still holds the previous version:
@@ -116,6 +122,8 @@ class FileWriter:
         self.claim_renew_s = claim_renew_s  # None: never (tests of what gc does without renewals)
         self._upload_slots = trio.Semaphore(uploads)
         self._files: dict[int, _Dirty] = {}
+        self._upload_ended = trio.Event()  # set (and replaced) each time an upload ends
+        self._upload_failures = 0
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -215,6 +223,7 @@ class FileWriter:
             await self._write_at(state, offset, data)
         self._edited(state)
         await self._bound_pending(state)
+        await self._bound_all_files()
         return len(data)
 
     async def _append(self, state: _Dirty, data: bytes) -> None:
@@ -363,6 +372,38 @@ class FileWriter:
         for index in waiting[: len(state.pending) - self.max_pending]:
             await self._start_upload(state, index)
 
+    async def _bound_all_files(self) -> None:
+        """Make room while more than ``max_pending`` blocks are pending in all files together:
+        upload the oldest waiting whole block of any file, else wait for an upload to end, else
+        upload the oldest waiting last block (one that may still grow, uploaded again if so)."""
+        failures = self._upload_failures
+        while sum(len(s.pending) for s in self._files.values()) > self.max_pending:
+            if self._upload_failures != failures:
+                return  # the store is failing: the flush reports it
+            whole, growing = self._waiting_blocks()
+            if whole:
+                await self._start_upload(*whole[0])
+            elif any(s.uploading for s in self._files.values()):
+                await self._upload_ended.wait()
+            elif growing:
+                await self._start_upload(*growing[0])
+            else:
+                return
+
+    def _waiting_blocks(self) -> tuple[list[tuple[_Dirty, int]], list[tuple[_Dirty, int]]]:
+        """Pending blocks no upload is running for, oldest first: (whole ones, growing last ones)."""
+        whole, growing = [], []
+        for state in self._files.values():
+            last = (state.size - 1) // self.block_size
+            for index in sorted(state.pending):
+                if self._uploading_now(state, index):
+                    continue
+                if index == last and state.size % self.block_size:
+                    growing.append((state, index))
+                else:
+                    whole.append((state, index))
+        return whole, growing
+
     # -- uploads ---------------------------------------------------------------------------
     @staticmethod
     def _uploading_now(state: _Dirty, index: int) -> bool:
@@ -397,6 +438,7 @@ class FileWriter:
         except Exception as exc:  # reported by the next flush; the data stays pending
             log.error("storing block %d of inode %d failed: %s", index, state.ino, exc)
             state.error = f"storing block {index} failed: {exc}"
+            self._upload_failures += 1
         finally:
             self._upload_slots.release()
             if state.in_flight.get(index) == version:
@@ -404,6 +446,8 @@ class FileWriter:
             state.uploading -= 1
             if state.uploading == 0:
                 state.idle.set()
+            ended, self._upload_ended = self._upload_ended, trio.Event()
+            ended.set()
 
     async def _wait_uploads(self, state: _Dirty) -> None:
         while state.uploading:
