@@ -36,6 +36,22 @@ def split_url(url: str) -> SplitResult:
     return parts
 
 
+#: bucket names the S3 and GCS clients accept (AWS and GCS are stricter; S3-compatible stores vary)
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def bucket_url(url: str, kind: str) -> SplitResult:
+    """``split_url`` of an object-store URL (``kind``: "S3" or "GCS") whose host part is a
+    bucket name; a missing or malformed one is a usage error."""
+    parts = split_url(url)
+    scheme = parts.scheme.lower()
+    if not parts.netloc:
+        raise UsageError(f"{kind} URL {mask_url(url)!r} needs a bucket: {scheme}://bucket/prefix")
+    if not _BUCKET_RE.fullmatch(parts.netloc):
+        raise UsageError(f"{kind} URL {mask_url(url)!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
+    return parts
+
+
 def url_scheme(url: str) -> str:
     """The lower-cased scheme of ``url``; a URL without ``scheme://`` is a usage error."""
     if "://" not in url:

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import wrappers_pb2
@@ -93,7 +93,7 @@ def _require_capability(context: grpc.ServicerContext, request: Any, field: str)
         _abort(context, Code.FAILED_PRECONDITION, "chunkfs volumes are filesystems; block access is not supported")
 
 
-def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """An RPC handler that answers INTERNAL, with the reason, for an error it did not expect
     (grpc would answer UNKNOWN, "Exception calling application", which a CO cannot act on);
     what the handler aborted with on purpose goes through unchanged."""
@@ -109,6 +109,17 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             _abort(context, Code.INTERNAL, f"{method.__name__}: {type(exc).__name__}: {exc}")
 
     return handle
+
+
+T = TypeVar("T")
+
+
+def rpc_handlers(cls: type[T]) -> type[T]:
+    """Every RPC a servicer class defines (its CamelCase methods) goes through ``_rpc``."""
+    for name, value in list(vars(cls).items()):
+        if name[:1].isupper() and callable(value):
+            setattr(cls, name, _rpc(value))
+    return cls
 
 
 def volume_path(context: grpc.ServicerContext, volume_context: Any) -> str:
@@ -129,20 +140,18 @@ def volume_peer_args(context: grpc.ServicerContext, volume_context: Any, secrets
         _abort(context, Code.INVALID_ARGUMENT, str(exc))
 
 
+@rpc_handlers
 class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
     def __init__(self, version: str, ready: Callable[[], str | None]) -> None:
         self.version = version
         self.ready = ready  # None when healthy, else the reason
 
-    @rpc
     def GetPluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=self.version)
 
-    @rpc
     def GetPluginCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[])  # a node plugin only: no controller
 
-    @rpc
     def Probe(self, request: Any, context: grpc.ServicerContext) -> Any:
         problem = self.ready()
         if problem is not None:
@@ -150,6 +159,7 @@ class ChunkfsIdentity(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
 
 
+@rpc_handlers
 class ChunkfsController(csi_pb2_grpc.ControllerServicer):
     """The least of a Controller service, for clients that ask every plugin for controller
     capabilities (csi-sanity before v5.6 does so before each Node test, and fails the test if
@@ -159,12 +169,10 @@ class ChunkfsController(csi_pb2_grpc.ControllerServicer):
     Its one capability is GET_CAPACITY, and the capacity is 0: models are put into a chunkfs
     volume by import or a writable mount, and no volume can be provisioned through CSI."""
 
-    @rpc
     def ControllerGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         kind = csi_pb2.ControllerServiceCapability.RPC(type=csi_pb2.ControllerServiceCapability.RPC.GET_CAPACITY)
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[csi_pb2.ControllerServiceCapability(rpc=kind)])
 
-    @rpc
     def GetCapacity(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.GetCapacityResponse(available_capacity=0)
 
@@ -189,6 +197,7 @@ def source_path(record: VolumeRecord) -> str:
     return source
 
 
+@rpc_handlers
 class ChunkfsNode(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state: StateStore, settings: DaemonSettings) -> None:
         self.node_id = node_id
@@ -200,7 +209,6 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         self.events = PodEvents.from_environment(node_id)  # None outside a cluster
 
     # -- stage ---------------------------------------------------------------------------------
-    @rpc
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.staging_target_path, "staging_target_path")
@@ -269,7 +277,6 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             except (MountError, OSError, ValueError) as exc:  # OSError, ValueError: its saved state
                 _abort(context, Code.UNAVAILABLE, f"volume {record.volume_id}: mount daemon cannot restart: {exc}")
 
-    @rpc
     def NodeUnstageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.staging_target_path, "staging_target_path")
@@ -290,7 +297,6 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish -------------------------------------------------------------------------------
-    @rpc
     def NodePublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.target_path, "target_path")
@@ -419,7 +425,6 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         if record.ephemeral and not record.targets:
             self._teardown(record)
 
-    @rpc
     def NodeUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.target_path, "target_path")
@@ -444,7 +449,6 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
             self._teardown_ephemeral_if_unused(record)
 
     # -- information ---------------------------------------------------------------------------
-    @rpc
     def NodeGetVolumeStats(self, request: Any, context: grpc.ServicerContext) -> Any:
         _require(context, request.volume_id, "volume_id")
         _require(context, request.volume_path, "volume_path")
@@ -463,14 +467,12 @@ class ChunkfsNode(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage, volume_condition=csi_pb2.VolumeCondition(abnormal=False, message="ok"))
 
-    @rpc
     def NodeGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         rpc = csi_pb2.NodeServiceCapability.RPC
         kinds = [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION]
         return csi_pb2.NodeGetCapabilitiesResponse(
             capabilities=[csi_pb2.NodeServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
 
-    @rpc
     def NodeGetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
 

@@ -181,14 +181,14 @@ class PeerClient:
         timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_S,
                                   read=min(self.base_timeout, HELD_ANSWER_S) if held_only else self.base_timeout)
         url = f"{self.scheme}://{peer}{query}"
-        try:
-            return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
-                                      timeout=timeout)
-        except urllib3.exceptions.ProtocolError as exc:
-            if not _closed_unanswered(exc):
-                raise
-        return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
-                                  timeout=timeout)
+        for last in (False, True):
+            try:
+                return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
+                                          timeout=timeout)
+            except urllib3.exceptions.ProtocolError as exc:
+                if last or not _closed_unanswered(exc):
+                    raise
+        raise AssertionError("unreachable")  # the second try returns or raises
 
     def _get(self, peer: str, bid: bytes, length: int, sink: Sink, buffer: memoryview, *,
              held_only: bool = False) -> None:

@@ -203,10 +203,10 @@ class PeerHandler(BaseHTTPRequestHandler):
             return
         bid, length = bytes.fromhex(match.group(2)), int(length_text)
         held_only = query.get("held", [""])[-1] == "1"  # an owner checking whether the fleet has it
-        if held_only and not self._held(bid, length):
-            self._empty(404, "not_held")  # never loaded for such an ask
-            return
         if not self._held(bid, length):
+            if held_only:
+                self._empty(404, "not_held")  # never loaded for such an ask
+                return
             # loading takes no upload slot: the fetcher bounds and single-flights its downloads,
             # and while the store is the bottleneck a fleet's requests queue here, not at it
             load = self.server.load

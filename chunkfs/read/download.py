@@ -76,7 +76,7 @@ class BlockSink:
     a block buffer the bytes before it are gone, so the block must be read again."""
 
     __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
-                 "from_peer", "length", "lent", "memory")
+                 "from_peer", "length", "memory")
 
     def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
                  block: memoryview | None = None) -> None:
@@ -91,11 +91,9 @@ class BlockSink:
         self.disk_error: str | None = None
         self.finished = False
         self.from_peer = False
-        self.lent: memoryview | None = None  # what ``lend`` gave out for the next piece
 
     def restart(self) -> None:
         self.finished = False
-        self.lent = None
         self.decoder = self.codec.decoder(self.bid, self.length)
         self.filled = self.flushed = 0
         if self.memory is not None:
@@ -114,18 +112,17 @@ class BlockSink:
         if self.block is None or self.decoder.compressed:
             return None
         room = min(size, len(self.block) - self.filled)
-        self.lent = self.block[self.filled : self.filled + room] if room > 0 else None
-        return self.lent
+        return self.block[self.filled : self.filled + room] if room > 0 else None
 
     def write(self, piece: memoryview) -> None:
-        lent, self.lent = self.lent, None
         plain = self.decoder.feed(piece)
         if not plain:
             return
         if self.block is not None:
             end = self.filled + len(plain)
-            if lent is None or not _starts_at(plain, lent):  # (in place: received where it belongs)
-                self.block[self.filled : end] = plain
+            into = self.block[self.filled : end]
+            if not _same_memory(plain, into):  # (else received in place, through ``lend``)
+                into[:] = plain
             self.filled = end
             aligned = end - end % DIRECT_ALIGN
             if aligned - self.flushed >= PIECE:
@@ -160,11 +157,11 @@ class BlockSink:
         return self.disk_error is not None
 
 
-def _starts_at(piece: bytes | memoryview, lent: memoryview) -> bool:
-    """``piece`` is ``lent`` or a prefix of it (the same memory, not a copy)."""
-    if not isinstance(piece, memoryview) or piece.readonly or len(piece) > len(lent) or not len(piece):
+def _same_memory(piece: bytes | memoryview, into: memoryview) -> bool:
+    """``piece`` already is the memory of ``into`` (same start, same length), not a copy."""
+    if not isinstance(piece, memoryview) or piece.readonly or len(piece) != len(into) or not len(piece):
         return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(piece)) == ctypes.addressof(ctypes.c_char.from_buffer(lent))
+    return ctypes.addressof(ctypes.c_char.from_buffer(piece)) == ctypes.addressof(ctypes.c_char.from_buffer(into))
 
 
 class BlockDownload:

@@ -13,7 +13,6 @@ temporary, 401/403/404 and credential problems are not; the HTTP pool holds
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 
 import google.api_core.exceptions as gexc
@@ -25,10 +24,8 @@ from google.cloud import storage
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.urls import mask_url, split_url
+from chunkfs.urls import bucket_url, mask_url
 
-#: bucket names GCS accepts are a subset of these (lower case, 3-222 characters)
-_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,222}")
 _TEMPORARY = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
               requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError, aexc.TransportError,
               ConnectionError, TimeoutError)
@@ -68,11 +65,7 @@ class _Pieces:
 
 class GCSStore(ObjectStore):
     def __init__(self, url: str, options: StoreOptions, *, create: bool = False) -> None:
-        parts = split_url(url)
-        if not parts.netloc:
-            raise UsageError(f"GCS URL {mask_url(url)!r} needs a bucket: gs://bucket/prefix")
-        if not _BUCKET.fullmatch(parts.netloc):
-            raise UsageError(f"GCS URL {mask_url(url)!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
+        parts = bucket_url(url, "GCS")
         if parts.query:
             raise UsageError(f"GCS URL {mask_url(url)!r} takes no options")
         self.url = url

@@ -40,7 +40,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.urls import mask_url, split_url
+from chunkfs.urls import bucket_url
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
@@ -50,20 +50,14 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 #: seconds a block GET's presigned URL is valid (it is sent at once)
 PRESIGN_SECONDS = 300
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</")
-#: what botocore accepts as a bucket name (AWS is stricter; S3-compatible stores vary)
-_BUCKET = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                    bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
                    bexc.HTTPClientError, ConnectionError, TimeoutError, http.client.IncompleteRead)
 
 
 def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
-    parts = split_url(url)
+    parts = bucket_url(url, "S3")
     bucket = parts.netloc
-    if not bucket:
-        raise UsageError(f"S3 URL {mask_url(url)!r} needs a bucket: s3://bucket/prefix")
-    if not _BUCKET.fullmatch(bucket):
-        raise UsageError(f"S3 URL {mask_url(url)!r}: a bucket name holds only letters, digits, '.', '-' and '_'")
     params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(params) - {"endpoint", "region", "path_style"}
     if unknown:
