@@ -38,6 +38,14 @@ times, measures in this order:
   ck_cold_mmap4_recording  the same, the mount recording the model directory's access profile
                        (--access-profile record: it replaces the stored one at unmount)
   ck_cold_mmap4_profiled   the same over a mount that prefetches in that recorded order
+  pt_warm              design probe (scripts/probe_passthrough.py, not chunkfs): the local copy of the
+                       model served by a pure-Python FUSE server that hands every open to the kernel
+                       by FUSE passthrough, so no read reaches the server: what a warm load through a
+                       passthrough read path would cost
+  pt_cold              the same probe fetching each file whole (16 parallel 8 MiB ranged GETs of the
+                       raw copy, each hashed with BLAKE3) into a node-local image before answering its
+                       open, then the model's other files in name order: a cold load that passes the
+                       download through instead of serving reads
                        (--access-profile use); its "first tensor" is the time from the first rank's
                        start to the first slice any rank got (printed for every mmap row)
   Every other chunkfs mount runs with --access-profile off, so no row's recording steers another.
@@ -169,11 +177,11 @@ JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-download
 NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "disk_write", "boto3_download_load",
          "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
          "ck_cold_mmap1", "ck_cold_mmap4", "ck_cold_mmap4_recording", "ck_cold_mmap4_profiled", "jfs_write",
-         "ck_write", "jfs_warmup", "ck_warmup"]
+         "ck_write", "jfs_warmup", "ck_warmup", "pt_warm", "pt_cold"]
 MMAP4_PROFILE_ROWS = {"ck_cold_mmap4": "off", "ck_cold_mmap4_recording": "record", "ck_cold_mmap4_profiled": "use"}
-COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS}
+COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS, "pt_cold"}
 RANKS = 4
-WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot"}
+WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot", "pt_warm"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
 
 # Runs in a fresh interpreter: load_model() from scripts/load_model.py (it times only the load), plus
@@ -826,6 +834,21 @@ class Bench:
         self.unmount(proc, mnt, [self.chunkfs, "umount"])
         return warm, hot
 
+    def pt_load(self, name: str) -> Sample:
+        """pt_warm or pt_cold: the model loaded through scripts/probe_passthrough.py."""
+        mnt = self.work / "mnt"
+        cmd = [sys.executable, str(ROOT / "scripts" / "probe_passthrough.py"), str(self.model), str(mnt)]
+        if name == "pt_cold":
+            cmd += ["--fetch", f"{self.endpoint}/{RAW_BUCKET}", "--images", str(reset_dir(self.work / "pt-images"))]
+        self.commands[name] = cmd
+        proc = self.mount(cmd, mnt, "probe")
+        drop_caches()
+        sample = self.load(mnt, name, daemon=proc.pid)
+        sample.rss_mib, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, ["fusermount3", "-u"])
+        shutil.rmtree(self.work / "pt-images", ignore_errors=True)
+        return sample
+
     def ck_cold_mmap(self, cache: Path, ranks_wanted: int, name: str, profile: str = "off") -> Sample:
         """RANK_LOADER in ``ranks_wanted`` processes started together over one fresh mount and
         empty cache, with ``--access-profile profile``."""
@@ -1003,11 +1026,14 @@ class Bench:
             self.record("jfs_warmup", self.jfs_warmup(), i)
         if self.wants("ck_warmup"):
             self.record("ck_warmup", self.ck_warmup(), i)
+        for name in ("pt_warm", "pt_cold"):
+            if self.wants(name):
+                self.record(name, self.pt_load(name), i)
 
     def execute(self) -> dict[str, Any]:
         self.prepare()
         self.start_rclone()
-        if self.wants("raw_get", "raw_get_sha256", "raw_get_blake3", "boto3_download_load"):
+        if self.wants("raw_get", "raw_get_sha256", "raw_get_blake3", "boto3_download_load", "pt_cold"):
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
