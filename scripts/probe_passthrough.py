@@ -33,7 +33,6 @@ import os
 import queue
 import signal
 import stat
-import struct
 import sys
 import threading
 from pathlib import Path
@@ -41,25 +40,9 @@ from urllib.parse import urlsplit
 
 import blake3
 
-IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, extlen, pad
-OUT_HEADER = struct.Struct("<IiQ")  # len, -errno, unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr
-ENTRY = struct.Struct("<QQQQII")  # fuse_entry_out before its fuse_attr
-ATTR_OUT = struct.Struct("<QII")  # fuse_attr_out before its fuse_attr
-INIT_IN = struct.Struct("<IIIII")  # major, minor, max_readahead, flags, flags2
-INIT_OUT = struct.Struct("<IIIIHHIIHHIIH22x")  # fuse_init_out (64 bytes)
-OPEN_OUT = struct.Struct("<QIi")  # fh, open_flags, backing_id
-DIRENT = struct.Struct("<QQII")  # ino, next offset, namelen, type
-STATFS_OUT = struct.Struct("<QQQQQIII28x")
+from chunkfs.fuse import abi
 
-LOOKUP, FORGET, GETATTR, OPEN, READ, STATFS, RELEASE, FLUSH, INIT = 1, 2, 3, 14, 15, 17, 18, 25, 26
-OPENDIR, READDIR, RELEASEDIR, INTERRUPT, DESTROY, BATCH_FORGET = 27, 28, 29, 36, 38, 42
-NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
-ASYNC_READ, MAX_PAGES, INIT_EXT = 1 << 0, 1 << 22, 1 << 30
-PASSTHROUGH_FLAGS2 = 1 << (37 - 32)  # FUSE_PASSTHROUGH, in flags2
-FOPEN_PASSTHROUGH = 1 << 7
-BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
-BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+Op = abi.Opcode
 MS_RDONLY, MS_NOSUID, MS_NODEV, MNT_DETACH = 1, 2, 4, 2
 MAX_WRITE = 1 << 20
 RANGE = 8 << 20
@@ -167,9 +150,9 @@ class Server:
         self.libc.umount2(str(self.mountpoint).encode(), MNT_DETACH)
 
     def reply(self, unique: int, error: int = 0, *parts: bytes) -> None:
-        length = OUT_HEADER.size + sum(len(p) for p in parts)
+        header = abi.out_header(unique, sum(len(p) for p in parts), error)
         with contextlib.suppress(FileNotFoundError):  # the request was interrupted meanwhile
-            os.writev(self.fd, [OUT_HEADER.pack(length, -error, unique), *parts])
+            os.writev(self.fd, [header, *parts])
 
     def attr(self, ino: int) -> bytes:
         if ino == 1:
@@ -178,7 +161,7 @@ class Server:
             st = os.stat(self.source / self.names[ino])
             mode, size, nlink = stat.S_IFREG | 0o444, st.st_size, 1
         t = int(st.st_mtime)
-        return ATTR.pack(ino, size, -(-size // 512), t, t, t, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0)
+        return abi.ATTR.pack(ino, size, -(-size // 512), t, t, t, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0)
 
     def serve(self) -> None:
         buffer = bytearray(MAX_WRITE + (64 << 10))
@@ -191,33 +174,34 @@ class Server:
                 if exc.errno == errno.ENODEV:  # unmounted
                     return
                 raise
-            _, opcode, unique, node, *_ = IN_HEADER.unpack_from(buffer)
-            body = bytes(buffer[IN_HEADER.size:n])
-            if opcode == DESTROY:
+            _, opcode, unique, node, *_ = abi.IN_HEADER.unpack_from(buffer)
+            body = bytes(buffer[abi.IN_HEADER.size:n])
+            if opcode == Op.DESTROY:
                 self.reply(unique)
                 return
-            if opcode not in NO_REPLY:
+            if opcode not in abi.NO_REPLY:
                 self.handle(opcode, unique, node, body)
 
     def handle(self, opcode: int, unique: int, node: int, body: bytes) -> None:
-        if opcode == INIT:
-            _, minor, readahead, flags, flags2 = INIT_IN.unpack_from(body + bytes(20))
-            if not (flags & INIT_EXT and flags2 & PASSTHROUGH_FLAGS2):
+        if opcode == Op.INIT:
+            _, minor, readahead, flags, flags2 = abi.INIT_IN.unpack_from(body.ljust(abi.INIT_IN.size, b"\0"))
+            if not abi.split_flags(flags, flags2) & abi.PASSTHROUGH:
                 self.unmount()
                 raise SystemExit("error: this kernel offers no FUSE passthrough (Linux 6.9+ with "
                                  "CONFIG_FUSE_PASSTHROUGH)")
-            wanted = flags & (ASYNC_READ | MAX_PAGES | INIT_EXT)
-            self.reply(unique, 0, INIT_OUT.pack(7, min(minor, 41), readahead, wanted, 16, 12, MAX_WRITE, 1,
-                                                MAX_WRITE // 4096, 0, PASSTHROUGH_FLAGS2, 1, 0))
-        elif opcode == LOOKUP:
+            wanted = flags & (abi.ASYNC_READ | abi.MAX_PAGES | abi.INIT_EXT)
+            self.reply(unique, 0, abi.INIT_OUT.pack(abi.KERNEL_MAJOR, min(minor, abi.KERNEL_MINOR), readahead,
+                                                    wanted, 16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
+                                                    abi.PASSTHROUGH >> 32, 1, 0))
+        elif opcode == Op.LOOKUP:
             ino = self.inodes.get(body.rstrip(b"\0")) if node == 1 else None
             if ino is None:
                 self.reply(unique, errno.ENOENT)
             else:
-                self.reply(unique, 0, ENTRY.pack(ino, 0, TTL, TTL, 0, 0), self.attr(ino))
-        elif opcode == GETATTR:
-            self.reply(unique, 0, ATTR_OUT.pack(TTL, 0, 0), self.attr(node))
-        elif opcode == OPEN:
+                self.reply(unique, 0, abi.ENTRY_OUT.pack(ino, 0, TTL, TTL, 0, 0), self.attr(ino))
+        elif opcode == Op.GETATTR:
+            self.reply(unique, 0, abi.ATTR_OUT.pack(TTL, 0, 0), self.attr(node))
+        elif opcode == Op.OPEN:
             if node == 1:
                 self.reply(unique, errno.EISDIR)
             elif self.images is None:
@@ -226,26 +210,25 @@ class Server:
                 name = self.names[node]
                 event = self.images.want(name)
                 threading.Thread(target=self.open_image, args=(unique, name, event), daemon=True).start()
-        elif opcode == RELEASE:
-            self.release(struct.unpack_from("<Q", body)[0])
+        elif opcode == Op.RELEASE:
+            self.release(abi.RELEASE_IN.unpack_from(body)[0])
             self.reply(unique)
-        elif opcode in (OPENDIR, RELEASEDIR, FLUSH):
-            self.reply(unique, 0, OPEN_OUT.pack(0, 0, 0) if opcode == OPENDIR else b"")
-        elif opcode == READDIR:
-            offset, size = struct.unpack_from("<Q", body, 8)[0], struct.unpack_from("<I", body, 16)[0]
+        elif opcode in (Op.OPENDIR, Op.RELEASEDIR, Op.FLUSH):
+            self.reply(unique, 0, abi.OPEN_OUT.pack(0, 0, 0) if opcode == Op.OPENDIR else b"")
+        elif opcode == Op.READDIR:
+            _, offset, size, *_ = abi.READ_IN.unpack_from(body)  # READDIR takes a fuse_read_in
             entries = [(1, b"."), (1, b".."), *((ino, n.encode()) for ino, n in self.names.items())]
             out = b""
             for index, (ino, raw) in enumerate(entries[offset:], start=offset + 1):
-                record = DIRENT.pack(ino, index, len(raw), 4 if ino == 1 else 8) + raw
-                record += bytes(-len(record) % 8)
+                record = abi.dirent(ino, index, raw, abi.DT_DIR if ino == 1 else abi.DT_REG)
                 if len(out) + len(record) > size:
                     break
                 out += record
             self.reply(unique, 0, out)
-        elif opcode == STATFS:
-            self.reply(unique, 0, STATFS_OUT.pack(0, 0, 0, len(self.names), 0, 4096, 255, 4096))
+        elif opcode == Op.STATFS:
+            self.reply(unique, 0, abi.KSTATFS.pack(0, 0, 0, len(self.names), 0, 4096, 255, 4096))
         else:
-            self.reads += opcode == READ
+            self.reads += opcode == Op.READ
             self.reply(unique, errno.ENOSYS)
 
     def open_image(self, unique: int, name: str, event: threading.Event) -> None:
@@ -258,8 +241,8 @@ class Server:
 
     def open_backing(self, unique: int, path: Path) -> None:
         backing = os.open(path, os.O_RDONLY)
-        request = ctypes.create_string_buffer(struct.pack("<iIQ", backing, 0, 0))
-        backing_id = self.libc.ioctl(self.fd, ctypes.c_ulong(BACKING_OPEN), request)
+        request = ctypes.create_string_buffer(abi.BACKING_MAP.pack(backing, 0, 0))
+        backing_id = self.libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_OPEN), request)
         if backing_id < 0:
             os.close(backing)
             self.reply(unique, ctypes.get_errno())
@@ -267,12 +250,13 @@ class Server:
         with self.lock:
             fh, self.next_fh = self.next_fh, self.next_fh + 1
             self.handles[fh] = (backing, backing_id)
-        self.reply(unique, 0, OPEN_OUT.pack(fh, FOPEN_PASSTHROUGH, backing_id))
+        self.reply(unique, 0, abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id))
 
     def release(self, fh: int) -> None:
         with self.lock:
             backing, backing_id = self.handles.pop(fh)
-        self.libc.ioctl(self.fd, ctypes.c_ulong(BACKING_CLOSE), ctypes.byref(ctypes.c_uint32(backing_id)))
+        backing_id_arg = ctypes.byref(ctypes.c_uint32(backing_id))
+        self.libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_CLOSE), backing_id_arg)
         os.close(backing)
 
 
