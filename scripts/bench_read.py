@@ -38,14 +38,6 @@ times, measures in this order:
   ck_cold_mmap4_recording  the same, the mount recording the model directory's access profile
                        (--access-profile record: it replaces the stored one at unmount)
   ck_cold_mmap4_profiled   the same over a mount that prefetches in that recorded order
-  pt_warm              design probe (scripts/probe_passthrough.py, not chunkfs): the local copy of the
-                       model served by a pure-Python FUSE server that hands every open to the kernel
-                       by FUSE passthrough, so no read reaches the server: what a warm load through a
-                       passthrough read path would cost
-  pt_cold              the same probe fetching each file whole (16 parallel 8 MiB ranged GETs of the
-                       raw copy, each hashed with BLAKE3) into a node-local image before answering its
-                       open, then the model's other files in name order: a cold load that passes the
-                       download through instead of serving reads
                        (--access-profile use); its "first tensor" is the time from the first rank's
                        start to the first slice any rank got (printed for every mmap row)
   Every other chunkfs mount runs with --access-profile off, so no row's recording steers another.
@@ -55,6 +47,14 @@ times, measures in this order:
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
                        complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
+  pt_warm              design probe (scripts/probe_passthrough.py, not chunkfs): the local copy of the
+                       model served by a pure-Python FUSE server that hands every open to the kernel
+                       by FUSE passthrough, so no read reaches the server: what a warm load through a
+                       passthrough read path would cost
+  pt_cold              the same probe fetching each file whole (16 parallel 8 MiB ranged GETs of the
+                       raw copy, each hashed with BLAKE3) into a node-local image before answering its
+                       open, then the model's other files in name order: a cold load that passes the
+                       download through instead of serving reads
 
 --store-conn-rate SIZE caps each connection's object GETs (nginx limit_rate: S3 serves one
 connection at about 100 MB/s) and --store-rate SIZE the store's whole egress (tc htb on loopback,
