@@ -11,10 +11,11 @@ before chunkfs is built around one (``scripts/bench --only pt_warm,pt_cold``):
         so the kernel reads it as a local file and no read reaches this process
     probe_passthrough.py DIR MOUNTPOINT --fetch URL --images IMAGES [--threads 16]
         DIR gives only names and sizes. The first open of a file queues it (and then every
-        other file of DIR with its suffix, in name order) for download from URL/<name> in 8 MiB ranged GETs,
-        THREADS at a time, each range hashed with BLAKE3 as chunkfs hashes a block (there is no
-        block id to compare it with here) and written into IMAGES/<name>. The open is answered
-        once its file is whole, passed through to that image.
+        other file of DIR with its suffix, in name order) for download from URL/<name> in
+        8 MiB ranged GETs, THREADS at a time, each range hashed with BLAKE3 as chunkfs hashes
+        a block (there is no block id to compare it with here) and written into
+        IMAGES/<name>. The open is answered once its file is whole, passed through to that
+        image.
 
 Root only: mount(2) and FUSE_DEV_IOC_BACKING_OPEN need CAP_SYS_ADMIN. Prints ``ready`` once
 mounted and serves until unmounted or sent SIGTERM. What it leaves out (it is a probe): every
