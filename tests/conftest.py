@@ -151,7 +151,7 @@ def mounted(vol: VolumeFixture, *extra: str, cache: Path | None = None, allow_er
     log = vol.tmp / f"{name}.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mountpoint),
+            [sys.executable, "-m", "chunkfs", "mount", vol.meta_url, str(mountpoint), *mount_guard.mount_args,
              *(["--read-only"] if read_only else []), "--cache-dir", str(cache), *extra],
             stdout=logf, stderr=subprocess.STDOUT,
         )

@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 
 marked_mount = False  # the running test carries the ``mount`` marker
+#: arguments every chunkfs mount of the running test gets first (``conftest.mounted``), e.g. a
+#: module running its tests over both FUSE transports sets ``--fuse-transport native``
+mount_args: list[str] = []
 
 
 def require_mount_marker() -> None:

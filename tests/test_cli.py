@@ -359,6 +359,16 @@ def test_metrics_port_in_use_is_a_one_line_error(imported: VolumeFixture, tmp_pa
     assert find_mount(str(mnt)) is None
 
 
+@pytest.mark.mount
+def test_the_native_fuse_transport_serves_read_only_mounts_only(imported: VolumeFixture, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = chunkfs("mount", imported.meta_url, str(mnt), "--fuse-transport", "native", check=False)
+    assert result.returncode == 2
+    assert_one_line_error(result, "--fuse-transport native serves read-only mounts only")
+    assert find_mount(str(mnt)) is None
+
+
 def test_stats_of_a_plain_directory_is_a_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(chunkfs("stats", str(tmp_path), check=False), "is not mounted")
 

@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkfs.blocks import DEFAULT_HASH, block_id
+from tests import mount_guard
 from tests.conftest import (
     BLOCK,
     VolumeFixture,
@@ -27,6 +29,14 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.mount
+
+
+@pytest.fixture(autouse=True, params=["libfuse", "native"])
+def fuse_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs over both FUSE transports (``--fuse-transport``)."""
+    mount_guard.mount_args[:] = ["--fuse-transport", request.param]
+    yield request.param
+    mount_guard.mount_args.clear()
 
 FILES = ["empty", "one", "block-minus-1", "block", "block-plus-1", "several", "zeros",
          "nested/copy-of-several", "nested/deeper/text.txt", "private"]

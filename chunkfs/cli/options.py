@@ -154,6 +154,9 @@ MOUNT_TUNING = (
            "anew (replacing), 'off' (default auto)", choices=PROFILE_MODES, default="auto"),
     Option("--kernel-readahead", "the kernel's readahead for this mount, 0 to keep the kernel default "
            "(default 16M)", size, 16 << 20),
+    Option("--fuse-transport", "'libfuse' (default): serve the kernel through pyfuse3 and libfuse; 'native': "
+           "chunkfs speaks /dev/fuse itself (read-only mounts, as root; experimental, the base for FUSE "
+           "passthrough)", choices=("libfuse", "native"), default="libfuse"),
     Option("--attr-timeout", "kernel attribute cache seconds (default 300 read-only, 1 read-write)", float),
     Option("--entry-timeout", "kernel entry cache seconds (default 300 read-only, 1 read-write)", float),
 )

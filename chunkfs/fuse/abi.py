@@ -29,7 +29,8 @@ KERNEL_MINOR = 41  # the newest minor these layouts know; a reply names min(kern
 
 IN_HEADER = Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = Struct("<IiQ")  # len, error (-errno or 0), unique
-ATTR = Struct("<QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
+ATTR = Struct("<QQQqqqIIIIIIIIII")  # ino size blocks atime mtime ctime (signed) *nsec mode nlink uid gid rdev
+#   blksize flags
 ENTRY_OUT = Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, *_nsec; then ATTR
 ATTR_OUT = Struct("<QII")  # attr_valid, attr_valid_nsec, dummy; then ATTR
 INIT_IN = Struct("<IIIII44x")  # major, minor, max_readahead, flags, flags2
@@ -39,6 +40,9 @@ OPEN_IN = Struct("<II")  # flags, open_flags
 OPEN_OUT = Struct("<QIi")  # fh, open_flags, backing_id
 READ_IN = Struct("<QQIIQII")  # fh, offset, size, read_flags, lock_owner, flags, padding
 RELEASE_IN = Struct("<QIIQ")  # fh, flags, release_flags, lock_owner
+FH_FIRST = Struct("<Q")  # the fh that opens fuse_flush_in, fuse_fsync_in and fuse_release_in
+GETXATTR_IN = Struct("<II")  # size, padding; then the name (NUL-terminated)
+GETXATTR_OUT = Struct("<II")  # size, padding
 DIRENT = Struct("<QQII")  # ino, off (of the next entry), namelen, type; then the name, padded to 8
 KSTATFS = Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize padding
 BACKING_MAP = Struct("<iIQ")  # fd, flags, padding
@@ -50,29 +54,55 @@ class Opcode(IntEnum):
     GETATTR = 3
     SETATTR = 4
     READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
     OPEN = 14
     READ = 15
+    WRITE = 16
     STATFS = 17
     RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
     FLUSH = 25
     INIT = 26
     OPENDIR = 27
     READDIR = 28
     RELEASEDIR = 29
+    FSYNCDIR = 30
+    CREATE = 35
     INTERRUPT = 36
     DESTROY = 38
     BATCH_FORGET = 42
+    FALLOCATE = 43
+    RENAME2 = 45
+    COPY_FILE_RANGE = 47
+    TMPFILE = 51
 
 
 NO_REPLY = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
+#: requests that would change the filesystem
+CHANGES = frozenset({Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR,
+                     Opcode.RENAME, Opcode.LINK, Opcode.WRITE, Opcode.SETXATTR, Opcode.REMOVEXATTR, Opcode.CREATE,
+                     Opcode.FALLOCATE, Opcode.RENAME2, Opcode.COPY_FILE_RANGE, Opcode.TMPFILE})
 
 # fuse_init_in/out flags (the low 32 bits in ``flags``, the high ones in ``flags2``)
 ASYNC_READ = 1 << 0
+AUTO_INVAL_DATA = 1 << 12
+PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 
 # fuse_open_out open_flags
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_PASSTHROUGH = 1 << 7
 

@@ -1,7 +1,8 @@
 """Mount lifecycle: build the read path for a volume, mount it, serve until unmounted.
 
-``serve`` owns everything it starts: the block cache, the metrics endpoint, the pyfuse3
-session and the trio nursery holding the FUSE workers, the reader's background fetches, the
+``serve`` owns everything it starts: the block cache, the metrics endpoint, the FUSE
+session (pyfuse3's, or with ``--fuse-transport native`` our own ``NativeSession``) and the
+trio nursery holding the FUSE workers, the reader's background fetches, the
 cache index scan and the signal watcher. Teardown happens in reverse order in ``finally``
 blocks: stop serving, unmount (if still mounted), stop the metrics endpoint.
 
@@ -26,6 +27,7 @@ from chunkfs.cache.block_cache import BlockCache
 from chunkfs.errors import ChunkfsError
 from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
+from chunkfs.fuse.native import NativeSession
 from chunkfs.fuse.ops import FuseOperations
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import WRITABLE_FORMAT_VERSION
@@ -63,6 +65,7 @@ class ServeConfig:
     metrics: Metrics = field(default_factory=Metrics)
     peers: PeerSettings | None = None  # fetch from (and with a listener, serve) other nodes' caches
     access_profile: str = "auto"  # record and use access profiles (``vfs/profiles.py``)
+    fuse_transport: str = "libfuse"  # "native": serve /dev/fuse ourselves (``native.py``; read-only, root)
 
     def download_slots(self, block_size: int, compressed: bool) -> int:
         """Concurrent downloads: ``max_downloads``, fewer if their blocks would not fit in
@@ -118,7 +121,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         vfs = Vfs(meta, reader, block_size, config.options, metrics, writer, session)
     vfs.profiles = ProfileBook(meta, reader, block_size, config.access_profile,
                                prefetch_limit=reader.config.prefetch_limit, name_of=vfs.name_of)
-    ops = FuseOperations(vfs)
+    native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers) \
+        if config.fuse_transport == "native" else None
     control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:
@@ -128,17 +132,25 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         except OSError as exc:
             raise ChunkfsError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     try:
-        try:
-            pyfuse3.init(ops, config.mountpoint, fuse_mount_options(volume, config.options))
-        except RuntimeError as exc:
-            raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
+        if native is not None:
+            native.mount()
+        else:
+            try:
+                pyfuse3.init(FuseOperations(vfs), config.mountpoint, fuse_mount_options(volume, config.options))
+            except RuntimeError as exc:
+                raise ChunkfsError(f"cannot mount {config.mountpoint}: {exc}") from None
         unmounted = False
         try:
             trio.run(_run_session, config, cache, reader, writer, control, on_ready,
-                     None if writer is None else (volume, session), peers, vfs.profiles)
+                     None if writer is None else (volume, session), peers, vfs.profiles, native)
             unmounted = find_mount(config.mountpoint) is None
         finally:
-            pyfuse3.close(unmount=not unmounted)
+            if native is not None:
+                if not unmounted:
+                    native.unmount()
+                native.close()
+            else:
+                pyfuse3.close(unmount=not unmounted)
             log.info("unmounted %s", config.mountpoint)
             if writer is not None:
                 _end_session(volume, session)
@@ -183,10 +195,11 @@ async def _heartbeat(volume: Volume, session: str) -> None:
 async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReader, writer: FileWriter | None,
                        control: ControlServer, on_ready: Callable[[], None] | None,
                        session: tuple[Volume, str] | None, peers: Peers | None = None,
-                       profiles: ProfileBook | None = None) -> None:
+                       profiles: ProfileBook | None = None, native: NativeSession | None = None) -> None:
     mountpoint = config.mountpoint
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        nursery.start_soon(_stop_on_signals, nursery.cancel_scope,
+                           native.unmount if native is not None else pyfuse3.terminate)
         await nursery.start(reader.run)
         if profiles is not None:
             await nursery.start(profiles.run)
@@ -196,7 +209,10 @@ async def _run_session(config: ServeConfig, cache: BlockCache, reader: FileReade
             nursery.start_soon(_heartbeat, *session)
 
         async def fuse_main() -> None:
-            await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_workers)
+            if native is not None:
+                await native.serve()
+            else:
+                await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_workers)
             nursery.cancel_scope.cancel()  # unmounted from outside
 
         nursery.start_soon(fuse_main)
@@ -233,10 +249,10 @@ async def _load_cache_index(cache: BlockCache) -> None:
     log.info("cache index: %d blocks on disk, %d MiB indexed", count, cache.used_bytes >> 20)
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals(scope: trio.CancelScope, terminate: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            terminate()
             scope.cancel()
             return

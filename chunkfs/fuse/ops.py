@@ -2,14 +2,13 @@
 
 Layer: thin. Each handler unpacks one pyfuse3 request, calls the mount's ``Vfs`` (which owns
 handles, open files, the read-only policy and the reader/writer dispatch), and packs the
-answer into pyfuse3 types. This is the only place ``FUSEError`` is raised: ``FsError`` ->
-its errno; any other failure -> EIO, logged (one failed request never ends the daemon).
+answer into pyfuse3 types. This is the only place ``FUSEError`` is raised, with the errno
+``outcome.errno_for`` gives (the native transport, ``native.py``, uses it too).
 Every request is counted and timed (``chunkfs_fuse_ops_total``, ``chunkfs_fuse_seconds``).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from chunkfs.errors import ChunkfsError, FsError
+from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
 from chunkfs.vfs.vfs import AttrChange, Vfs
 
@@ -34,16 +33,10 @@ def _translated(fn: F) -> F:
         start = time.perf_counter()
         try:
             return await fn(self, *args)
-        except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except ChunkfsError as exc:  # e.g. the metadata engine is unreachable after retries
-            log.error("%s failed: %s", op, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
         except pyfuse3.FUSEError:
             raise
-        except Exception:
-            log.exception("%s failed", op)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_for(exc, op)) from None
         finally:
             self._observe(op, time.perf_counter() - start)
 
@@ -60,15 +53,7 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
-        self._op_metrics: dict[str, tuple[Any, Any]] = {}
-
-    def _observe(self, op: str, seconds: float) -> None:
-        pair = self._op_metrics.get(op)
-        if pair is None:
-            metrics = self.vfs.metrics
-            pair = self._op_metrics[op] = (metrics.fuse_ops.labels(op), metrics.fuse_seconds.labels(op))
-        pair[0].inc()
-        pair[1].observe(seconds)
+        self._observe = OpObserver(vfs.metrics)
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
