@@ -27,6 +27,10 @@ chunkfs_object_request_seconds{op}         histogram  latency of each attempt
 chunkfs_fuse_ops_total{op}                 counter    FUSE requests
 chunkfs_fuse_op_seconds{op}                histogram  time to answer them
 chunkfs_fuse_read_bytes_total              counter    bytes returned by FUSE reads
+chunkfs_passthrough_opens_total            counter    opens passed through to a file image (the
+                                                      kernel reads it; native transport only)
+chunkfs_file_images_total{outcome}         counter    file images built (``built``) or given up
+                                                      (``failed``) for passthrough
 chunkfs_readahead_blocks_total             counter    blocks fetched ahead of a sequential stream
 chunkfs_readahead_wasted_blocks_total      counter    of those, never read before the file closed
 chunkfs_prefetch_blocks_total              counter    blocks fetched by whole-file model prefetch
@@ -83,6 +87,10 @@ class Metrics:
         self.fuse_seconds = Histogram("chunkfs_fuse_op_seconds", "FUSE request latency", ["op"],
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.fuse_read_bytes = Counter("chunkfs_fuse_read_bytes", "Bytes returned by FUSE reads", registry=r)
+        self.passthrough_opens = Counter("chunkfs_passthrough_opens", "Opens the kernel passes through to a file "
+                                         "image (native transport)", registry=r)
+        self.file_images = Counter("chunkfs_file_images", "File images built for passthrough, by outcome",
+                                   ["outcome"], registry=r)
         self.readahead_blocks = Counter("chunkfs_readahead_blocks", "Blocks fetched by readahead", registry=r)
         self.readahead_wasted = Counter("chunkfs_readahead_wasted_blocks", "Readahead blocks never read",
                                         registry=r)

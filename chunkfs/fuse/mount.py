@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.images import FileImages
 from chunkfs.errors import ChunkfsError
 from chunkfs.fuse.kernel import set_read_ahead
 from chunkfs.fuse.mountinfo import find_mount
@@ -121,8 +122,8 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         vfs = Vfs(meta, reader, block_size, config.options, metrics, writer, session)
     vfs.profiles = ProfileBook(meta, reader, block_size, config.access_profile,
                                prefetch_limit=reader.config.prefetch_limit, name_of=vfs.name_of)
-    native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers) \
-        if config.fuse_transport == "native" else None
+    native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers,
+                           FileImages(cache, block_size)) if config.fuse_transport == "native" else None
     control = ControlServer(fetcher, meta, block_size)
     http = None
     if config.metrics_address is not None:

@@ -1,19 +1,31 @@
-"""The native FUSE transport: a read-only mount served on ``/dev/fuse`` without libfuse.
+"""The native FUSE transport: a read-only mount served on ``/dev/fuse`` without libfuse,
+passing opens of model files through to node-local file images.
 
 Layer: thin, like ``ops.py``. Each kernel request is decoded with ``abi.py``, answered by the
 mount's ``Vfs`` and encoded back; ``outcome.errno_for`` turns failures into errno values as
 the pyfuse3 path does. Why it exists: pyfuse3 drives Debian 12's libfuse 3.14, which cannot
-negotiate FUSE passthrough (Linux 6.9+), the kernel reading a node-local file for the
-daemon; speaking the protocol ourselves can (``scripts/probe_passthrough.py`` measures what
-that gives). This transport does not pass anything through yet: it answers READ itself,
-exactly as the pyfuse3 path does. ``chunkfs mount --fuse-transport native`` selects it.
+negotiate FUSE passthrough (Linux 6.9+); speaking the protocol ourselves can.
+``chunkfs mount --read-only --fuse-transport native`` selects it.
+
+Passthrough (when the kernel offers it and ``images`` is given):
+
+- An open of a regular file whose whole-file image (``cache/images.py``) is in the node
+  cache is answered with ``FOPEN_PASSTHROUGH`` and a backing id for that image: the kernel
+  then reads (and maps) the image itself, and no READ of that open reaches the daemon.
+- After the last close of a model file (a ``--prefetch`` name) read through the daemon,
+  if all its blocks are on the node, its image is built in a worker thread (one at a time,
+  once no READ has come for ``BUILD_AFTER_QUIET_S``, so a load in progress goes first), and
+  the next open of it, by this daemon or a later one on the node, is passed through.
+- The kernel refuses to mix cached and passed-through opens of one inode, so an inode with
+  open handles of one kind gets the same kind for new opens; passed-through opens of an
+  inode share one backing id, closed with the last of them.
 
 Scope and invariants:
 
 - Read-only mounts, mounted by root with mount(2) (passthrough needs CAP_SYS_ADMIN anyway).
   Requests that would change the volume get EROFS; requests the filesystem does not
-  implement (locks, ioctl, poll, lseek, statx, copy_file_range, bmap) get ENOSYS, after
-  which the kernel handles them itself or falls back, as it does for pyfuse3's.
+  implement (locks, ioctl, poll, lseek, statx, bmap) get ENOSYS, after which the kernel
+  handles them itself or falls back, as it does for pyfuse3's.
 - One trio task reads the device; each request is answered in a task of its own, at most
   ``workers`` at once (the reader waits for a free slot meanwhile: the kernel queues the
   rest). INIT, FORGET, BATCH_FORGET, INTERRUPT and DESTROY are handled by the reader.
@@ -36,11 +48,13 @@ from dataclasses import dataclass
 
 import trio
 
+from chunkfs.blocklist import BlockList
+from chunkfs.cache.images import FileImages, image_id
 from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.fuse import abi
 from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
-from chunkfs.vfs.vfs import Vfs
+from chunkfs.vfs.vfs import STATS_INODE, Vfs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,17 @@ MAX_WRITE = 1 << 20  # the largest request body the kernel may send (and our rea
 REQUEST_BUFFER = MAX_WRITE + (64 << 10)  # a WRITE's 1 MiB plus its headers, with room to spare
 WANTED_FLAGS = abi.ASYNC_READ | abi.MAX_PAGES | abi.INIT_EXT | abi.PARALLEL_DIROPS | abi.AUTO_INVAL_DATA
 _NANO = 1_000_000_000
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+BUILD_AFTER_QUIET_S = 2.0  # an image is built once no READ has come for this long
+PASSTHROUGH_FH = 1 << 62  # handles of passed-through opens count up from here (the Vfs's stay below)
+
+
+@dataclass(slots=True)
+class _Backing:
+    """An image handed to the kernel for one inode's passed-through opens."""
+    fd: int
+    backing_id: int
+    opens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +99,19 @@ def _split_ns(ns: int) -> tuple[int, int]:
 class NativeSession:
     """A read-only ``Vfs`` mounted at ``mountpoint`` and served on ``/dev/fuse``."""
 
-    def __init__(self, vfs: Vfs, mountpoint: str, fsname: str, workers: int) -> None:
+    def __init__(self, vfs: Vfs, mountpoint: str, fsname: str, workers: int,
+                 images: FileImages | None = None) -> None:
         self.vfs = vfs
+        self.images = images  # None: no passthrough
+        self.passthrough = False  # the kernel agreed to it (INIT)
+        self._backings: dict[int, _Backing] = {}  # inode -> its image's backing
+        self._passed: dict[int, int] = {}  # handle of a passed-through open -> inode
+        self._next_passed = PASSTHROUGH_FH
+        self._cached: dict[int, int] = {}  # inode -> opens answered by the Vfs
+        self._building: set[bytes] = set()  # images being built
+        self._builds = trio.Semaphore(1)
+        self._last_read = 0.0  # trio time of the latest READ: builds wait for a quiet spell
+        self._nursery: trio.Nursery | None = None
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.workers = max(1, workers)
@@ -135,6 +171,7 @@ class NativeSession:
         view = memoryview(buffer)
         slots = trio.Semaphore(self.workers)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 try:
                     n = os.readv(self.fd, [buffer])
@@ -190,14 +227,18 @@ class NativeSession:
             self._observe(name, time.perf_counter() - start)
 
     def _init(self, unique: int, body: bytes) -> None:
-        major, minor, readahead, flags, _ = abi.INIT_IN.unpack_from(body.ljust(abi.INIT_IN.size, b"\0"))
+        major, minor, readahead, flags, flags2 = abi.INIT_IN.unpack_from(body.ljust(abi.INIT_IN.size, b"\0"))
         if major != abi.KERNEL_MAJOR:
             log.error("the kernel speaks FUSE %d.%d; chunkfs speaks %d", major, minor, abi.KERNEL_MAJOR)
             self._reply(unique, errno.EPROTO, ())
             return
         self.initialized = True
+        self.passthrough = self.images is not None and bool(abi.split_flags(flags, flags2) & abi.PASSTHROUGH)
+        if self.images is not None and not self.passthrough:
+            log.info("this kernel offers no FUSE passthrough: every read is served by the daemon")
+        wanted2 = abi.PASSTHROUGH >> 32 if self.passthrough else 0
         reply = abi.INIT_OUT.pack(abi.KERNEL_MAJOR, min(minor, abi.KERNEL_MINOR), readahead, flags & WANTED_FLAGS,
-                                  0, 0, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0, 0, 0)
+                                  0, 0, MAX_WRITE, 1, MAX_WRITE // 4096, 0, wanted2, 1 if self.passthrough else 0, 0)
         self._reply(unique, 0, (reply,))
 
     # -- answers -----------------------------------------------------------------------------
@@ -225,7 +266,12 @@ class NativeSession:
 
     async def _open(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
         flags, _ = abi.OPEN_IN.unpack_from(body)
+        if self.passthrough and node != STATS_INODE and not flags & _WRITE_FLAGS and not self._cached.get(node):
+            passed = await self._open_passed(node)
+            if passed is not None:
+                return (passed,)
         fh, keep_cache = await self.vfs.open(node, flags, caller.uid)
+        self._cached[node] = self._cached.get(node, 0) + 1
         open_flags = abi.FOPEN_KEEP_CACHE if keep_cache else 0
         if self.vfs.is_direct(fh):  # the stats file: never cached
             open_flags = abi.FOPEN_DIRECT_IO
@@ -233,11 +279,113 @@ class NativeSession:
 
     async def _read(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes | bytearray | memoryview]:
         fh, offset, size, *_ = abi.READ_IN.unpack_from(body)
+        if not self.vfs.is_direct(fh):  # (reads of the stats file do not count)
+            self._last_read = trio.current_time()
         return (await self.vfs.read(fh, offset, size),)
 
     async def _release(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
-        await self.vfs.release(abi.RELEASE_IN.unpack_from(body)[0])
+        fh = abi.RELEASE_IN.unpack_from(body)[0]
+        if fh >= PASSTHROUGH_FH:
+            self._release_passed(fh)
+            return ()
+        ino = self.vfs.handles.files[fh].ino if fh in self.vfs.handles.files else None
+        await self.vfs.release(fh)
+        if ino is not None:
+            left = self._cached.get(ino, 1) - 1
+            if left > 0:
+                self._cached[ino] = left
+            else:
+                self._cached.pop(ino, None)
+                if self.passthrough and ino != STATS_INODE and self._nursery is not None:
+                    self._nursery.start_soon(self._build_image, ino)
         return ()
+
+    # -- passthrough -------------------------------------------------------------------------
+    async def _image_of(self, ino: int) -> tuple[bytes, int, BlockList] | None:
+        """(image id, size, blocks) of a regular file that can have an image."""
+        attr = await self.vfs.getattr(ino)
+        if not attr.is_reg or attr.size == 0:
+            return None
+        blocks = await self.vfs.meta.read_blocks(ino)
+        key = image_id(attr.size, blocks)
+        return None if key is None else (key, attr.size, blocks)
+
+    async def _open_passed(self, ino: int) -> bytes | None:
+        """An open of ``ino`` passed through to its image, or None (then the daemon serves it)."""
+        assert self.images is not None
+        backing = self._backings.get(ino)
+        if backing is None:
+            found = await self._image_of(ino)
+            if found is None:
+                return None
+            key, size, _ = found
+            path = await trio.to_thread.run_sync(self.images.find, key, size)
+            backing = self._backings.get(ino)  # another open may have got there meanwhile
+            if backing is None:
+                if path is None or self._cached.get(ino):
+                    return None
+                backing = self._hand_over(path)
+                if backing is None:
+                    return None
+                self._backings[ino] = backing
+        backing.opens += 1
+        self.vfs.metrics.passthrough_opens.inc()
+        fh, self._next_passed = self._next_passed, self._next_passed + 1
+        self._passed[fh] = ino
+        return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing.backing_id)
+
+    def _hand_over(self, path: str) -> _Backing | None:
+        """Register the image at ``path`` with the kernel (``FUSE_DEV_IOC_BACKING_OPEN``)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # evicted since it was found
+            return None
+        request = ctypes.create_string_buffer(abi.BACKING_MAP.pack(fd, 0, 0))
+        backing_id = self._libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_OPEN), request)
+        if backing_id < 0:
+            log.warning("the kernel refused a passthrough backing file: %s", os.strerror(ctypes.get_errno()))
+            os.close(fd)
+            return None
+        return _Backing(fd, backing_id)
+
+    def _release_passed(self, fh: int) -> None:
+        ino = self._passed.pop(fh, None)
+        backing = self._backings.get(ino) if ino is not None else None
+        if ino is None or backing is None:
+            return
+        backing.opens -= 1
+        if backing.opens == 0:
+            del self._backings[ino]
+            self._libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_CLOSE),
+                             ctypes.byref(ctypes.c_uint32(backing.backing_id)))
+            os.close(backing.fd)
+
+    async def _build_image(self, ino: int) -> None:
+        """After the last daemon-served close of a model file: build its image if all its
+        blocks are on the node (never raises: a file without an image is only slower)."""
+        assert self.images is not None
+        try:
+            if not self.vfs.reader.config.wants_prefetch(self.vfs.name_of(ino)):
+                return
+            found = await self._image_of(ino)
+            if found is None:
+                return
+            key, size, blocks = found
+            if key in self._building or not self.images.complete_on_node(blocks):
+                return
+            self._building.add(key)
+            try:
+                async with self._builds:
+                    while (quiet := trio.current_time() - self._last_read) < BUILD_AFTER_QUIET_S:
+                        await trio.sleep(BUILD_AFTER_QUIET_S - quiet)  # a load in progress goes first
+                    if await trio.to_thread.run_sync(self.images.find, key, size) is None:
+                        built = await trio.to_thread.run_sync(self.images.build, key, size, blocks)
+                        self.vfs.metrics.file_images.labels("built" if built else "failed").inc()
+                        log.info("image of %s %s", self.vfs.name_of(ino), "built" if built else "not built")
+            finally:
+                self._building.discard(key)
+        except Exception as exc:  # a background task: log, never end the daemon
+            log.warning("building the image of inode %d failed: %s", ino, exc)
 
     async def _flush(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
         await self.vfs.flush(abi.FH_FIRST.unpack_from(body)[0])

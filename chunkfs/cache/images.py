@@ -1,0 +1,93 @@
+"""File images: a whole file's bytes as one node-cache entry, for FUSE passthrough.
+
+The kernel can pass an open FUSE file through to one local backing file (Linux 6.9+), and
+then reads it like a local file: no read reaches the daemon. Blocks live in one cache file
+each, so a model file read whole is copied, block by block, into an image: one more entry of
+the same ``BlockCache``, counted in ``--cache-size``, evicted least recently used with the
+blocks, sealed and admitted like them (``open_entry``/``commit``/``admit``).
+
+Invariants:
+
+- An image's id is ``image_id(size, block ids)``: SHA-256 over a domain tag, the size and the
+  ids, so it names exactly those bytes. No block id can equal it, short of a preimage of the
+  volume's hash (a block's id is the hash of its own content).
+- An image is built only from verified or sealed block entries, each pinned while it is
+  copied, and published (sealed, renamed into place) only once all of them were copied whole.
+- An image is used only when this process wrote it or its seal is intact (same boot, inode,
+  size and mtime). An image cannot be hashed against its id, so one without a valid seal (after
+  a reboot, or under ``--verify-cache full``, which trusts no seal) is never used and is
+  rebuilt from verified blocks instead.
+- Files with holes get no image (a hole has no entry to copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from chunkfs.blocklist import HOLE, BlockList
+from chunkfs.blocks import block_length
+from chunkfs.cache.block_cache import BlockCache
+
+log = logging.getLogger(__name__)
+
+_TAG = b"chunkfs file image 1\0"
+
+
+def image_id(size: int, blocks: BlockList) -> bytes | None:
+    """The image id of a file of ``size`` bytes made of ``blocks``; None if it has holes."""
+    ids = list(blocks)
+    if HOLE in ids:
+        return None
+    digest = hashlib.sha256(_TAG)
+    digest.update(size.to_bytes(8, "big"))
+    for bid in ids:
+        digest.update(bid)
+    return digest.digest()
+
+
+class FileImages:
+    """Finds and builds file images in ``cache`` (blocks of ``block_size`` bytes)."""
+
+    def __init__(self, cache: BlockCache, block_size: int) -> None:
+        self.cache = cache
+        self.block_size = block_size
+
+    def find(self, key: bytes, size: int) -> str | None:
+        """The path of a usable image ``key`` of ``size`` bytes, or None. Blocking (a stat
+        and an xattr read): run it in a worker thread."""
+        if not (self.cache.is_verified(key) or self.cache.admit(key, size, page_in=False)):
+            return None
+        return self.cache.dir_for(key).path(key)
+
+    def complete_on_node(self, blocks: BlockList) -> bool:
+        """Every block of the file is in this process's index (no system call)."""
+        return all(bid != HOLE and self.cache.indexed(bid) for bid in blocks)
+
+    def build(self, key: bytes, size: int, blocks: BlockList) -> bool:
+        """Copy the file's block entries into a new image ``key``; False (nothing left
+        behind) if a block is not usable here, there is no room, or the disk fails.
+        Blocking: run it in a worker thread."""
+        lengths = [block_length(i, size, self.block_size) for i in range(len(blocks))]
+        if not all(self.cache.is_verified(bid) or self.cache.admit(bid, n, page_in=False)
+                   for bid, n in zip(blocks, lengths, strict=True)):
+            return False
+        entry = self.cache.open_entry(key, size)
+        if entry is None:
+            return False
+        try:
+            for bid, length in zip(blocks, lengths, strict=True):
+                self.cache.pin(bid)
+                try:
+                    entry.copy_from(self.cache.dir_for(bid).path(bid), length)
+                finally:
+                    self.cache.unpin(bid)
+        except OSError as exc:
+            self.cache.abandon(entry, None)
+            log.info("no image of a %d-byte file: %s", size, exc.strerror or exc)
+            return False
+        if entry.size != size:
+            self.cache.abandon(entry, None)
+            return False
+        return self.cache.commit(entry)
+

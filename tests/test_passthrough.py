@@ -1,0 +1,116 @@
+"""FUSE passthrough on the native transport (``--fuse-transport native``), through real mounts.
+
+A model file read whole through the daemon gets a file image in the node cache; the next
+open of it, by this daemon or a restarted one, is passed through: the kernel reads the image
+and no read reaches the daemon (its ``chunkfs_fuse_read_bytes_total`` does not move). A
+damaged image is never used, a file that is not a model file gets none.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, wait_for
+
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the native transport mounts with mount(2): root only")]
+NATIVE = ("--fuse-transport", "native")
+SIZE = 5 * BLOCK + 1234  # several blocks and a short last one
+
+
+@pytest.fixture
+def model(volume: VolumeFixture, tmp_path: Path) -> dict[str, bytes]:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"model.safetensors": os.urandom(SIZE), "notes.txt": os.urandom(3 * BLOCK)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    chunkfs("import", volume.meta_url, str(src), "/m")
+    return files
+
+
+def metric(mnt: Path, name: str) -> float:
+    text = (mnt / ".chunkfs-stats").read_text()
+    found = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def read_bytes(mnt: Path) -> float:
+    return metric(mnt, "chunkfs_fuse_read_bytes_total")
+
+
+def images_in(cache: Path, size: int) -> list[Path]:
+    return [p for p in cache.rglob("*")
+            if p.is_file() and p.stat().st_size == size and "tmp" not in p.relative_to(cache).parts]
+
+
+def test_a_model_file_read_whole_is_passed_through_from_then_on(volume: VolumeFixture,
+                                                                 model: dict[str, bytes]) -> None:
+    cache = volume.tmp / "cache"
+    data = model["model.safetensors"]
+    with mounted(volume, *NATIVE, cache=cache) as m:
+        path = m.path / "m/model.safetensors"
+        assert path.read_bytes() == data  # served by the daemon
+        assert read_bytes(m.path) >= SIZE
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+        before = read_bytes(m.path)
+        assert path.read_bytes() == data
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[:] == data
+            assert mm[3 * BLOCK + 7: 4 * BLOCK] == data[3 * BLOCK + 7: 4 * BLOCK]
+        assert read_bytes(m.path) == before  # the kernel read the image: no read reached the daemon
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 2
+        # the image is a cache entry: counted in the cache's bytes
+        assert metric(m.path, "chunkfs_cache_bytes") >= 2 * SIZE
+    assert len(images_in(cache, SIZE)) == 1
+
+    with mounted(volume, *NATIVE, cache=cache, name="again") as m:  # a restarted daemon: its seal admits it
+        assert (m.path / "m/model.safetensors").read_bytes() == data
+        assert read_bytes(m.path) == 0
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
+
+
+def test_a_damaged_image_is_not_used(volume: VolumeFixture, model: dict[str, bytes]) -> None:
+    cache = volume.tmp / "cache"
+    data = model["model.safetensors"]
+    with mounted(volume, *NATIVE, cache=cache) as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == data
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+    (image,) = images_in(cache, SIZE)
+    with open(image, "r+b") as f:  # one flipped byte, written as any tool would: the seal no longer holds
+        f.seek(BLOCK)
+        byte = f.read(1)
+        f.seek(BLOCK)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with mounted(volume, *NATIVE, cache=cache, name="again") as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == data  # from the blocks, verified
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 0
+        assert read_bytes(m.path) >= SIZE
+
+
+def test_only_model_files_get_images(volume: VolumeFixture, model: dict[str, bytes]) -> None:
+    with mounted(volume, *NATIVE) as m:
+        assert (m.path / "m/notes.txt").read_bytes() == model["notes.txt"]
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+        assert (m.path / "m/notes.txt").read_bytes() == model["notes.txt"]
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 0
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
+    assert images_in(volume.tmp / "cache", 3 * BLOCK) == []
+    assert len(images_in(volume.tmp / "cache", SIZE)) == 1
+
+
+def test_the_default_transport_never_passes_through(volume: VolumeFixture, model: dict[str, bytes]) -> None:
+    cache = volume.tmp / "cache"
+    with mounted(volume, *NATIVE, cache=cache) as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+    with mounted(volume, cache=cache, name="libfuse") as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        assert read_bytes(m.path) >= SIZE
