@@ -106,11 +106,25 @@ def test_only_model_files_get_images(volume: VolumeFixture, model: dict[str, byt
     assert len(images_in(volume.tmp / "cache", SIZE)) == 1
 
 
-def test_the_default_transport_never_passes_through(volume: VolumeFixture, model: dict[str, bytes]) -> None:
+def test_the_default_is_native_and_libfuse_never_passes_through(volume: VolumeFixture,
+                                                                model: dict[str, bytes]) -> None:
+    cache = volume.tmp / "cache"
+    with mounted(volume, cache=cache) as m:  # read-only, as root: --fuse-transport auto is native
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+    with mounted(volume, "--fuse-transport", "libfuse", cache=cache, name="libfuse") as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        assert read_bytes(m.path) >= SIZE
+
+
+def test_warmup_evict_drops_the_image_too(volume: VolumeFixture, model: dict[str, bytes]) -> None:
     cache = volume.tmp / "cache"
     with mounted(volume, *NATIVE, cache=cache) as m:
         assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
         wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
-    with mounted(volume, cache=cache, name="libfuse") as m:
+    assert len(images_in(cache, SIZE)) == 1
+    chunkfs("warmup", volume.meta_url, "/m", "--cache-dir", str(cache), "--evict")
+    assert images_in(cache, SIZE) == []
+    with mounted(volume, *NATIVE, cache=cache, name="again") as m:
         assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
-        assert read_bytes(m.path) >= SIZE
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 0

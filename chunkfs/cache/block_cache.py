@@ -160,6 +160,13 @@ class BlockCache:
             self.index_loaded.set()
 
     # -- pins ------------------------------------------------------------------------------
+    def demote(self, bids: Sequence[bytes]) -> None:
+        """Make these entries the least recently used: the first evicted when room is needed."""
+        with self._lock:
+            for bid in reversed(bids):
+                if bid in self._index:
+                    self._index.move_to_end(bid, last=False)
+
     def pin(self, bid: bytes) -> None:
         """Keep the entry from eviction until ``unpin`` (pins nest)."""
         with self._lock:

@@ -18,12 +18,16 @@ Invariants:
   a reboot, or under ``--verify-cache full``, which trusts no seal) is never used and is
   rebuilt from verified blocks instead.
 - Files with holes get no image (a hole has no entry to copy).
+- Once an image is published, its file's blocks become the least recently used entries: when
+  room is needed they go first, so the image does not double the space a model takes for
+  longer than the cache has room for both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 
 from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length
@@ -34,8 +38,9 @@ log = logging.getLogger(__name__)
 _TAG = b"chunkfs file image 1\0"
 
 
-def image_id(size: int, blocks: BlockList) -> bytes | None:
-    """The image id of a file of ``size`` bytes made of ``blocks``; None if it has holes."""
+def image_id(size: int, blocks: Iterable[bytes]) -> bytes | None:
+    """The image id of a file of ``size`` bytes made of ``blocks`` (ids in file order); None
+    if it has holes."""
     ids = list(blocks)
     if HOLE in ids:
         return None
@@ -89,5 +94,10 @@ class FileImages:
         if entry.size != size:
             self.cache.abandon(entry, None)
             return False
-        return self.cache.commit(entry)
+        if not self.cache.commit(entry):
+            return False
+        # opens now read the image: its blocks are the first to go when room is needed (a
+        # daemon-served open or a peer may still want them until then)
+        self.cache.demote(list(blocks))
+        return True
 

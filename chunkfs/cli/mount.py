@@ -83,6 +83,9 @@ def _serve_foreground(args: argparse.Namespace) -> None:
 
     if args.fuse_transport == "native" and not args.read_only:
         raise UsageError("--fuse-transport native serves read-only mounts only: add --read-only")
+    transport = args.fuse_transport
+    if transport == "auto":
+        transport = "native" if args.read_only and os.geteuid() == 0 else "libfuse"
     check_fuse_device()
     mountpoint = check_mountpoint(args.mountpoint)
     for path in args.cache_dir:
@@ -109,7 +112,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         prefetch_patterns=prefetch_patterns(args.prefetch), kernel_readahead=args.kernel_readahead,
         metrics_address=metrics_address, metrics=metrics, cache_writes=args.cache_writes,
         peers=PeerSettings.from_args(args), access_profile=args.access_profile,
-        fuse_transport=args.fuse_transport,
+        fuse_transport=transport,
     )
     with open_volume(args.meta, replace(store_options(args, args.max_downloads), observer=metrics),
                      store_may_be_down=args.read_only) as volume:

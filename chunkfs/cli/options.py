@@ -154,9 +154,10 @@ MOUNT_TUNING = (
            "anew (replacing), 'off' (default auto)", choices=PROFILE_MODES, default="auto"),
     Option("--kernel-readahead", "the kernel's readahead for this mount, 0 to keep the kernel default "
            "(default 16M)", size, 16 << 20),
-    Option("--fuse-transport", "'libfuse' (default): serve the kernel through pyfuse3 and libfuse; 'native': "
-           "chunkfs speaks /dev/fuse itself (read-only mounts, as root; experimental, the base for FUSE "
-           "passthrough)", choices=("libfuse", "native"), default="libfuse"),
+    Option("--fuse-transport", "'native': chunkfs speaks /dev/fuse itself and passes opens of model files read "
+           "before through to node-local file images (FUSE passthrough; read-only mounts, as root); 'libfuse': "
+           "pyfuse3 and libfuse serve every read; 'auto' (default): native where it can be, else libfuse",
+           choices=("auto", "native", "libfuse"), default="auto"),
     Option("--attr-timeout", "kernel attribute cache seconds (default 300 read-only, 1 read-write)", float),
     Option("--entry-timeout", "kernel entry cache seconds (default 300 read-only, 1 read-write)", float),
 )

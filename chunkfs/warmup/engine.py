@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.images import image_id
 from chunkfs.errors import ChunkfsError
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
 from chunkfs.units import format_size
@@ -179,8 +180,11 @@ def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
 
 
 def evict(cache: BlockCache, plan: WarmPlan) -> dict[str, int]:
-    """Drop every block of the plan from the cache (blocking)."""
-    count, size = cache.drop_blocks(list(plan.unique_blocks()))
+    """Drop every block of the plan from the cache, and the files' images for FUSE
+    passthrough (``cache/images.py``) (blocking)."""
+    images = {key for entry in plan.paths for f in entry.files
+              if (key := image_id(f.size, (bid for bid, _ in f.blocks))) is not None}
+    count, size = cache.drop_blocks([*plan.unique_blocks(), *images])
     return {"blocks_removed": count, "bytes_removed": size}
 
 
