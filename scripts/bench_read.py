@@ -815,7 +815,7 @@ class Bench:
         drop_caches()
         sample = self.load(mnt / "model", "ck_cold", daemon=proc.pid)
         sample.rss_mib, per_pid = peak_rss(proc.pid)
-        if "native" in shlex.split(self.args.chunkfs_args):
+        if "libfuse" not in shlex.split(self.args.chunkfs_args):  # the native transport (the default here)
             sample.extra["image_build_s"] = self.wait_for_images(mnt)
         same = None
         if self.wants("ck_warm_same"):
@@ -838,7 +838,7 @@ class Bench:
         return warm, hot
 
     def wait_for_images(self, mnt: Path, timeout: float = 300.0) -> float:
-        """With --fuse-transport native: seconds until the mount has built a file image of
+        """With the native transport: seconds until the mount has built a file image of
         every shard (after the load, once its reads went quiet), so the warm rows that
         follow are passed through; the cache then holds each shard twice."""
         start = time.monotonic()

@@ -118,7 +118,6 @@ class NativeSession:
         self._observe = OpObserver(vfs.metrics)
         self._libc = ctypes.CDLL(None, use_errno=True)
         self.fd = -1
-        self.initialized = False
         self._handlers: dict[int, tuple[str, Handler]] = {
             abi.Opcode.LOOKUP: ("lookup", self._lookup),
             abi.Opcode.GETATTR: ("getattr", self._getattr),
@@ -232,7 +231,6 @@ class NativeSession:
             log.error("the kernel speaks FUSE %d.%d; chunkfs speaks %d", major, minor, abi.KERNEL_MAJOR)
             self._reply(unique, errno.EPROTO, ())
             return
-        self.initialized = True
         self.passthrough = self.images is not None and bool(abi.split_flags(flags, flags2) & abi.PASSTHROUGH)
         if self.images is not None and not self.passthrough:
             log.info("this kernel offers no FUSE passthrough: every read is served by the daemon")
@@ -266,7 +264,7 @@ class NativeSession:
 
     async def _open(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
         flags, _ = abi.OPEN_IN.unpack_from(body)
-        if self.passthrough and node != STATS_INODE and not flags & _WRITE_FLAGS and not self._cached.get(node):
+        if self.passthrough and not flags & _WRITE_FLAGS and not self._cached.get(node) and self._imaged(node):
             passed = await self._open_passed(node)
             if passed is not None:
                 return (passed,)
@@ -296,11 +294,15 @@ class NativeSession:
                 self._cached[ino] = left
             else:
                 self._cached.pop(ino, None)
-                if self.passthrough and ino != STATS_INODE and self._nursery is not None:
+                if self.passthrough and self._imaged(ino) and self._nursery is not None:
                     self._nursery.start_soon(self._build_image, ino)
         return ()
 
     # -- passthrough -------------------------------------------------------------------------
+    def _imaged(self, ino: int) -> bool:
+        """Whether ``ino`` is a file that gets an image: a model file (a ``--prefetch`` name)."""
+        return ino != STATS_INODE and self.vfs.reader.config.wants_prefetch(self.vfs.name_of(ino))
+
     async def _image_of(self, ino: int) -> tuple[bytes, int, BlockList] | None:
         """(image id, size, blocks) of a regular file that can have an image."""
         attr = await self.vfs.getattr(ino)
@@ -365,8 +367,6 @@ class NativeSession:
         blocks are on the node (never raises: a file without an image is only slower)."""
         assert self.images is not None
         try:
-            if not self.vfs.reader.config.wants_prefetch(self.vfs.name_of(ino)):
-                return
             found = await self._image_of(ino)
             if found is None:
                 return
