@@ -128,3 +128,14 @@ def test_warmup_evict_drops_the_image_too(volume: VolumeFixture, model: dict[str
     with mounted(volume, *NATIVE, cache=cache, name="again") as m:
         assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
         assert metric(m.path, "chunkfs_passthrough_opens_total") == 0
+
+
+def test_a_warmup_through_the_mount_makes_the_first_load_pass_through(volume: VolumeFixture,
+                                                                      model: dict[str, bytes]) -> None:
+    with mounted(volume, *NATIVE) as m:
+        chunkfs("warmup", str(m.path / "m"))  # the daemon warms, then builds the model file's image
+        wait_for(lambda: metric(m.path, 'chunkfs_file_images_total{outcome="built"}') == 1)
+        assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
+        assert read_bytes(m.path) == 0  # the first load never reached the daemon
+        assert (m.path / "m/notes.txt").read_bytes() == model["notes.txt"]  # not a model file: served

@@ -124,7 +124,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
                                prefetch_limit=reader.config.prefetch_limit, name_of=vfs.name_of)
     native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers,
                            FileImages(cache, block_size)) if config.fuse_transport == "native" else None
-    control = ControlServer(fetcher, meta, block_size)
+    control = ControlServer(fetcher, meta, block_size, on_warmed=native.build_images if native else None)
     http = None
     if config.metrics_address is not None:
         host, port = config.metrics_address

@@ -12,7 +12,8 @@ Passthrough (when the kernel offers it and ``images`` is given):
 - An open of a regular file whose whole-file image (``cache/images.py``) is in the node
   cache is answered with ``FOPEN_PASSTHROUGH`` and a backing id for that image: the kernel
   then reads (and maps) the image itself, and no READ of that open reaches the daemon.
-- After the last close of a model file (a ``--prefetch`` name) read through the daemon,
+- After a warmup through this mount, and after the last close of a model file (a
+  ``--prefetch`` name) read through the daemon,
   if all its blocks are on the node, its image is built in a worker thread (one at a time,
   once no READ has come for ``BUILD_AFTER_QUIET_S``, so a load in progress goes first), and
   the next open of it, by this daemon or a later one on the node, is passed through.
@@ -361,6 +362,15 @@ class NativeSession:
             self._libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_CLOSE),
                              ctypes.byref(ctypes.c_uint32(backing.backing_id)))
             os.close(backing.fd)
+
+    def build_images(self, files: list[tuple[int, str]]) -> None:
+        """Build the images of these (inode, name) files, model files only, in the background
+        (after a warmup through this mount: the next load of them is then passed through)."""
+        if not self.passthrough or self._nursery is None:
+            return
+        for ino, name in files:
+            if self.vfs.reader.config.wants_prefetch(name):
+                self._nursery.start_soon(self._build_image, ino)
 
     async def _build_image(self, ino: int) -> None:
         """After the last daemon-served close of a model file: build its image if all its

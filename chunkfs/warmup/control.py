@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import time
 from collections.abc import Callable, Generator
@@ -56,10 +57,14 @@ def _line(message: dict[str, Any]) -> bytes:
 
 
 class ControlServer:
-    def __init__(self, fetcher: BlockFetcher, meta: AsyncMeta, block_size: int) -> None:
+    def __init__(self, fetcher: BlockFetcher, meta: AsyncMeta, block_size: int,
+                 on_warmed: Callable[[list[tuple[int, str]]], None] | None = None) -> None:
+        """``on_warmed``: told (inode, name) of every file of a warmup that completed (the
+        native transport then builds their file images for passthrough)."""
         self.fetcher = fetcher
         self.meta = meta
         self.block_size = block_size
+        self.on_warmed = on_warmed
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -133,6 +138,8 @@ class ControlServer:
             raise trio.ClosedResourceError
         log.info("warmup of %s: %d of %d bytes fetched, %s", ", ".join(report.paths), report.bytes_fetched,
                  report.bytes_total, "complete" if report.complete else f"{report.failed_blocks} blocks failed")
+        if report.complete and self.on_warmed is not None:
+            self.on_warmed([(f.ino, posixpath.basename(f.path)) for f in plan.files()])
         return report.as_dict()
 
 
