@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import http.client
 import os
@@ -41,10 +40,9 @@ from urllib.parse import urlsplit
 
 import blake3
 
-from chunkfs.fuse import abi
+from chunkfs.fuse import abi, device
 
 Op = abi.Opcode
-MS_RDONLY, MS_NOSUID, MS_NODEV, MNT_DETACH = 1, 2, 4, 2
 MAX_WRITE = 1 << 20
 RANGE = 8 << 20
 TTL = 300
@@ -134,21 +132,17 @@ class Server:
         files = sorted(p.name for p in source.iterdir() if p.is_file())
         self.names = dict(enumerate(files, start=2))
         self.inodes = {name.encode(): ino for ino, name in self.names.items()}
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = os.open("/dev/fuse", os.O_RDWR)
+        self.fd = -1  # /dev/fuse, once mounted
         self.lock = threading.Lock()
         self.handles: dict[int, tuple[int, int]] = {}  # fh -> (backing file fd, backing id)
         self.next_fh = 1
         self.reads = 0  # READ requests that reached us: 0 when passthrough works
 
     def mount(self) -> None:
-        options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
-        if self.libc.mount(b"probe", str(self.mountpoint).encode(), b"fuse.probe", MS_RDONLY | MS_NOSUID | MS_NODEV,
-                           options.encode()) != 0:
-            raise OSError(ctypes.get_errno(), f"mount {self.mountpoint}: {os.strerror(ctypes.get_errno())}")
+        self.fd = device.mount_device(str(self.mountpoint), "probe", "fuse.probe", read_only=True)
 
     def unmount(self, *_: object) -> None:
-        self.libc.umount2(str(self.mountpoint).encode(), MNT_DETACH)
+        device.detach(str(self.mountpoint))
 
     def reply(self, unique: int, error: int = 0, *parts: bytes) -> None:
         header = abi.out_header(unique, sum(len(p) for p in parts), error)
@@ -242,11 +236,11 @@ class Server:
 
     def open_backing(self, unique: int, path: Path) -> None:
         backing = os.open(path, os.O_RDONLY)
-        request = ctypes.create_string_buffer(abi.BACKING_MAP.pack(backing, 0, 0))
-        backing_id = self.libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_OPEN), request)
-        if backing_id < 0:
+        try:
+            backing_id = device.open_backing(self.fd, backing)
+        except OSError as exc:
             os.close(backing)
-            self.reply(unique, ctypes.get_errno())
+            self.reply(unique, exc.errno or errno.EIO)
             return
         with self.lock:
             fh, self.next_fh = self.next_fh, self.next_fh + 1
@@ -256,10 +250,8 @@ class Server:
     def release(self, fh: int) -> None:
         with self.lock:
             backing, backing_id = self.handles.pop(fh)
-        backing_id_arg = ctypes.byref(ctypes.c_uint32(backing_id))
-        self.libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_CLOSE), backing_id_arg)
+        device.close_backing(self.fd, backing_id)
         os.close(backing)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

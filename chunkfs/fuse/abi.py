@@ -1,9 +1,9 @@
 """The FUSE kernel protocol (``linux/fuse.h``) as ``struct`` layouts: what a process that
 speaks ``/dev/fuse`` itself, without libfuse, reads and writes.
 
-Layer: pure (no I/O). Today only ``scripts/probe_passthrough.py`` speaks the protocol this
-way; mounts go through pyfuse3 and libfuse 3.14, which cannot ask the kernel for FUSE
-passthrough (Linux 6.9+). The layouts are the kernel's, little-endian as on every machine
+Layer: pure (no I/O). The native transport (``native.py``) and the passthrough probe
+(``scripts/probe_passthrough.py``) speak the protocol this way: pyfuse3 and libfuse 3.14
+cannot ask the kernel for FUSE passthrough (Linux 6.9+). The layouts are the kernel's, little-endian as on every machine
 chunkfs runs on, and every one is as long as the kernel's struct (``tests/test_fuse_abi.py``
 compiles the system header to check).
 

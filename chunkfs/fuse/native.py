@@ -5,7 +5,8 @@ Layer: thin, like ``ops.py``. Each kernel request is decoded with ``abi.py``, an
 mount's ``Vfs`` and encoded back; ``outcome.errno_for`` turns failures into errno values as
 the pyfuse3 path does. Why it exists: pyfuse3 drives Debian 12's libfuse 3.14, which cannot
 negotiate FUSE passthrough (Linux 6.9+); speaking the protocol ourselves can.
-``chunkfs mount --read-only --fuse-transport native`` selects it.
+``--fuse-transport native`` selects it, and ``auto`` (the default) for read-only mounts run
+as root. Mounting and the backing-file ioctls are in ``device.py``.
 
 Passthrough (when the kernel offers it and ``images`` is given):
 
@@ -39,7 +40,6 @@ Scope and invariants:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -52,14 +52,13 @@ import trio
 from chunkfs.blocklist import BlockList
 from chunkfs.cache.images import FileImages, image_id
 from chunkfs.errors import ChunkfsError, FsError
-from chunkfs.fuse import abi
+from chunkfs.fuse import abi, device
 from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
 from chunkfs.vfs.vfs import STATS_INODE, Vfs
 
 log = logging.getLogger(__name__)
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MNT_DETACH = 1, 2, 4, 1024, 2
 MAX_WRITE = 1 << 20  # the largest request body the kernel may send (and our read buffer's size)
 REQUEST_BUFFER = MAX_WRITE + (64 << 10)  # a WRITE's 1 MiB plus its headers, with room to spare
 WANTED_FLAGS = abi.ASYNC_READ | abi.MAX_PAGES | abi.INIT_EXT | abi.PARALLEL_DIROPS | abi.AUTO_INVAL_DATA
@@ -77,15 +76,8 @@ class _Backing:
     opens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who sent a request (``fuse_in_header``)."""
-    uid: int
-    gid: int
-    pid: int
-
-
-Handler = Callable[[int, Caller, bytes], Awaitable[Sequence[bytes | bytearray | memoryview]]]
+#: (node id, the caller's uid, the request's arguments) -> the parts of the reply
+Handler = Callable[[int, int, bytes], Awaitable[Sequence[bytes | bytearray | memoryview]]]
 
 
 def _split_seconds(seconds: float) -> tuple[int, int]:
@@ -117,7 +109,6 @@ class NativeSession:
         self.fsname = fsname
         self.workers = max(1, workers)
         self._observe = OpObserver(vfs.metrics)
-        self._libc = ctypes.CDLL(None, use_errno=True)
         self.fd = -1
         self._handlers: dict[int, tuple[str, Handler]] = {
             abi.Opcode.LOOKUP: ("lookup", self._lookup),
@@ -142,21 +133,15 @@ class NativeSession:
         """Open ``/dev/fuse`` and mount it read-only at ``mountpoint`` (root only)."""
         if os.geteuid() != 0:
             raise ChunkfsError("--fuse-transport native mounts with mount(2): run the mount as root")
-        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        data = (f"fd={self.fd},rootmode=40000,user_id={os.geteuid()},group_id={os.getegid()},"
-                "default_permissions,allow_other")
-        flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOATIME
-        if self._libc.mount(self.fsname.encode(), self.mountpoint.encode(), b"fuse.chunkfs", flags,
-                            data.encode()) != 0:
-            code = ctypes.get_errno()
-            os.close(self.fd)
-            self.fd = -1
-            raise ChunkfsError(f"cannot mount {self.mountpoint}: {os.strerror(code)}")
+        try:
+            self.fd = device.mount_device(self.mountpoint, self.fsname, "fuse.chunkfs", read_only=True)
+        except OSError as exc:
+            raise ChunkfsError(f"cannot mount {self.mountpoint}: {os.strerror(exc.errno or 0)}") from None
 
     def unmount(self) -> None:
         """Detach the mount (lazily: open files keep working until closed); the reader then
         sees ENODEV and ``serve`` returns."""
-        self._libc.umount2(self.mountpoint.encode(), MNT_DETACH)
+        device.detach(self.mountpoint)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -184,7 +169,7 @@ class NativeSession:
                     if exc.errno == errno.ENODEV:  # unmounted
                         break
                     raise
-                _, opcode, unique, node, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(buffer)
+                _, opcode, unique, node, uid, *_ = abi.IN_HEADER.unpack_from(buffer)
                 body = bytes(view[abi.IN_HEADER.size:n])
                 if opcode in abi.NO_REPLY:
                     continue
@@ -198,7 +183,7 @@ class NativeSession:
                     self._reply(unique, errno.EROFS if opcode in abi.CHANGES else errno.ENOSYS, ())
                     continue
                 await slots.acquire()
-                nursery.start_soon(self._answer, slots, opcode, unique, node, Caller(uid, gid, pid), body)
+                nursery.start_soon(self._answer, slots, opcode, unique, node, uid, body)
             nursery.cancel_scope.cancel()
 
     def _reply(self, unique: int, error: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -211,13 +196,13 @@ class NativeSession:
             if exc.errno != errno.ENODEV:  # unmounted meanwhile: nobody is waiting
                 log.error("reply to FUSE request %d failed: %s", unique, exc.strerror)
 
-    async def _answer(self, slots: trio.Semaphore, opcode: int, unique: int, node: int, caller: Caller,
+    async def _answer(self, slots: trio.Semaphore, opcode: int, unique: int, node: int, uid: int,
                       body: bytes) -> None:
         start = time.perf_counter()
         name, handler = self._handlers[opcode]
         try:
             try:
-                parts = await handler(node, caller, body)
+                parts = await handler(node, uid, body)
             except Exception as exc:  # every failure becomes an errno, as in ops.py
                 self._reply(unique, errno_for(exc, name), ())
             else:
@@ -252,44 +237,45 @@ class NativeSession:
         (entry_s, entry_ns), (attr_s, attr_ns) = _split_seconds(entry_timeout), _split_seconds(attr_timeout)
         return abi.ENTRY_OUT.pack(attr.ino, 0, entry_s, attr_s, entry_ns, attr_ns) + self._attr(attr)
 
-    async def _lookup(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _lookup(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         return (self._entry(await self.vfs.lookup(node, body.rstrip(b"\0"))),)
 
-    async def _getattr(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _getattr(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         attr = await self.vfs.getattr(node)
         seconds, nanos = _split_seconds(self.vfs.cache_timeout(attr.ino)[1])
         return (abi.ATTR_OUT.pack(seconds, nanos, 0), self._attr(attr))
 
-    async def _readlink(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _readlink(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         return (await self.vfs.readlink(node),)
 
-    async def _open(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _open(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         flags, _ = abi.OPEN_IN.unpack_from(body)
         if self.passthrough and not flags & _WRITE_FLAGS and not self._cached.get(node) and self._imaged(node):
             passed = await self._open_passed(node)
             if passed is not None:
                 return (passed,)
-        fh, keep_cache = await self.vfs.open(node, flags, caller.uid)
+        fh, keep_cache = await self.vfs.open(node, flags, uid)
         self._cached[node] = self._cached.get(node, 0) + 1
         open_flags = abi.FOPEN_KEEP_CACHE if keep_cache else 0
         if self.vfs.is_direct(fh):  # the stats file: never cached
             open_flags = abi.FOPEN_DIRECT_IO
         return (abi.OPEN_OUT.pack(fh, open_flags, 0),)
 
-    async def _read(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes | bytearray | memoryview]:
+    async def _read(self, node: int, uid: int, body: bytes) -> Sequence[bytes | bytearray | memoryview]:
         fh, offset, size, *_ = abi.READ_IN.unpack_from(body)
         if not self.vfs.is_direct(fh):  # (reads of the stats file do not count)
             self._last_read = trio.current_time()
         return (await self.vfs.read(fh, offset, size),)
 
-    async def _release(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _release(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         fh = abi.RELEASE_IN.unpack_from(body)[0]
         if fh >= PASSTHROUGH_FH:
             self._release_passed(fh)
             return ()
-        ino = self.vfs.handles.files[fh].ino if fh in self.vfs.handles.files else None
+        f = self.vfs.handles.files.get(fh)
         await self.vfs.release(fh)
-        if ino is not None:
+        if f is not None:
+            ino = f.ino
             left = self._cached.get(ino, 1) - 1
             if left > 0:
                 self._cached[ino] = left
@@ -343,13 +329,12 @@ class NativeSession:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # evicted since it was found
             return None
-        request = ctypes.create_string_buffer(abi.BACKING_MAP.pack(fd, 0, 0))
-        backing_id = self._libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_OPEN), request)
-        if backing_id < 0:
-            log.warning("the kernel refused a passthrough backing file: %s", os.strerror(ctypes.get_errno()))
+        try:
+            return _Backing(fd, device.open_backing(self.fd, fd))
+        except OSError as exc:
+            log.warning("the kernel refused a passthrough backing file: %s", exc.strerror)
             os.close(fd)
             return None
-        return _Backing(fd, backing_id)
 
     def _release_passed(self, fh: int) -> None:
         ino = self._passed.pop(fh, None)
@@ -359,8 +344,7 @@ class NativeSession:
         backing.opens -= 1
         if backing.opens == 0:
             del self._backings[ino]
-            self._libc.ioctl(self.fd, ctypes.c_ulong(abi.FUSE_DEV_IOC_BACKING_CLOSE),
-                             ctypes.byref(ctypes.c_uint32(backing.backing_id)))
+            device.close_backing(self.fd, backing.backing_id)
             os.close(backing.fd)
 
     def build_images(self, files: list[tuple[int, str]]) -> None:
@@ -373,8 +357,9 @@ class NativeSession:
                 self._nursery.start_soon(self._build_image, ino)
 
     async def _build_image(self, ino: int) -> None:
-        """After the last daemon-served close of a model file: build its image if all its
-        blocks are on the node (never raises: a file without an image is only slower)."""
+        """Build the image of model file ``ino`` (after its last daemon-served close, or a
+        warmup) if all its blocks are on the node (never raises: a file without an image is
+        only slower)."""
         assert self.images is not None
         try:
             found = await self._image_of(ino)
@@ -397,14 +382,14 @@ class NativeSession:
         except Exception as exc:  # a background task: log, never end the daemon
             log.warning("building the image of inode %d failed: %s", ino, exc)
 
-    async def _flush(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _flush(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         await self.vfs.flush(abi.FH_FIRST.unpack_from(body)[0])
         return ()
 
-    async def _opendir(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _opendir(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         return (abi.OPEN_OUT.pack(await self.vfs.opendir(node), 0, 0),)
 
-    async def _readdir(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _readdir(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         fh, offset, size, *_ = abi.READ_IN.unpack_from(body)
         out = bytearray()
         for entry in self.vfs.readdir(fh, offset):
@@ -415,21 +400,21 @@ class NativeSession:
             out += record
         return (bytes(out),)
 
-    async def _releasedir(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _releasedir(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         self.vfs.releasedir(abi.RELEASE_IN.unpack_from(body)[0])
         return ()
 
-    async def _statfs(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _statfs(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         s = await self.vfs.statfs()
         return (abi.KSTATFS.pack(s.blocks, s.free_blocks, s.free_blocks, s.files, s.free_files, s.block_size,
                                  s.name_max, s.block_size, 0),)
 
-    async def _getxattr(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _getxattr(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         size, _ = abi.GETXATTR_IN.unpack_from(body)
         value = await self.vfs.getxattr(node, body[abi.GETXATTR_IN.size:].rstrip(b"\0"))
         return self._sized(value, size)
 
-    async def _listxattr(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _listxattr(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         size, _ = abi.GETXATTR_IN.unpack_from(body)
         return self._sized(b"".join(name + b"\0" for name in await self.vfs.listxattr(node)), size)
 
@@ -443,5 +428,5 @@ class NativeSession:
             raise FsError(errno.ERANGE, "attribute larger than the caller's buffer")
         return (value,)
 
-    async def _nothing(self, node: int, caller: Caller, body: bytes) -> Sequence[bytes]:
+    async def _nothing(self, node: int, uid: int, body: bytes) -> Sequence[bytes]:
         return ()

@@ -9,7 +9,6 @@ Every request is counted and timed (``chunkfs_fuse_ops_total``, ``chunkfs_fuse_s
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -20,7 +19,6 @@ from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
 from chunkfs.vfs.vfs import AttrChange, Vfs
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
