@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,11 +250,23 @@ def test_concurrent_puts_never_overshoot_the_capacity(tmp_path: Path) -> None:
     assert cache.used_bytes <= cache.capacity and on_disk <= cache.capacity
 
 
-def _evict_from_page_cache(path: str) -> None:
+def _evict_from_page_cache(path: str, timeout: float = 10.0) -> None:
+    """Drop the file's pages from the page cache, and make sure they are gone: DONTNEED
+    skips pages still queued on another CPU's LRU batch (seen on 2 busy cores), so ask again
+    until a read that must not wait for the disk (``RWF_NOWAIT``) finds nothing."""
     fd = os.open(path, os.O_RDONLY)
+    probe = bytearray(os.fstat(fd).st_size)
+    deadline = time.monotonic() + timeout
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while True:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            try:
+                os.preadv(fd, [probe], 0, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return
+            assert time.monotonic() < deadline, f"{path} stays in the page cache"
+            time.sleep(0.05)
     finally:
         os.close(fd)
 
