@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chunkfs.blocks import block_id
+from chunkfs.cache.images import image_id
 from chunkfs.fuse.mountinfo import find_mount
 from chunkfs.meta import MetaStore, VolumeFormat, open_meta
 from tests import mount_guard
@@ -213,13 +214,19 @@ def block_files(root: Path) -> list[Path]:
     return [p for d in root.glob("blocks*") for p in d.rglob("*") if p.is_file()]
 
 
-def assert_cache_sound(cache: Path) -> int:
+def assert_cache_sound(cache: Path, block_size: int = BLOCK) -> int:
     """Every entry of a cache directory holds exactly the block its name is the hash of (with
-    the algorithm of its namespace). Returns the number of entries."""
+    the algorithm of its namespace), or is a file image whose id its bytes give (the image id
+    of its ``block_size`` pieces' hashes: ``cache/images.py``). Returns the number of entries."""
     files = block_files(cache)
     for path in files:
         algorithm = "sha256" if path.parent.parent.name == "blocks" else path.parent.parent.name.split("-", 1)[1]
-        assert block_id(path.read_bytes(), algorithm).hex() == path.name, f"{path} does not match its hash"
+        data = path.read_bytes()
+        if block_id(data, algorithm).hex() == path.name:
+            continue
+        pieces = [block_id(data[i: i + block_size], algorithm) for i in range(0, len(data), block_size)]
+        key = image_id(len(data), pieces)
+        assert key is not None and key.hex() == path.name, f"{path} is neither the block nor the image it names"
     return len(files)
 
 

@@ -130,7 +130,10 @@ def test_concurrent_mmap_readers_share_one_download_per_block(model_volume: Volu
 
 
 def test_opening_a_model_file_prefetches_all_of_it(model_volume: VolumeFixture, port: int) -> None:
-    with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--kernel-readahead", "0") as m:
+    # the daemon-served path (libfuse; the native transport passes model files through to
+    # file images instead, see test_passthrough.py, and takes this path when it cannot)
+    with mounted(model_volume, "--metrics", f"127.0.0.1:{port}", "--kernel-readahead", "0",
+                 "--fuse-transport", "libfuse") as m:
         with open(m.path / "m" / "notes.txt", "rb") as f:  # not a model file: no prefetch
             f.read(10)
             time.sleep(0.5)  # a negative check: nothing is prefetched for a while (no event to wait for)

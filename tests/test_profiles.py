@@ -30,6 +30,8 @@ from tests.test_cli import assert_one_line_error
 BLOCK = 64 << 10
 FILE_BLOCKS = 24
 
+DAEMON_SERVED = ("--fuse-transport", "libfuse")
+
 
 # -- the format and the recorder -------------------------------------------------------------
 
@@ -180,18 +182,21 @@ def test_a_recorded_profile_orders_the_next_mounts_prefetch_and_warmup(s3_volume
     vol, proxy = s3_volume
     names = block_names(vol)
     order = loader_order()
-    with mounted(vol, cache=tmp_path / "c0", name="probe") as probe:  # reads too little to stand for a load
+    # the daemon-served path, where profiles apply (the native transport passes the loads of
+    # model files through to file images, filled whole in name order, and records nothing)
+    # the probe reads too little to stand for a load
+    with mounted(vol, *DAEMON_SERVED, cache=tmp_path / "c0", name="probe") as probe:
         run_loader(tmp_path / "probe", order[:6])
     assert "not storing the access profile of m yet: its readers read 6 of the 48 blocks" in probe.log_text()
     assert_one_line_error(chunkfs("profile", "show", vol.meta_url, "/m", check=False))
-    with mounted(vol, "--max-downloads", "2", cache=tmp_path / "c1", name="first"):
+    with mounted(vol, *DAEMON_SERVED, "--max-downloads", "2", cache=tmp_path / "c1", name="first"):
         run_loader(tmp_path / "first", order)
     shown = json.loads(chunkfs("profile", "show", vol.meta_url, "/m", "--json").stdout)
     recorded = [(run["file"], run["first_block"] + k) for run in shown["order"] for k in range(run["blocks"])]
     assert recorded == order, recorded[:10]  # the loader's first reads, in its order
 
     since = len(proxy.config.get_order)
-    with mounted(vol, "--max-downloads", "2", cache=tmp_path / "c2", name="second") as mnt:
+    with mounted(vol, *DAEMON_SERVED, "--max-downloads", "2", cache=tmp_path / "c2", name="second") as mnt:
         open_one_file_and_wait(mnt.path, proxy, since, len(order))
         wait_for(lambda: "prefetching m (access profile)" in mnt.log_text())
     got = gets_in_order(proxy, names, since)
@@ -200,7 +205,8 @@ def test_a_recorded_profile_orders_the_next_mounts_prefetch_and_warmup(s3_volume
     assert len(got) == len(order)
 
     since = len(proxy.config.get_order)  # the same without the profile: file order, far from it
-    with mounted(vol, "--max-downloads", "2", "--access-profile", "off", cache=tmp_path / "c3", name="third") as mnt:
+    with mounted(vol, *DAEMON_SERVED, "--max-downloads", "2", "--access-profile", "off", cache=tmp_path / "c3",
+                 name="third") as mnt:
         open_one_file_and_wait(mnt.path, proxy, since, FILE_BLOCKS)
     got = gets_in_order(proxy, names, since)
     assert got[:FILE_BLOCKS] != order[:FILE_BLOCKS] and displacement(got, order) > FILE_BLOCKS // 2

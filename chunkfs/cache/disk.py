@@ -197,6 +197,31 @@ class NewEntry:
         finally:
             os.close(source)
 
+    def write_at(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset`` (thread-safe: positional). Buffered entries whose
+        parts are written out of order (file images); the owner sets ``size`` once whole."""
+        assert not self._direct
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def copy_at(self, path: str, length: int, offset: int) -> None:
+        """Copy the first ``length`` bytes of the file at ``path`` to ``offset``, in the
+        kernel (thread-safe: positional; buffered entries only). ``OSError`` if the file is
+        shorter."""
+        assert not self._direct
+        source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < length:
+                copied = os.copy_file_range(source, self._fd, length - done, done, offset + done)
+                if not copied:
+                    raise OSError(errno.EIO, f"{path} holds {done} bytes, not {length}")
+                done += copied
+        finally:
+            os.close(source)
+
     def _write_all(self, view: memoryview) -> None:
         while view:
             done = os.write(self._fd, view)

@@ -2,17 +2,24 @@
 
 The kernel can pass an open FUSE file through to one local backing file (Linux 6.9+), and
 then reads it like a local file: no read reaches the daemon. Blocks live in one cache file
-each, so a model file read whole is copied, block by block, into an image: one more entry of
-the same ``BlockCache``, counted in ``--cache-size``, evicted least recently used with the
-blocks, sealed and admitted like them (``open_entry``/``commit``/``admit``).
+each, so a model file gets an image: one more entry of the same ``BlockCache``, counted in
+``--cache-size``, evicted least recently used with the blocks, sealed and admitted like them
+(``open_entry``/``commit``/``admit``). An image is made in one of two ways:
+
+- ``build``: copied from the file's block entries once they are all on the node (after a
+  load served by the daemon, or a warmup);
+- ``open_fill``/``finish_fill``: filled block by block, out of order, by
+  ``read/image_fill.py`` as the blocks are downloaded or copied from their entries (a cold
+  open waits for that, then is passed through).
 
 Invariants:
 
 - An image's id is ``image_id(size, block ids)``: SHA-256 over a domain tag, the size and the
   ids, so it names exactly those bytes. No block id can equal it, short of a preimage of the
   volume's hash (a block's id is the hash of its own content).
-- An image is built only from verified or sealed block entries, each pinned while it is
-  copied, and published (sealed, renamed into place) only once all of them were copied whole.
+- An image is made only from verified or sealed block entries, each pinned while it is
+  copied, and from downloads that verified, and published (sealed, renamed into place)
+  only once every block is in it whole.
 - An image is used only when this process wrote it or its seal is intact (same boot, inode,
   size and mtime). An image cannot be hashed against its id, so one without a valid seal (after
   a reboot, or under ``--verify-cache full``, which trusts no seal) is never used and is
@@ -32,6 +39,7 @@ from collections.abc import Iterable
 from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length
 from chunkfs.cache.block_cache import BlockCache
+from chunkfs.cache.disk import NewEntry
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +102,26 @@ class FileImages:
         if entry.size != size:
             self.cache.abandon(entry, None)
             return False
+        return self._publish(entry, blocks)
+
+    def _publish(self, entry: NewEntry, blocks: BlockList) -> bool:
         if not self.cache.commit(entry):
             return False
         # opens now read the image: its blocks are the first to go when room is needed (a
         # daemon-served open or a peer may still want them until then)
-        self.cache.demote(list(blocks))
+        self.cache.demote([bid for bid in blocks if bid != HOLE])
         return True
+
+    def open_fill(self, key: bytes, size: int) -> NewEntry | None:
+        """A new image ``key`` of ``size`` bytes to be filled out of order
+        (``NewEntry.write_at``/``copy_at``), or None if there is no room. Blocking."""
+        return self.cache.open_entry(key, size)
+
+    def finish_fill(self, entry: NewEntry, size: int, blocks: BlockList) -> bool:
+        """Publish a filled image: the caller has put every block in it, verified. Blocking."""
+        entry.size = size
+        return self._publish(entry, blocks)
+
+    def abandon_fill(self, entry: NewEntry) -> None:
+        self.cache.abandon(entry, None)
 

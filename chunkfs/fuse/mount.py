@@ -122,8 +122,10 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
         vfs = Vfs(meta, reader, block_size, config.options, metrics, writer, session)
     vfs.profiles = ProfileBook(meta, reader, block_size, config.access_profile,
                                prefetch_limit=reader.config.prefetch_limit, name_of=vfs.name_of)
+    # recording access profiles needs the loader's reads: no open waits for an image then
     native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers,
-                           FileImages(cache, block_size)) if config.fuse_transport == "native" else None
+                           FileImages(cache, block_size), fill_on_open=config.access_profile != "record",
+                           ) if config.fuse_transport == "native" else None
     control = ControlServer(fetcher, meta, block_size, on_warmed=native.build_images if native else None)
     http = None
     if config.metrics_address is not None:

@@ -13,11 +13,22 @@ Passthrough (when the kernel offers it and ``images`` is given):
 - An open of a regular file whose whole-file image (``cache/images.py``) is in the node
   cache is answered with ``FOPEN_PASSTHROUGH`` and a backing id for that image: the kernel
   then reads (and maps) the image itself, and no READ of that open reaches the daemon.
-- After a warmup through this mount, and after the last close of a model file (a
-  ``--prefetch`` name) read through the daemon,
-  if all its blocks are on the node, its image is built in a worker thread (one at a time,
-  once no READ has come for ``BUILD_AFTER_QUIET_S``, so a load in progress goes first), and
-  the next open of it, by this daemon or a later one on the node, is passed through.
+- An open of a model file (a ``--prefetch`` name) that has no image yet waits while its
+  image is filled (``read/image_fill.py``: each block downloaded into the image, or copied
+  there from its entry on the node), then is passed through. The first such open in a
+  directory also queues the directory's other model files of the same kind (name suffix),
+  in name order from the one opened, as far as half the cache holds: they are filled one at
+  a time behind it, at prefetch priority, so the next shard a loader opens is ready or on
+  its way. A file whose image cannot be filled (no room, a block unavailable) is served by
+  the daemon as before. Not while the mount records access profiles (``--access-profile
+  record``, ``chunkfs profile record``): those need the loader's reads to reach the daemon.
+  Loads passed through are not recorded (``auto`` records a directory's profile only from a
+  load the daemon served).
+- After a warmup through this mount, and after the last close of a model file read through
+  the daemon, if all its blocks are on the node, its image is built in a worker thread (one
+  at a time, once no READ has come for ``BUILD_AFTER_QUIET_S``, so a load in progress goes
+  first), and the next open of it, by this daemon or a later one on the node, is passed
+  through.
 - The kernel refuses to mix cached and passed-through opens of one inode, so an inode with
   open handles of one kind gets the same kind for new opens; passed-through opens of an
   inode share one backing id, closed with the last of them.
@@ -55,6 +66,8 @@ from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.fuse import abi, device
 from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
+from chunkfs.read.image_fill import fill_image
+from chunkfs.read.slots import Priority
 from chunkfs.vfs.vfs import STATS_INODE, Vfs
 
 log = logging.getLogger(__name__)
@@ -66,6 +79,14 @@ _NANO = 1_000_000_000
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 BUILD_AFTER_QUIET_S = 2.0  # an image is built once no READ has come for this long
 PASSTHROUGH_FH = 1 << 62  # handles of passed-through opens count up from here (the Vfs's stay below)
+SIBLINGS_QUEUED = 1024  # model files waiting to be filled behind the ones opened
+
+
+@dataclass(slots=True)
+class _Fill:
+    """An image being filled; opens of its file wait for ``done``."""
+    done: trio.Event
+    filled: bool = False
 
 
 @dataclass(slots=True)
@@ -93,15 +114,19 @@ class NativeSession:
     """A read-only ``Vfs`` mounted at ``mountpoint`` and served on ``/dev/fuse``."""
 
     def __init__(self, vfs: Vfs, mountpoint: str, fsname: str, workers: int,
-                 images: FileImages | None = None) -> None:
+                 images: FileImages | None = None, *, fill_on_open: bool = True) -> None:
         self.vfs = vfs
         self.images = images  # None: no passthrough
+        self.fill_on_open = fill_on_open  # off: only images made after daemon-served loads are used
         self.passthrough = False  # the kernel agreed to it (INIT)
         self._backings: dict[int, _Backing] = {}  # inode -> its image's backing
         self._passed: dict[int, int] = {}  # handle of a passed-through open -> inode
         self._next_passed = PASSTHROUGH_FH
         self._cached: dict[int, int] = {}  # inode -> opens answered by the Vfs
         self._building: set[bytes] = set()  # images being built
+        self._fills: dict[bytes, _Fill] = {}  # images being filled (for opens waiting)
+        self._queued: set[int] = set()  # model files queued or filled as siblings of one opened
+        self._siblings_send, self._siblings_receive = trio.open_memory_channel[int](SIBLINGS_QUEUED)
         self._builds = trio.Semaphore(1)
         self._last_read = 0.0  # trio time of the latest READ: builds wait for a quiet spell
         self._nursery: trio.Nursery | None = None
@@ -157,6 +182,8 @@ class NativeSession:
         slots = trio.Semaphore(self.workers)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.images is not None:
+                nursery.start_soon(self._fill_siblings)
             while True:
                 try:
                     n = os.readv(self.fd, [buffer])
@@ -252,6 +279,9 @@ class NativeSession:
         flags, _ = abi.OPEN_IN.unpack_from(body)
         if self.passthrough and not flags & _WRITE_FLAGS and not self._cached.get(node) and self._imaged(node):
             passed = await self._open_passed(node)
+            if (passed is None and self.fill_on_open and not self._cached.get(node)
+                    and await self._fill(node, Priority.DEMAND)):
+                passed = await self._open_passed(node)
             if passed is not None:
                 return (passed,)
         fh, keep_cache = await self.vfs.open(node, flags, uid)
@@ -346,6 +376,84 @@ class NativeSession:
             del self._backings[ino]
             device.close_backing(self.fd, backing.backing_id)
             os.close(backing.fd)
+
+    async def _fill(self, ino: int, priority: Priority, *, siblings: bool = True) -> bool:
+        """Fill the image of model file ``ino`` (or wait for the fill already running);
+        whether it is now on the node. Queues its siblings (see the module docstring)."""
+        assert self.images is not None and self._nursery is not None
+        found = await self._image_of(ino)
+        if found is None:
+            return False
+        key, size, blocks = found
+        fill = self._fills.get(key)
+        if fill is None:
+            if await trio.to_thread.run_sync(self.images.find, key, size) is not None:
+                return True
+            fill = self._fills.get(key)  # another open may have started it meanwhile
+        if fill is None:
+            fill = self._fills[key] = _Fill(trio.Event())
+            self._nursery.start_soon(self._run_fill, fill, key, size, blocks, priority)
+            if siblings:
+                self._queued.add(ino)
+                await self._queue_siblings(ino)
+        await fill.done.wait()
+        return fill.filled
+
+    async def _run_fill(self, fill: _Fill, key: bytes, size: int, blocks: BlockList, priority: Priority) -> None:
+        assert self.images is not None
+        fetcher = self.vfs.reader.fetcher
+        try:
+            fill.filled = await fill_image(fetcher, self.images, key, size, blocks, priority,
+                                           parallel=2 * fetcher.slots.total)
+        except Exception as exc:  # a background task: log, never end the daemon
+            log.warning("filling an image of %d bytes failed: %s", size, exc)
+        finally:
+            self.vfs.metrics.file_images.labels("filled" if fill.filled else "failed").inc()
+            del self._fills[key]
+            fill.done.set()
+
+    async def _queue_siblings(self, ino: int) -> None:
+        """Queue the model files beside ``ino`` of its kind, in name order from it, as far as
+        half the cache holds (never raises: they only load slower if not queued)."""
+        assert self.images is not None
+        parent = self.vfs.parent_of(ino)
+        if parent is None:
+            return
+        try:
+            listing = await self.vfs.meta.readdir(parent)
+        except Exception as exc:
+            log.info("not filling the files beside %s: %s", self.vfs.name_of(ino), exc)
+            return
+        name = self.vfs.name_of(ino)
+        suffix = os.path.splitext(name)[1]
+        wants = self.vfs.reader.config.wants_prefetch
+        kin = sorted((n, attr) for n, attr in listing if attr.is_reg and attr.size
+                     and os.path.splitext(n.decode(errors="replace"))[1] == suffix
+                     and wants(n.decode(errors="replace")))
+        after = [i for i, (n, _) in enumerate(kin) if n.decode(errors="replace") > name]
+        start = after[0] if after else len(kin)
+        room = self.images.cache.capacity // 2 - (await self.vfs.getattr(ino)).size
+        for _, attr in kin[start:] + kin[:start]:
+            if attr.ino in self._queued or attr.ino == ino:
+                continue
+            room -= attr.size
+            if room < 0:
+                break
+            self._queued.add(attr.ino)
+            try:
+                self._siblings_send.send_nowait(attr.ino)
+            except trio.WouldBlock:
+                self._queued.discard(attr.ino)
+                break
+
+    async def _fill_siblings(self) -> None:
+        """Fill the queued siblings one at a time (never raises)."""
+        async for ino in self._siblings_receive:
+            try:
+                if not self._cached.get(ino) and ino not in self._backings:
+                    await self._fill(ino, Priority.PREFETCH, siblings=False)
+            except Exception as exc:
+                log.info("not filling the image of %s: %s", self.vfs.name_of(ino), exc)
 
     def build_images(self, files: list[tuple[int, str]]) -> None:
         """Build the images of these (inode, name) files, model files only, in the background

@@ -21,10 +21,13 @@ Invariants:
 - Peers first: with a ``PeerSource``, the block is asked of the peer that owns it, into the
   same sink and through the same check; only if no peer delivers it is the store asked.
 - Destinations: the block's new cache entry (written around the page cache with ``around``),
-  and the ``block`` buffer when one is lent (readers copy from there, and the entry is
-  written from it, aligned). A cache that declines the block or fails mid-write does not
-  fail the download: the bytes are then in ``block``, or read again into memory
-  (``Downloaded.data``), and ``declined`` says so.
+  the ``block`` buffer when one is lent (readers copy from there, and the entry is
+  written from it, aligned), and an ``ImagePart`` when one is given: the block's place in a
+  file image being filled (``cache/images.py``), written through the page cache, piece by
+  piece as the bytes arrive (an image is published only once every part of it verified).
+  A cache that declines the block or fails mid-write does not fail the download: the bytes
+  are then in ``block`` or the image, or read again into memory (``Downloaded.data``), and
+  ``declined`` says so.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ PIECE = 1 << 20
 GetInto = Callable[[str, Sink, memoryview], int]
 
 
+class ImagePart(NamedTuple):
+    """Where a block goes in a file image being filled: ``offset`` of ``entry``."""
+
+    entry: NewEntry
+    offset: int
+
+
 class PeerSource(Protocol):
     """Other nodes that may hold a block (``chunkfs.peer.client.PeerClient``)."""
 
@@ -66,6 +76,7 @@ class Downloaded(NamedTuple):
     declined: bool = False  # the cache did not store it (the bytes are in ``block`` or ``data``)
     planted: bool = False  # not downloaded: another process's entry was admitted (``data``: hashed)
     from_peer: bool = False  # downloaded from a peer, not the store
+    imaged: bool = False  # written whole to the ``ImagePart`` given
 
 
 class BlockSink:
@@ -76,16 +87,19 @@ class BlockSink:
     a block buffer the bytes before it are gone, so the block must be read again."""
 
     __slots__ = ("bid", "block", "codec", "decoder", "disk_error", "entry", "filled", "finished", "flushed",
-                 "from_peer", "length", "memory")
+                 "from_peer", "image", "image_error", "length", "memory", "plain")
 
     def __init__(self, codec: BlockCodec, bid: bytes, length: int, entry: NewEntry | None,
-                 block: memoryview | None = None) -> None:
+                 block: memoryview | None = None, image: ImagePart | None = None) -> None:
         self.codec = codec
         self.bid = bid
         self.length = length
         self.entry = entry
         self.block = block
         self.filled = self.flushed = 0  # bytes in ``block``; of those, bytes written to ``entry``
+        self.image = image
+        self.image_error: str | None = None
+        self.plain = 0  # plain bytes received so far (where the next goes in the image)
         self.memory: bytearray | None = None if entry is not None or block is not None else bytearray()
         self.decoder = codec.decoder(bid, length)
         self.disk_error: str | None = None
@@ -95,7 +109,7 @@ class BlockSink:
     def restart(self) -> None:
         self.finished = False
         self.decoder = self.codec.decoder(self.bid, self.length)
-        self.filled = self.flushed = 0
+        self.filled = self.flushed = self.plain = 0
         if self.memory is not None:
             self.memory = bytearray()
         if self.entry is not None and self.disk_error is None and self.entry.size:
@@ -118,6 +132,12 @@ class BlockSink:
         plain = self.decoder.feed(piece)
         if not plain:
             return
+        if self.image is not None and self.image_error is None:
+            try:
+                self.image.entry.write_at(plain, self.image.offset + self.plain)
+            except OSError as exc:
+                self.image_error = exc.strerror or str(exc)
+        self.plain += len(plain)
         if self.block is not None:
             end = self.filled + len(plain)
             into = self.block[self.filled : end]
@@ -156,6 +176,11 @@ class BlockSink:
     def spilled(self) -> bool:
         return self.disk_error is not None
 
+    @property
+    def imaged(self) -> bool:
+        """The whole verified block is in the image part given."""
+        return self.image is not None and self.image_error is None and self.finished
+
 
 def _same_memory(piece: bytes | memoryview, into: memoryview) -> bool:
     """``piece`` already is the memory of ``into`` (same start, same length), not a copy."""
@@ -177,10 +202,12 @@ class BlockDownload:
 
     def download(self, bid: bytes, length: int, piece: memoryview, *, block: mmap.mmap | None = None,
                  around: bool = False, claim: bool = True, into_memory: bool = False,
-                 page_in: bool = True) -> Downloaded:
+                 page_in: bool = True, image: ImagePart | None = None) -> Downloaded:
         """One attempt: see the module docstring. ``into_memory``: the cache is not used at
         all (it failed a reader just now). ``page_in``: a planted entry admitted by its seal
-        is paged in (its reader comes soon). Raises ``Busy``, or the store's error."""
+        is paged in (its reader comes soon). ``image``: also write the block there (not
+        when a planted entry is found instead: the caller copies that). Raises ``Busy``, or
+        the store's error."""
         if into_memory:
             sink = self._fetch(bid, length, piece, None)
             return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
@@ -194,24 +221,24 @@ class BlockDownload:
                     return Downloaded(data, planted=True)
             entry = self.cache.open_entry(bid, length, direct=around)
             if entry is not None:
-                sink = self._fetch(bid, length, piece, entry, block)
+                sink = self._fetch(bid, length, piece, entry, block, image)
                 if not sink.spilled and self.cache.commit(entry):
-                    return Downloaded(from_peer=sink.from_peer)
+                    return Downloaded(from_peer=sink.from_peer, imaged=sink.imaged)
                 if sink.spilled:
                     self.cache.abandon(entry, sink.disk_error)
-                if block is not None:  # verified, and whole in memory: no need to fetch it again
-                    return Downloaded(declined=True, from_peer=sink.from_peer)
-            sink = self._fetch(bid, length, piece, None, block)
-            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
+                if block is not None or sink.imaged:  # verified, and whole in memory or the image
+                    return Downloaded(declined=True, from_peer=sink.from_peer, imaged=sink.imaged)
+            sink = self._fetch(bid, length, piece, None, block, image)
+            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer, imaged=sink.imaged)
         finally:
             self.cache.release_claim(bid, token)
 
     def _fetch(self, bid: bytes, length: int, piece: memoryview, entry: NewEntry | None,
-               block: mmap.mmap | None = None) -> BlockSink:
-        """Stream the block's object into ``entry`` and ``block`` (or memory) and verify it;
-        the entry is abandoned if that fails."""
+               block: mmap.mmap | None = None, image: ImagePart | None = None) -> BlockSink:
+        """Stream the block's object into ``entry``, ``block`` (or memory) and ``image``, and
+        verify it; the entry is abandoned if that fails."""
         with memoryview(block) if block is not None else contextlib.nullcontext() as view:
-            sink = BlockSink(self.codec, bid, length, entry, view)
+            sink = BlockSink(self.codec, bid, length, entry, view, image)
             try:
                 if self.peers is not None and self.peers.fetch(bid, length, sink, piece):
                     sink.from_peer = True

@@ -25,7 +25,10 @@ bytes follows from why it is wanted (``Want``), decided in one place (``_placeme
   free block buffer, else straight to the entry around the page cache; an entry found on the
   node is read whole into a block buffer (``NEAR``), or only admitted (``FAR``) and read in
   when its reader comes near (``bring_near``, paced by ``FileReader``);
-- ``WARM``, nobody here reads it (warmup): straight to the entry, around the page cache.
+- ``WARM``, nobody here reads it (warmup): straight to the entry, around the page cache;
+- ``IMAGE``, it goes into a file image being filled (``fill_image_part``): straight to the
+  entry, around the page cache, and through the page cache into the image, where the
+  kernel reads it for a passed-through open.
 
 The page cache costs a copy into pages the kernel must allocate; block buffers are reused.
 
@@ -62,7 +65,7 @@ from chunkfs.cache.disk import aligned_buffer
 from chunkfs.metrics import Metrics
 from chunkfs.read import download
 from chunkfs.read.buffers import BlockBuffers
-from chunkfs.read.download import BlockDownload, Busy, Downloaded, PeerSource, check_entry
+from chunkfs.read.download import BlockDownload, Busy, Downloaded, ImagePart, PeerSource, check_entry
 from chunkfs.read.flight import Flight, FlightFailed, SingleFlight
 from chunkfs.read.slots import Priority, PrioritySlots, Ticket
 from chunkfs.store.aio import AsyncStore
@@ -89,6 +92,7 @@ class Want(enum.Enum):
     NEAR = "near"  # fetched ahead, its reader is close
     FAR = "far"  # fetched ahead, its reader is far yet
     WARM = "warm"  # warmup: nobody here reads it
+    IMAGE = "image"  # into a file image being filled
     MEMORY = "memory"  # the cache just failed a reader: into memory, whatever the cache holds
 
 
@@ -121,6 +125,7 @@ class _Load(NamedTuple):
     admitted: bool = False  # found on the node and admitted by its seal (not hashed)
     declined: bool = False  # the cache did not store it
     from_peer: bool = False  # downloaded from a peer
+    image: ImagePart | None = None  # the image part this load wrote the block to
 
 
 class BlockFetcher:
@@ -259,6 +264,40 @@ class BlockFetcher:
             return Source.NODE
         return Source.PEER if load.from_peer else Source.STORE
 
+    async def fill_image_part(self, bid: bytes, length: int, part: ImagePart, priority: Priority) -> None:
+        """Put block ``bid``'s verified bytes at ``part`` of a file image being filled: from
+        memory, copied from its entry on the node (in the kernel), or written there by its
+        download. ``BlockUnavailable`` if it cannot be had, ``OSError`` if the image cannot
+        be written."""
+        for _ in range(3):
+            if await self._copy_local_to_image(bid, length, part):
+                return
+            load = await self._load(bid, length, priority, Want.IMAGE, part)
+            if load.image == part:
+                return
+            if load.data is not None:
+                await trio.to_thread.run_sync(part.entry.write_at, load.data, part.offset, limiter=self._disk)
+                return
+        raise BlockUnavailable(f"block {bid.hex()}: its cache entry keeps vanishing")
+
+    async def _copy_local_to_image(self, bid: bytes, length: int, part: ImagePart) -> bool:
+        if bid in self.memory:
+            data = bytearray(length)
+            if self.memory.copy_into(bid, 0, memoryview(data)):
+                await trio.to_thread.run_sync(part.entry.write_at, data, part.offset, limiter=self._disk)
+                return True
+        if not self.cache.is_verified(bid):
+            return False
+        self.cache.pin(bid)
+        try:
+            path = self.cache.dir_for(bid).path(bid)
+            await trio.to_thread.run_sync(part.entry.copy_at, path, length, part.offset, limiter=self._disk)
+        except FileNotFoundError:  # evicted meanwhile (pinned entries are not, but another process may)
+            return False
+        finally:
+            self.cache.unpin(bid)
+        return True
+
     def load_for_peer(self, bid: bytes, length: int) -> bool:
         """Blocking, from a peer server thread: put a block this node owns in the cache for a
         peer that asked (from the store: the caller sets ``ORIGIN_ONLY``); whether it is there.
@@ -295,7 +334,8 @@ class BlockFetcher:
         return True
 
     # -- step 3: one load per block ----------------------------------------------------------
-    async def _load(self, bid: bytes, length: int, priority: Priority, want: Want) -> _Load:
+    async def _load(self, bid: bytes, length: int, priority: Priority, want: Want,
+                    image: ImagePart | None = None) -> _Load:
         def join(flight: Flight[_Load]) -> None:
             if isinstance(flight.note, Ticket):
                 PrioritySlots.raise_priority(flight.note, priority)
@@ -306,7 +346,7 @@ class BlockFetcher:
                                                             self._placement(want).page_in, limiter=self._disk)
                 if found:
                     return _Load(data, downloaded=False, admitted=data is None)
-            return await self._download(bid, length, priority, want, flight)
+            return await self._download(bid, length, priority, want, flight, image)
 
         try:
             load_result, _shared = await self._flights.run(bid, load, join)
@@ -323,10 +363,10 @@ class BlockFetcher:
         if want is Want.FAR:  # a free block buffer still takes it (measured: sending it straight to
             # the entry to keep buffers for nearer blocks was slower and no cheaper, A/B in issue 22)
             return _Placement(buffer=True, around=buffers, page_in=False)
-        return _Placement(buffer=False, around=True, page_in=False)  # WARM (MEMORY: no cache at all)
+        return _Placement(buffer=False, around=True, page_in=False)  # WARM, IMAGE (MEMORY: no cache at all)
 
     async def _download(self, bid: bytes, length: int, priority: Priority, want: Want,
-                        flight: Flight[_Load]) -> _Load:
+                        flight: Flight[_Load], image: ImagePart | None = None) -> _Load:
         """Download the block in a download slot (or admit the entry another process just
         planted). While another process holds the block's download lock, try again every
         ``BUSY_RETRY`` seconds, holding a slot only for each try, up to
@@ -344,7 +384,8 @@ class BlockFetcher:
             try:
                 attempt = functools.partial(self._downloader.download, bid, length, piece, block=block,
                                             around=place.around or block is not None, claim=claim,
-                                            into_memory=want is Want.MEMORY, page_in=place.page_in)
+                                            into_memory=want is Want.MEMORY, page_in=place.page_in,
+                                            image=image)
                 got: Downloaded = await trio.to_thread.run_sync(attempt, limiter=self.store.limiter)
             except Busy:
                 if trio.current_time() > give_up:
@@ -367,7 +408,8 @@ class BlockFetcher:
                     block = None
                 elif got.data is not None:
                     self.memory.keep(bid, got.data)
-                return _Load(got.data, downloaded=True, declined=got.declined, from_peer=got.from_peer)
+                return _Load(got.data, downloaded=True, declined=got.declined, from_peer=got.from_peer,
+                             image=image if got.imaged else None)
             finally:
                 self._pieces.append(piece)
                 if block is not None:

@@ -192,6 +192,10 @@ class Vfs:
     def name_of(self, ino: int) -> str:
         return self._names.get(ino, b"?").decode(errors="replace")
 
+    def parent_of(self, ino: int) -> int | None:
+        """The directory a lookup or listing last showed ``ino`` in (None: never seen)."""
+        return self._parents.get(ino)
+
     # -- namespace reads ---------------------------------------------------------------------
     async def lookup(self, parent: int, name: bytes) -> Attr:
         if len(name) > NAME_MAX:

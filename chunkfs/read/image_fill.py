@@ -1,0 +1,69 @@
+"""Filling a file image: a model file's blocks written into one node-cache file, for a cold
+open to be passed through (``fuse/native.py``).
+
+Layer: ``read/``. It sees the blocks through ``BlockFetcher.fill_image_part`` (memory, the
+node cache, or one single-flight download that writes the image on the way) and the image
+through ``FileImages`` (``cache/images.py``).
+
+Invariants:
+
+- The image is published only if every block of the file was put in it, verified; on any
+  failure (a block unavailable, the disk refusing) nothing is left behind and the caller
+  serves the file through the daemon instead.
+- At most ``parallel`` of the file's blocks are asked for at once; the downloads among them
+  share the fetcher's slots (``priority``: an open waiting goes ahead of fills of files
+  nobody has opened yet).
+- Memory: a fill holds no block buffer; bytes pass through the fetcher's piece buffers into
+  the page cache of the image file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from chunkfs.blocklist import HOLE, BlockList
+from chunkfs.blocks import block_length
+from chunkfs.cache.images import FileImages
+from chunkfs.read.download import ImagePart
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.slots import Priority
+
+log = logging.getLogger(__name__)
+
+
+async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size: int, blocks: BlockList,
+                     priority: Priority, parallel: int) -> bool:
+    """Fill and publish image ``key`` of a file of ``size`` bytes made of ``blocks`` (no holes);
+    whether it is now in the node cache."""
+    if HOLE in blocks:
+        return False
+    entry = await trio.to_thread.run_sync(images.open_fill, key, size)
+    if entry is None:
+        return False
+    failure: list[str] = []
+    limiter = trio.CapacityLimiter(max(1, parallel))
+
+    async def put(index: int, bid: bytes, cancel: trio.CancelScope) -> None:
+        async with limiter:
+            try:
+                await fetcher.fill_image_part(bid, block_length(index, size, images.block_size),
+                                              ImagePart(entry, index * images.block_size), priority)
+            except (BlockUnavailable, OSError) as exc:
+                failure.append(str(exc))
+                cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, bid in enumerate(blocks):
+                nursery.start_soon(put, index, bid, nursery.cancel_scope)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(images.abandon_fill, entry)
+        raise
+    if failure:
+        log.info("no image of a %d-byte file: %s", size, failure[0])
+        await trio.to_thread.run_sync(images.abandon_fill, entry)
+        return False
+    return await trio.to_thread.run_sync(images.finish_fill, entry, size, blocks)  # (abandons it if it fails)
