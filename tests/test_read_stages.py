@@ -16,10 +16,13 @@ from chunkfs.blocklist import BlockList
 from chunkfs.blocks import BlockCodec, block_id, object_key
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import aligned_buffer
+from chunkfs.cache.images import FileImages, image_id
 from chunkfs.read.download import PIECE, BlockDownload, Busy
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.read.flight import Flight, FlightFailed, SingleFlight
+from chunkfs.read.image_fill import fill_image
 from chunkfs.read.reader import FileReader, ReadConfig
+from chunkfs.read.slots import Priority
 from chunkfs.store.aio import AsyncStore
 from chunkfs.store.base import BodyRejected, Sink
 from chunkfs.store.file import FileStore
@@ -299,3 +302,82 @@ def test_a_declined_block_stops_only_its_own_files_prefetch(tmp_path: Path) -> N
 
     trio.run(main)
     assert fetcher.downloads == len(files["kept.bin"]) + 1  # the declined file: its first block only
+
+
+# -- filling a file image ----------------------------------------------------------------------
+
+
+def _image_volume(tmp_path: Path, blocks: int, block: int = 64 << 10,  # type: ignore[no-untyped-def]
+                  codec: str = "lz4"):
+    """A file store holding a file of ``blocks`` blocks (the last one short, the second
+    repeated as the fourth: one block twice in one file), a fetcher over it, and the file."""
+    store = FileStore(tmp_path / "store", create=True)
+    blockcodec = BlockCodec(codec)
+    pieces = [os.urandom(block) for _ in range(blocks - 1)] + [os.urandom(block // 3)]
+    if blocks > 3:
+        pieces[3] = pieces[1]
+    ids = []
+    for data in pieces:
+        bid = block_id(data)
+        store.put(object_key(bid), blockcodec.encode(data))
+        ids.append(bid)
+    cache = BlockCache([tmp_path / "cache"], capacity=1 << 30, free_ratio=0)
+    fetcher = BlockFetcher(AsyncStore(store, 4), blockcodec, cache, downloads=3, block_buffers=2)
+    return store, fetcher, cache, BlockList.dense(ids), b"".join(pieces)
+
+
+def _fill(fetcher: BlockFetcher, images: FileImages, blocks: BlockList, size: int) -> tuple[bool, bytes]:
+    """Fill the file's image; (whether it was published, its id)."""
+    key = image_id(size, blocks)
+    assert key is not None
+
+    async def main() -> bool:
+        return await fill_image(fetcher, images, key, size, blocks, Priority.DEMAND, parallel=4)
+
+    return trio.run(main), key
+
+
+def test_a_file_image_is_filled_from_downloads_verified(tmp_path: Path) -> None:
+    _store, fetcher, cache, blocks, data = _image_volume(tmp_path, 6)
+    images = FileImages(cache, 64 << 10)
+    filled, key = _fill(fetcher, images, blocks, len(data))
+    assert filled
+    path = images.find(key, len(data))
+    assert path is not None and Path(path).read_bytes() == data
+    assert fetcher.downloads == 5  # one block is in the file twice: downloaded once
+    assert all(cache.is_verified(bid) for bid in blocks)  # the blocks are node-cache entries too
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_a_file_image_is_filled_from_entries_and_memory_without_downloads(tmp_path: Path) -> None:
+    _store, fetcher, cache, blocks, data = _image_volume(tmp_path, 6, codec="none")
+    images = FileImages(cache, 64 << 10)
+
+    async def warm() -> None:  # blocks into the cache, the first ones also held in block buffers
+        for index, bid in enumerate(blocks):
+            length = len(data) - index * (64 << 10) if index == len(blocks) - 1 else 64 << 10
+            await fetcher.read(bid, length, 0, 1)
+
+    trio.run(warm)
+    held = [fetcher.memory.in_buffer(bid) for bid in blocks]
+    assert any(held) and not all(held)  # both ways are taken
+    downloads = fetcher.downloads
+    filled, key = _fill(fetcher, images, blocks, len(data))
+    assert filled and fetcher.downloads == downloads
+    path = images.find(key, len(data))
+    assert path is not None and Path(path).read_bytes() == data
+
+
+def test_a_damaged_block_leaves_no_image_behind(tmp_path: Path) -> None:
+    store, fetcher, cache, blocks, data = _image_volume(tmp_path, 5)
+    target = store.root / object_key(blocks[2])  # one stored block damaged on every try
+    body = bytearray(target.read_bytes())
+    body[-1] ^= 0xFF
+    target.write_bytes(bytes(body))
+    images = FileImages(cache, 64 << 10)
+    filled, key = _fill(fetcher, images, blocks, len(data))
+    assert not filled
+    assert images.find(key, len(data)) is None
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert cache._reserved == 0  # the image's room was given back
+    assert cache.used_bytes == sum(cache.entry_size(bid) or 0 for bid in set(blocks) if cache.is_verified(bid))

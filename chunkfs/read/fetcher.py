@@ -281,11 +281,11 @@ class BlockFetcher:
         raise BlockUnavailable(f"block {bid.hex()}: its cache entry keeps vanishing")
 
     async def _copy_local_to_image(self, bid: bytes, length: int, part: ImagePart) -> bool:
-        if bid in self.memory:
-            data = bytearray(length)
-            if self.memory.copy_into(bid, 0, memoryview(data)):
-                await trio.to_thread.run_sync(part.entry.write_at, data, part.offset, limiter=self._disk)
-                return True
+        view = self.memory.view(bid, 0, length)
+        if view is not None:  # written here, before any await (the buffer may be reused after)
+            with view:
+                part.entry.write_at(view, part.offset)  # into the page cache: a few ms per block at most
+            return True
         if not self.cache.is_verified(bid):
             return False
         self.cache.pin(bid)
