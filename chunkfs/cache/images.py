@@ -115,7 +115,15 @@ class FileImages:
     def open_fill(self, key: bytes, size: int) -> NewEntry | None:
         """A new image ``key`` of ``size`` bytes to be filled out of order
         (``NewEntry.write_at``/``copy_at``), or None if there is no room. Blocking."""
-        return self.cache.open_entry(key, size)
+        entry = self.cache.open_entry(key, size)
+        if entry is None:
+            return None
+        try:
+            entry.allocate(size)
+        except OSError as exc:
+            self.cache.abandon(entry, exc.strerror or str(exc))
+            return None
+        return entry
 
     def finish_fill(self, entry: NewEntry, size: int, blocks: BlockList) -> bool:
         """Publish a filled image: the caller has put every block in it, verified. Blocking."""
