@@ -13,11 +13,15 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, wait_for
+from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, proxied_s3_volume, wait_for
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(os.geteuid() != 0, reason="the native transport mounts with mount(2): root only")]
@@ -172,3 +176,29 @@ def test_a_warmup_through_the_mount_makes_the_first_load_pass_through(volume: Vo
         assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
         assert read_bytes(m.path) == 0  # the first load never reached the daemon
         assert (m.path / "m/notes.txt").read_bytes() == model["notes.txt"]  # not a model file: served
+
+
+def test_an_open_waiting_for_its_image_can_be_interrupted(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C on a process whose open waits for a fill ends it at once (EINTR, then the
+    signal); the fill goes on, and the next open is passed through."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(6 * BLOCK)
+    (src / "slow.safetensors").write_bytes(data)
+    with proxied_s3_volume(s3_server, tmp_path, BLOCK) as (vol, proxy):
+        chunkfs("import", vol.meta_url, str(src), "/m")
+        proxy.config.kinds, proxy.config.delay, proxy.config.rate = ("delay",), 1.0, 1.0  # 1 s per block
+        with mounted(vol, *NATIVE, "--max-downloads", "1") as m:  # one at a time: the fill takes about 6 s
+            path = m.path / "m/slow.safetensors"
+            opener = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read(1)", str(path)],
+                                      stderr=subprocess.DEVNULL)
+            wait_for(lambda: proxy.config.block_gets >= 1)  # the open is waiting for the fill
+            started = time.monotonic()
+            opener.send_signal(signal.SIGINT)
+            assert opener.wait(timeout=30) != 0  # KeyboardInterrupt
+            assert time.monotonic() - started < 2.5, "the open was not interrupted: it waited for the fill"
+            assert metric(m.path, FILLED) == 0
+            wait_for(lambda: metric(m.path, FILLED) == 1, timeout=60)
+            assert path.read_bytes() == data
+            assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
+            assert proxy.config.block_gets == 6  # the interrupted open's fill was not started again

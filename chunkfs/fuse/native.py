@@ -44,6 +44,9 @@ Scope and invariants:
   rest). INIT, FORGET, BATCH_FORGET, INTERRUPT and DESTROY are handled by the reader.
 - Every request but FORGET, BATCH_FORGET and INTERRUPT gets exactly one reply. A reply to a
   request the kernel dropped meanwhile (interrupted: ENOENT from the device) is discarded.
+  INTERRUPT stops only an open waiting for its file's image to be filled (EINTR: the
+  caller's signal is handled, and the fill goes on); other requests are short and are
+  answered as usual.
 - A READ's reply is written with no ``await`` between ``Vfs.read`` returning and the write,
   so a view of a block buffer it returns is sent before any other task can reuse the buffer.
 - The reader stops when the kernel says the mount is gone (ENODEV) or sends DESTROY.
@@ -51,6 +54,7 @@ Scope and invariants:
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
@@ -71,6 +75,9 @@ from chunkfs.read.slots import Priority
 from chunkfs.vfs.vfs import STATS_INODE, Vfs
 
 log = logging.getLogger(__name__)
+
+#: the kernel's id of the request the current task answers
+_REQUEST: contextvars.ContextVar[int] = contextvars.ContextVar("fuse_request", default=0)
 
 MAX_WRITE = 1 << 20  # the largest request body the kernel may send (and our read buffer's size)
 REQUEST_BUFFER = MAX_WRITE + (64 << 10)  # a WRITE's 1 MiB plus its headers, with room to spare
@@ -127,6 +134,7 @@ class NativeSession:
         self._fills: dict[bytes, _Fill] = {}  # images being filled (for opens waiting)
         self._queued: set[int] = set()  # model files queued or filled as siblings of one opened
         self._siblings_send, self._siblings_receive = trio.open_memory_channel[int](SIBLINGS_QUEUED)
+        self._waiting_fills: dict[int, trio.CancelScope] = {}  # request -> its wait for a fill
         self._builds = trio.Semaphore(1)
         self._last_read = 0.0  # trio time of the latest READ: builds wait for a quiet spell
         self._nursery: trio.Nursery | None = None
@@ -198,6 +206,9 @@ class NativeSession:
                     raise
                 _, opcode, unique, node, uid, *_ = abi.IN_HEADER.unpack_from(buffer)
                 body = bytes(view[abi.IN_HEADER.size:n])
+                if opcode == abi.Opcode.INTERRUPT:
+                    self._interrupt(int.from_bytes(body[:8], "little"))
+                    continue
                 if opcode in abi.NO_REPLY:
                     continue
                 if opcode == abi.Opcode.INIT:
@@ -227,6 +238,7 @@ class NativeSession:
                       body: bytes) -> None:
         start = time.perf_counter()
         name, handler = self._handlers[opcode]
+        _REQUEST.set(unique)
         try:
             try:
                 parts = await handler(node, uid, body)
@@ -396,8 +408,28 @@ class NativeSession:
             if siblings:
                 self._queued.add(ino)
                 await self._queue_siblings(ino)
-        await fill.done.wait()
+        await self._wait_interruptibly(fill.done)
         return fill.filled
+
+    async def _wait_interruptibly(self, done: trio.Event) -> None:
+        """Wait for ``done`` unless the kernel interrupts the request (a signal to the
+        caller, such as Ctrl-C): then ``EINTR`` (the fill goes on for later opens)."""
+        unique = _REQUEST.get()
+        with trio.CancelScope() as scope:
+            self._waiting_fills[unique] = scope
+            try:
+                await done.wait()
+            finally:
+                del self._waiting_fills[unique]
+        if scope.cancelled_caught:
+            raise FsError(errno.EINTR, "interrupted while the file was being fetched")
+
+    def _interrupt(self, unique: int) -> None:
+        """The kernel interrupts request ``unique``: only an open waiting for a fill stops
+        (other requests are short, and are answered as usual)."""
+        scope = self._waiting_fills.get(unique)
+        if scope is not None:
+            scope.cancel()
 
     async def _run_fill(self, fill: _Fill, key: bytes, size: int, blocks: BlockList, priority: Priority) -> None:
         assert self.images is not None
