@@ -29,8 +29,9 @@ chunkfs_fuse_op_seconds{op}                histogram  time to answer them
 chunkfs_fuse_read_bytes_total              counter    bytes returned by FUSE reads
 chunkfs_passthrough_opens_total            counter    opens passed through to a file image (the
                                                       kernel reads it; native transport only)
-chunkfs_file_images_total{outcome}         counter    file images built (``built``) or given up
-                                                      (``failed``) for passthrough
+chunkfs_file_images_total{outcome}         counter    file images for passthrough: filled as a cold
+                                                      open waited (``filled``), built from blocks on
+                                                      the node (``built``), or given up (``failed``)
 chunkfs_readahead_blocks_total             counter    blocks fetched ahead of a sequential stream
 chunkfs_readahead_wasted_blocks_total      counter    of those, never read before the file closed
 chunkfs_prefetch_blocks_total              counter    blocks fetched by whole-file model prefetch
@@ -89,7 +90,7 @@ class Metrics:
         self.fuse_read_bytes = Counter("chunkfs_fuse_read_bytes", "Bytes returned by FUSE reads", registry=r)
         self.passthrough_opens = Counter("chunkfs_passthrough_opens", "Opens the kernel passes through to a file "
                                          "image (native transport)", registry=r)
-        self.file_images = Counter("chunkfs_file_images", "File images built for passthrough, by outcome",
+        self.file_images = Counter("chunkfs_file_images", "File images made for passthrough, by outcome",
                                    ["outcome"], registry=r)
         self.readahead_blocks = Counter("chunkfs_readahead_blocks", "Blocks fetched by readahead", registry=r)
         self.readahead_wasted = Counter("chunkfs_readahead_wasted_blocks", "Readahead blocks never read",

@@ -154,8 +154,9 @@ MOUNT_TUNING = (
            "anew (replacing), 'off' (default auto)", choices=PROFILE_MODES, default="auto"),
     Option("--kernel-readahead", "the kernel's readahead for this mount, 0 to keep the kernel default "
            "(default 16M)", size, 16 << 20),
-    Option("--fuse-transport", "'native': chunkfs speaks /dev/fuse itself and passes opens of model files read "
-           "before through to node-local file images (FUSE passthrough; read-only mounts, as root); 'libfuse': "
+    Option("--fuse-transport", "'native': chunkfs speaks /dev/fuse itself and passes opens of model files through "
+           "to node-local file images, filled whole before a cold open returns (FUSE passthrough; read-only mounts, "
+           "as root); 'libfuse': "
            "pyfuse3 and libfuse serve every read; 'auto' (default): native where it can be, else libfuse",
            choices=("auto", "native", "libfuse"), default="auto"),
     Option("--attr-timeout", "kernel attribute cache seconds (default 300 read-only, 1 read-write)", float),

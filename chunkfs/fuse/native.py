@@ -132,7 +132,7 @@ class NativeSession:
         self._cached: dict[int, int] = {}  # inode -> opens answered by the Vfs
         self._building: set[bytes] = set()  # images being built
         self._fills: dict[bytes, _Fill] = {}  # images being filled (for opens waiting)
-        self._queued: set[int] = set()  # model files queued or filled as siblings of one opened
+        self._queued: set[int] = set()  # model files in the siblings' queue or being filled from it
         self._siblings_send, self._siblings_receive = trio.open_memory_channel[int](SIBLINGS_QUEUED)
         self._waiting_fills: dict[int, trio.CancelScope] = {}  # request -> its wait for a fill
         self._builds = trio.Semaphore(1)
@@ -406,7 +406,6 @@ class NativeSession:
             fill = self._fills[key] = _Fill(trio.Event())
             self._nursery.start_soon(self._run_fill, fill, key, size, blocks, priority)
             if siblings:
-                self._queued.add(ino)
                 await self._queue_siblings(ino)
         await self._wait_interruptibly(fill.done)
         return fill.filled
@@ -486,6 +485,8 @@ class NativeSession:
                     await self._fill(ino, Priority.PREFETCH, siblings=False)
             except Exception as exc:
                 log.info("not filling the image of %s: %s", self.vfs.name_of(ino), exc)
+            finally:
+                self._queued.discard(ino)  # (queued again if its image goes and a sibling is opened cold)
 
     def build_images(self, files: list[tuple[int, str]]) -> None:
         """Build the images of these (inode, name) files, model files only, in the background
