@@ -10,6 +10,7 @@ served by the daemon.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
@@ -74,9 +75,19 @@ def test_a_cold_model_file_is_filled_then_passed_through(volume: VolumeFixture, 
         assert read_bytes(m.path) == 0  # the kernel read the image: no read reached the daemon
         assert metric(m.path, "chunkfs_passthrough_opens_total") == 3
         assert metric(m.path, FILLED) == 1
-        # the image is a cache entry beside the blocks: counted in the cache's bytes
-        assert metric(m.path, "chunkfs_cache_bytes") >= 2 * SIZE
+        # the image is a cache entry, counted in the cache's bytes; the blocks downloaded
+        # into it have no entries of their own
+        assert metric(m.path, "chunkfs_cache_blocks") == 1
+        assert metric(m.path, "chunkfs_cache_bytes") == SIZE
     assert len(images_in(cache, SIZE)) == 1
+    # a warmup counts the model file as cached: its image holds it
+    check = json.loads(chunkfs("warmup", volume.meta_url, "/m/model.safetensors", "--cache-dir", str(cache),
+                               "--check", "--json").stdout)
+    assert check["paths"][0]["percent"] == 100.0
+    report = json.loads(chunkfs("warmup", volume.meta_url, "/m/model.safetensors", "--cache-dir", str(cache),
+                                "--json").stdout)
+    assert report["complete"] and report["bytes_fetched"] == 0
+    assert report["bytes_cached_before"] == report["bytes_total"]
 
     with mounted(volume, *NATIVE, cache=cache, name="again") as m:  # a restarted daemon: its seal admits it
         assert (m.path / "m/model.safetensors").read_bytes() == data

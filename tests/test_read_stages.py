@@ -345,7 +345,8 @@ def test_a_file_image_is_filled_from_downloads_verified(tmp_path: Path) -> None:
     path = images.find(key, len(data))
     assert path is not None and Path(path).read_bytes() == data
     assert fetcher.downloads == 5  # one block is in the file twice: downloaded once
-    assert all(cache.is_verified(bid) for bid in blocks)  # the blocks are node-cache entries too
+    assert not any(cache.contains(bid) for bid in blocks)  # the image holds them: no entries of their own
+    assert cache.block_count == 1
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 
 

@@ -224,6 +224,22 @@ class NewEntry:
                 done = os.pwrite(self._fd, view, offset)
                 view, offset = view[done:], offset + done
 
+    def copy_within(self, source: int, length: int, offset: int) -> None:
+        """Copy ``length`` bytes already written at ``source`` to ``offset`` (a block that
+        appears twice in a file image), in the kernel; thread-safe, like ``write_at``."""
+        assert not self._direct
+        reader = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)  # (the entry's own descriptor only writes)
+        try:
+            with self._positional:
+                done = 0
+                while done < length:
+                    copied = os.copy_file_range(reader, self._fd, length - done, source + done, offset + done)
+                    if not copied:
+                        raise OSError(errno.EIO, f"{self.tmp} holds fewer than {source + length} bytes")
+                    done += copied
+        finally:
+            os.close(reader)
+
     def copy_at(self, path: str, length: int, offset: int) -> None:
         """Copy the first ``length`` bytes of the file at ``path`` to ``offset``, in the
         kernel (thread-safe: positional; buffered entries only). ``OSError`` if the file is

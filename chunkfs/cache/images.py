@@ -10,7 +10,10 @@ each, so a model file gets an image: one more entry of the same ``BlockCache``, 
   load served by the daemon, or a warmup);
 - ``open_fill``/``finish_fill``: filled block by block, out of order, by
   ``read/image_fill.py`` as the blocks are downloaded or copied from their entries (a cold
-  open waits for that, then is passed through).
+  open waits for that, then is passed through). Blocks downloaded for a fill get no entry
+  of their own (but for the ones a node with peers fetched from the store, which it keeps
+  to serve them): the image holds them, and a warmup counts a file with an image as cached
+  (``cached_blocks``).
 
 Invariants:
 
@@ -59,6 +62,26 @@ def image_id(size: int, blocks: Iterable[bytes]) -> bytes | None:
     return digest.digest()
 
 
+def usable(cache: BlockCache, key: bytes, size: int) -> bool:
+    """Image ``key`` of ``size`` bytes is in ``cache`` and may be used: this process wrote or
+    admitted it, or its seal is intact (blocking: a stat and an xattr read)."""
+    return cache.is_verified(key) or cache.admit(key, size, page_in=False)
+
+
+def cached_blocks(cache: BlockCache, files: Iterable[tuple[int, Iterable[bytes]]]) -> tuple[set[bytes], set[bytes]]:
+    """Of these (size, block ids) files, (the blocks of those with a usable image, the ids of
+    those images): what a warmup counts as on the node besides block entries (blocking)."""
+    blocks: set[bytes] = set()
+    keys: set[bytes] = set()
+    for size, ids in files:
+        listed = list(ids)
+        key = image_id(size, listed)
+        if key is not None and size > 0 and usable(cache, key, size):
+            blocks.update(listed)
+            keys.add(key)
+    return blocks, keys
+
+
 class FileImages:
     """Finds and builds file images in ``cache`` (blocks of ``block_size`` bytes)."""
 
@@ -69,7 +92,7 @@ class FileImages:
     def find(self, key: bytes, size: int) -> str | None:
         """The path of a usable image ``key`` of ``size`` bytes, or None. Blocking (a stat
         and an xattr read): run it in a worker thread."""
-        if not (self.cache.is_verified(key) or self.cache.admit(key, size, page_in=False)):
+        if not usable(self.cache, key, size):
             return None
         return self.cache.dir_for(key).path(key)
 

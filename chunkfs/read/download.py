@@ -20,14 +20,15 @@ Invariants:
   the caller tries again later.
 - Peers first: with a ``PeerSource``, the block is asked of the peer that owns it, into the
   same sink and through the same check; only if no peer delivers it is the store asked.
-- Destinations: the block's new cache entry (written around the page cache with ``around``),
-  the ``block`` buffer when one is lent (readers copy from there, and the entry is
-  written from it, aligned), and an ``ImagePart`` when one is given: the block's place in a
-  file image being filled (``cache/images.py``), written through the page cache, piece by
-  piece as the bytes arrive (an image is published only once every part of it verified).
-  A cache that declines the block or fails mid-write does not fail the download: the bytes
-  are then in ``block`` or the image, or read again into memory (``Downloaded.data``), and
-  ``declined`` says so.
+- Destinations: the block's new cache entry (written around the page cache with ``around``)
+  and the ``block`` buffer when one is lent (readers copy from there, and the entry is
+  written from it, aligned). A cache that declines the block or fails mid-write does not
+  fail the download: the bytes are then in ``block``, or read again into memory
+  (``Downloaded.data``), and ``declined`` says so.
+- With an ``ImagePart``, the block goes to its place in a file image being filled
+  (``cache/images.py``) instead, through the page cache, piece by piece as the bytes arrive
+  (an image is published only once every part of it verified), and gets no entry of its own
+  unless this node fetched it from the store while it has peers (``_into_image``).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class BlockSink:
         self.image = image
         self.image_error: str | None = None
         self.plain = 0  # plain bytes received so far (where the next goes in the image)
-        self.memory: bytearray | None = None if entry is not None or block is not None else bytearray()
+        held = entry is not None or block is not None or image is not None
+        self.memory: bytearray | None = None if held else bytearray()
         self.decoder = codec.decoder(bid, length)
         self.disk_error: str | None = None
         self.finished = False
@@ -205,9 +207,9 @@ class BlockDownload:
                  page_in: bool = True, image: ImagePart | None = None) -> Downloaded:
         """One attempt: see the module docstring. ``into_memory``: the cache is not used at
         all (it failed a reader just now). ``page_in``: a planted entry admitted by its seal
-        is paged in (its reader comes soon). ``image``: also write the block there (not
-        when a planted entry is found instead: the caller copies that). Raises ``Busy``, or
-        the store's error."""
+        is paged in (its reader comes soon). ``image``: write the block there instead (see
+        ``_into_image``; not when a planted entry is found: the caller copies that). Raises
+        ``Busy``, or the store's error."""
         if into_memory:
             sink = self._fetch(bid, length, piece, None)
             return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
@@ -219,26 +221,55 @@ class BlockDownload:
                 found, data = check_entry(self.cache, bid, length, page_in)
                 if found:
                     return Downloaded(data, planted=True)
+            if image is not None:
+                return self._into_image(bid, length, piece, image)
             entry = self.cache.open_entry(bid, length, direct=around)
             if entry is not None:
-                sink = self._fetch(bid, length, piece, entry, block, image)
+                sink = self._fetch(bid, length, piece, entry, block)
                 if not sink.spilled and self.cache.commit(entry):
-                    return Downloaded(from_peer=sink.from_peer, imaged=sink.imaged)
+                    return Downloaded(from_peer=sink.from_peer)
                 if sink.spilled:
                     self.cache.abandon(entry, sink.disk_error)
-                if block is not None or sink.imaged:  # verified, and whole in memory or the image
-                    return Downloaded(declined=True, from_peer=sink.from_peer, imaged=sink.imaged)
-            sink = self._fetch(bid, length, piece, None, block, image)
-            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer, imaged=sink.imaged)
+                if block is not None:  # verified, and whole in memory: no need to fetch it again
+                    return Downloaded(declined=True, from_peer=sink.from_peer)
+            sink = self._fetch(bid, length, piece, None, block)
+            return Downloaded(sink.memory, declined=True, from_peer=sink.from_peer)
         finally:
             self.cache.release_claim(bid, token)
 
+    def _into_image(self, bid: bytes, length: int, piece: memoryview, image: ImagePart) -> Downloaded:
+        """Download the block into a file image being filled, with no cache entry of its own
+        (the image holds it: writing it twice made cold loads 15% slower here), unless it
+        comes from the store while this node has peers: then this node is the one that went
+        to the origin for it, and keeps an entry to serve them."""
+        sink = BlockSink(self.codec, bid, length, None, image=image)
+        entry = None
+        if self.peers is not None:
+            if self.peers.fetch(bid, length, sink, piece):
+                return Downloaded(from_peer=True, imaged=sink.imaged)
+            entry = self.cache.open_entry(bid, length, direct=True)
+            sink = BlockSink(self.codec, bid, length, entry, image=image)
+        try:
+            self.get_into(object_key(bid), sink, piece)
+            if not sink.finished:  # a store without the retry policy (unit tests)
+                sink.finish()
+        except BaseException:
+            if entry is not None:
+                self.cache.abandon(entry)
+            raise
+        if entry is not None:
+            if sink.spilled:
+                self.cache.abandon(entry, sink.disk_error)
+            else:
+                self.cache.commit(entry)
+        return Downloaded(imaged=sink.imaged)
+
     def _fetch(self, bid: bytes, length: int, piece: memoryview, entry: NewEntry | None,
-               block: mmap.mmap | None = None, image: ImagePart | None = None) -> BlockSink:
-        """Stream the block's object into ``entry``, ``block`` (or memory) and ``image``, and
-        verify it; the entry is abandoned if that fails."""
+               block: mmap.mmap | None = None) -> BlockSink:
+        """Stream the block's object into ``entry`` and ``block`` (or memory), and verify it;
+        the entry is abandoned if that fails."""
         with memoryview(block) if block is not None else contextlib.nullcontext() as view:
-            sink = BlockSink(self.codec, bid, length, entry, view, image)
+            sink = BlockSink(self.codec, bid, length, entry, view)
             try:
                 if self.peers is not None and self.peers.fetch(bid, length, sink, piece):
                     sink.from_peer = True

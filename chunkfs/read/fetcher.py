@@ -275,6 +275,10 @@ class BlockFetcher:
             load = await self._load(bid, length, priority, Want.IMAGE, part)
             if load.image == part:
                 return
+            if load.image is not None and load.image.entry is part.entry:  # (the block is twice in the file)
+                await trio.to_thread.run_sync(part.entry.copy_within, load.image.offset, length, part.offset,
+                                              limiter=self._disk)
+                return
             if load.data is not None:
                 await trio.to_thread.run_sync(part.entry.write_at, load.data, part.offset, limiter=self._disk)
                 return

@@ -9,9 +9,11 @@ Invariants:
   rename, one download per block on the node (in-process single-flight plus the cache's
   node-wide download lock), so a mount reading the same model never fetches it twice.
 - A block whose entry is already on disk with the right size counts as cached and is not
-  fetched again (a damaged one is caught and refetched by whoever reads it).
-- Every block of the plan is pinned while the warmup runs: making room evicts other
-  entries, never the model being warmed. If the plan cannot fit (cache size, or free space
+  fetched again (a damaged one is caught and refetched by whoever reads it); so does every
+  block of a file whose image for FUSE passthrough is usable (``cache/images.py``: the
+  image holds them, and opens of the file are passed through to it).
+- Every block of the plan, and every image counted, is pinned while the warmup runs: making
+  room evicts other entries, never the model being warmed. If the plan cannot fit (cache size, or free space
   above the free-space ratio), the warmup refuses before fetching anything unless ``force``.
 - ``complete`` is true only if, at the end, every block of the plan is on disk.
 """
@@ -25,7 +27,7 @@ from typing import Any
 import trio
 
 from chunkfs.cache.block_cache import BlockCache
-from chunkfs.cache.images import image_id
+from chunkfs.cache.images import cached_blocks, image_id
 from chunkfs.errors import ChunkfsError
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
 from chunkfs.units import format_size
@@ -88,6 +90,8 @@ class Warmup:
         self._left: list[int] = []  # distinct blocks not yet done, per file
         self._files = files
         self._failed: set[bytes] = set()
+        self._imaged: set[bytes] = set()  # blocks held by usable file images (found when the run starts)
+        self._images: set[bytes] = set()  # those images' ids (pinned while the run lasts)
         for index, f in enumerate(files):
             distinct = {bid for bid, _ in f.blocks}
             self._left.append(len(distinct))
@@ -108,13 +112,24 @@ class Warmup:
         try:
             await self._run_pinned()
         finally:
-            for bid in self._target:
+            for bid in [*self._target, *self._images]:
                 self.cache.unpin(bid)
             self.snapshot()
         return self.report
 
+    def _find_images(self) -> None:
+        self._imaged, self._images = cached_blocks(
+            self.cache, ((f.size, (bid for bid, _ in f.blocks)) for f in self._files))
+        for key in self._images:
+            self.cache.pin(key)
+
+    def _missing(self) -> dict[bytes, int]:
+        """The plan's blocks neither in an entry nor in a usable image (blocking)."""
+        return {bid: n for bid, n in self.cache.missing(self._target).items() if bid not in self._imaged}
+
     async def _run_pinned(self) -> None:
-        missing = await trio.to_thread.run_sync(self.cache.missing, self._target)
+        await trio.to_thread.run_sync(self._find_images)
+        missing = await trio.to_thread.run_sync(self._missing)
         shortfalls = await trio.to_thread.run_sync(self.cache.shortfalls, self._target, missing)
         if shortfalls and not self.force:
             raise CacheTooSmall(
@@ -160,7 +175,7 @@ class Warmup:
 
     def _final_check(self) -> None:
         """Count what is really on disk: a block the cache declined is not warm."""
-        absent = list(self.cache.missing(self._target))
+        absent = list(self._missing())
         for bid in absent:
             if bid not in self._failed:
                 self._fail(bid, f"block {bid.hex()[:16]} is not in the cache after its download "
@@ -169,8 +184,10 @@ class Warmup:
 
 
 def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
-    """How much of each path is on disk in the cache (blocking: one stat per block)."""
-    missing = cache.missing(plan.unique_blocks())
+    """How much of each path is on disk in the cache, in block entries or file images
+    (blocking: one stat per block)."""
+    imaged, _ = cached_blocks(cache, ((f.size, (bid for bid, _ in f.blocks)) for f in plan.files()))
+    missing = {bid for bid in cache.missing(plan.unique_blocks()) if bid not in imaged}
     out = []
     for entry in plan.paths:
         # holes (never written, read as zeros) have no block: they count as cached
