@@ -840,7 +840,7 @@ class Bench:
     def wait_for_images(self, mnt: Path, timeout: float = 300.0) -> float:
         """With the native transport: seconds until the mount has a file image of every
         shard (filled as the cold load opened them, or built after it), so the warm rows
-        that follow are passed through; the cache then holds each shard twice."""
+        that follow are passed through."""
         start = time.monotonic()
         pattern = re.compile(r'^chunkfs_file_images_total\{outcome="(?:built|filled)"\} (\S+)$', re.M)
         while time.monotonic() - start < timeout:
