@@ -24,9 +24,10 @@ Invariants:
   copied, and from downloads that verified, and published (sealed, renamed into place)
   only once every block is in it whole.
 - An image is used only when this process wrote it or its seal is intact (same boot, inode,
-  size and mtime). An image cannot be hashed against its id, so one without a valid seal (after
-  a reboot, or under ``--verify-cache full``, which trusts no seal) is never used and is
-  rebuilt from verified blocks instead.
+  size and mtime). One without a valid seal (after a reboot, or under ``--verify-cache
+  full``, which trusts no seal) is never used: it is made again (filled from entries on the
+  node, else downloaded) rather than hashed whole against its id (its id is that of its
+  block-sized pieces' hashes, so it could be).
 - Files with holes get no image (a hole has no entry to copy).
 - Once an image is published, its file's blocks become the least recently used entries: when
   room is needed they go first, so the image does not double the space a model takes for
