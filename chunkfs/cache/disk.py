@@ -182,23 +182,6 @@ class NewEntry:
             return
         self._write_all(view)
 
-    def copy_from(self, path: str, length: int) -> None:
-        """Append the first ``length`` bytes of the file at ``path``, copied by the kernel
-        (``copy_file_range``: nothing passes through this process). Buffered entries only.
-        ``OSError`` if the file is shorter."""
-        assert not self._direct and not self._staged
-        source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            done = 0
-            while done < length:
-                copied = os.copy_file_range(source, self._fd, length - done)
-                if not copied:
-                    raise OSError(errno.EIO, f"{path} holds {done} bytes, not {length}")
-                done += copied
-                self.size += copied
-        finally:
-            os.close(source)
-
     def allocate(self, length: int) -> None:
         """Give the file its ``length`` bytes of disk at once (for ``write_at``: writes into
         allocated space cost the filesystem less than delayed allocation, page by page;
@@ -227,34 +210,27 @@ class NewEntry:
     def copy_within(self, source: int, length: int, offset: int) -> None:
         """Copy ``length`` bytes already written at ``source`` to ``offset`` (a block that
         appears twice in a file image), in the kernel; thread-safe, like ``write_at``."""
-        assert not self._direct
-        reader = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)  # (the entry's own descriptor only writes)
-        try:
-            with self._positional:
-                done = 0
-                while done < length:
-                    copied = os.copy_file_range(reader, self._fd, length - done, source + done, offset + done)
-                    if not copied:
-                        raise OSError(errno.EIO, f"{self.tmp} holds fewer than {source + length} bytes")
-                    done += copied
-        finally:
-            os.close(reader)
+        with self._positional:
+            self._copy_range(self.tmp, length, source, offset)  # (the entry's own descriptor only writes)
 
     def copy_at(self, path: str, length: int, offset: int) -> None:
         """Copy the first ``length`` bytes of the file at ``path`` to ``offset``, in the
-        kernel (thread-safe: positional; buffered entries only). ``OSError`` if the file is
-        shorter."""
+        kernel (``copy_file_range``: nothing passes through this process; thread-safe).
+        ``OSError`` if the file is shorter."""
+        self._copy_range(path, length, 0, offset)
+
+    def _copy_range(self, path: str, length: int, source: int, offset: int) -> None:
         assert not self._direct
-        source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        reader = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             done = 0
             while done < length:
-                copied = os.copy_file_range(source, self._fd, length - done, done, offset + done)
+                copied = os.copy_file_range(reader, self._fd, length - done, source + done, offset + done)
                 if not copied:
-                    raise OSError(errno.EIO, f"{path} holds {done} bytes, not {length}")
+                    raise OSError(errno.EIO, f"{path} holds fewer than {source + length} bytes")
                 done += copied
         finally:
-            os.close(source)
+            os.close(reader)
 
     def _write_all(self, view: memoryview) -> None:
         while view:

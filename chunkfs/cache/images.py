@@ -93,8 +93,10 @@ class FileImages:
     def find(self, key: bytes, size: int) -> str | None:
         """The path of a usable image ``key`` of ``size`` bytes, or None. Blocking (a stat
         and an xattr read): run it in a worker thread."""
-        if not usable(self.cache, key, size):
-            return None
+        return self.path(key) if usable(self.cache, key, size) else None
+
+    def path(self, key: bytes) -> str:
+        """Where image ``key`` lives (whether or not it is there)."""
         return self.cache.dir_for(key).path(key)
 
     def complete_on_node(self, blocks: BlockList) -> bool:
@@ -113,20 +115,17 @@ class FileImages:
         if entry is None:
             return False
         try:
-            for bid, length in zip(blocks, lengths, strict=True):
+            for index, (bid, length) in enumerate(zip(blocks, lengths, strict=True)):
                 self.cache.pin(bid)
                 try:
-                    entry.copy_from(self.cache.dir_for(bid).path(bid), length)
+                    entry.copy_at(self.cache.dir_for(bid).path(bid), length, index * self.block_size)
                 finally:
                     self.cache.unpin(bid)
         except OSError as exc:
             self.cache.abandon(entry, None)
             log.info("no image of a %d-byte file: %s", size, exc.strerror or exc)
             return False
-        if entry.size != size:
-            self.cache.abandon(entry, None)
-            return False
-        return self._publish(entry, blocks)
+        return self.finish_fill(entry, size, blocks)
 
     def _publish(self, entry: NewEntry, blocks: BlockList) -> bool:
         if not self.cache.commit(entry):

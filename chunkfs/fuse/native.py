@@ -291,9 +291,6 @@ class NativeSession:
         flags, _ = abi.OPEN_IN.unpack_from(body)
         if self.passthrough and not flags & _WRITE_FLAGS and not self._cached.get(node) and self._imaged(node):
             passed = await self._open_passed(node)
-            if (passed is None and self.fill_on_open and not self._cached.get(node)
-                    and await self._fill(node, Priority.DEMAND)):
-                passed = await self._open_passed(node)
             if passed is not None:
                 return (passed,)
         fh, keep_cache = await self.vfs.open(node, flags, uid)
@@ -342,15 +339,11 @@ class NativeSession:
         return None if key is None else (key, attr.size, blocks)
 
     async def _open_passed(self, ino: int) -> bytes | None:
-        """An open of ``ino`` passed through to its image, or None (then the daemon serves it)."""
-        assert self.images is not None
+        """An open of ``ino`` passed through to its image (filled first if it has none), or
+        None (then the daemon serves it)."""
         backing = self._backings.get(ino)
         if backing is None:
-            found = await self._image_of(ino)
-            if found is None:
-                return None
-            key, size, _ = found
-            path = await trio.to_thread.run_sync(self.images.find, key, size)
+            path = await self._image_path(ino)
             backing = self._backings.get(ino)  # another open may have got there meanwhile
             if backing is None:
                 if path is None or self._cached.get(ino):
@@ -364,6 +357,20 @@ class NativeSession:
         fh, self._next_passed = self._next_passed, self._next_passed + 1
         self._passed[fh] = ino
         return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing.backing_id)
+
+    async def _image_path(self, ino: int) -> str | None:
+        """The path of the usable image of ``ino``; if it has none, the open waits while it
+        is filled (unless fills are off, or the inode has daemon-served opens)."""
+        assert self.images is not None
+        found = await self._image_of(ino)
+        if found is None:
+            return None
+        key, size, _ = found
+        path = await trio.to_thread.run_sync(self.images.find, key, size)
+        if (path is None and self.fill_on_open and not self._cached.get(ino)
+                and await self._fill(ino, found, Priority.DEMAND)):
+            path = self.images.path(key)
+        return path
 
     def _hand_over(self, path: str) -> _Backing | None:
         """Register the image at ``path`` with the kernel (``FUSE_DEV_IOC_BACKING_OPEN``)."""
@@ -389,13 +396,12 @@ class NativeSession:
             device.close_backing(self.fd, backing.backing_id)
             os.close(backing.fd)
 
-    async def _fill(self, ino: int, priority: Priority, *, siblings: bool = True) -> bool:
-        """Fill the image of model file ``ino`` (or wait for the fill already running);
-        whether it is now on the node. Queues its siblings (see the module docstring)."""
+    async def _fill(self, ino: int, found: tuple[bytes, int, BlockList], priority: Priority, *,
+                    siblings: bool = True) -> bool:
+        """Fill the image of model file ``ino`` (``found``: its id, size and blocks), or wait
+        for the fill already running; whether it is now on the node. Queues its siblings
+        (see the module docstring)."""
         assert self.images is not None and self._nursery is not None
-        found = await self._image_of(ino)
-        if found is None:
-            return False
         key, size, blocks = found
         fill = self._fills.get(key)
         if fill is None:
@@ -482,7 +488,9 @@ class NativeSession:
         async for ino in self._siblings_receive:
             try:
                 if not self._cached.get(ino) and ino not in self._backings:
-                    await self._fill(ino, Priority.PREFETCH, siblings=False)
+                    found = await self._image_of(ino)
+                    if found is not None:
+                        await self._fill(ino, found, Priority.PREFETCH, siblings=False)
             except Exception as exc:
                 log.info("not filling the image of %s: %s", self.vfs.name_of(ino), exc)
             finally:

@@ -249,14 +249,7 @@ class BlockDownload:
                 return Downloaded(from_peer=True, imaged=sink.imaged)
             entry = self.cache.open_entry(bid, length, direct=True)
             sink = BlockSink(self.codec, bid, length, entry, image=image)
-        try:
-            self.get_into(object_key(bid), sink, piece)
-            if not sink.finished:  # a store without the retry policy (unit tests)
-                sink.finish()
-        except BaseException:
-            if entry is not None:
-                self.cache.abandon(entry)
-            raise
+        self._from_store(bid, sink, piece, entry)
         if entry is not None:
             if sink.spilled:
                 self.cache.abandon(entry, sink.disk_error)
@@ -274,16 +267,21 @@ class BlockDownload:
                 if self.peers is not None and self.peers.fetch(bid, length, sink, piece):
                     sink.from_peer = True
                     return sink
-                self.get_into(object_key(bid), sink, piece)
-                if not sink.finished:  # a store without the retry policy (unit tests)
-                    sink.finish()
-            except BaseException:
-                if entry is not None:
-                    self.cache.abandon(entry)
-                raise
+                self._from_store(bid, sink, piece, entry)
             finally:
                 sink.block = None
         return sink
+
+    def _from_store(self, bid: bytes, sink: BlockSink, piece: memoryview, entry: NewEntry | None) -> None:
+        """GET the block's object into ``sink`` and verify it; ``entry`` is abandoned if that fails."""
+        try:
+            self.get_into(object_key(bid), sink, piece)
+            if not sink.finished:  # a store without the retry policy (unit tests)
+                sink.finish()
+        except BaseException:
+            if entry is not None:
+                self.cache.abandon(entry)
+            raise
 
 
 def check_entry(cache: BlockCache, bid: bytes, length: int, page_in: bool = True) -> tuple[bool, bytes | None]:

@@ -26,9 +26,9 @@ bytes follows from why it is wanted (``Want``), decided in one place (``_placeme
   node is read whole into a block buffer (``NEAR``), or only admitted (``FAR``) and read in
   when its reader comes near (``bring_near``, paced by ``FileReader``);
 - ``WARM``, nobody here reads it (warmup): straight to the entry, around the page cache;
-- ``IMAGE``, it goes into a file image being filled (``fill_image_part``): straight to the
-  entry, around the page cache, and through the page cache into the image, where the
-  kernel reads it for a passed-through open.
+- ``IMAGE``, it goes into a file image being filled (``fill_image_part``): through the page
+  cache into the image only, where the kernel reads it for a passed-through open
+  (``BlockDownload._into_image``: no entry of its own, but for peers).
 
 The page cache costs a copy into pages the kernel must allocate; block buffers are reused.
 
@@ -274,10 +274,6 @@ class BlockFetcher:
                 return
             load = await self._load(bid, length, priority, Want.IMAGE, part)
             if load.image == part:
-                return
-            if load.image is not None and load.image.entry is part.entry:  # (the block is twice in the file)
-                await trio.to_thread.run_sync(part.entry.copy_within, load.image.offset, length, part.offset,
-                                              limiter=self._disk)
                 return
             if load.data is not None:
                 await trio.to_thread.run_sync(part.entry.write_at, load.data, part.offset, limiter=self._disk)

@@ -10,6 +10,8 @@ Invariants:
 - The image is published only if every block of the file was put in it, verified; on any
   failure (a block unavailable, the disk refusing) nothing is left behind and the caller
   serves the file through the daemon instead.
+- Each distinct block is asked for once: a block the file holds again further on (zeros,
+  repeated tensors) is copied within the image once the first copy is in.
 - At most ``parallel`` of the file's blocks are asked for at once; the downloads among them
   share the fetcher's slots (``priority``: an open waiting goes ahead of fills of files
   nobody has opened yet).
@@ -25,6 +27,7 @@ import trio
 
 from chunkfs.blocklist import HOLE, BlockList
 from chunkfs.blocks import block_length
+from chunkfs.cache.disk import NewEntry
 from chunkfs.cache.images import FileImages
 from chunkfs.read.download import ImagePart
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
@@ -54,10 +57,22 @@ async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size
                 failure.append(str(exc))
                 cancel.cancel()
 
+    first: dict[bytes, int] = {}  # block -> where the file first holds it
+    repeats: list[tuple[int, int]] = []  # (index, index of the block's first place)
+    for index, bid in enumerate(blocks):
+        if bid in first:
+            repeats.append((index, first[bid]))
+        else:
+            first[bid] = index
     try:
         async with trio.open_nursery() as nursery:
-            for index, bid in enumerate(blocks):
+            for bid, index in first.items():
                 nursery.start_soon(put, index, bid, nursery.cancel_scope)
+        if not failure and repeats:
+            try:
+                await trio.to_thread.run_sync(_copy_repeats, entry, repeats, size, images.block_size)
+            except OSError as exc:
+                failure.append(exc.strerror or str(exc))
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(images.abandon_fill, entry)
@@ -67,3 +82,8 @@ async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size
         await trio.to_thread.run_sync(images.abandon_fill, entry)
         return False
     return await trio.to_thread.run_sync(images.finish_fill, entry, size, blocks)  # (abandons it if it fails)
+
+
+def _copy_repeats(entry: NewEntry, repeats: list[tuple[int, int]], size: int, block_size: int) -> None:
+    for index, source in repeats:
+        entry.copy_within(source * block_size, block_length(index, size, block_size), index * block_size)

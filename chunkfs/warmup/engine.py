@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from chunkfs.cache.images import cached_blocks, image_id
 from chunkfs.errors import ChunkfsError
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
 from chunkfs.units import format_size
-from chunkfs.warmup.plan import WarmPlan
+from chunkfs.warmup.plan import WarmFile, WarmPlan
 
 MAX_LISTED_FAILURES = 20
 
@@ -118,8 +119,7 @@ class Warmup:
         return self.report
 
     def _find_images(self) -> None:
-        self._imaged, self._images = cached_blocks(
-            self.cache, ((f.size, (bid for bid, _ in f.blocks)) for f in self._files))
+        self._imaged, self._images = cached_blocks(self.cache, _sizes_and_ids(self._files))
         for key in self._images:
             self.cache.pin(key)
 
@@ -183,10 +183,16 @@ class Warmup:
         self.report.complete = not absent
 
 
+def _sizes_and_ids(files: Iterable[WarmFile]) -> Iterator[tuple[int, list[bytes]]]:
+    """(size, block ids) of each file: what file images are keyed by."""
+    for f in files:
+        yield f.size, [bid for bid, _ in f.blocks]
+
+
 def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
     """How much of each path is on disk in the cache, in block entries or file images
     (blocking: one stat per block)."""
-    imaged, _ = cached_blocks(cache, ((f.size, (bid for bid, _ in f.blocks)) for f in plan.files()))
+    imaged, _ = cached_blocks(cache, _sizes_and_ids(plan.files()))
     missing = {bid for bid in cache.missing(plan.unique_blocks()) if bid not in imaged}
     out = []
     for entry in plan.paths:
@@ -199,8 +205,7 @@ def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
 def evict(cache: BlockCache, plan: WarmPlan) -> dict[str, int]:
     """Drop every block of the plan from the cache, and the files' images for FUSE
     passthrough (``cache/images.py``) (blocking)."""
-    images = {key for entry in plan.paths for f in entry.files
-              if (key := image_id(f.size, (bid for bid, _ in f.blocks))) is not None}
+    images = {key for size, ids in _sizes_and_ids(plan.files()) if (key := image_id(size, ids)) is not None}
     count, size = cache.drop_blocks([*plan.unique_blocks(), *images])
     return {"blocks_removed": count, "bytes_removed": size}
 
