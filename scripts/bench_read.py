@@ -47,6 +47,8 @@ times, measures in this order:
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
                        complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
+  ck_after_warmup      a fresh mount on ck_warmup's cache, loading the model after dropping the page
+                       cache: the first load a pod sees on a node an operator warmed
   pt_warm              design probe (scripts/probe_passthrough.py, not chunkfs): the local copy of the
                        model served by a pure-Python FUSE server that hands every open to the kernel
                        by FUSE passthrough, so no read reaches the server: what a warm load through a
@@ -178,11 +180,11 @@ JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-download
 NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "disk_write", "boto3_download_load",
          "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
          "ck_cold_mmap1", "ck_cold_mmap4", "ck_cold_mmap4_recording", "ck_cold_mmap4_profiled", "jfs_write",
-         "ck_write", "jfs_warmup", "ck_warmup", "pt_warm", "pt_cold"]
+         "ck_write", "jfs_warmup", "ck_warmup", "ck_after_warmup", "pt_warm", "pt_cold"]
 MMAP4_PROFILE_ROWS = {"ck_cold_mmap4": "off", "ck_cold_mmap4_recording": "record", "ck_cold_mmap4_profiled": "use"}
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS, "pt_cold"}
 RANKS = 4
-WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot", "pt_warm"}
+WARM = {"jfs_warm", "ck_warm_same", "ck_warm", "ck_hot", "pt_warm", "ck_after_warmup"}
 MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, LOAD_TIMEOUT = 60.0, 60.0, 3600.0
 
 # Runs in a fresh interpreter: load_model() from scripts/load_model.py (it times only the load), plus
@@ -950,6 +952,17 @@ class Bench:
                                                 self.per_gib(max(0.0, timed.children - idle.children)),
                                             **timed.cpu_extra()})
 
+    def ck_after_warmup(self) -> Sample:
+        """A fresh mount on the cache ``ck_warmup`` just filled: the first load after a warmup."""
+        mnt = self.work / "mnt"
+        proc = self.mount(self.profiled(self.ck_mount_cmd(self.work / "ck-warmup-cache", mnt), "ck_after_warmup"),
+                          mnt, "chunkfs")
+        drop_caches()
+        sample = self.load(mnt / "model", "ck_after_warmup", daemon=proc.pid)
+        sample.rss_mib, _ = peak_rss(proc.pid)
+        self.unmount(proc, mnt, [self.chunkfs, "umount"])
+        return sample
+
     def jfs_warmup(self) -> Sample:
         """``juicefs warmup``; tried up to three times, because JuiceFS now and then leaves a
         few blocks out of its cache (its cache writes are asynchronous and may be skipped),
@@ -1042,8 +1055,12 @@ class Bench:
             self.record("ck_write", self.ck_write(i), i)
         if self.wants("jfs_warmup"):
             self.record("jfs_warmup", self.jfs_warmup(), i)
-        if self.wants("ck_warmup"):
-            self.record("ck_warmup", self.ck_warmup(), i)
+        if self.wants("ck_warmup", "ck_after_warmup"):
+            warmup = self.ck_warmup()
+            if self.wants("ck_warmup"):
+                self.record("ck_warmup", warmup, i)
+            if self.wants("ck_after_warmup"):
+                self.record("ck_after_warmup", self.ck_after_warmup(), i)
         for name in ("pt_warm", "pt_cold"):
             if self.wants(name):
                 self.record(name, self.pt_load(name), i)
@@ -1055,8 +1072,8 @@ class Bench:
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
-        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_cold_mmap1",
-                      *MMAP4_PROFILE_ROWS):
+        if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_after_warmup",
+                      "ck_cold_mmap1", *MMAP4_PROFILE_ROWS):
             self.setup_chunkfs()
         if self.args.store_disk == "memory":
             self.hold_store_in_memory()

@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BLOCK, VolumeFixture, chunkfs, mounted, proxied_s3_volume, wait_for
+from tests.conftest import (
+    BLOCK,
+    VolumeFixture,
+    assert_cache_sound,
+    block_files,
+    chunkfs,
+    mounted,
+    proxied_s3_volume,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(os.geteuid() != 0, reason="the native transport mounts with mount(2): root only")]
@@ -167,7 +176,29 @@ def test_the_default_is_native_and_libfuse_never_passes_through(volume: VolumeFi
         assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
     with mounted(volume, "--fuse-transport", "libfuse", cache=cache, name="libfuse") as m:
         assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
-        assert read_bytes(m.path) >= SIZE
+        assert read_bytes(m.path) >= SIZE  # served by the daemon...
+        assert metric(m.path, "chunkfs_origin_blocks_total") == 0  # ...from the image: its blocks' only copy
+        assert metric(m.path, "chunkfs_passthrough_opens_total") == 0
+
+
+def test_a_new_version_sharing_blocks_takes_them_from_the_old_ones_image(volume: VolumeFixture,
+                                                                          model: dict[str, bytes],
+                                                                          tmp_path: Path) -> None:
+    """Blocks held only by an image (no entries of their own) still count as on the node: a
+    file made partly of them (a fine-tuned version, another pinned version) copies them."""
+    old = model["model.safetensors"]
+    new = old[: 3 * BLOCK] + os.urandom(2 * BLOCK)  # three blocks in common, two new
+    src = tmp_path / "v2"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(new)
+    chunkfs("import", volume.meta_url, str(src), "/v2")
+    with mounted(volume, *NATIVE) as m:
+        assert (m.path / "m/model.safetensors").read_bytes() == old
+        assert metric(m.path, "chunkfs_origin_blocks_total") == BLOCKS
+        assert (m.path / "v2/model.safetensors").read_bytes() == new
+        assert metric(m.path, FILLED) == 2
+        assert metric(m.path, "chunkfs_origin_blocks_total") == BLOCKS + 2  # only the new blocks
+        assert read_bytes(m.path) == 0
 
 
 def test_warmup_evict_drops_the_image_too(volume: VolumeFixture, model: dict[str, bytes]) -> None:
@@ -182,13 +213,63 @@ def test_warmup_evict_drops_the_image_too(volume: VolumeFixture, model: dict[str
 def test_a_warmup_through_the_mount_makes_the_first_load_pass_through(volume: VolumeFixture,
                                                                       model: dict[str, bytes]) -> None:
     with mounted(volume, *NATIVE) as m:
-        chunkfs("warmup", str(m.path / "m"))  # the daemon warms, then builds the model file's image
-        wait_for(lambda: metric(m.path, BUILT) == 1)
+        report = json.loads(chunkfs("warmup", str(m.path / "m"), "--json").stdout)
+        assert report["complete"] and report["bytes_fetched"] == report["bytes_total"]
+        assert metric(m.path, FILLED) == 1  # the daemon filled the model file's image, as an open does
+        assert metric(m.path, "chunkfs_origin_blocks_total") == BLOCKS + 3  # each block once: notes.txt has 3
         assert (m.path / "m/model.safetensors").read_bytes() == model["model.safetensors"]
-        assert metric(m.path, FILLED) == 0
+        assert metric(m.path, FILLED) == 1 and metric(m.path, BUILT) == 0
         assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
         assert read_bytes(m.path) == 0  # the first load never reached the daemon
         assert (m.path / "m/notes.txt").read_bytes() == model["notes.txt"]  # not a model file: served
+        assert metric(m.path, "chunkfs_origin_blocks_total") == BLOCKS + 3
+
+
+def test_a_warmup_with_file_images_leaves_models_ready_to_pass_through(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``chunkfs warmup --file-images`` without a mount: model files become images, the rest
+    block entries; a warmup stopped mid-fill leaves nothing partial, and the next one
+    completes it; then a native mount passes the first open through and a libfuse mount
+    reads the images, neither fetching anything."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"a.safetensors": os.urandom(5 * BLOCK + 7), "b.safetensors": os.urandom(4 * BLOCK),
+             "config.json": b'{"layers": 2}\n'}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    cache = tmp_path / "cache"
+    with proxied_s3_volume(s3_server, tmp_path, BLOCK) as (vol, proxy):
+        chunkfs("import", vol.meta_url, str(src), "/m")
+        proxy.config.block_gets = 0
+        args = ["warmup", vol.meta_url, "/m", "--cache-dir", str(cache), "--file-images", "*.safetensors"]
+        proxy.config.kinds, proxy.config.delay, proxy.config.rate = ("delay",), 0.2, 1.0
+        proc = subprocess.Popen([sys.executable, "-m", "chunkfs", *args, "--threads", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: proxy.config.block_gets >= 3)  # an image is being filled
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143, err
+        assert list((cache / "tmp").iterdir()) == []  # no partial image
+        assert_cache_sound(cache)
+        proxy.config.rate = 0.0
+        report = json.loads(chunkfs(*args, "--json").stdout)
+        assert report["complete"] and report["files_done"] == 3
+        sizes = sorted(p.stat().st_size for p in block_files(cache))
+        assert sizes == sorted(len(data) for data in files.values())  # two images and one block entry
+        assert assert_cache_sound(cache) == 3
+        check = json.loads(chunkfs("warmup", vol.meta_url, "/m", "--cache-dir", str(cache), "--check",
+                                   "--json").stdout)
+        assert check["paths"][0]["percent"] == 100.0
+        fetched = proxy.config.block_gets
+        with mounted(vol, *NATIVE, cache=cache) as m:
+            for name, data in files.items():
+                assert (m.path / "m" / name).read_bytes() == data
+            assert metric(m.path, "chunkfs_passthrough_opens_total") == 2
+            assert metric(m.path, FILLED) == 0 and metric(m.path, BUILT) == 0
+            assert read_bytes(m.path) == len(files["config.json"])
+        with mounted(vol, "--fuse-transport", "libfuse", cache=cache, name="libfuse") as m:
+            for name, data in files.items():
+                assert (m.path / "m" / name).read_bytes() == data
+        assert proxy.config.block_gets == fetched  # every byte came from the node cache
 
 
 def test_an_open_waiting_for_its_image_can_be_interrupted(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -26,9 +26,11 @@ from typing import ClassVar
 
 import pytest
 
+from chunkfs.blocklist import BlockList
 from chunkfs.blocks import BlockCodec, block_id
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import aligned_buffer
+from chunkfs.cache.images import FileImages, image_id
 from chunkfs.meta.sqlite import SqliteMeta
 from chunkfs.metrics import Metrics
 from chunkfs.peer import auth
@@ -193,6 +195,44 @@ def test_a_peer_serves_verified_blocks_and_nothing_else(tmp_path: Path) -> None:
         refused = {s.labels["reason"]: s.value for m in server.metrics.registry.collect()
                    if m.name == "chunkfs_peer_requests_refused" for s in m.samples if s.name.endswith("_total")}
         assert refused["unauthenticated"] == 4 and refused["malformed"] == 7, refused
+
+
+def test_a_member_that_is_this_very_process_is_known_at_once(tmp_path: Path) -> None:
+    """A member list naming this node under an address it does not know as its own (a CSI
+    volume's ``peers: 127.0.0.1:PORT``): asked for a block it owns but does not hold, its own
+    server would wait for its own download of that block. The server knows its process's
+    token and answers 508 at once; the client then treats that member as itself."""
+    bid, data = _block(5)
+    loads: list[bytes] = []
+    with serving(tmp_path, {}, node_token="this-process") as server:
+        server.load = lambda want, length: loads.append(want) or False
+        client = _client([f"127.0.0.1:{server.port}"], node_token="this-process")
+        started = time.monotonic()
+        assert _fetch(client, bid, len(data), tmp_path) is None  # use the store
+        assert time.monotonic() - started < 5 and loads == []
+        assert client.candidates(bid) == []  # never asked again
+        other = _client([f"127.0.0.1:{server.port}"])  # another process: served as before
+        assert _fetch(other, bid, len(data), tmp_path) is None and loads == [bid]
+
+
+def test_a_block_held_only_in_a_file_image_is_served_from_it(tmp_path: Path) -> None:
+    blocks = [_block(10 + i) for i in range(3)]
+    ids = [bid for bid, _ in blocks]
+    size = 3 * BLOCK
+    with serving(tmp_path, {}) as server:
+        cache = server.node_cache
+        images = FileImages(cache, BLOCK)
+        key = image_id(size, ids)
+        assert key is not None
+        entry = images.open_fill(key, size)
+        assert entry is not None
+        for index, (_, data) in enumerate(blocks):
+            entry.write_at(data, index * BLOCK)
+        assert images.finish_fill(entry, size, BlockList.dense(ids))
+        assert not cache.contains(ids[1]) and cache.in_image(ids[1])
+        client = _client([f"127.0.0.1:{server.port}"])
+        for bid, data in blocks:
+            assert _fetch(client, bid, len(data), tmp_path) == data
 
 
 def test_an_owner_loads_a_missing_block_once_for_every_asker(tmp_path: Path) -> None:

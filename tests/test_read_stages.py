@@ -18,7 +18,7 @@ from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.disk import aligned_buffer
 from chunkfs.cache.images import FileImages, image_id
 from chunkfs.read.download import PIECE, BlockDownload, Busy
-from chunkfs.read.fetcher import BlockFetcher
+from chunkfs.read.fetcher import BlockFetcher, Source
 from chunkfs.read.flight import Flight, FlightFailed, SingleFlight
 from chunkfs.read.image_fill import fill_image
 from chunkfs.read.reader import FileReader, ReadConfig
@@ -382,3 +382,47 @@ def test_a_damaged_block_leaves_no_image_behind(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache" / "tmp").iterdir())
     assert cache._reserved == 0  # the image's room was given back
     assert cache.used_bytes == sum(cache.entry_size(bid) or 0 for bid in set(blocks) if cache.is_verified(bid))
+
+
+def test_blocks_held_only_by_an_image_are_read_from_it(tmp_path: Path) -> None:
+    """After a fill, the image is the blocks' only copy on the node: a daemon-served read, a
+    file sharing blocks with it (another pinned version) and ``warm`` take them from there."""
+    _store, fetcher, cache, blocks, data = _image_volume(tmp_path, 6)
+    images = FileImages(cache, 64 << 10)
+    filled, key = _fill(fetcher, images, blocks, len(data))
+    assert filled and cache.image_noted(key)
+    downloads = fetcher.downloads
+
+    async def reads() -> list[bytes]:
+        out = []
+        for index, bid in enumerate(blocks):
+            length = len(data) - index * (64 << 10) if index == len(blocks) - 1 else 64 << 10
+            out.append(bytes(await fetcher.read(bid, length, 0, length)))
+            assert await fetcher.warm(bid, length) is Source.NODE
+        return out
+
+    assert b"".join(trio.run(reads)) == data
+    # another file made of the same blocks in another order: its image is filled by copies
+    other = BlockList.dense([blocks[4], blocks[1], blocks[0], blocks[2], blocks[3], blocks[5]])
+    moved = b"".join(data[i * (64 << 10):(i + 1) * (64 << 10)] for i in (4, 1, 0, 2, 3)) + data[5 * (64 << 10):]
+    filled, other_key = _fill(fetcher, images, other, len(moved))
+    assert filled and fetcher.downloads == downloads
+    path = images.find(other_key, len(moved))
+    assert path is not None and Path(path).read_bytes() == moved
+    # once the image is gone, so are its blocks: they are downloaded again
+    cache.drop(key)
+    cache.drop(other_key)
+    assert not cache.in_image(blocks[0])
+    assert trio.run(fetcher.read, blocks[0], 64 << 10, 0, 16) == data[:16]
+    assert fetcher.downloads == downloads + 1
+
+
+def test_an_image_removed_by_another_process_is_forgotten(tmp_path: Path) -> None:
+    _store, fetcher, cache, blocks, data = _image_volume(tmp_path, 4)
+    images = FileImages(cache, 64 << 10)
+    filled, key = _fill(fetcher, images, blocks, len(data))
+    assert filled
+    downloads = fetcher.downloads
+    os.unlink(images.path(key))  # warmup --evict in another process
+    assert trio.run(fetcher.read, blocks[2], 64 << 10, 5, 10) == data[2 * (64 << 10) + 5: 2 * (64 << 10) + 10]
+    assert fetcher.downloads == downloads + 1 and not cache.image_noted(key)

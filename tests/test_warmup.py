@@ -251,14 +251,15 @@ def test_kill_9_leaves_no_partial_block_and_a_rerun_resumes(s3_model, tmp_path: 
     assert [p.name for p in (cache / "locks").iterdir()] == ["downloads-blake3"]  # the volume's namespace
 
 
-def test_sigterm_stops_cleanly(s3_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("images", [(), ("--file-images", "*.safetensors")], ids=["entries", "file-images"])
+def test_sigterm_stops_cleanly(s3_model, tmp_path: Path, images: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
     vol, _src, proxy = s3_model
     cache = tmp_path / "cache"
     proxy.config.rate, proxy.config.kinds, proxy.config.delay = 1.0, ("delay",), 0.15
     proc = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", vol.meta_url, "/m", "--cache-dir", str(cache),
-                             "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "2", *images], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not block_files(cache) and time.monotonic() < deadline:
+    while not block_files(cache) and time.monotonic() < deadline:  # the first entry, or image, is in
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)

@@ -28,6 +28,12 @@ Policy:
   two processes sharing the cache (a mount and a warmup, two mounts) download it once.
 - Failures of the cache disk (ENOSPC, EIO, a vanished directory) are logged, counted and
   answered as a miss or a declined ``put``: they never fail a read.
+- Blocks held in file images (``cache/images.py``): once this process knows a usable image
+  (``note_image``: it made or admitted it), a block with no verified entry of its own is
+  read from its place in the image (``read_into``, ``read_whole_into``, ``advise``,
+  ``block_source``; ``in_image`` says so). The image is an entry like the others, verified
+  the same way; when it is dropped or evicted, its blocks are forgotten with it. Only the
+  process that noted an image reads blocks from it (the note is in memory).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +98,8 @@ class BlockCache:
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
         self._stuck: set[bytes] = set()  # dropped entries the disk would not let us remove
+        self._in_images: dict[bytes, tuple[bytes, int, int]] = {}  # block -> (image, offset, length) of noted images
+        self._image_blocks: dict[bytes, list[bytes]] = {}  # noted image -> the blocks placed in it
         self._failing = False  # last write failed: log later failures quietly
         self.index_loaded = threading.Event()  # set once ``load_index`` has run
 
@@ -126,6 +134,9 @@ class BlockCache:
         if size is not None:
             self._bytes -= size
         self._verified.discard(bid)
+        for held in self._image_blocks.pop(bid, ()):  # an image: its blocks are no longer there
+            if self._in_images.get(held, (None,))[0] == bid:
+                del self._in_images[held]
 
     def _index_verified(self, bid: bytes, size: int) -> None:
         """Record an entry this process wrote or checked: most recently used, servable."""
@@ -180,6 +191,56 @@ class BlockCache:
             else:
                 del self._pins[bid]
 
+    # -- blocks in file images ---------------------------------------------------------------
+    def note_image(self, key: bytes, size: int, block_size: int, blocks: Iterable[bytes]) -> None:
+        """Image ``key`` of a ``size``-byte file, verified or admitted by this process, holds
+        ``blocks`` (in file order, ``block_size`` bytes apart): blocks without an entry of
+        their own are read from there. A block in several noted images is read from the
+        first noted."""
+        with self._lock:
+            if key not in self._verified or key in self._image_blocks:
+                return
+            placed = self._image_blocks[key] = []
+            for index, bid in enumerate(blocks):
+                if bid not in self._in_images:
+                    offset = index * block_size
+                    self._in_images[bid] = (key, offset, min(block_size, size - offset))
+                    placed.append(bid)
+
+    def image_noted(self, key: bytes) -> bool:
+        """Image ``key`` is noted (``note_image``) and still verified."""
+        return key in self._image_blocks and key in self._verified
+
+    def _image_place(self, bid: bytes) -> tuple[bytes, int] | None:
+        """(image, offset) of a block with no verified entry, held by a noted image."""
+        if bid in self._verified:
+            return None
+        place = self._in_images.get(bid)
+        return None if place is None else place[:2]
+
+    def in_image(self, bid: bytes) -> bool:
+        """No verified entry of its own, but readable from a noted file image."""
+        return self._image_place(bid) is not None
+
+    def block_source(self, bid: bytes) -> tuple[str, int, int | None] | None:
+        """(path, offset, length) of a verified copy of the block: its entry (offset 0,
+        length None: the whole file), or its place in a noted image; None if neither (no
+        system call: the file may have gone since)."""
+        if bid in self._verified:
+            return self.dir_for(bid).path(bid), 0, None
+        place = self._in_images.get(bid)
+        if place is None:
+            return None
+        key, offset, length = place
+        return self.dir_for(key).path(key), offset, length
+
+    def source_lost(self, bid: bytes) -> None:
+        """The file ``block_source`` named for the block has gone (another process removed
+        it): forget it, so that the block is looked for elsewhere or fetched again."""
+        place = (bid, 0) if bid in self._verified else self._image_place(bid)
+        if place is not None:
+            self.drop(place[0])
+
     # -- reads -----------------------------------------------------------------------------
     def is_verified(self, bid: bytes) -> bool:
         """True when ``read`` may serve the entry without checking it again."""
@@ -197,9 +258,20 @@ class BlockCache:
         """Fill ``out`` with the verified entry's bytes from ``start``; False (a miss) if it
         is not verified, has gone or cannot be read (then ``out`` holds nothing useful).
         With ``nowait`` (the event loop's reads), ``BlockingIOError`` if the bytes are not
-        in the page cache: read them again, without ``nowait``, in a worker thread."""
+        in the page cache: read them again, without ``nowait``, in a worker thread. A
+        block held by a noted image is read from there."""
         if bid not in self._verified:
-            return False
+            place = self._image_place(bid)
+            if place is None:
+                return False
+            key, offset = place
+            try:
+                got = self.dir_for(key).read_into(key, offset + start, out, nowait=nowait)
+            except BlockingIOError:
+                raise
+            except OSError as exc:
+                return self._unreadable(key, exc)
+            return self._read_back(key, got == len(out))
         try:
             got = self.dir_for(bid).read_into(bid, start, out, nowait=nowait)
         except BlockingIOError:
@@ -213,7 +285,15 @@ class BlockCache:
         whole verified entry, around the page cache where the filesystem allows it; False
         (a miss) as ``read_into``."""
         if bid not in self._verified:
-            return False
+            place = self._image_place(bid)
+            if place is None:
+                return False
+            key, offset = place
+            try:
+                got = self.dir_for(key).read_whole_into(key, length, out, offset)
+            except OSError as exc:
+                return self._unreadable(key, exc)
+            return self._read_back(key, got >= length)
         try:
             got = self.dir_for(bid).read_whole_into(bid, length, out)
         except OSError as exc:
@@ -281,10 +361,12 @@ class BlockCache:
     def advise(self, bid: bytes, length: int) -> None:
         """Ask the kernel to start reading a verified entry into the page cache (readahead of
         blocks already on this node), so that later ``read`` calls do not wait for the disk."""
-        if bid not in self._verified:
+        place = (bid, 0) if bid in self._verified else self._image_place(bid)
+        if place is None:
             return
+        key, offset = place
         with contextlib.suppress(OSError):  # only a hint: real problems show up (and are handled) in ``read``
-            self.dir_for(bid).advise(bid, length)
+            self.dir_for(key).advise(key, length, offset)
 
     def entry_size(self, bid: bytes) -> int | None:
         """Size of the block's file on disk (None if absent or unreadable); not verified."""

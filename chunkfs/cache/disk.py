@@ -213,11 +213,11 @@ class NewEntry:
         with self._positional:
             self._copy_range(self.tmp, length, source, offset)  # (the entry's own descriptor only writes)
 
-    def copy_at(self, path: str, length: int, offset: int) -> None:
-        """Copy the first ``length`` bytes of the file at ``path`` to ``offset``, in the
-        kernel (``copy_file_range``: nothing passes through this process; thread-safe).
+    def copy_at(self, path: str, length: int, offset: int, source: int = 0) -> None:
+        """Copy ``length`` bytes of the file at ``path``, from ``source``, to ``offset``, in
+        the kernel (``copy_file_range``: nothing passes through this process; thread-safe).
         ``OSError`` if the file is shorter."""
-        self._copy_range(path, length, 0, offset)
+        self._copy_range(path, length, source, offset)
 
     def _copy_range(self, path: str, length: int, source: int, offset: int) -> None:
         assert not self._direct
@@ -468,18 +468,18 @@ class CacheDir:
         finally:
             os.close(fd)
 
-    def read_whole_into(self, bid: bytes, length: int, out: memoryview) -> int:
-        """Read the entry from its start into ``out`` (page-aligned, at least ``length``
-        rounded up to ``DIRECT_ALIGN``), around the page cache (``O_DIRECT``) where the
-        filesystem allows it; the bytes read, up to that rounded length (fewer if the
-        entry is shorter)."""
+    def read_whole_into(self, bid: bytes, length: int, out: memoryview, offset: int = 0) -> int:
+        """Read the entry from ``offset`` (a multiple of ``DIRECT_ALIGN``; 0: its start) into
+        ``out`` (page-aligned, at least ``length`` rounded up to ``DIRECT_ALIGN``), around the
+        page cache (``O_DIRECT``) where the filesystem allows it; the bytes read, up to that
+        rounded length (fewer if the entry is shorter)."""
         want = aligned_up(length)
         if len(out) < want:
             raise ValueError(f"a {len(out)}-byte buffer cannot take {want} bytes")
         direct = self.direct
         while True:
             try:
-                return self._read_whole(bid, out[:want], direct)
+                return self._read_whole(bid, out[:want], direct, offset)
             except OSError as exc:
                 if not direct or exc.errno != errno.EINVAL:
                     raise
@@ -487,12 +487,12 @@ class CacheDir:
             direct = self.direct = False
             log.info("cache: %s refuses O_DIRECT reads; reading through the page cache", self.root)
 
-    def _read_whole(self, bid: bytes, out: memoryview, direct: bool) -> int:
+    def _read_whole(self, bid: bytes, out: memoryview, direct: bool, offset: int = 0) -> int:
         fd = os.open(self.path(bid), os.O_RDONLY | (os.O_DIRECT if direct else 0))
         try:
             done = 0
             while done < len(out):
-                got = os.preadv(fd, [out[done:]], done)
+                got = os.preadv(fd, [out[done:]], offset + done)
                 done += got
                 if not got or done % DIRECT_ALIGN:
                     break  # the end of the file (an O_DIRECT read cannot go on from an unaligned offset)
@@ -500,11 +500,12 @@ class CacheDir:
         finally:
             os.close(fd)
 
-    def advise(self, bid: bytes, length: int) -> None:
-        """POSIX_FADV_WILLNEED on the entry: the kernel reads it in the background."""
+    def advise(self, bid: bytes, length: int, offset: int = 0) -> None:
+        """POSIX_FADV_WILLNEED on ``length`` bytes of the entry from ``offset``: the kernel
+        reads them in the background."""
         fd = os.open(self.path(bid), os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 

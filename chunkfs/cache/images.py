@@ -32,6 +32,10 @@ Invariants:
 - Once an image is published, its file's blocks become the least recently used entries: when
   room is needed they go first, so the image does not double the space a model takes for
   longer than the cache has room for both.
+- Every image this process publishes or finds usable is noted in the cache
+  (``BlockCache.note_image``): its blocks are read from it by daemon-served reads (libfuse,
+  or an open that could not be passed through), peers and other files' fills, instead of
+  being downloaded again.
 """
 
 from __future__ import annotations
@@ -69,15 +73,18 @@ def usable(cache: BlockCache, key: bytes, size: int) -> bool:
     return cache.is_verified(key) or cache.admit(key, size, page_in=False)
 
 
-def cached_blocks(cache: BlockCache, files: Iterable[tuple[int, Iterable[bytes]]]) -> tuple[set[bytes], set[bytes]]:
+def cached_blocks(cache: BlockCache, block_size: int,
+                  files: Iterable[tuple[int, Iterable[bytes]]]) -> tuple[set[bytes], set[bytes]]:
     """Of these (size, block ids) files, (the blocks of those with a usable image, the ids of
-    those images): what a warmup counts as on the node besides block entries (blocking)."""
+    those images): what a warmup counts as on the node besides block entries. The images
+    found are noted in ``cache`` (blocking)."""
     blocks: set[bytes] = set()
     keys: set[bytes] = set()
     for size, ids in files:
         listed = list(ids)
         key = image_id(size, listed)
         if key is not None and size > 0 and usable(cache, key, size):
+            cache.note_image(key, size, block_size, listed)
             blocks.update(listed)
             keys.add(key)
     return blocks, keys
@@ -90,10 +97,21 @@ class FileImages:
         self.cache = cache
         self.block_size = block_size
 
-    def find(self, key: bytes, size: int) -> str | None:
-        """The path of a usable image ``key`` of ``size`` bytes, or None. Blocking (a stat
-        and an xattr read): run it in a worker thread."""
-        return self.path(key) if usable(self.cache, key, size) else None
+    def find(self, key: bytes, size: int, blocks: BlockList | None = None) -> str | None:
+        """The path of a usable image ``key`` of ``size`` bytes, or None; one found is noted
+        in the cache as holding ``blocks`` when they are given. Blocking (a stat and an
+        xattr read): run it in a worker thread."""
+        if not usable(self.cache, key, size):
+            return None
+        if blocks is not None:
+            self.cache.note_image(key, size, self.block_size, blocks)
+        return self.path(key)
+
+    def note_if_usable(self, key: bytes, size: int, blocks: BlockList) -> None:
+        """Note the file's image ``key`` in the cache if it is usable (a daemon-served open:
+        its blocks are then read from the image). Blocking unless it is noted already."""
+        if not self.cache.image_noted(key):
+            self.find(key, size, blocks)
 
     def path(self, key: bytes) -> str:
         """Where image ``key`` lives (whether or not it is there)."""
@@ -130,6 +148,7 @@ class FileImages:
     def _publish(self, entry: NewEntry, blocks: BlockList) -> bool:
         if not self.cache.commit(entry):
             return False
+        self.cache.note_image(entry.bid, entry.size, self.block_size, blocks)
         # opens now read the image: its blocks are the first to go when room is needed (a
         # daemon-served open or a peer may still want them until then)
         self.cache.demote([bid for bid in blocks if bid != HOLE])

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     FREE_SPACE_RATIO.add_to(p, default=None, help="keep this fraction of each cache disk free (default 0.1); not "
                                                   "with a mount's paths")
     p.add_argument("--threads", type=positive_int, default=32, help="blocks downloaded in parallel (default 32)")
+    p.add_argument("--file-images", default=None, metavar="PATTERNS",
+                   help="without a mount: warm the files whose names match these comma-separated patterns (e.g. "
+                        "'*.safetensors') as whole-file images, which mounts pass through to the kernel from the "
+                        "first open, rather than as block entries (default: none). A file being filled when the "
+                        "warmup stops is filled again by the next one; a mount reading the model meanwhile may "
+                        "fetch some blocks too. A mount's paths follow that mount (images on the native "
+                        "transport)")
     add_options(p, PEER_OPTIONS)  # without a mount: fetch from peers first, and serve them while warming
     p.add_argument("--wait", action="store_true",
                    help="try blocks that failed again (backing off up to 30 s) until every one is cached: exit 0 "

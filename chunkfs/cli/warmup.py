@@ -64,7 +64,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         if not targets:
             raise UsageError("name what to warm: META_URL /path ... (no mount needed) or paths inside a chunkfs mount")
         for flag, value in (("--cache-dir", args.cache_dir), ("--cache-size", args.cache_size),
-                            ("--free-space-ratio", args.free_space_ratio)):
+                            ("--free-space-ratio", args.free_space_ratio), ("--file-images", args.file_images)):
             if value is not None:
                 raise UsageError(f"{flag} is for warming without a mount; a mount warms its own cache")
         if getattr(args, "peer_listen", None) or getattr(args, "keep_serving", False):
@@ -189,14 +189,21 @@ def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable
     """The standalone warmup: with ``peers.server`` (``--peer-listen``) it answers peers from
     the cache it fills, and loads the blocks it owns for them, while it warms; with
     ``--keep-serving`` it goes on answering after a complete warmup until stopped."""
+    from chunkfs.cache.images import FileImages
+    from chunkfs.cli.mount import prefetch_patterns
     from chunkfs.peer.setup import owner_load, serve_cache
+    from chunkfs.read.reader import ReadConfig
     from chunkfs.warmup.engine import Warmup
+
+    patterns = prefetch_patterns(getattr(args, "file_images", None) or "")
 
     async def run(plan: Any) -> dict[str, Any]:
         await trio.to_thread.run_sync(fetcher.cache.load_index)
         if peers is not None and peers.server is not None:
             serve_cache(peers, fetcher.cache, owner_load(fetcher))
-        job = Warmup(fetcher, plan, threads=args.threads, force=args.force)
+        images = FileImages(fetcher.cache, plan.block_size) if patterns else None
+        wants = ReadConfig(plan.block_size, prefetch_patterns=patterns).wants_prefetch
+        job = Warmup(fetcher, plan, threads=args.threads, force=args.force, images=images, wants_image=wants)
         show = _progress_printer(args)
         stopped_by: list[str] = []
         async with trio.open_nursery() as nursery:

@@ -126,7 +126,11 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
     native = NativeSession(vfs, config.mountpoint, f"chunkfs:{volume.fmt.name}", config.fuse_workers,
                            FileImages(cache, block_size), fill_on_open=config.access_profile != "record",
                            ) if config.fuse_transport == "native" else None
-    control = ControlServer(fetcher, meta, block_size, on_warmed=native.build_images if native else None)
+    fills = native is not None and native.fill_on_open  # warmups fill model files' images, as opens do
+    control = ControlServer(fetcher, meta, block_size, on_warmed=native.build_images if native else None,
+                            images=native.images if fills and native else None,
+                            wants_image=lambda name: bool(native and native.passthrough)
+                            and reader.config.wants_prefetch(name))
     http = None
     if config.metrics_address is not None:
         host, port = config.metrics_address

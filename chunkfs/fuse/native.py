@@ -365,8 +365,8 @@ class NativeSession:
         found = await self._image_of(ino)
         if found is None:
             return None
-        key, size, _ = found
-        path = await trio.to_thread.run_sync(self.images.find, key, size)
+        key, size, blocks = found
+        path = await trio.to_thread.run_sync(self.images.find, key, size, blocks)
         if (path is None and self.fill_on_open and not self._cached.get(ino)
                 and await self._fill(ino, found, Priority.DEMAND)):
             path = self.images.path(key)

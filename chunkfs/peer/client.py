@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import http.client
 import logging
+import secrets
 import threading
 import time
 from typing import Any
@@ -65,6 +66,8 @@ CONNECT_TIMEOUT_S = 2.0
 #: ask at once: 404, 503 or the block), so a stalled peer costs the owner's own blocks little
 HELD_ANSWER_S = 1.0
 DEFAULT_BASE_TIMEOUT_S = 10.0
+#: header naming the asking process (a random token): a server that finds its own answers 508
+NODE_HEADER = "X-Chunkfs-Node"
 DEFAULT_MIN_RATE = 8 << 20  # bytes/s a peer must sustain beyond the base timeout
 
 
@@ -106,7 +109,10 @@ def block_path(volume_uuid: str, bid: bytes) -> str:
 class PeerClient:
     def __init__(self, membership: Membership, volume_uuid: str, secret: bytes, metrics: Metrics, *,
                  tls: bool = False, ca_file: str | None = None, connections: int = 32, tries: int = 2,
-                 base_timeout: float = DEFAULT_BASE_TIMEOUT_S, min_rate: int = DEFAULT_MIN_RATE) -> None:
+                 base_timeout: float = DEFAULT_BASE_TIMEOUT_S, min_rate: int = DEFAULT_MIN_RATE,
+                 node_token: str | None = None) -> None:
+        """``node_token``: names this process in every request (``NODE_HEADER``; random if
+        None): the peer server of the same process is given it too."""
         self.membership = membership
         self.volume_uuid = volume_uuid
         self._secret = secret
@@ -119,6 +125,9 @@ class PeerClient:
         self._pool = urllib3.PoolManager(num_pools=256, maxsize=connections, retries=False, **tls_args)
         self._skip_until: dict[str, float] = {}
         self._lock = threading.Lock()
+        #: sent with every request; this process's peer server answers it with 508
+        self.node_token = node_token or secrets.token_hex(16)
+        self._selves: set[str] = set()  # members that turned out to be this process (508)
 
     # -- which peers ---------------------------------------------------------------------------
     def candidates(self, bid: bytes) -> list[tuple[str, bool]]:
@@ -128,7 +137,7 @@ class PeerClient:
         out: list[tuple[str, bool]] = []
         owning = False
         for peer in owners(bid, self.membership.members()):
-            if peer == self.membership.own:
+            if peer == self.membership.own or peer in self._selves:
                 owning = True  # this node owns it (or takes over from those skipped): the store,
                 continue  # but first the next peers, should they hold the block already
             if self._skip_until.get(peer, 0.0) > now:
@@ -137,6 +146,13 @@ class PeerClient:
             if len(out) == self.tries:
                 break
         return out
+
+    def _is_self(self, peer: str) -> None:
+        with self._lock:
+            if peer in self._selves:
+                return
+            self._selves.add(peer)
+        log.info("peer %s is this node: its blocks are fetched from the store, as this node's own", peer)
 
     def _hold_off(self, peer: str, seconds: float) -> None:
         with self._lock:
@@ -155,6 +171,9 @@ class PeerClient:
                     self._get(peer, bid, length, sink, buffer, held_only=held_only)
                 except PeerFailed as exc:
                     if exc.reason == "not_held":
+                        break
+                    if exc.reason == "self":
+                        self._is_self(peer)
                         break
                     self.metrics.peer_errors.labels(exc.reason).inc()
                     log.info("peer %s: block %s: %s", peer, bid.hex()[:16], exc)
@@ -194,7 +213,7 @@ class PeerClient:
              held_only: bool = False) -> None:
         path = block_path(self.volume_uuid, bid)
         query = f"{path}?length={length}" + ("&held=1" if held_only else "")
-        headers = {"Authorization": auth.sign(self._secret, "GET", query)}
+        headers = {"Authorization": auth.sign(self._secret, "GET", query), NODE_HEADER: self.node_token}
         try:
             response = self._request(peer, query, headers, held_only)
         except urllib3.exceptions.NewConnectionError as exc:  # (a ConnectTimeoutError to urllib3)
@@ -206,6 +225,8 @@ class PeerClient:
             raise PeerFailed("unreachable", f"{type(exc).__name__}: {exc}") from exc
         whole = False
         try:
+            if response.status == 508:
+                raise PeerFailed("self", "is this process", hold_off=0.0)
             if response.status == 503:  # busy: it holds the block (asked again, see fetch)
                 raise PeerFailed("busy", "answered 503: every upload slot is taken", hold_off=0.0)
             if response.status == 404 and held_only:

@@ -11,7 +11,10 @@ signed by ``auth.sign``. Answers: 200 with exactly ``length`` bytes (preceded by
 checked first, with an empty body whatever else is wrong); 400 (malformed); 404 (another
 volume, or a block this node neither holds nor could load; with ``held=1``, one it does not
 hold, never loaded); 405 (any other method); 503 (all
-upload slots stayed busy for ``BUSY_WAIT_S``: ask the store).
+upload slots stayed busy for ``BUSY_WAIT_S``: ask the store); 508 (the request came from
+this very process, by its ``NODE_HEADER``: a member list naming this node under an address
+it does not know as its own, such as ``127.0.0.1``; the asker then treats that member as
+itself, instead of waiting on its own download of the block).
 
 Invariants:
 
@@ -45,7 +48,7 @@ from chunkfs.blocks import HASH_LEN, MAX_BLOCK_SIZE
 from chunkfs.cache.block_cache import BlockCache
 from chunkfs.metrics import Metrics
 from chunkfs.peer import auth
-from chunkfs.peer.client import ORIGIN_ONLY
+from chunkfs.peer.client import NODE_HEADER, ORIGIN_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,10 @@ class PeerServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], volume_uuid: str, secret: bytes, cache: BlockCache | None,
                  metrics: Metrics, *, load: Load | None = None, max_uploads: int = 8, max_rate: int = 0,
-                 max_connections: int = 256, tls: ssl.SSLContext | None = None) -> None:
+                 max_connections: int = 256, tls: ssl.SSLContext | None = None, node_token: str = "") -> None:
+        """``node_token``: this process's (``PeerClient.node_token``): a request carrying it
+        is this process asking itself (508)."""
+        self.node_token = node_token
         self.volume_uuid = volume_uuid
         self.secret = secret
         self.cache = cache
@@ -201,6 +207,9 @@ class PeerHandler(BaseHTTPRequestHandler):
         if match.group(1) != self.server.volume_uuid:
             self._empty(404, "other_volume")
             return
+        if self.server.node_token and self.headers.get(NODE_HEADER) == self.server.node_token:
+            self._empty(508, "self")
+            return
         bid, length = bytes.fromhex(match.group(2)), int(length_text)
         held_only = query.get("held", [""])[-1] == "1"  # an owner checking whether the fleet has it
         if not self._held(bid, length):
@@ -246,16 +255,27 @@ class PeerHandler(BaseHTTPRequestHandler):
 
     def _held(self, bid: bytes, length: int) -> bool:
         cache = self.server.node_cache
-        return cache.is_verified(bid) or cache.admit(bid, length, page_in=False)
+        return cache.is_verified(bid) or cache.in_image(bid) or cache.admit(bid, length, page_in=False)
 
     def _send_block(self, bid: bytes, length: int) -> None:
+        """Send the block from its entry, or from its place in a file image this node holds."""
+        source = self.server.node_cache.block_source(bid)
+        if source is None:
+            self._empty(404, "missing")
+            return
+        path, start, in_image = source
+        if in_image is not None and in_image != length:
+            self._empty(404, "missing")
+            return
         try:
-            entry = open(self.server.node_cache.dir_for(bid).path(bid), "rb", buffering=0)  # noqa: SIM115
+            entry = open(path, "rb", buffering=0)  # noqa: SIM115
         except OSError:
             self._empty(404, "missing")
             return
         with entry:
-            if os.fstat(entry.fileno()).st_size != length:
+            size = os.fstat(entry.fileno()).st_size
+            whole = size == length if in_image is None else size >= start + length
+            if not whole:
                 self._empty(404, "missing")
                 return
             self.send_response(200)
@@ -267,7 +287,7 @@ class PeerHandler(BaseHTTPRequestHandler):
             while sent < length:  # sendfile on plain HTTP; socket.sendfile copies under TLS
                 n = min(SEND_PIECE, length - sent)
                 self.server.bucket.take(n)
-                done = self.connection.sendfile(entry, sent, n)
+                done = self.connection.sendfile(entry, start + sent, n)
                 if not done:
                     raise ConnectionError("the entry shrank while being sent")
                 sent += done

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import socket
 import ssl
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ def open_peers(settings: PeerSettings, volume_uuid: str, registry: PeerRegistry 
     returned unstarted (``Peers.server.load`` is set and ``start`` called by the mount once
     its event loop runs)."""
     secret = auth.load_secret(settings.secret_file)
+    node_token = secrets.token_hex(16)
     server = None
     own = None
     if settings.listen:
@@ -124,13 +126,14 @@ def open_peers(settings: PeerSettings, volume_uuid: str, registry: PeerRegistry 
                 raise UsageError(f"cannot load --peer-tls-cert/--peer-tls-key: {exc}") from None
         try:
             server = PeerServer((host.strip("[]") or "0.0.0.0", int(port)), volume_uuid, secret, None, metrics,
-                                max_uploads=settings.max_uploads, max_rate=settings.max_rate, tls=context)
+                                max_uploads=settings.max_uploads, max_rate=settings.max_rate, tls=context,
+                                node_token=node_token)
         except OSError as exc:
             raise ChunkfsError(f"cannot serve peers on {settings.listen}: {exc.strerror}") from None
         own = own_address(settings.listen, server.port, settings.advertise)
     members = membership(settings.spec, own, registry)
     client = PeerClient(members, volume_uuid, secret, metrics, tls=settings.tls, ca_file=settings.ca,
-                        connections=connections, base_timeout=settings.timeout)
+                        connections=connections, base_timeout=settings.timeout, node_token=node_token)
     members.start()
     log.info("peers: %s%s", members.describe, f", serving as {own}" if own else "")
     return Peers(members, client, server)

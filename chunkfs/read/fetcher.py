@@ -6,8 +6,9 @@ store's one retry policy), the cache only through ``BlockCache``, and nothing of
 The read path is a straight line (``read_into``):
 
 1. In memory? A block buffer holding the block, or a declined block kept (``BlockBuffers``).
-2. On the node? A cache entry this process has verified: read from the page cache on the
-   event loop, or in a worker thread when that would wait for the disk.
+2. On the node? A cache entry this process has verified, or the block's place in a file image
+   this process knows (``BlockCache.note_image``): read from the page cache on the event
+   loop, or in a worker thread when that would wait for the disk.
 3. Else one load per block at a time (``SingleFlight``): an entry on the node this process
    has not checked yet is admitted by its seal or hashed; otherwise the block is downloaded
    (``BlockDownload``: GET, verify, write to the cache and into a block buffer for its
@@ -156,17 +157,21 @@ class BlockFetcher:
     # -- where a block is --------------------------------------------------------------------
     def is_local(self, bid: bytes) -> bool:
         """Readable now without a download or a disk verification."""
-        return bid in self.memory or self.cache.is_verified(bid)
+        return bid in self.memory or self._verified_on_node(bid)
+
+    def _verified_on_node(self, bid: bytes) -> bool:
+        """In a verified entry, or in a file image this process knows."""
+        return self.cache.is_verified(bid) or self.cache.in_image(bid)
 
     def on_node(self, bid: bytes) -> bool:
         """In this node's cache as far as this process knows (verified or not): fetching it
         ahead means reading the disk, not the store."""
-        return self.cache.is_verified(bid) or self.cache.indexed(bid)
+        return self._verified_on_node(bid) or self.cache.indexed(bid)
 
     def on_disk_only(self, bid: bytes) -> bool:
         """Verified on the node but not in memory: its reader would wait for the disk unless
         it is brought near first."""
-        return self.cache.is_verified(bid) and not self.memory.in_buffer(bid)
+        return self._verified_on_node(bid) and not self.memory.in_buffer(bid)
 
     # -- reads -------------------------------------------------------------------------------
     async def read(self, bid: bytes, length: int, start: int, end: int) -> bytearray:
@@ -231,7 +236,7 @@ class BlockFetcher:
         admitted, and ``bring_near`` reads it in later."""
         if bid in self.memory:
             return Fetched()
-        if self.cache.is_verified(bid):
+        if self._verified_on_node(bid):
             if near:
                 await self.bring_near(bid, length)
             return Fetched()
@@ -257,27 +262,28 @@ class BlockFetcher:
     async def warm(self, bid: bytes, length: int) -> Source:
         """Put the block in the node cache (warmup, at prefetch priority); where this call
         got it from (``NODE``: it was there, or another load of it brought it)."""
-        if self.cache.is_verified(bid):
+        if self._verified_on_node(bid):
             return Source.NODE
         load = await self._load(bid, length, Priority.PREFETCH, Want.WARM)
         if not load.downloaded:
             return Source.NODE
         return Source.PEER if load.from_peer else Source.STORE
 
-    async def fill_image_part(self, bid: bytes, length: int, part: ImagePart, priority: Priority) -> None:
+    async def fill_image_part(self, bid: bytes, length: int, part: ImagePart, priority: Priority) -> Source:
         """Put block ``bid``'s verified bytes at ``part`` of a file image being filled: from
-        memory, copied from its entry on the node (in the kernel), or written there by its
-        download. ``BlockUnavailable`` if it cannot be had, ``OSError`` if the image cannot
-        be written."""
+        memory, copied from its entry or another image on the node (in the kernel), or
+        written there by its download; where it came from. ``BlockUnavailable`` if it cannot
+        be had, ``OSError`` if the image cannot be written."""
         for _ in range(3):
             if await self._copy_local_to_image(bid, length, part):
-                return
+                return Source.NODE
             load = await self._load(bid, length, priority, Want.IMAGE, part)
+            source = Source.NODE if not load.downloaded else Source.PEER if load.from_peer else Source.STORE
             if load.image == part:
-                return
+                return source
             if load.data is not None:
                 await trio.to_thread.run_sync(part.entry.write_at, load.data, part.offset, limiter=self._disk)
-                return
+                return source
         raise BlockUnavailable(f"block {bid.hex()}: its cache entry keeps vanishing")
 
     async def _copy_local_to_image(self, bid: bytes, length: int, part: ImagePart) -> bool:
@@ -286,13 +292,15 @@ class BlockFetcher:
             with view:
                 part.entry.write_at(view, part.offset)  # into the page cache: a few ms per block at most
             return True
-        if not self.cache.is_verified(bid):
+        source = self.cache.block_source(bid)
+        if source is None:
             return False
+        path, offset, _ = source
         self.cache.pin(bid)
         try:
-            path = self.cache.dir_for(bid).path(bid)
-            await trio.to_thread.run_sync(part.entry.copy_at, path, length, part.offset, limiter=self._disk)
+            await trio.to_thread.run_sync(part.entry.copy_at, path, length, part.offset, offset, limiter=self._disk)
         except FileNotFoundError:  # evicted meanwhile (pinned entries are not, but another process may)
+            self.cache.source_lost(bid)
             return False
         finally:
             self.cache.unpin(bid)
@@ -341,6 +349,8 @@ class BlockFetcher:
                 PrioritySlots.raise_priority(flight.note, priority)
 
         async def load(flight: Flight[_Load]) -> _Load:
+            if want is not Want.MEMORY and self._verified_on_node(bid):  # came meanwhile, or in an image
+                return _Load(None, downloaded=False, admitted=True)
             if want is not Want.MEMORY and self.cache.indexed(bid):  # an entry this process knows of
                 found, data = await trio.to_thread.run_sync(check_entry, self.cache, bid, length,
                                                             self._placement(want).page_in, limiter=self._disk)

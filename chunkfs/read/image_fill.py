@@ -8,8 +8,8 @@ through ``FileImages`` (``cache/images.py``).
 Invariants:
 
 - The image is published only if every block of the file was put in it, verified; on any
-  failure (a block unavailable, the disk refusing) nothing is left behind and the caller
-  serves the file through the daemon instead.
+  failure (a block unavailable, the disk refusing) or cancellation nothing is left behind
+  (the caller serves the file through the daemon instead).
 - Each distinct block is asked for once: a block the file holds again further on (zeros,
   repeated tensors) is copied within the image once the first copy is in.
 - At most ``parallel`` of the file's blocks are asked for at once; the downloads among them
@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -30,14 +31,18 @@ from chunkfs.blocks import block_length
 from chunkfs.cache.disk import NewEntry
 from chunkfs.cache.images import FileImages
 from chunkfs.read.download import ImagePart
-from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable
+from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
 from chunkfs.read.slots import Priority
 
 log = logging.getLogger(__name__)
 
 
+#: told (block, length, where it came from) as each distinct block of a fill is in the image
+OnBlock = Callable[[bytes, int, Source], None]
+
+
 async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size: int, blocks: BlockList,
-                     priority: Priority, parallel: int) -> bool:
+                     priority: Priority, parallel: int, on_block: OnBlock | None = None) -> bool:
     """Fill and publish image ``key`` of a file of ``size`` bytes made of ``blocks`` (no holes);
     whether it is now in the node cache."""
     if HOLE in blocks:
@@ -50,12 +55,16 @@ async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size
 
     async def put(index: int, bid: bytes, cancel: trio.CancelScope) -> None:
         async with limiter:
+            length = block_length(index, size, images.block_size)
             try:
-                await fetcher.fill_image_part(bid, block_length(index, size, images.block_size),
-                                              ImagePart(entry, index * images.block_size), priority)
+                source = await fetcher.fill_image_part(bid, length, ImagePart(entry, index * images.block_size),
+                                                       priority)
             except (BlockUnavailable, OSError) as exc:
                 failure.append(str(exc))
                 cancel.cancel()
+                return
+            if on_block is not None:
+                on_block(bid, length, source)
 
     first: dict[bytes, int] = {}  # block -> where the file first holds it
     repeats: list[tuple[int, int]] = []  # (index, index of the block's first place)
@@ -64,6 +73,7 @@ async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size
             repeats.append((index, first[bid]))
         else:
             first[bid] = index
+    settled = False  # published, or handed to ``finish_fill`` (which abandons it if it fails)
     try:
         async with trio.open_nursery() as nursery:
             for bid, index in first.items():
@@ -73,15 +83,17 @@ async def fill_image(fetcher: BlockFetcher, images: FileImages, key: bytes, size
                 await trio.to_thread.run_sync(_copy_repeats, entry, repeats, size, images.block_size)
             except OSError as exc:
                 failure.append(exc.strerror or str(exc))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(images.abandon_fill, entry)
-        raise
-    if failure:
-        log.info("no image of a %d-byte file: %s", size, failure[0])
-        await trio.to_thread.run_sync(images.abandon_fill, entry)
-        return False
-    return await trio.to_thread.run_sync(images.finish_fill, entry, size, blocks)  # (abandons it if it fails)
+        if failure:
+            log.info("no image of a %d-byte file: %s", size, failure[0])
+            return False
+        settled = True
+        with trio.CancelScope(shield=True):  # (a cancellation now would leave it neither published nor removed)
+            published: bool = await trio.to_thread.run_sync(images.finish_fill, entry, size, blocks)
+        return published
+    finally:
+        if not settled:  # failed, or cancelled (stopped warmup, unmount): nothing is left behind
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(images.abandon_fill, entry)
 
 
 def _copy_repeats(entry: NewEntry, repeats: list[tuple[int, int]], size: int, block_size: int) -> None:

@@ -36,7 +36,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import trio
+
 from chunkfs.blocklist import BlockList
+from chunkfs.cache.images import FileImages, image_id
 from chunkfs.errors import FsError
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.meta.base import NAME_MAX, ROOT_INODE, XATTR_NAME_MAX, Attr
@@ -138,6 +141,7 @@ class Vfs:
         self.reader = reader
         self.writer = writer
         self.block_size = block_size
+        self.images = FileImages(reader.fetcher.cache, block_size)
         self.options = options
         self.metrics = metrics
         self.session = session
@@ -432,9 +436,18 @@ class Vfs:
         covered, on_read = False, None
         if self.profiles is not None and directory is not None:
             covered, on_read = await self.profiles.on_open(directory, ino, os.fsdecode(self._names.get(ino, b"?")))
-        self.reader.opened(ino, name, attr.size, await self.meta.read_blocks(ino), prefetch=not covered,
-                           on_read=on_read)
+        blocks = await self.meta.read_blocks(ino)
+        await self._note_image(attr.size, blocks)
+        self.reader.opened(ino, name, attr.size, blocks, prefetch=not covered, on_read=on_read)
         return self.handles.open_file(OpenFile(ino)), self.writer is None
+
+    async def _note_image(self, size: int, blocks: BlockList) -> None:
+        """If the node cache holds an image of the file (``cache/images.py``: filled by a
+        passed-through open or a warmup), note it, so that reads served here take its blocks
+        from it instead of downloading them."""
+        key = image_id(size, blocks) if size > 0 else None
+        if key is not None and not self.images.cache.image_noted(key):
+            await trio.to_thread.run_sync(self.images.note_if_usable, key, size, blocks)
 
     async def _open_writer(self, ino: int) -> None:
         """One more write handle on the inode (its state loaded when it is the first)."""
@@ -445,7 +458,9 @@ class Vfs:
                 raise FsError(errno.EISDIR, "a directory")
             if await self.meta.call(self.meta.meta.is_frozen, ino):
                 raise FsError(errno.EROFS, "a file of a snapshot")
-            writer.opened(ino, attr.size, await self.meta.read_blocks(ino))
+            blocks = await self.meta.read_blocks(ino)
+            await self._note_image(attr.size, blocks)  # (its unchanged blocks are read from there)
+            writer.opened(ino, attr.size, blocks)
         else:
             writer.opened(ino, 0, BlockList())  # one more handle on the state already there
 

@@ -15,26 +15,41 @@ Invariants:
 - Every block of the plan, and every image counted, is pinned while the warmup runs: making
   room evicts other entries, never the model being warmed. If the plan cannot fit (cache size, or free space
   above the free-space ratio), the warmup refuses before fetching anything unless ``force``.
-- ``complete`` is true only if, at the end, every block of the plan is on disk.
+- ``complete`` is true only if, at the end, every block of the plan is on disk (in an entry or
+  a usable image).
+- With ``images`` (a native transport's model files; ``chunkfs warmup --file-images``), each
+  file ``wants_image`` names, without holes and without a usable image, is filled as a file
+  image first (``read/image_fill.py``: each block once, into
+  the image only, no entry of its own), which a passed-through open reads as it is and every
+  other reader takes blocks from (``BlockCache.note_image``); then every block still on no
+  disk (other files, a file whose image could not be made) is fetched into an entry. An
+  image being filled is lost if the warmup is killed: a rerun fills that file again.
 """
 
 from __future__ import annotations
 
+import posixpath
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
 
+from chunkfs.blocklist import BlockList
+from chunkfs.blocks import block_count
 from chunkfs.cache.block_cache import BlockCache
-from chunkfs.cache.images import cached_blocks, image_id
+from chunkfs.cache.images import FileImages, cached_blocks, image_id
 from chunkfs.errors import ChunkfsError
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
+from chunkfs.read.image_fill import fill_image
+from chunkfs.read.slots import Priority
 from chunkfs.units import format_size
 from chunkfs.warmup.plan import WarmFile, WarmPlan
 
 MAX_LISTED_FAILURES = 20
+#: file images filled at once by a warmup
+IMAGE_FILLS = 2
 
 
 class CacheTooSmall(ChunkfsError):
@@ -77,8 +92,12 @@ class PathCoverage:
 
 
 class Warmup:
-    def __init__(self, fetcher: BlockFetcher, plan: WarmPlan, *, threads: int = 32, force: bool = False) -> None:
+    def __init__(self, fetcher: BlockFetcher, plan: WarmPlan, *, threads: int = 32, force: bool = False,
+                 images: FileImages | None = None, wants_image: Callable[[str], bool] | None = None) -> None:
+        """``images``/``wants_image``: fill the files it names (by base name) as file images."""
         self.fetcher = fetcher
+        self.images = images
+        self.wants_image = wants_image
         self.cache: BlockCache = fetcher.cache
         self.plan = plan
         self.threads = threads
@@ -92,7 +111,8 @@ class Warmup:
         self._files = files
         self._failed: set[bytes] = set()
         self._imaged: set[bytes] = set()  # blocks held by usable file images (found when the run starts)
-        self._images: set[bytes] = set()  # those images' ids (pinned while the run lasts)
+        self._images: set[bytes] = set()  # those images' ids, and those filled (pinned while the run lasts)
+        self._done: set[bytes] = set()  # blocks counted in ``bytes_done``
         for index, f in enumerate(files):
             distinct = {bid for bid, _ in f.blocks}
             self._left.append(len(distinct))
@@ -119,13 +139,14 @@ class Warmup:
         return self.report
 
     def _find_images(self) -> None:
-        self._imaged, self._images = cached_blocks(self.cache, _sizes_and_ids(self._files))
+        self._imaged, self._images = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
         for key in self._images:
             self.cache.pin(key)
 
     def _missing(self) -> dict[bytes, int]:
         """The plan's blocks neither in an entry nor in a usable image (blocking)."""
-        return {bid: n for bid, n in self.cache.missing(self._target).items() if bid not in self._imaged}
+        return {bid: n for bid, n in self.cache.missing(self._target).items()
+                if bid not in self._imaged and not self.cache.in_image(bid)}
 
     async def _run_pinned(self) -> None:
         await trio.to_thread.run_sync(self._find_images)
@@ -140,11 +161,53 @@ class Warmup:
             if bid not in missing:
                 self.report.bytes_cached_before += length
                 self._block_done(bid, length)
+        await self._fill_images(missing)
+        if self.images is not None:
+            missing = await trio.to_thread.run_sync(self._missing)  # what no image took
         queue = iter(missing.items())
         async with trio.open_nursery() as nursery:
             for _ in range(min(self.threads, len(missing))):
                 nursery.start_soon(self._worker, queue)
         await trio.to_thread.run_sync(self._final_check)
+
+    def _image_files(self, missing: dict[bytes, int]) -> list[tuple[bytes, WarmFile]]:
+        """(image id, file) of the files to fill as images: named by ``wants_image``, whole
+        (no holes), not empty, with a block missing and no usable image."""
+        if self.images is None or self.wants_image is None or self.plan.block_size <= 0:
+            return []
+        out = []
+        keys = set(self._images)  # (usable already, or named by another file of the plan)
+        for f in self._files:
+            if f.size == 0 or len(f.blocks) != block_count(f.size, self.plan.block_size):
+                continue  # empty, or holes (they have no block): no image
+            if not self.wants_image(posixpath.basename(f.path)) or not any(bid in missing for bid, _ in f.blocks):
+                continue
+            key = image_id(f.size, [bid for bid, _ in f.blocks])
+            if key is not None and key not in keys:
+                keys.add(key)
+                out.append((key, f))
+        return out
+
+    async def _fill_images(self, missing: dict[bytes, int]) -> None:
+        """Fill the image files, ``IMAGE_FILLS`` at a time (a killed warmup loses at most
+        those); a file whose image cannot be made is left to the block workers."""
+        images = self.images
+        todo = iter(self._image_files(missing))
+
+        async def filler() -> None:
+            for key, f in todo:
+                assert images is not None  # (files are named only with it)
+                ids = BlockList.dense([bid for bid, _ in f.blocks])
+                filled = await fill_image(self.fetcher, images, key, f.size, ids, Priority.PREFETCH,
+                                          self.threads, self._block_in)
+                self.fetcher.metrics.file_images.labels("filled" if filled else "failed").inc()
+                if filled:
+                    self.cache.pin(key)
+                    self._images.add(key)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(IMAGE_FILLS):
+                nursery.start_soon(filler)
 
     async def _worker(self, queue: Any) -> None:
         for bid, length in queue:
@@ -153,13 +216,22 @@ class Warmup:
             except BlockUnavailable as exc:
                 self._fail(bid, str(exc))
                 continue
-            if source is not Source.NODE:
-                self.report.bytes_fetched += length
-            if source is Source.PEER:
-                self.report.bytes_from_peers += length
-            self._block_done(bid, length)
+            self._block_in(bid, length, source)
+
+    def _block_in(self, bid: bytes, length: int, source: Source) -> None:
+        """A block is in (an entry or an image) from ``source``: counted once."""
+        if bid in self._done:
+            return
+        if source is not Source.NODE:
+            self.report.bytes_fetched += length
+        if source is Source.PEER:
+            self.report.bytes_from_peers += length
+        self._block_done(bid, length)
 
     def _block_done(self, bid: bytes, length: int) -> None:
+        if bid in self._done:
+            return
+        self._done.add(bid)
         self.report.bytes_done += length
         for index in self._owners.get(bid, ()):
             self._left[index] -= 1
@@ -192,7 +264,7 @@ def _sizes_and_ids(files: Iterable[WarmFile]) -> Iterator[tuple[int, list[bytes]
 def coverage(cache: BlockCache, plan: WarmPlan) -> list[PathCoverage]:
     """How much of each path is on disk in the cache, in block entries or file images
     (blocking: one stat per block)."""
-    imaged, _ = cached_blocks(cache, _sizes_and_ids(plan.files()))
+    imaged, _ = cached_blocks(cache, plan.block_size, _sizes_and_ids(plan.files()))
     missing = {bid for bid in cache.missing(plan.unique_blocks()) if bid not in imaged}
     out = []
     for entry in plan.paths:

@@ -53,6 +53,7 @@ class PathPlan:
 @dataclass
 class WarmPlan:
     paths: list[PathPlan]
+    block_size: int = 0  # the volume's
     skipped_links: list[str] = field(default_factory=list)
     #: (block id, length) of profiled directories, in their profiles' order: fetched first
     leading: list[tuple[bytes, int]] = field(default_factory=list)
@@ -107,7 +108,7 @@ class Planner:
         self.block_size = block_size
 
     async def plan(self, paths: list[str]) -> WarmPlan:
-        plan = WarmPlan([])
+        plan = WarmPlan([], self.block_size)
         for raw in paths:
             path = normalize_volume_path(raw)
             attr, real = await self._resolve(path, raw)
