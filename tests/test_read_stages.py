@@ -426,3 +426,9 @@ def test_an_image_removed_by_another_process_is_forgotten(tmp_path: Path) -> Non
     os.unlink(images.path(key))  # warmup --evict in another process
     assert trio.run(fetcher.read, blocks[2], 64 << 10, 5, 10) == data[2 * (64 << 10) + 5: 2 * (64 << 10) + 10]
     assert fetcher.downloads == downloads + 1 and not cache.image_noted(key)
+
+
+def test_a_sparse_file_has_no_image_and_telling_lists_no_slot() -> None:
+    """2^40 slots, one stored: listing them would take the process's memory (the mount's
+    sparse-file test bounds its RSS)."""
+    assert image_id(1 << 56, BlockList(1 << 40, {5: b"x" * 32})) is None

@@ -56,7 +56,10 @@ _TAG = b"chunkfs file image 1\0"
 
 def image_id(size: int, blocks: Iterable[bytes]) -> bytes | None:
     """The image id of a file of ``size`` bytes made of ``blocks`` (ids in file order); None
-    if it has holes."""
+    if it has holes (told without listing a ``BlockList``'s slots: a sparse file may have
+    billions)."""
+    if isinstance(blocks, BlockList) and blocks.holes:
+        return None
     ids = list(blocks)
     if HOLE in ids:
         return None
