@@ -296,3 +296,28 @@ def test_an_open_waiting_for_its_image_can_be_interrupted(s3_server, tmp_path: P
             assert path.read_bytes() == data
             assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
             assert proxy.config.block_gets == 6  # the interrupted open's fill was not started again
+
+
+def test_an_open_during_a_warmup_through_the_mount_waits_for_the_warmups_fill(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One registry of fills: the open joins the image the warmup is filling (one fill, each
+    block fetched once), and is passed through once it is whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(6 * BLOCK + 5)
+    (src / "w.safetensors").write_bytes(data)
+    with proxied_s3_volume(s3_server, tmp_path, BLOCK) as (vol, proxy):
+        chunkfs("import", vol.meta_url, str(src), "/m")
+        proxy.config.block_gets = 0
+        proxy.config.kinds, proxy.config.delay, proxy.config.rate = ("delay",), 0.3, 1.0
+        with mounted(vol, *NATIVE, "--max-downloads", "2") as m:
+            warmup = subprocess.Popen([sys.executable, "-m", "chunkfs", "warmup", str(m.path / "m"), "--json"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: proxy.config.block_gets >= 1)  # the warmup's fill is under way
+            assert (m.path / "m/w.safetensors").read_bytes() == data
+            out, err = warmup.communicate(timeout=60)
+            assert warmup.returncode == 0, err
+            assert json.loads(out)["complete"]
+            assert metric(m.path, FILLED) == 1
+            assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
+            assert read_bytes(m.path) == 0
+        assert proxy.config.block_gets == 7  # each block once

@@ -213,6 +213,10 @@ def test_a_member_that_is_this_very_process_is_known_at_once(tmp_path: Path) -> 
         assert client.candidates(bid) == []  # never asked again
         other = _client([f"127.0.0.1:{server.port}"])  # another process: served as before
         assert _fetch(other, bid, len(data), tmp_path) is None and loads == [bid]
+    with hostile("loop") as (port, _handler):  # a 508 that does not echo the asker's token
+        client = _client([f"127.0.0.1:{port}"])
+        assert _fetch(client, bid, len(data), tmp_path) is None
+        assert client._selves == set()
 
 
 def test_a_block_held_only_in_a_file_image_is_served_from_it(tmp_path: Path) -> None:
@@ -390,6 +394,11 @@ class _Hostile(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+            return
+        if self.mode == "loop":  # claims to be the asker, without its token
+            self.send_response(508)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         length = int(self.path.rpartition("length=")[2])
         self.send_response(200)

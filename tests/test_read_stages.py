@@ -432,3 +432,20 @@ def test_a_sparse_file_has_no_image_and_telling_lists_no_slot() -> None:
     """2^40 slots, one stored: listing them would take the process's memory (the mount's
     sparse-file test bounds its RSS)."""
     assert image_id(1 << 56, BlockList(1 << 40, {5: b"x" * 32})) is None
+
+
+def test_a_block_in_two_images_is_found_in_the_second_when_the_first_goes(tmp_path: Path) -> None:
+    _store, fetcher, cache, blocks, data = _image_volume(tmp_path, 4)
+    images = FileImages(cache, 64 << 10)
+    filled, first = _fill(fetcher, images, blocks, len(data))
+    other = BlockList.dense([blocks[2], blocks[0]])
+    moved = data[2 * (64 << 10): 3 * (64 << 10)] + data[: 64 << 10]
+    filled, second = _fill(fetcher, images, other, len(moved))
+    assert filled
+    downloads = fetcher.downloads
+    cache.drop(first)
+    assert cache.in_image(blocks[0]) and not cache.in_image(blocks[1])
+    assert trio.run(fetcher.read, blocks[0], 64 << 10, 3, 9) == data[3:9]  # from the second image
+    assert fetcher.downloads == downloads
+    source = cache.block_source(blocks[0])
+    assert source is not None and source[0] == images.path(second) and source[1] == 64 << 10

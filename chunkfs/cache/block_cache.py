@@ -49,6 +49,7 @@ from pathlib import Path
 
 from chunkfs.blocks import HASH_NAME, block_id
 from chunkfs.cache.disk import CacheDir, NewEntry
+from chunkfs.cache.image_places import ImagePlaces
 from chunkfs.metrics import Metrics
 from chunkfs.units import format_size
 
@@ -98,8 +99,7 @@ class BlockCache:
         self._pins: dict[bytes, int] = {}
         self._verified: set[bytes] = set()
         self._stuck: set[bytes] = set()  # dropped entries the disk would not let us remove
-        self._in_images: dict[bytes, tuple[bytes, int, int]] = {}  # block -> (image, offset, length) of noted images
-        self._image_blocks: dict[bytes, list[bytes]] = {}  # noted image -> the blocks placed in it
+        self._places = ImagePlaces()  # blocks inside the file images this process noted
         self._failing = False  # last write failed: log later failures quietly
         self.index_loaded = threading.Event()  # set once ``load_index`` has run
 
@@ -134,9 +134,7 @@ class BlockCache:
         if size is not None:
             self._bytes -= size
         self._verified.discard(bid)
-        for held in self._image_blocks.pop(bid, ()):  # an image: its blocks are no longer there
-            if self._in_images.get(held, (None,))[0] == bid:
-                del self._in_images[held]
+        self._places.remove(bid)  # (if it is a noted image, its blocks are no longer there)
 
     def _index_verified(self, bid: bytes, size: int) -> None:
         """Record an entry this process wrote or checked: most recently used, servable."""
@@ -195,28 +193,20 @@ class BlockCache:
     def note_image(self, key: bytes, size: int, block_size: int, blocks: Iterable[bytes]) -> None:
         """Image ``key`` of a ``size``-byte file, verified or admitted by this process, holds
         ``blocks`` (in file order, ``block_size`` bytes apart): blocks without an entry of
-        their own are read from there. A block in several noted images is read from the
-        first noted."""
+        their own are read from there (from the first noted image that still holds them)."""
         with self._lock:
-            if key not in self._verified or key in self._image_blocks:
-                return
-            placed = self._image_blocks[key] = []
-            for index, bid in enumerate(blocks):
-                if bid not in self._in_images:
-                    offset = index * block_size
-                    self._in_images[bid] = (key, offset, min(block_size, size - offset))
-                    placed.append(bid)
+            if key in self._verified:
+                self._places.add(key, size, block_size, blocks)
 
     def image_noted(self, key: bytes) -> bool:
         """Image ``key`` is noted (``note_image``) and still verified."""
-        return key in self._image_blocks and key in self._verified
+        return self._places.noted(key) and key in self._verified
 
-    def _image_place(self, bid: bytes) -> tuple[bytes, int] | None:
-        """(image, offset) of a block with no verified entry, held by a noted image."""
+    def _image_place(self, bid: bytes) -> tuple[bytes, int, int] | None:
+        """(image, offset, length) of a block with no verified entry, held by a noted image."""
         if bid in self._verified:
             return None
-        place = self._in_images.get(bid)
-        return None if place is None else place[:2]
+        return self._places.place(bid, self._verified.__contains__)
 
     def in_image(self, bid: bytes) -> bool:
         """No verified entry of its own, but readable from a noted file image."""
@@ -228,18 +218,23 @@ class BlockCache:
         system call: the file may have gone since)."""
         if bid in self._verified:
             return self.dir_for(bid).path(bid), 0, None
-        place = self._in_images.get(bid)
+        place = self._image_place(bid)
         if place is None:
             return None
         key, offset, length = place
         return self.dir_for(key).path(key), offset, length
 
-    def source_lost(self, bid: bytes) -> None:
-        """The file ``block_source`` named for the block has gone (another process removed
-        it): forget it, so that the block is looked for elsewhere or fetched again."""
-        place = (bid, 0) if bid in self._verified else self._image_place(bid)
-        if place is not None:
-            self.drop(place[0])
+    def source_lost(self, bid: bytes, path: str) -> None:
+        """The file at ``path``, which ``block_source`` named for the block, has gone (another
+        process removed it): forget it (the block's entry or the image), so that the block is
+        looked for elsewhere or fetched again."""
+        name = os.path.basename(path)
+        try:
+            key = bytes.fromhex(name)
+        except ValueError:
+            return
+        if path == self.dir_for(key).path(key):
+            self.drop(key)
 
     # -- reads -----------------------------------------------------------------------------
     def is_verified(self, bid: bytes) -> bool:
@@ -262,9 +257,9 @@ class BlockCache:
         block held by a noted image is read from there."""
         if bid not in self._verified:
             place = self._image_place(bid)
-            if place is None:
+            if place is None or start + len(out) > place[2]:
                 return False
-            key, offset = place
+            key, offset, _ = place
             try:
                 got = self.dir_for(key).read_into(key, offset + start, out, nowait=nowait)
             except BlockingIOError:
@@ -286,9 +281,9 @@ class BlockCache:
         (a miss) as ``read_into``."""
         if bid not in self._verified:
             place = self._image_place(bid)
-            if place is None:
+            if place is None or length != place[2]:
                 return False
-            key, offset = place
+            key, offset, _ = place
             try:
                 got = self.dir_for(key).read_whole_into(key, length, out, offset)
             except OSError as exc:
@@ -361,10 +356,10 @@ class BlockCache:
     def advise(self, bid: bytes, length: int) -> None:
         """Ask the kernel to start reading a verified entry into the page cache (readahead of
         blocks already on this node), so that later ``read`` calls do not wait for the disk."""
-        place = (bid, 0) if bid in self._verified else self._image_place(bid)
+        place = (bid, 0, length) if bid in self._verified else self._image_place(bid)
         if place is None:
             return
-        key, offset = place
+        key, offset, _ = place
         with contextlib.suppress(OSError):  # only a hint: real problems show up (and are handled) in ``read``
             self.dir_for(key).advise(key, length, offset)
 

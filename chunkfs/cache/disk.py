@@ -474,6 +474,8 @@ class CacheDir:
         page cache (``O_DIRECT``) where the filesystem allows it; the bytes read, up to that
         rounded length (fewer if the entry is shorter)."""
         want = aligned_up(length)
+        if offset % DIRECT_ALIGN:
+            raise ValueError(f"offset {offset} is not a multiple of {DIRECT_ALIGN}")
         if len(out) < want:
             raise ValueError(f"a {len(out)}-byte buffer cannot take {want} bytes")
         direct = self.direct

@@ -193,7 +193,7 @@ def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable
     from chunkfs.cli.mount import prefetch_patterns
     from chunkfs.peer.setup import owner_load, serve_cache
     from chunkfs.read.reader import ReadConfig
-    from chunkfs.warmup.engine import Warmup
+    from chunkfs.warmup.engine import Warmup, image_filler
 
     patterns = prefetch_patterns(getattr(args, "file_images", None) or "")
 
@@ -201,9 +201,9 @@ def _warm(args: argparse.Namespace, fetcher: Any, peers: Any = None) -> Callable
         await trio.to_thread.run_sync(fetcher.cache.load_index)
         if peers is not None and peers.server is not None:
             serve_cache(peers, fetcher.cache, owner_load(fetcher))
-        images = FileImages(fetcher.cache, plan.block_size) if patterns else None
+        fill = image_filler(fetcher, FileImages(fetcher.cache, plan.block_size), args.threads) if patterns else None
         wants = ReadConfig(plan.block_size, prefetch_patterns=patterns).wants_prefetch
-        job = Warmup(fetcher, plan, threads=args.threads, force=args.force, images=images, wants_image=wants)
+        job = Warmup(fetcher, plan, threads=args.threads, force=args.force, fill=fill, wants_image=wants)
         show = _progress_printer(args)
         stopped_by: list[str] = []
         async with trio.open_nursery() as nursery:

@@ -128,7 +128,7 @@ def serve(volume: Volume, config: ServeConfig, on_ready: Callable[[], None] | No
                            ) if config.fuse_transport == "native" else None
     fills = native is not None and native.fill_on_open  # warmups fill model files' images, as opens do
     control = ControlServer(fetcher, meta, block_size, on_warmed=native.build_images if native else None,
-                            images=native.images if fills and native else None,
+                            fill=native.fill_for_warmup if fills and native else None,
                             wants_image=lambda name: bool(native and native.passthrough)
                             and reader.config.wants_prefetch(name))
     http = None

@@ -70,7 +70,7 @@ from chunkfs.errors import ChunkfsError, FsError
 from chunkfs.fuse import abi, device
 from chunkfs.fuse.outcome import OpObserver, errno_for
 from chunkfs.meta.base import Attr
-from chunkfs.read.image_fill import fill_image
+from chunkfs.read.image_fill import OnBlock, fill_image
 from chunkfs.read.slots import Priority
 from chunkfs.vfs.vfs import STATS_INODE, Vfs
 
@@ -436,12 +436,31 @@ class NativeSession:
         if scope is not None:
             scope.cancel()
 
-    async def _run_fill(self, fill: _Fill, key: bytes, size: int, blocks: BlockList, priority: Priority) -> None:
+    async def fill_for_warmup(self, key: bytes, size: int, blocks: BlockList, on_block: OnBlock) -> bool:
+        """A warmup's fill of image ``key`` (``warmup/engine.py``): the same registry as the
+        opens' fills, so an open during a warmup waits for the warmup's fill rather than
+        starting a second one, and the other way round (``on_block`` is told only of blocks
+        this call put in). Whether the image is on the node."""
+        assert self.images is not None
+        fill = self._fills.get(key)
+        if fill is None:
+            if await trio.to_thread.run_sync(self.images.find, key, size, blocks) is not None:
+                return True
+            fill = self._fills.get(key)
+        if fill is not None:
+            await fill.done.wait()
+            return fill.filled
+        fill = self._fills[key] = _Fill(trio.Event())
+        await self._run_fill(fill, key, size, blocks, Priority.PREFETCH, on_block)
+        return fill.filled
+
+    async def _run_fill(self, fill: _Fill, key: bytes, size: int, blocks: BlockList, priority: Priority,
+                        on_block: OnBlock | None = None) -> None:
         assert self.images is not None
         fetcher = self.vfs.reader.fetcher
         try:
             fill.filled = await fill_image(fetcher, self.images, key, size, blocks, priority,
-                                           parallel=2 * fetcher.slots.total)
+                                           parallel=2 * fetcher.slots.total, on_block=on_block)
         except Exception as exc:  # a background task: log, never end the daemon
             log.warning("filling an image of %d bytes failed: %s", size, exc)
         finally:

@@ -225,7 +225,7 @@ class PeerClient:
             raise PeerFailed("unreachable", f"{type(exc).__name__}: {exc}") from exc
         whole = False
         try:
-            if response.status == 508:
+            if response.status == 508 and response.headers.get(NODE_HEADER) == self.node_token:
                 raise PeerFailed("self", "is this process", hold_off=0.0)
             if response.status == 503:  # busy: it holds the block (asked again, see fetch)
                 raise PeerFailed("busy", "answered 503: every upload slot is taken", hold_off=0.0)

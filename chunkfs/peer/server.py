@@ -208,7 +208,7 @@ class PeerHandler(BaseHTTPRequestHandler):
             self._empty(404, "other_volume")
             return
         if self.server.node_token and self.headers.get(NODE_HEADER) == self.server.node_token:
-            self._empty(508, "self")
+            self._empty(508, "self", **{NODE_HEADER: self.server.node_token})  # (echoed: the asker checks it)
             return
         bid, length = bytes.fromhex(match.group(2)), int(length_text)
         held_only = query.get("held", [""])[-1] == "1"  # an owner checking whether the fleet has it
@@ -269,7 +269,8 @@ class PeerHandler(BaseHTTPRequestHandler):
             return
         try:
             entry = open(path, "rb", buffering=0)  # noqa: SIM115
-        except OSError:
+        except OSError:  # removed by another process: forgotten, so the next ask loads it again
+            self.server.node_cache.source_lost(bid, path)
             self._empty(404, "missing")
             return
         with entry:

@@ -300,7 +300,7 @@ class BlockFetcher:
         try:
             await trio.to_thread.run_sync(part.entry.copy_at, path, length, part.offset, offset, limiter=self._disk)
         except FileNotFoundError:  # evicted meanwhile (pinned entries are not, but another process may)
-            self.cache.source_lost(bid)
+            self.cache.source_lost(bid, path)
             return False
         finally:
             self.cache.unpin(bid)

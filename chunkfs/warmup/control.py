@@ -26,12 +26,11 @@ from typing import Any
 
 import trio
 
-from chunkfs.cache.images import FileImages
 from chunkfs.errors import ChunkfsError, first_error
 from chunkfs.meta.aio import AsyncMeta
 from chunkfs.read.fetcher import BlockFetcher
 from chunkfs.units import format_size
-from chunkfs.warmup.engine import Warmup, inspect
+from chunkfs.warmup.engine import Filler, Warmup, inspect
 from chunkfs.warmup.plan import Planner
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,16 @@ def _line(message: dict[str, Any]) -> bytes:
 class ControlServer:
     def __init__(self, fetcher: BlockFetcher, meta: AsyncMeta, block_size: int,
                  on_warmed: Callable[[list[tuple[int, str]]], None] | None = None,
-                 images: FileImages | None = None, wants_image: Callable[[str], bool] | None = None) -> None:
+                 fill: Filler | None = None, wants_image: Callable[[str], bool] | None = None) -> None:
         """``on_warmed``: told (inode, name) of every file of a warmup that completed (the
         native transport then builds the file images a warmup left in block entries).
-        ``images``/``wants_image``: the files a warmup fills as file images (the native
-        transport's model files)."""
+        ``fill``/``wants_image``: how a warmup fills the files it names as file images (the
+        native transport's model files, through its registry of fills)."""
         self.fetcher = fetcher
         self.meta = meta
         self.block_size = block_size
         self.on_warmed = on_warmed
-        self.images = images
+        self.fill = fill
         self.wants_image = wants_image
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -130,7 +129,7 @@ class ControlServer:
         if request["op"] in ("check", "evict"):
             return await trio.to_thread.run_sync(inspect, request["op"], cache, plan)
         job = Warmup(self.fetcher, plan, threads=max(1, int(request.get("threads") or 32)),
-                     force=bool(request.get("force")), images=self.images, wants_image=self.wants_image)
+                     force=bool(request.get("force")), fill=self.fill, wants_image=self.wants_image)
         report = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_hangup, stream, nursery.cancel_scope)

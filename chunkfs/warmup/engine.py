@@ -17,20 +17,24 @@ Invariants:
   above the free-space ratio), the warmup refuses before fetching anything unless ``force``.
 - ``complete`` is true only if, at the end, every block of the plan is on disk (in an entry or
   a usable image).
-- With ``images`` (a native transport's model files; ``chunkfs warmup --file-images``), each
-  file ``wants_image`` names, without holes and without a usable image, is filled as a file
-  image first (``read/image_fill.py``: each block once, into
-  the image only, no entry of its own), which a passed-through open reads as it is and every
-  other reader takes blocks from (``BlockCache.note_image``); then every block still on no
-  disk (other files, a file whose image could not be made) is fetched into an entry. An
-  image being filled is lost if the warmup is killed: a rerun fills that file again.
+- With ``fill`` (a native transport's model files; ``chunkfs warmup --file-images``), the
+  other files' blocks are fetched into entries first (small files, blocks shared with them),
+  then each file ``wants_image`` names, without holes and without a usable image, is filled
+  as a file image (``read/image_fill.py``: each block once, into the image only, no entry of
+  its own), which a passed-through open reads as it is and every other reader takes blocks
+  from (``BlockCache.note_image``), then any block still on no disk (a file whose image could
+  not be made) is fetched into an entry. An image's blocks count as done once it is
+  published. An image being filled is lost if the warmup is killed: a rerun fills that file
+  again. Access profiles order only the blocks fetched into entries (a passed-through open
+  waits for its whole image anyway).
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +46,7 @@ from chunkfs.cache.block_cache import BlockCache
 from chunkfs.cache.images import FileImages, cached_blocks, image_id
 from chunkfs.errors import ChunkfsError
 from chunkfs.read.fetcher import BlockFetcher, BlockUnavailable, Source
-from chunkfs.read.image_fill import fill_image
+from chunkfs.read.image_fill import OnBlock, fill_image
 from chunkfs.read.slots import Priority
 from chunkfs.units import format_size
 from chunkfs.warmup.plan import WarmFile, WarmPlan
@@ -50,6 +54,20 @@ from chunkfs.warmup.plan import WarmFile, WarmPlan
 MAX_LISTED_FAILURES = 20
 #: file images filled at once by a warmup
 IMAGE_FILLS = 2
+
+#: fills image (id, size, blocks), telling ``OnBlock`` of each block it puts in; whether the
+#: image is on the node (``image_filler``, or a native mount's ``fill_for_warmup``)
+Filler = Callable[[bytes, int, BlockList, OnBlock], Awaitable[bool]]
+
+
+def image_filler(fetcher: BlockFetcher, images: FileImages, parallel: int) -> Filler:
+    """A warmup's fills without a mount: ``fill_image`` at prefetch priority."""
+    async def fill(key: bytes, size: int, blocks: BlockList, on_block: OnBlock) -> bool:
+        filled = await fill_image(fetcher, images, key, size, blocks, Priority.PREFETCH, parallel, on_block)
+        fetcher.metrics.file_images.labels("filled" if filled else "failed").inc()
+        return filled
+
+    return fill
 
 
 class CacheTooSmall(ChunkfsError):
@@ -93,10 +111,10 @@ class PathCoverage:
 
 class Warmup:
     def __init__(self, fetcher: BlockFetcher, plan: WarmPlan, *, threads: int = 32, force: bool = False,
-                 images: FileImages | None = None, wants_image: Callable[[str], bool] | None = None) -> None:
-        """``images``/``wants_image``: fill the files it names (by base name) as file images."""
+                 fill: Filler | None = None, wants_image: Callable[[str], bool] | None = None) -> None:
+        """``fill``/``wants_image``: fill the files it names (by base name) as file images."""
         self.fetcher = fetcher
-        self.images = images
+        self.fill = fill
         self.wants_image = wants_image
         self.cache: BlockCache = fetcher.cache
         self.plan = plan
@@ -111,7 +129,7 @@ class Warmup:
         self._files = files
         self._failed: set[bytes] = set()
         self._imaged: set[bytes] = set()  # blocks held by usable file images (found when the run starts)
-        self._images: set[bytes] = set()  # those images' ids, and those filled (pinned while the run lasts)
+        self._images: dict[bytes, int] = {}  # those images, and those filled -> size (pinned while the run lasts)
         self._done: set[bytes] = set()  # blocks counted in ``bytes_done``
         for index, f in enumerate(files):
             distinct = {bid for bid, _ in f.blocks}
@@ -139,9 +157,12 @@ class Warmup:
         return self.report
 
     def _find_images(self) -> None:
-        self._imaged, self._images = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
-        for key in self._images:
-            self.cache.pin(key)
+        self._imaged, keys = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
+        for size, ids in _sizes_and_ids(self._files):
+            key = image_id(size, ids)
+            if key in keys and key not in self._images:
+                self.cache.pin(key)
+                self._images[key] = size
 
     def _missing(self) -> dict[bytes, int]:
         """The plan's blocks neither in an entry nor in a usable image (blocking)."""
@@ -161,19 +182,28 @@ class Warmup:
             if bid not in missing:
                 self.report.bytes_cached_before += length
                 self._block_done(bid, length)
-        await self._fill_images(missing)
-        if self.images is not None:
+        images = self._image_files(missing)
+        if images:
+            filled = {f.ino for _, f in images}
+            elsewhere = {bid for f in self._files if f.ino not in filled for bid, _ in f.blocks}
+            only_imaged = {bid for _, f in images for bid, _ in f.blocks} - elsewhere
+            await self._fetch({bid: n for bid, n in missing.items() if bid not in only_imaged})
+            await self._fill_images(images)
             missing = await trio.to_thread.run_sync(self._missing)  # what no image took
-        queue = iter(missing.items())
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(self.threads, len(missing))):
-                nursery.start_soon(self._worker, queue)
+        await self._fetch(missing)
         await trio.to_thread.run_sync(self._final_check)
+
+    async def _fetch(self, blocks: dict[bytes, int]) -> None:
+        """Fetch these blocks into entries, ``threads`` at a time."""
+        queue = iter(blocks.items())
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.threads, len(blocks))):
+                nursery.start_soon(self._worker, queue)
 
     def _image_files(self, missing: dict[bytes, int]) -> list[tuple[bytes, WarmFile]]:
         """(image id, file) of the files to fill as images: named by ``wants_image``, whole
         (no holes), not empty, with a block missing and no usable image."""
-        if self.images is None or self.wants_image is None or self.plan.block_size <= 0:
+        if self.fill is None or self.wants_image is None:
             return []
         out = []
         keys = set(self._images)  # (usable already, or named by another file of the plan)
@@ -188,22 +218,25 @@ class Warmup:
                 out.append((key, f))
         return out
 
-    async def _fill_images(self, missing: dict[bytes, int]) -> None:
-        """Fill the image files, ``IMAGE_FILLS`` at a time (a killed warmup loses at most
-        those); a file whose image cannot be made is left to the block workers."""
-        images = self.images
-        todo = iter(self._image_files(missing))
+    async def _fill_images(self, files: list[tuple[bytes, WarmFile]]) -> None:
+        """Fill these files' images, ``IMAGE_FILLS`` at a time (a killed warmup loses at most
+        those); a file whose image cannot be made is left to the block workers. Its blocks
+        count as done once the image is published (until then they are in no usable file)."""
+        fill = self.fill
+        todo = iter(files)
 
         async def filler() -> None:
             for key, f in todo:
-                assert images is not None  # (files are named only with it)
+                assert fill is not None  # (files are named only with it)
+                arrived: list[tuple[int, Source]] = []
                 ids = BlockList.dense([bid for bid, _ in f.blocks])
-                filled = await fill_image(self.fetcher, images, key, f.size, ids, Priority.PREFETCH,
-                                          self.threads, self._block_in)
-                self.fetcher.metrics.file_images.labels("filled" if filled else "failed").inc()
-                if filled:
+                if await fill(key, f.size, ids, functools.partial(_arrived, arrived)):
                     self.cache.pin(key)
-                    self._images.add(key)
+                    self._images[key] = f.size
+                    for length, source in arrived:
+                        self._count_fetched(length, source)
+                    for bid, length in f.blocks:
+                        self._block_done(bid, length)
 
         async with trio.open_nursery() as nursery:
             for _ in range(IMAGE_FILLS):
@@ -219,14 +252,17 @@ class Warmup:
             self._block_in(bid, length, source)
 
     def _block_in(self, bid: bytes, length: int, source: Source) -> None:
-        """A block is in (an entry or an image) from ``source``: counted once."""
+        """A block is in an entry, from ``source``: counted once."""
         if bid in self._done:
             return
+        self._count_fetched(length, source)
+        self._block_done(bid, length)
+
+    def _count_fetched(self, length: int, source: Source) -> None:
         if source is not Source.NODE:
             self.report.bytes_fetched += length
         if source is Source.PEER:
             self.report.bytes_from_peers += length
-        self._block_done(bid, length)
 
     def _block_done(self, bid: bytes, length: int) -> None:
         if bid in self._done:
@@ -246,13 +282,23 @@ class Warmup:
             self.report.failures.append(f"{owner}: {why}")
 
     def _final_check(self) -> None:
-        """Count what is really on disk: a block the cache declined is not warm."""
+        """Count what is really on disk: a block the cache declined is not warm, nor is one
+        held only by an image another process removed meanwhile."""
+        gone = [key for key, size in self._images.items() if self.cache.entry_size(key) != size]
+        for key in gone:
+            self.cache.drop(key)  # (its blocks are forgotten with it)
+        if gone:
+            self._imaged, _ = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
         absent = list(self._missing())
         for bid in absent:
             if bid not in self._failed:
                 self._fail(bid, f"block {bid.hex()[:16]} is not in the cache after its download "
                                 "(no room, or the cache disk refused it)")
         self.report.complete = not absent
+
+
+def _arrived(into: list[tuple[int, Source]], _bid: bytes, length: int, source: Source) -> None:
+    into.append((length, source))
 
 
 def _sizes_and_ids(files: Iterable[WarmFile]) -> Iterator[tuple[int, list[bytes]]]:

@@ -53,7 +53,7 @@ class PathPlan:
 @dataclass
 class WarmPlan:
     paths: list[PathPlan]
-    block_size: int = 0  # the volume's
+    block_size: int  # the volume's
     skipped_links: list[str] = field(default_factory=list)
     #: (block id, length) of profiled directories, in their profiles' order: fetched first
     leading: list[tuple[bytes, int]] = field(default_factory=list)
