@@ -1,10 +1,13 @@
 """The package's import graph (pure: reads the source): no import cycle anywhere, counting
 imports inside functions too, and ``store/``, ``meta/`` and ``blocks`` know nothing of FUSE,
-the VFS, caches or each other's engines' callers."""
+the VFS, caches or each other's engines' callers; and the mount path imports only the core
+dependencies."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +94,27 @@ def test_the_lower_layers_import_nothing_above_them() -> None:
     for name, imports in _graph().items():
         if name.startswith(("chunkfs.store", "chunkfs.meta", "chunkfs.blocks")):
             assert not {i for i in imports if i.startswith(above)}, name
+
+
+#: packages of the optional extras (``pyproject.toml``): the quick start installs none of them
+OPTIONAL_PACKAGES = ("boto3", "botocore", "s3transfer", "google", "redis", "hiredis", "grpc", "safetensors", "numpy")
+
+
+def test_a_local_mount_and_warmup_import_no_optional_package() -> None:
+    """``chunkfs mount`` and ``chunkfs warmup`` on the embedded default (SQLite, a local
+    directory) import only the core dependencies: a fresh machine's quick start installs no
+    store backend. Run in a fresh interpreter that refuses the optional packages."""
+    code = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {OPTIONAL_PACKAGES!r}:
+            raise ImportError("optional package imported: " + name)
+        return None
+sys.meta_path.insert(0, Refuse())
+import chunkfs.cli.main, chunkfs.cli.mount, chunkfs.cli.warmup, chunkfs.fuse.mount, chunkfs.fuse.native
+import chunkfs.store.file, chunkfs.meta.sqlite, chunkfs.warmup.engine, chunkfs.peer.setup
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
