@@ -448,4 +448,4 @@ def test_a_block_in_two_images_is_found_in_the_second_when_the_first_goes(tmp_pa
     assert trio.run(fetcher.read, blocks[0], 64 << 10, 3, 9) == data[3:9]  # from the second image
     assert fetcher.downloads == downloads
     source = cache.block_source(blocks[0])
-    assert source is not None and source[0] == images.path(second) and source[1] == 64 << 10
+    assert source is not None and source[0] == second and source[1] == 64 << 10

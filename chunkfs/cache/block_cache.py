@@ -212,29 +212,24 @@ class BlockCache:
         """No verified entry of its own, but readable from a noted file image."""
         return self._image_place(bid) is not None
 
-    def block_source(self, bid: bytes) -> tuple[str, int, int | None] | None:
-        """(path, offset, length) of a verified copy of the block: its entry (offset 0,
-        length None: the whole file), or its place in a noted image; None if neither (no
-        system call: the file may have gone since)."""
+    def block_source(self, bid: bytes) -> tuple[bytes, int, int | None] | None:
+        """(file, offset, length) of a verified copy of the block: its entry (the block's own
+        id, offset 0, length None: the whole file), or its place in a noted image (the
+        image's id); None if neither (no system call: the file may have gone since; if it
+        has, ``drop`` that id)."""
         if bid in self._verified:
-            return self.dir_for(bid).path(bid), 0, None
-        place = self._image_place(bid)
-        if place is None:
-            return None
-        key, offset, length = place
-        return self.dir_for(key).path(key), offset, length
+            return bid, 0, None
+        return self._image_place(bid)
 
-    def source_lost(self, bid: bytes, path: str) -> None:
-        """The file at ``path``, which ``block_source`` named for the block, has gone (another
-        process removed it): forget it (the block's entry or the image), so that the block is
-        looked for elsewhere or fetched again."""
-        name = os.path.basename(path)
-        try:
-            key = bytes.fromhex(name)
-        except ValueError:
-            return
-        if path == self.dir_for(key).path(key):
-            self.drop(key)
+    def _where(self, bid: bytes, start: int, count: int) -> tuple[bytes, int] | None:
+        """(file, offset of the block's byte 0 in it) to read ``count`` bytes of the block from
+        ``start``: its verified entry, or its noted image; None if neither holds them."""
+        if bid in self._verified:
+            return bid, 0
+        place = self._image_place(bid)
+        if place is None or start + count > place[2]:
+            return None
+        return place[0], place[1]
 
     # -- reads -----------------------------------------------------------------------------
     def is_verified(self, bid: bytes) -> bool:
@@ -255,45 +250,31 @@ class BlockCache:
         With ``nowait`` (the event loop's reads), ``BlockingIOError`` if the bytes are not
         in the page cache: read them again, without ``nowait``, in a worker thread. A
         block held by a noted image is read from there."""
-        if bid not in self._verified:
-            place = self._image_place(bid)
-            if place is None or start + len(out) > place[2]:
-                return False
-            key, offset, _ = place
-            try:
-                got = self.dir_for(key).read_into(key, offset + start, out, nowait=nowait)
-            except BlockingIOError:
-                raise
-            except OSError as exc:
-                return self._unreadable(key, exc)
-            return self._read_back(key, got == len(out))
+        where = self._where(bid, start, len(out))
+        if where is None:
+            return False
+        key, offset = where
         try:
-            got = self.dir_for(bid).read_into(bid, start, out, nowait=nowait)
+            got = self.dir_for(key).read_into(key, offset + start, out, nowait=nowait)
         except BlockingIOError:
             raise
         except OSError as exc:
-            return self._unreadable(bid, exc)
-        return self._read_back(bid, got == len(out))
+            return self._unreadable(key, exc)
+        return self._read_back(key, got == len(out))
 
     def read_whole_into(self, bid: bytes, length: int, out: memoryview) -> bool:
         """Fill ``out`` (page-aligned, at least ``length`` rounded up to a page) with the
         whole verified entry, around the page cache where the filesystem allows it; False
         (a miss) as ``read_into``."""
-        if bid not in self._verified:
-            place = self._image_place(bid)
-            if place is None or length != place[2]:
-                return False
-            key, offset, _ = place
-            try:
-                got = self.dir_for(key).read_whole_into(key, length, out, offset)
-            except OSError as exc:
-                return self._unreadable(key, exc)
-            return self._read_back(key, got >= length)
+        where = self._where(bid, 0, length)
+        if where is None:
+            return False
+        key, offset = where
         try:
-            got = self.dir_for(bid).read_whole_into(bid, length, out)
+            got = self.dir_for(key).read_whole_into(key, length, out, offset)
         except OSError as exc:
-            return self._unreadable(bid, exc)
-        return self._read_back(bid, got == length)
+            return self._unreadable(key, exc)
+        return self._read_back(key, got == length)  # (a block in an image: the next one starts at a page)
 
     def _unreadable(self, bid: bytes, exc: OSError) -> bool:
         if not isinstance(exc, FileNotFoundError):
@@ -356,10 +337,10 @@ class BlockCache:
     def advise(self, bid: bytes, length: int) -> None:
         """Ask the kernel to start reading a verified entry into the page cache (readahead of
         blocks already on this node), so that later ``read`` calls do not wait for the disk."""
-        place = (bid, 0, length) if bid in self._verified else self._image_place(bid)
-        if place is None:
+        where = self._where(bid, 0, length)
+        if where is None:
             return
-        key, offset, _ = place
+        key, offset = where
         with contextlib.suppress(OSError):  # only a hint: real problems show up (and are handled) in ``read``
             self.dir_for(key).advise(key, length, offset)
 

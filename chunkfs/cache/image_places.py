@@ -51,7 +51,10 @@ class ImagePlaces:
     def place(self, bid: bytes, usable: Callable[[bytes], bool]) -> tuple[bytes, int, int] | None:
         """(image, offset, length) of the block in the first image holding it that ``usable``
         accepts; None if none does."""
-        for key, (offset, length) in list(self._holders.get(bid, {}).items()):
+        holders = self._holders.get(bid)
+        if not holders:  # (most blocks: no allocation on the read path)
+            return None
+        for key, (offset, length) in list(holders.items()):
             if usable(key):
                 return key, offset, length
         return None

@@ -77,19 +77,19 @@ def usable(cache: BlockCache, key: bytes, size: int) -> bool:
 
 
 def cached_blocks(cache: BlockCache, block_size: int,
-                  files: Iterable[tuple[int, Iterable[bytes]]]) -> tuple[set[bytes], set[bytes]]:
-    """Of these (size, block ids) files, (the blocks of those with a usable image, the ids of
-    those images): what a warmup counts as on the node besides block entries. The images
-    found are noted in ``cache`` (blocking)."""
+                  files: Iterable[tuple[int, Iterable[bytes]]]) -> tuple[set[bytes], dict[bytes, int]]:
+    """Of these (size, block ids) files, (the blocks of those with a usable image, those
+    images' ids -> sizes): what a warmup counts as on the node besides block entries. The
+    images found are noted in ``cache`` (blocking)."""
     blocks: set[bytes] = set()
-    keys: set[bytes] = set()
+    keys: dict[bytes, int] = {}
     for size, ids in files:
         listed = list(ids)
         key = image_id(size, listed)
         if key is not None and size > 0 and usable(cache, key, size):
             cache.note_image(key, size, block_size, listed)
             blocks.update(listed)
-            keys.add(key)
+            keys[key] = size
     return blocks, keys
 
 
@@ -109,12 +109,6 @@ class FileImages:
         if blocks is not None:
             self.cache.note_image(key, size, self.block_size, blocks)
         return self.path(key)
-
-    def note_if_usable(self, key: bytes, size: int, blocks: BlockList) -> None:
-        """Note the file's image ``key`` in the cache if it is usable (a daemon-served open:
-        its blocks are then read from the image). Blocking unless it is noted already."""
-        if not self.cache.image_noted(key):
-            self.find(key, size, blocks)
 
     def path(self, key: bytes) -> str:
         """Where image ``key`` lives (whether or not it is there)."""

@@ -401,20 +401,32 @@ class NativeSession:
         """Fill the image of model file ``ino`` (``found``: its id, size and blocks), or wait
         for the fill already running; whether it is now on the node. Queues its siblings
         (see the module docstring)."""
-        assert self.images is not None and self._nursery is not None
         key, size, blocks = found
-        fill = self._fills.get(key)
+        fill, started = await self._fill_of(key, size, blocks, priority)
         if fill is None:
-            if await trio.to_thread.run_sync(self.images.find, key, size) is not None:
-                return True
-            fill = self._fills.get(key)  # another open may have started it meanwhile
-        if fill is None:
-            fill = self._fills[key] = _Fill(trio.Event())
-            self._nursery.start_soon(self._run_fill, fill, key, size, blocks, priority)
-            if siblings:
-                await self._queue_siblings(ino)
+            return True
+        if started and siblings:
+            await self._queue_siblings(ino)
         await self._wait_interruptibly(fill.done)
         return fill.filled
+
+    async def _fill_of(self, key: bytes, size: int, blocks: BlockList, priority: Priority,
+                       on_block: OnBlock | None = None) -> tuple[_Fill | None, bool]:
+        """(the fill of image ``key``, whether this call started it): the one running, else a
+        new one in the background (``on_block`` told of the blocks it puts in); (None, False)
+        if the image is on the node already. One registry for opens and warmups, so neither
+        starts a second fill of an image the other is filling."""
+        assert self.images is not None and self._nursery is not None
+        fill = self._fills.get(key)
+        if fill is None:
+            if await trio.to_thread.run_sync(self.images.find, key, size, blocks) is not None:
+                return None, False
+            fill = self._fills.get(key)  # another open may have started it meanwhile
+        if fill is not None:
+            return fill, False
+        fill = self._fills[key] = _Fill(trio.Event())
+        self._nursery.start_soon(self._run_fill, fill, key, size, blocks, priority, on_block)
+        return fill, True
 
     async def _wait_interruptibly(self, done: trio.Event) -> None:
         """Wait for ``done`` unless the kernel interrupts the request (a signal to the
@@ -437,21 +449,14 @@ class NativeSession:
             scope.cancel()
 
     async def fill_for_warmup(self, key: bytes, size: int, blocks: BlockList, on_block: OnBlock) -> bool:
-        """A warmup's fill of image ``key`` (``warmup/engine.py``): the same registry as the
-        opens' fills, so an open during a warmup waits for the warmup's fill rather than
-        starting a second one, and the other way round (``on_block`` is told only of blocks
-        this call put in). Whether the image is on the node."""
-        assert self.images is not None
-        fill = self._fills.get(key)
+        """A warmup's fill of image ``key`` (``warmup/engine.py``), through the opens' registry
+        (``_fill_of``: an open during the warmup joins it, and the other way round;
+        ``on_block`` is told only of blocks a fill this call started puts in). Whether the
+        image is on the node."""
+        fill, _ = await self._fill_of(key, size, blocks, Priority.PREFETCH, on_block)
         if fill is None:
-            if await trio.to_thread.run_sync(self.images.find, key, size, blocks) is not None:
-                return True
-            fill = self._fills.get(key)
-        if fill is not None:
-            await fill.done.wait()
-            return fill.filled
-        fill = self._fills[key] = _Fill(trio.Event())
-        await self._run_fill(fill, key, size, blocks, Priority.PREFETCH, on_block)
+            return True
+        await fill.done.wait()
         return fill.filled
 
     async def _run_fill(self, fill: _Fill, key: bytes, size: int, blocks: BlockList, priority: Priority,

@@ -263,14 +263,15 @@ class PeerHandler(BaseHTTPRequestHandler):
         if source is None:
             self._empty(404, "missing")
             return
-        path, start, in_image = source
+        key, start, in_image = source
         if in_image is not None and in_image != length:
             self._empty(404, "missing")
             return
+        cache = self.server.node_cache
         try:
-            entry = open(path, "rb", buffering=0)  # noqa: SIM115
+            entry = open(cache.dir_for(key).path(key), "rb", buffering=0)  # noqa: SIM115
         except OSError:  # removed by another process: forgotten, so the next ask loads it again
-            self.server.node_cache.source_lost(bid, path)
+            cache.drop(key)
             self._empty(404, "missing")
             return
         with entry:

@@ -295,12 +295,13 @@ class BlockFetcher:
         source = self.cache.block_source(bid)
         if source is None:
             return False
-        path, offset, _ = source
+        key, offset, _ = source
         self.cache.pin(bid)
         try:
-            await trio.to_thread.run_sync(part.entry.copy_at, path, length, part.offset, offset, limiter=self._disk)
+            await trio.to_thread.run_sync(part.entry.copy_at, self.cache.dir_for(key).path(key), length, part.offset,
+                                          offset, limiter=self._disk)
         except FileNotFoundError:  # evicted meanwhile (pinned entries are not, but another process may)
-            self.cache.source_lost(bid, path)
+            self.cache.drop(key)
             return False
         finally:
             self.cache.unpin(bid)

@@ -453,7 +453,7 @@ class Vfs:
             # a one-block file: only an image this process's index knows is looked for, so an
             # open of a small file costs no system call here (measured: 0.2-0.4 ms more per open)
             return
-        await trio.to_thread.run_sync(self.images.note_if_usable, key, size, blocks)
+        await trio.to_thread.run_sync(self.images.find, key, size, blocks)  # (notes it if usable)
 
     async def _open_writer(self, ino: int) -> None:
         """One more write handle on the inode (its state loaded when it is the first)."""

@@ -157,12 +157,10 @@ class Warmup:
         return self.report
 
     def _find_images(self) -> None:
-        self._imaged, keys = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
-        for size, ids in _sizes_and_ids(self._files):
-            key = image_id(size, ids)
-            if key in keys and key not in self._images:
-                self.cache.pin(key)
-                self._images[key] = size
+        self._imaged, found = cached_blocks(self.cache, self.plan.block_size, _sizes_and_ids(self._files))
+        for key, size in found.items():
+            self.cache.pin(key)
+            self._images[key] = size
 
     def _missing(self) -> dict[bytes, int]:
         """The plan's blocks neither in an entry nor in a usable image (blocking)."""
