@@ -244,11 +244,12 @@ def test_streamed_gets_reuse_connections_and_retry_short_bodies(s3_server) -> No
         store.close()
 
 
-@pytest.mark.parametrize("path", ["presigned", "get_object"])
+@pytest.mark.parametrize("path", ["signed", "client_presigned", "get_object"])
 def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server, path: str) -> None:  # type: ignore[no-untyped-def]
     """Any socket error while a streamed body is read (not only resets and timeouts: also
-    EHOSTUNREACH, EIO...) is temporary, as urllib3 would have reported it; on the presigned
-    block GET path and on the ``get_object`` one (used where botocore has no session)."""
+    EHOSTUNREACH, EIO...) is temporary, as urllib3 would have reported it; on each block GET
+    path: signed without a client (a store named by an endpoint), presigned by the client
+    (AWS itself), and ``get_object`` (where botocore has no session)."""
     from chunkfs.store.s3 import S3Store
 
     class FailingRaw:
@@ -261,12 +262,19 @@ def test_a_connection_failing_mid_body_is_a_temporary_error(s3_server, path: str
         def close(self) -> None:
             pass
 
+    def failing(_request: object) -> types.SimpleNamespace:
+        return types.SimpleNamespace(status_code=200, raw=FailingRaw())
+
     store = S3Store(f"s3://{unique_bucket()}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=True)
     buffer = memoryview(bytearray(1024))
     with pytest.raises(StoreError) as info:
-        if path == "presigned":
-            store.client._endpoint.http_session.send = lambda _request: types.SimpleNamespace(  # type: ignore[attr-defined]
-                status_code=200, raw=FailingRaw())
+        if path == "signed":
+            assert store._gets is not None
+            store._gets.http.send = failing  # type: ignore[method-assign]
+            store.get_into("blocks/aa/obj", Collected(buffer), buffer)
+        elif path == "client_presigned":
+            store._gets = None  # as for a store without an endpoint
+            store.client._endpoint.http_session.send = failing  # type: ignore[attr-defined]
             store.get_into("blocks/aa/obj", Collected(buffer), buffer)
         else:
             store.client.get_object = lambda **_kw: {"Body": FailingRaw(), "ContentLength": 10}  # type: ignore[method-assign]
@@ -302,12 +310,19 @@ def test_block_gets_are_presigned_and_classified_like_get_object(s3_server) -> N
             store.get_into("blocks/aa/obj", Collected(buffer), buffer)
         assert info.value.temporary and "SlowDown" in str(info.value) and proxy.config.block_gets - before == 2
         store.close()
-    denied = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions())
-    denied.client._request_signer._credentials = botocore.credentials.Credentials("wrong", "wrong")  # type: ignore[attr-defined]
-    with pytest.raises(StoreError) as info:
-        denied.get_into("blocks/aa/obj", Collected(buffer), buffer)
-    assert not info.value.temporary and "denied" in str(info.value) and bucket in str(info.value)
-    denied.close()
+    for signer in ("signed", "client_presigned"):
+        denied = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions())
+        if signer == "signed":
+            assert denied._gets is not None
+            denied._gets._credentials = botocore.credentials.Credentials("wrong", "wrong")
+        else:
+            denied._gets = None
+            denied.client._request_signer._credentials = botocore.credentials.Credentials(  # type: ignore[attr-defined]
+                "wrong", "wrong")
+        with pytest.raises(StoreError) as info:
+            denied.get_into("blocks/aa/obj", Collected(buffer), buffer)
+        assert not info.value.temporary and "denied" in str(info.value) and bucket in str(info.value)
+        denied.close()
 
 
 def test_one_request_per_attempt_counted_at_the_server(s3_server) -> None:  # type: ignore[no-untyped-def]
@@ -359,3 +374,59 @@ def test_a_marker_damaged_in_transit_is_read_again(s3_server, tmp_path: Path) ->
         with open_volume(f"sqlite://{db}") as vol:
             assert vol.fmt.uuid == good["uuid"]
         store.close()
+
+
+def test_a_store_named_by_an_endpoint_reads_without_botocores_client(s3_server) -> None:  # type: ignore[no-untyped-def]
+    """Reads of a store named by an endpoint (``get``, ranged ``get``, ``get_into``, a missing
+    object, a range past the end) are signed without botocore's client, which is made only
+    for the first other request (its service model costs each process start 70-150 ms)."""
+    from chunkfs.store.s3 import S3Store
+
+    bucket, data = unique_bucket(), os.urandom(200_000)
+    writer = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=True)
+    writer.put("blocks/aa/obj", data)
+    writer.close()
+    store = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions())
+    buffer = memoryview(bytearray(64 << 10))
+    sink = Collected(buffer)
+    assert store.get("blocks/aa/obj") == data
+    assert store.get("blocks/aa/obj", 1000, 5000) == data[1000:5000]
+    assert store.get("blocks/aa/obj", 199_990) == data[199_990:]
+    assert store.get("blocks/aa/obj", 300_000) == b""
+    assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
+    with pytest.raises(ObjectNotFound):
+        store.get("blocks/aa/missing")
+    assert store._client is None
+    assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
+    assert store._client is not None
+    store.close()
+
+
+@pytest.mark.parametrize("url", [
+    "s3://b1/p?endpoint=http://127.0.0.1:9000",
+    "s3://b1/p?endpoint=http://127.0.0.1:9000&path_style=true&region=eu-west-1",
+    "s3://b1/p?endpoint=http://minio.example:9000&path_style=false",
+    "s3://my.dotted.bucket/deep/prefix?endpoint=https://s3.example.com&path_style=false&region=ap-south-1",
+    "s3://b1/models%20v1/x+y=z~?endpoint=https://s3.example.com",
+])
+def test_signed_gets_go_where_the_client_would_send_them(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The URL and signing scope of a GET signed without the client are those of the
+    client's own presigned GET, for path-style and virtual-hosted addressing, regions and
+    keys that need quoting (no server: signing only)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from chunkfs.store.s3 import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    store = S3Store(url, StoreOptions())
+    assert store._gets is not None
+    key = store.prefix + "blocks/ab/abcdef0123"
+    ours = urlsplit(store._gets.request(key).url)
+    theirs = urlsplit(store.client.generate_presigned_url("get_object", Params={"Bucket": store.bucket, "Key": key},
+                                                           ExpiresIn=300))
+    assert (ours.scheme, ours.netloc, ours.path) == (theirs.scheme, theirs.netloc, theirs.path)
+    ours_q, theirs_q = parse_qs(ours.query), parse_qs(theirs.query)
+    for field in ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-SignedHeaders", "X-Amz-Expires"):
+        assert ours_q[field] == theirs_q[field], field
+    store.close()

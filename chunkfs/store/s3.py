@@ -16,19 +16,25 @@ Invariants:
 - The connection pool holds ``options.concurrency`` connections.
 - A GET returns exactly the requested bytes or raises: a body shorter than its
   Content-Length is a temporary error, never a short result.
-- Block GETs (``get_into``, the hot path) are signed by the client (a presigned URL, no
-  request) and sent through the client's own HTTP session (its pool, proxies, CA bundle and
-  timeouts): one request, as ``get_object`` would send, without botocore's per-call
-  machinery (event hooks, parameter validation, response parsing), which cost about 1.3-1.9
-  ms of CPU per GET here against 0.6. An error response is classified exactly as a
-  ``get_object`` error would be. Where the session is not there (another botocore),
-  ``get_object`` is used.
+- Reads of a store named by an endpoint (``get``, ``get_into``) are signed without a
+  client (``s3_gets.SignedGets``: botocore's endpoint rules and SigV4 signer, no service
+  model), so a process that only reads (``mount``, ``warmup``) never builds botocore's
+  client, which cost each start 70-150 ms; it is made at the first other request. Without
+  an endpoint (AWS itself), block GETs are presigned by the client and sent through the
+  client's own HTTP session (its pool, proxies, CA bundle and timeouts). Either way: one
+  request, as ``get_object`` would send, without botocore's per-call machinery (event
+  hooks, parameter validation, response parsing), which cost about 1.3-1.9 ms of CPU per
+  GET here against 0.6, and an error response is classified exactly as a ``get_object``
+  error would be. Where the client has no session (another botocore), ``get_object`` is
+  used.
+- ``path_style=false`` is virtual-hosted addressing, also with an endpoint.
 """
 
 from __future__ import annotations
 
 import http.client
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs
@@ -40,6 +46,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
+from chunkfs.store.s3_gets import SIGNED_SECONDS, SignedGets
 from chunkfs.urls import bucket_url
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -47,8 +54,6 @@ _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Inter
                     "OperationAborted"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                  "AllAccessDisabled", "AccountProblem", "403", "401"}
-#: seconds a block GET's presigned URL is valid (it is sent at once)
-PRESIGN_SECONDS = 300
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</")
 _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                    bexc.ConnectTimeoutError, bexc.IncompleteReadError, bexc.ResponseStreamingError,
@@ -81,24 +86,55 @@ class S3Store(ObjectStore):
             # Bodies are not hashed into the request signature (as AWS SDKs do over TLS): every
             # block is content-addressed and verified against its id when read, and hashing 4 MiB
             # per PUT on both ends was the largest CPU cost of writing over a plain-HTTP endpoint.
-            s3={"addressing_style": "path" if path_style else "auto", "payload_signing_enabled": False},
+            # path_style=false asks for virtual-hosted addressing ("auto" would still be path-style
+            # with an endpoint); without either, botocore picks
+            s3={"addressing_style": "path" if path_style else "virtual" if "path_style" in params else "auto",
+                "payload_signing_enabled": False},
             signature_version="s3v4",
             # S3-compatible stores (MinIO, rclone, Ceph) differ in flexible-checksum support, and a
             # ranged GET cannot be checked against a whole-object checksum; blocks carry their own hash.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        self._config = config
+        self._endpoint = params.get("endpoint")
+        self._client: Any = None
+        self._http: Any = None  # the client's HTTP session, once the client is made
+        self._client_lock = threading.Lock()
+        self._gets: SignedGets | None = None
         try:
-            session = botocore.session.get_session()
-            region = params.get("region") or session.get_config_variable("region") or "us-east-1"
-            self.client = session.create_client("s3", endpoint_url=params.get("endpoint"), region_name=region,
-                                                config=config)
+            self._session = botocore.session.get_session()
+            self._region = params.get("region") or self._session.get_config_variable("region") or "us-east-1"
+            if self._endpoint is not None:
+                # block GETs need no client: it is made at the first other request
+                self._gets = SignedGets(self._session, self.bucket, self._region, self._endpoint, path_style,
+                                        connections=options.concurrency, connect_timeout=config.connect_timeout,
+                                        read_timeout=config.read_timeout)
+            else:
+                self._make_client()
         except (bexc.BotoCoreError, ValueError) as exc:
             raise StoreError(f"cannot set up S3 client for {url}: {exc}") from None
-        # the client's own HTTP session for presigned block GETs (None: another botocore, use get_object)
-        self._http = getattr(getattr(self.client, "_endpoint", None), "http_session", None)
         if create:
             self._ensure_bucket()
+
+    @property
+    def client(self) -> Any:
+        """botocore's S3 client, made at its first use (thread-safe)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    try:
+                        self._make_client()
+                    except (bexc.BotoCoreError, ValueError) as exc:
+                        raise StoreError(f"cannot set up S3 client for {self.url}: {exc}") from None
+        return self._client
+
+    def _make_client(self) -> None:
+        client = self._session.create_client("s3", endpoint_url=self._endpoint, region_name=self._region,
+                                             config=self._config)
+        # the client's own HTTP session for presigned block GETs (None: another botocore, use get_object)
+        self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+        self._client = client
 
     # -- failure classification -------------------------------------------------------------
     def _error(self, op: str, key: str, exc: Exception) -> StoreError:
@@ -143,8 +179,11 @@ class S3Store(ObjectStore):
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         if end is not None and end <= start:
             return b""
+        ranged = bool(start) or end is not None
+        if self._gets is not None:
+            return self._get_signed(key, f"bytes={start}-{'' if end is None else end - 1}" if ranged else None)
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + key}
-        if start or end is not None:
+        if ranged:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             resp = self.client.get_object(**kwargs)
@@ -165,19 +204,43 @@ class S3Store(ObjectStore):
                              temporary=True)
         return data
 
+    def _get_signed(self, key: str, byte_range: str | None) -> bytes:
+        """``get`` through ``SignedGets``: the whole body in memory."""
+        assert self._gets is not None
+        try:
+            response = self._gets.send(self.prefix + key, {"Range": byte_range} if byte_range else None)
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        raw = response.raw
+        if response.status_code not in (200, 206):
+            error = _client_error(response.status_code, _read_error_body(raw))
+            if error.response["Error"]["Code"] == "InvalidRange":
+                return b""  # a range starting at or past the end of the object
+            raise self._error("GET", key, error) from None
+        length = raw.headers.get("Content-Length")
+        sink = _MemorySink()
+        self._stream_into(key, raw, int(length) if length is not None else None, sink, memoryview(bytearray(1 << 16)))
+        return bytes(sink.data)
+
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
         """Stream the object into ``buffer`` piece by piece, straight from the socket (no
         block-sized allocation, and each piece is still in the CPU cache when the sink hashes
         and writes it)."""
-        session = self._http
-        if session is None:
-            return self._get_object_into(key, sink, buffer)
         try:
-            url = self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=PRESIGN_SECONDS)
-            request = AWSRequest(method="GET", url=url).prepare()
-            request.stream_output = True
-            response = session.send(request)
+            if self._gets is not None:
+                response = self._gets.send(self.prefix + key)
+            else:
+                client = self.client
+                session = self._http
+                if session is None:
+                    return self._get_object_into(key, sink, buffer)
+                url = client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=SIGNED_SECONDS)
+                request = AWSRequest(method="GET", url=url).prepare()
+                request.stream_output = True
+                response = session.send(request)
+        except StoreError:
+            raise
         except Exception as exc:
             raise self._error("GET", key, exc) from None
         raw = response.raw
@@ -249,7 +312,10 @@ class S3Store(ObjectStore):
             raise self._error("LIST", prefix, exc) from None
 
     def close(self) -> None:
-        self.client.close()
+        if self._gets is not None:
+            self._gets.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _stream_body(raw: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
@@ -276,6 +342,25 @@ def _stream_body(raw: Any, expected: int | None, sink: Sink, buffer: memoryview)
         total += len(chunk)
     raw.close()
     return total
+
+
+class _MemorySink:
+    """A ``Sink`` keeping the body in memory (``get``)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def restart(self) -> None:
+        self.data = bytearray()
+
+    def lend(self, size: int) -> memoryview | None:
+        return None
+
+    def write(self, piece: memoryview) -> None:
+        self.data += piece
+
+    def finish(self) -> None:
+        pass
 
 
 def _read_error_body(raw: Any) -> bytes:
