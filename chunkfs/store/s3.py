@@ -16,17 +16,17 @@ Invariants:
 - The connection pool holds ``options.concurrency`` connections.
 - A GET returns exactly the requested bytes or raises: a body shorter than its
   Content-Length is a temporary error, never a short result.
-- Reads of a store named by an endpoint (``get``, ``get_into``) are signed without a
-  client (``s3_gets.SignedGets``: botocore's endpoint rules and SigV4 signer, no service
-  model), so a process that only reads (``mount``, ``warmup``) never builds botocore's
-  client, which cost each start 70-150 ms; it is made at the first other request. Without
-  an endpoint (AWS itself), block GETs are presigned by the client and sent through the
-  client's own HTTP session (its pool, proxies, CA bundle and timeouts). Either way: one
-  request, as ``get_object`` would send, without botocore's per-call machinery (event
-  hooks, parameter validation, response parsing), which cost about 1.3-1.9 ms of CPU per
-  GET here against 0.6, and an error response is classified exactly as a ``get_object``
-  error would be. Where the client has no session (another botocore), ``get_object`` is
-  used.
+- Reads (``get``, ``get_into``) are signed without a client (``s3_gets.SignedGets``:
+  botocore's endpoint rules and SigV4 signer, no service model), so a process that only
+  reads (``mount``, ``warmup``) never builds botocore's client, which cost each start 70-150
+  ms; it is made at the first other request. Where botocore's configuration says more about
+  where S3 requests go (FIPS, dual-stack, endpoint URLs or S3 settings of its own), block
+  GETs are presigned by the client instead and sent through the client's own HTTP session
+  (its pool, proxies, CA bundle and timeouts). Either way: one request, as ``get_object``
+  would send, without botocore's per-call machinery (event hooks, parameter validation,
+  response parsing), which cost about 1.3-1.9 ms of CPU per GET here against 0.6, and an
+  error response is classified exactly as a ``get_object`` error would be. Where the client
+  has no session (another botocore), ``get_object`` is used.
 - ``path_style=false`` is virtual-hosted addressing, also with an endpoint.
 """
 
@@ -46,7 +46,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.store.s3_gets import SIGNED_SECONDS, SignedGets
+from chunkfs.store.s3_gets import SIGNED_SECONDS, SignedGets, signed_gets
 from chunkfs.urls import bucket_url
 
 _TEMPORARY_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -105,12 +105,12 @@ class S3Store(ObjectStore):
         try:
             self._session = botocore.session.get_session()
             self._region = params.get("region") or self._session.get_config_variable("region") or "us-east-1"
-            if self._endpoint is not None:
-                # block GETs need no client: it is made at the first other request
-                self._gets = SignedGets(self._session, self.bucket, self._region, self._endpoint, path_style,
-                                        connections=options.concurrency, connect_timeout=config.connect_timeout,
-                                        read_timeout=config.read_timeout)
-            else:
+            # reads need no client where their URL is known without it: the client is then
+            # made at the first other request
+            self._gets = signed_gets(self._session, self.bucket, self._region, self._endpoint, path_style,
+                                     connections=options.concurrency, connect_timeout=config.connect_timeout,
+                                     read_timeout=config.read_timeout)
+            if self._gets is None:
                 self._make_client()
         except (bexc.BotoCoreError, ValueError) as exc:
             raise StoreError(f"cannot set up S3 client for {url}: {exc}") from None

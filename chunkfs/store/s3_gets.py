@@ -1,4 +1,4 @@
-"""Signed S3 object GETs without a botocore client, for stores named by an explicit endpoint.
+"""Signed S3 object GETs without a botocore client.
 
 Layer: ``store/``, used by ``store/s3.py`` only. Why it exists: creating botocore's S3 client
 loads and builds its service model (a 1.3 MB JSON description of every S3 operation, plus
@@ -9,20 +9,22 @@ HTTP request.
 
 Invariants:
 
-- Only for an S3 URL with ``endpoint=`` (MinIO, Ceph, R2, rclone, any S3-compatible store).
-  Without one (AWS itself), the request URL depends on region, partition, FIPS, dual-stack
-  and us-east-1 settings that only the client resolves faithfully: ``S3Store`` then signs
-  with its client as before.
 - The URL comes from botocore's own S3 endpoint rules (``EndpointProvider`` over the
   bundled ``endpoint-rule-set-1`` and ``partitions`` data, the engine the client itself
-  uses) with the inputs the client would give them for an explicit endpoint: region,
-  endpoint, path style, no FIPS, dual-stack or acceleration (botocore refuses those with an
-  endpoint). The signature is botocore's ``S3SigV4QueryAuth`` with the signing name and
-  region the rules return, over the credentials of botocore's standard chain, refreshed by
-  it. ``tests/test_object_stores.py`` checks the URL against the client's presigned one.
+  uses) with the inputs the client would give them: the bucket, region and path style; the
+  endpoint when the S3 URL names one; otherwise no FIPS, dual-stack or acceleration, and
+  us-east-1 on its legacy global endpoint, botocore's defaults.
+- Where botocore's configuration says anything more about where S3 requests go (an
+  endpoint URL of its own, FIPS, dual-stack, an ``s3`` section or S3 environment settings),
+  or the rules ask for another signer than SigV4 (S3 Express, multi-region access points),
+  there is no ``SignedGets``: ``S3Store`` then signs with its client, as before.
+- The signature is botocore's ``S3SigV4QueryAuth`` with the signing name and region the
+  rules return, over the credentials of botocore's standard chain, refreshed by it.
+  ``tests/test_object_stores.py`` checks URL and scope against the client's presigned GET
+  for endpoints, addressing styles, regions of each partition and keys that need quoting.
 - The HTTP session is a ``URLLib3Session`` set up as the client's would be: the pool size
   and timeouts asked for, proxies from the environment, the CA bundle of the botocore
-  configuration (or ``REQUESTS_CA_BUNDLE``), the configured client certificate.
+  configuration (or ``REQUESTS_CA_BUNDLE``).
 """
 
 from __future__ import annotations
@@ -46,25 +48,59 @@ SIGNED_SECONDS = 300
 S3_API_VERSION = "2006-03-01"
 
 
-class SignedGets:
-    """Sends GETs of objects in one bucket of an S3-compatible store, each signed alone."""
+def signed_gets(session: botocore.session.Session, bucket: str, region: str, endpoint: str | None,
+                path_style: bool, *, connections: int, connect_timeout: float,
+                read_timeout: float) -> SignedGets | None:
+    """GETs of ``bucket`` signed without a client, or None where only the client knows
+    where they go (see the module contract)."""
+    if endpoint is None and _configured_beyond_defaults(session):
+        return None
+    loader = create_loader()
+    # by its path: load_service_model("s3", ...) first lists every service botocore knows
+    # (60 ms with a cold page cache); S3's API version is fixed for good
+    rules = EndpointProvider(loader.load_data(f"s3/{S3_API_VERSION}/endpoint-rule-set-1"),
+                             loader.load_data("partitions"))
+    inputs: dict[str, Any] = {"Bucket": bucket, "Region": region, "ForcePathStyle": path_style, "UseFIPS": False,
+                              "UseDualStack": False, "Accelerate": False}
+    if endpoint is not None:
+        inputs["Endpoint"] = endpoint
+    else:  # botocore's default: us-east-1 on the legacy global endpoint
+        inputs["UseGlobalEndpoint"] = region == "us-east-1"
+    resolved = rules.resolve_endpoint(**inputs)
+    schemes = resolved.properties.get("authSchemes", [])
+    if resolved.headers or [scheme.get("name") for scheme in schemes] != ["sigv4"]:
+        return None  # S3 Express, multi-region access points...: the client's own signers
+    scheme = schemes[0]
+    return SignedGets(session, resolved.url.rstrip("/"), scheme.get("signingName", "s3"),
+                      scheme.get("signingRegion", region), connections=connections,
+                      connect_timeout=connect_timeout, read_timeout=read_timeout)
 
-    def __init__(self, session: botocore.session.Session, bucket: str, region: str, endpoint: str,
-                 path_style: bool, *, connections: int, connect_timeout: float, read_timeout: float) -> None:
-        loader = create_loader()
-        # by its path: load_service_model("s3", ...) first lists every service botocore
-        # knows (60 ms with a cold page cache); S3's API version is fixed for good
-        rules = EndpointProvider(loader.load_data(f"s3/{S3_API_VERSION}/endpoint-rule-set-1"),
-                                 loader.load_data("partitions"))
-        resolved = rules.resolve_endpoint(Bucket=bucket, Region=region, Endpoint=endpoint, ForcePathStyle=path_style,
-                                          UseFIPS=False, UseDualStack=False, Accelerate=False)
-        scheme = next((s for s in resolved.properties.get("authSchemes", []) if s.get("name") == "sigv4"), None)
-        if scheme is None:
-            raise ValueError(f"S3 endpoint rules want {resolved.properties.get('authSchemes')} for {endpoint}, "
-                             "not SigV4")
-        self.base = resolved.url.rstrip("/")
-        self.signing_name = scheme.get("signingName", "s3")
-        self.signing_region = scheme.get("signingRegion", region)
+
+def _configured_beyond_defaults(session: botocore.session.Session) -> bool:
+    """Whether botocore's configuration says anything about where S3 requests go (an
+    endpoint of its own, FIPS, dual-stack, S3 settings): then only the client resolves them."""
+    if any(os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")):
+        return True
+    scoped = session.get_scoped_config()
+    if "endpoint_url" in scoped or "services" in scoped or "s3" in scoped:
+        return True
+    if session.get_component("config_store").get_config_variable("s3"):
+        return True
+    return any(_truthy(session.get_config_variable(name)) for name in ("use_fips_endpoint", "use_dualstack_endpoint"))
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+class SignedGets:
+    """Sends GETs of objects in one bucket of an S3 store, each signed alone, to ``base``."""
+
+    def __init__(self, session: botocore.session.Session, base: str, signing_name: str, signing_region: str, *,
+                 connections: int, connect_timeout: float, read_timeout: float) -> None:
+        self.base = base
+        self.signing_name = signing_name
+        self.signing_region = signing_region
         self._session = session
         self._credentials: Any = None
         verify = session.get_config_variable("ca_bundle")
@@ -73,7 +109,6 @@ class SignedGets:
             proxies=get_environ_proxies(self.base),
             timeout=(connect_timeout, read_timeout),
             max_pool_connections=connections,
-            client_cert=session.get_config_variable("client_cert") if _knows(session, "client_cert") else None,
         )
 
     def url(self, key: str) -> str:
@@ -100,7 +135,3 @@ class SignedGets:
     def close(self) -> None:
         self.http.close()
 
-
-def _knows(session: botocore.session.Session, name: str) -> bool:
-    """Whether this botocore has configuration variable ``name``."""
-    return name in session.session_var_map
