@@ -15,6 +15,9 @@ times, measures in this order:
   raw_get_sha256       the same, each 8 MiB range also hashed with SHA-256 as it arrives: the least a
                        client that verifies what it downloads (chunkfs checks every block's hash) pays
   raw_get_blake3       the same with BLAKE3 (the hash of new chunkfs volumes)
+  raw_get_blake3_write the same, each range also written at its place in a copy of its shard in WORK
+                       (pwrite, through the page cache): the least a warmup does, without its start
+  (the raw rows' CPU-s/GiB is this process's own: the client's, not the store's)
   local_disk           the model loaded from the local disk
   disk_write           the model's size written to new files in WORK by 8 threads with O_DIRECT, 1 MiB
                        at a time (as a warmup writes its cache): the node disk's floor for ck_warmup
@@ -177,7 +180,8 @@ print(f"held {held >> 20} MiB", flush=True)
 sys.stdin.read()
 """
 JFS_TUNED = ["--max-readahead", "1024", "--buffer-size", "2048", "--max-downloads", "64"]
-NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "local_disk", "disk_write", "boto3_download_load",
+NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "raw_get_blake3_write", "local_disk", "disk_write",
+         "boto3_download_load",
          "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
          "ck_cold_mmap1", "ck_cold_mmap4", "ck_cold_mmap4_recording", "ck_cold_mmap4_profiled", "jfs_write",
          "ck_write", "jfs_warmup", "ck_warmup", "ck_after_warmup", "pt_warm", "pt_cold"]
@@ -721,13 +725,18 @@ class Bench:
             sample.extra["daemon_cpu_s_per_gib"] = self.per_gib(process_cpu_seconds(daemon) - before)
         return sample
 
-    def raw_get(self, verify: str | None = None) -> Sample:
+    def raw_get(self, verify: str | None = None, write: bool = False) -> Sample:
         """16 threads of ranged GETs over the raw copy of the model; with ``verify`` (an
-        algorithm), each range is hashed with it."""
+        algorithm), each range is hashed with it; with ``write``, also written at its place
+        in a copy of its shard in WORK, through the page cache (the copies are removed after)."""
         name = f"raw_get_{verify}" if verify else "raw_get"
+        name += "_write" if write else ""
         client = self.client(pool=32)
         parts = [(shard.name, start, min(start + RANGE, size) - 1)
                  for shard in self.shards for size in [shard.stat().st_size] for start in range(0, size, RANGE)]
+        target = reset_dir(self.work / "raw-write") if write else None
+        files = {shard.name: os.open(target / shard.name, os.O_WRONLY | os.O_CREAT, 0o600)
+                 for shard in self.shards} if target else {}
 
         def fetch(part: tuple[str, int, int]) -> int:
             key, first, last = part
@@ -735,17 +744,29 @@ class Bench:
             digest = new_hasher(verify) if verify else None
             got = 0
             while chunk := body.read(1 << 20):
-                got += len(chunk)
                 if digest is not None:
                     digest.update(chunk)
+                if files:
+                    os.pwrite(files[key], chunk, first + got)
+                got += len(chunk)
             return got
 
         drop_caches()
-        with Timed() as timed, ThreadPoolExecutor(16) as pool:
-            total = sum(pool.map(fetch, parts))
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            with Timed() as timed, ThreadPoolExecutor(16) as pool:
+                total = sum(pool.map(fetch, parts))
+        finally:
+            for fd in files.values():
+                os.close(fd)
+            if target:
+                shutil.rmtree(target)
+        used = resource.getrusage(resource.RUSAGE_SELF)
         if total != self.model_bytes:
             raise BenchError(f"{name}: fetched {total} bytes, expected {self.model_bytes}")
-        return Sample(timed.seconds, extra={"requests": len(parts), **timed.cpu_extra()})
+        cpu = used.ru_utime - own.ru_utime + used.ru_stime - own.ru_stime
+        return Sample(timed.seconds, extra={"requests": len(parts), "process_cpu_s_per_gib": self.per_gib(cpu),
+                                            **timed.cpu_extra()})
 
     def disk_write(self) -> Sample:
         """The model's size written with O_DIRECT by 8 threads into WORK (the cache's disk)."""
@@ -1023,6 +1044,7 @@ class Bench:
         steps: list[tuple[str, Callable[[], Sample]]] = [
             ("raw_get", self.raw_get), ("raw_get_sha256", lambda: self.raw_get(verify="sha256")),
             ("raw_get_blake3", lambda: self.raw_get(verify="blake3")),
+            ("raw_get_blake3_write", lambda: self.raw_get(verify="blake3", write=True)),
             ("local_disk", self.local_disk), ("disk_write", self.disk_write),
             ("boto3_download_load", lambda: self.boto3_download_load(loader))]
         for name, step in steps:
@@ -1068,7 +1090,8 @@ class Bench:
     def execute(self) -> dict[str, Any]:
         self.prepare()
         self.start_rclone()
-        if self.wants("raw_get", "raw_get_sha256", "raw_get_blake3", "boto3_download_load", "pt_cold"):
+        if self.wants("raw_get", "raw_get_sha256", "raw_get_blake3", "raw_get_blake3_write", "boto3_download_load",
+                      "pt_cold"):
             self.upload_raw()
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
@@ -1168,7 +1191,8 @@ class Bench:
             t["pass"] = None if t["value"] is None else t["value"] <= t["limit"]
         # Not targets: how far each verifying path is from the least a verifying client pays.
         context = [{"what": f"{name} / {raw}", "value": ratio(name, raw)}
-                   for raw in ("raw_get_sha256", "raw_get_blake3") for name in ("ck_cold", "ck_warmup")
+                   for raw in ("raw_get_sha256", "raw_get_blake3", "raw_get_blake3_write")
+                   for name in ("ck_cold", "ck_warmup")
                    if ratio(name, raw) is not None]
         for name in ("ck_cold_mmap1", *MMAP4_PROFILE_ROWS):
             firsts = [s.extra["first_tensor_s"] for s in self.samples.get(name, []) if "first_tensor_s" in s.extra]
