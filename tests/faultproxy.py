@@ -37,6 +37,7 @@ class FaultConfig:
     block_gets: int = 0  # GETs of block objects (the store-side download count)
     gets_by_block: dict[str, int] = field(default_factory=dict)  # block object path -> GETs
     get_order: list[str] = field(default_factory=list)  # block object paths, in the order GETs arrived
+    get_spans: list[tuple[str, float, float]] = field(default_factory=list)  # (path, arrived, answered) per block GET
     connections: set = field(default_factory=set)  # client (host, port) pairs seen
     in_flight: int = 0
     max_in_flight: int = 0
@@ -103,6 +104,13 @@ class FaultProxy:
             return kind
 
     def _proxy(self, h: BaseHTTPRequestHandler) -> None:
+        arrived = time.monotonic()
+        self._answer(h)
+        if h.command == "GET" and "/blocks/" in h.path:
+            with self._lock:
+                self.config.get_spans.append((h.path.split("?", 1)[0], arrived, time.monotonic()))
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         fault = self._pick_fault(h.command, h.path)

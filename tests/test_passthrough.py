@@ -321,3 +321,30 @@ def test_an_open_during_a_warmup_through_the_mount_waits_for_the_warmups_fill(s3
             assert metric(m.path, "chunkfs_passthrough_opens_total") == 1
             assert read_bytes(m.path) == 0
         assert proxy.config.block_gets == 7  # each block once
+
+
+def test_a_shards_fill_does_not_share_the_store_with_its_siblings(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The files queued behind an opened shard are filled once the shard's own fill (the one
+    its loader waits for) is over: no sibling GET is sent while one of the shard's is."""
+    from chunkfs.blocks import DEFAULT_HASH, block_id, object_key
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shards = {f"model-0000{i}-of-00002.safetensors": os.urandom(3 * BLOCK) for i in (1, 2)}
+    for name, data in shards.items():
+        (src / name).write_bytes(data)
+    first = next(iter(shards))
+    first_keys = {object_key(block_id(shards[first][i:i + BLOCK], DEFAULT_HASH)) for i in range(0, 3 * BLOCK, BLOCK)}
+    with proxied_s3_volume(s3_server, tmp_path, BLOCK) as (vol, proxy):
+        chunkfs("import", vol.meta_url, str(src), "/m")
+        # two downloads at a time, 0.5 s each: the first shard's third block goes alone, while
+        # a slot is free for a sibling
+        proxy.config.kinds, proxy.config.delay, proxy.config.rate = ("delay",), 0.5, 1.0
+        with mounted(vol, *NATIVE, "--max-downloads", "2") as m:
+            assert (m.path / "m" / first).read_bytes() == shards[first]
+            wait_for(lambda: metric(m.path, FILLED) == 2, timeout=60)
+            spans = list(proxy.config.get_spans)
+    mine = [(start, end) for path, start, end in spans if any(path.endswith(k) for k in first_keys)]
+    others = [start for path, start, _ in spans if not any(path.endswith(k) for k in first_keys)]
+    assert len(mine) == 3 and len(others) == 3
+    assert min(others) >= max(end for _, end in mine) - 0.05, "a sibling was fetched beside the shard"
