@@ -469,3 +469,41 @@ def test_configured_s3_endpoints_leave_signing_to_the_client(setting: tuple[str,
     store = S3Store("s3://my-bucket/models?region=us-east-1", StoreOptions())
     assert store._gets is None and store._client is not None
     store.close()
+
+
+def test_gcs_reads_need_no_client_and_are_classified(gcs_server) -> None:  # type: ignore[no-untyped-def]
+    """GCS reads (whole, ranged, streamed, missing, past the end) go through one media GET
+    each without google-cloud-storage's client, which is made only for the first other
+    request; error responses are classified as the library's exceptions were."""
+    from chunkfs.store.gcs import GCSStore
+    from chunkfs.store.gcs_reads import failure
+
+    bucket, data = unique_bucket(), os.urandom(300_000)
+    writer = GCSStore(f"gs://{bucket}/p", StoreOptions(), create=True)
+    writer.put("blocks/aa/obj", data)
+    writer.close()
+    store = GCSStore(f"gs://{bucket}/p", StoreOptions())
+    buffer = memoryview(bytearray(64 << 10))
+    sink = Collected(buffer)
+    assert store.get("blocks/aa/obj") == data
+    assert store.get("blocks/aa/obj", 1000, 5000) == data[1000:5000]
+    assert store.get("blocks/aa/obj", 299_990) == data[299_990:]
+    assert store.get("blocks/aa/obj", 400_000) == b""
+    assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
+    with pytest.raises(ObjectNotFound):
+        store.get_into("blocks/aa/missing", Collected(buffer), buffer)
+    assert store._client is None
+    assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
+    assert store._client is not None
+    store.close()
+    missing = GCSStore(f"gs://{unique_bucket()}/p", StoreOptions())
+    with pytest.raises(ObjectNotFound):  # fake-gcs-server answers a missing bucket "Not Found", as for an object
+        missing.get("blocks/aa/obj")
+    missing.close()
+    # GCS itself names a missing bucket in its JSON error
+    bucket_gone = b'{"error": {"code": 404, "message": "The specified bucket does not exist."}}'
+    assert failure(404, bucket_gone) == ("no_bucket", False)
+    assert failure(404, b'{"error": {"code": 404, "message": "No such object: b/o"}}') == ("not_found", False)
+    assert failure(403, b"") == ("denied", False) and failure(401, b"") == ("denied", False)
+    assert failure(416, b"") == ("range", False)
+    assert [failure(status, b"")[1] for status in (408, 429, 500, 503, 400, 412)] == [True] * 4 + [False] * 2

@@ -1,66 +1,38 @@
-"""``gs://bucket/prefix`` backend on google-cloud-storage.
+"""``gs://bucket/prefix`` backend: reads through ``gcs_reads`` (one authorized media GET each),
+everything else on google-cloud-storage.
 
 Credentials: Application Default Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's
-ADC file, workload identity). ``STORAGE_EMULATOR_HOST`` points the client at an emulator
-(fake-gcs-server) with anonymous credentials, as the library does for its own tests.
+ADC file, workload identity). ``STORAGE_EMULATOR_HOST`` points reads and the client at an
+emulator (fake-gcs-server) with anonymous credentials, as the library does for its own tests.
 
 Invariants (as for S3): the library's retries are off (``retry=None``) so that
 ``RetryingStore`` is the one policy; 429, 5xx, timeouts and dropped connections are
-temporary, 401/403/404 and credential problems are not; the HTTP pool holds
+temporary, 401/403/404 and credential problems are not; the HTTP pools hold
 ``options.concurrency`` connections; a GET returns exactly the requested bytes or raises.
+Reads (``get``, ``get_into``) never import or make the library's client (see
+``gcs_reads``): it is made at the first other request.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
 from collections.abc import Iterator
+from typing import Any
 
-import google.api_core.exceptions as gexc
 import google.auth.exceptions as aexc
-import requests
-import requests.adapters
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
+import urllib3.exceptions
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
+from chunkfs.store.gcs_reads import GCSReads, default_credentials, failure
+from chunkfs.store.http_body import MemorySink, read_error_body, stream_body
 from chunkfs.urls import bucket_url, mask_url
 
-_TEMPORARY = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
-              requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError, aexc.TransportError,
-              ConnectionError, TimeoutError)
-
-
-class _Pieces:
-    """A write-only file for ``download_to_file`` that passes what it is given on to a sink
-    in pieces of up to ``buffer``'s size (the last one shorter), gathered in the memory the
-    sink lends (``Sink.lend``) or else in ``buffer``."""
-
-    def __init__(self, sink: Sink, buffer: memoryview) -> None:
-        self.sink = sink
-        self.buffer = buffer
-        self.target: memoryview | None = None  # where the piece being gathered goes
-        self.filled = 0
-        self.total = 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            if self.target is None:
-                self.target = self.sink.lend(len(self.buffer)) or self.buffer
-            take = min(len(view), len(self.target) - self.filled)
-            self.target[self.filled : self.filled + take] = view[:take]
-            self.filled += take
-            view = view[take:]
-            if self.filled == len(self.target):
-                self.flush()
-        self.total += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        if self.target is not None and self.filled:
-            self.sink.write(self.target[: self.filled])
-        self.target, self.filled = None, 0
+#: failures of a read's request that are temporary (the connection, not the store, failed)
+_READ_NETWORK = (urllib3.exceptions.HTTPError, aexc.TransportError, ConnectionError, TimeoutError, OSError,
+                 http.client.HTTPException)
 
 
 class GCSStore(ObjectStore):
@@ -73,26 +45,58 @@ class GCSStore(ObjectStore):
         prefix = parts.path.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         self.timeout = options.timeout
+        self._options = options
+        self._client: Any = None
+        self._client_lock = threading.Lock()
         try:
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
-                self.client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "chunkfs"),
-                                             credentials=AnonymousCredentials())
-            else:
-                self.client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+            self._credentials = default_credentials()
         except aexc.DefaultCredentialsError:
             raise StoreError(f"no Google credentials for GCS bucket {self.bucket_name!r}: set "
                              "GOOGLE_APPLICATION_CREDENTIALS or run 'gcloud auth application-default login'") from None
         except Exception as exc:
             raise StoreError(f"cannot set up GCS client for {url}: {exc}") from None
-        adapter = requests.adapters.HTTPAdapter(pool_connections=options.concurrency,
-                                                pool_maxsize=options.concurrency, max_retries=0)
-        self.client._http.mount("https://", adapter)
-        self.client._http.mount("http://", adapter)
-        self.bucket = self.client.bucket(self.bucket_name)
+        self._reads = GCSReads(self.bucket_name, self._credentials, connections=options.concurrency,
+                               connect_timeout=min(options.timeout, 10.0), read_timeout=options.timeout)
         if create:
             self._ensure_bucket()
 
+    @property
+    def client(self) -> Any:
+        """google-cloud-storage's client, made at its first use (thread-safe)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    @property
+    def bucket(self) -> Any:
+        return self.client.bucket(self.bucket_name)
+
+    def _make_client(self) -> Any:
+        import requests.adapters
+        from google.cloud import storage
+
+        try:
+            project = os.environ.get("GOOGLE_CLOUD_PROJECT") or ("chunkfs" if os.environ.get("STORAGE_EMULATOR_HOST")
+                                                                  else None)
+            client = storage.Client(project=project, credentials=self._credentials)
+        except Exception as exc:
+            raise StoreError(f"cannot set up GCS client for {self.url}: {exc}") from None
+        adapter = requests.adapters.HTTPAdapter(pool_connections=self._options.concurrency,
+                                                pool_maxsize=self._options.concurrency, max_retries=0)
+        client._http.mount("https://", adapter)
+        client._http.mount("http://", adapter)
+        return client
+
     def _error(self, op: str, key: str, exc: Exception) -> StoreError:
+        """A library call's failure (``put``, ``head``, ``delete``, ``list``, buckets)."""
+        import google.api_core.exceptions as gexc
+        import requests
+
+        temporary = (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
+                     requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError, aexc.TransportError,
+                     ConnectionError, TimeoutError)
         where = f"gs://{self.bucket_name}/{self.prefix}{key}"
         if isinstance(exc, gexc.NotFound):
             if "bucket" in str(exc).lower() and "does not exist" in str(exc).lower():
@@ -101,11 +105,13 @@ class GCSStore(ObjectStore):
         if isinstance(exc, gexc.Forbidden | gexc.Unauthorized | aexc.RefreshError):
             return StoreError(f"access to GCS bucket {self.bucket_name!r} denied ({type(exc).__name__}): check the "
                               "credentials and the bucket's IAM policy")
-        if isinstance(exc, _TEMPORARY):
+        if isinstance(exc, temporary):
             return StoreError(f"{op} {where}: {type(exc).__name__}: {exc}", temporary=True)
         return StoreError(f"{op} {where}: {type(exc).__name__}: {exc}")
 
     def _ensure_bucket(self) -> None:
+        import google.api_core.exceptions as gexc
+
         try:
             if self.client.lookup_bucket(self.bucket_name, timeout=self.timeout, retry=None) is None:
                 self.client.create_bucket(self.bucket_name, timeout=self.timeout, retry=None)
@@ -117,31 +123,54 @@ class GCSStore(ObjectStore):
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         if end is not None and end <= start:
             return b""
-        blob = self.bucket.blob(self.prefix + key)
+        ranged = bool(start) or end is not None
+        sink = MemorySink()
         try:
-            data = blob.download_as_bytes(start=start or None, end=None if end is None else end - 1,
-                                          raw_download=True, checksum=None, timeout=self.timeout, retry=None)
-        except gexc.RequestRangeNotSatisfiable:
+            self._read(key, sink, memoryview(bytearray(1 << 16)),
+                       f"bytes={start}-{'' if end is None else end - 1}" if ranged else None)
+        except _RangePastEnd:
             return b""
-        except Exception as exc:
-            raise self._error("GET", key, exc) from None
-        if end is not None and blob.size is not None and len(data) != min(end, blob.size) - start:
-            raise StoreError(f"GET gs://{self.bucket_name}/{self.prefix}{key}: short body ({len(data)} bytes)",
-                             temporary=True)
-        return data
+        return bytes(sink.data)
 
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
-        """Stream the object through ``buffer``: the library hands the body over in small
-        chunks, gathered here into buffer-sized pieces."""
-        pieces = _Pieces(sink, buffer)
+        """Stream the object into ``buffer`` piece by piece, straight from the socket."""
+        return self._read(key, sink, buffer)
+
+    def _read(self, key: str, sink: Sink, buffer: memoryview, byte_range: str | None = None) -> int:
+        where = f"gs://{self.bucket_name}/{self.prefix}{key}"
+        try:
+            response = self._reads.send(self.prefix + key, byte_range)
+        except aexc.RefreshError as exc:
+            raise StoreError(f"access to GCS bucket {self.bucket_name!r} denied (RefreshError: {exc}): check the "
+                             "credentials and the bucket's IAM policy") from None
+        except _READ_NETWORK as exc:
+            raise StoreError(f"GET {where}: {type(exc).__name__}: {exc}", temporary=True) from None
+        if response.status not in (200, 206):
+            body = read_error_body(response)
+            kind, temporary = failure(response.status, body)
+            if kind == "range":
+                raise _RangePastEnd
+            if kind == "not_found":
+                raise ObjectNotFound(f"{where} not found")
+            if kind == "no_bucket":
+                raise StoreError(f"GCS bucket {self.bucket_name!r} does not exist")
+            if kind == "denied":
+                raise StoreError(f"access to GCS bucket {self.bucket_name!r} denied ({response.status}): check the "
+                                 "credentials and the bucket's IAM policy")
+            raise StoreError(f"GET {where}: HTTP {response.status} {body[:200].decode('utf-8', 'replace')}".strip(),
+                             temporary=temporary)
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length is not None else None
         sink.restart()
         try:
-            self.bucket.blob(self.prefix + key).download_to_file(
-                pieces, raw_download=True, checksum=None, timeout=self.timeout, retry=None)
+            total = stream_body(response, expected, sink, buffer)
         except Exception as exc:
-            raise self._error("GET", key, exc) from None
-        pieces.flush()
-        return pieces.total
+            response.close()  # drops the connection: its body was not read to the end
+            raise StoreError(f"GET {where}: {type(exc).__name__}: {exc}", temporary=True) from None
+        if expected is not None and total != expected:
+            response.close()
+            raise StoreError(f"GET {where}: body has {total} of {expected} bytes", temporary=True)
+        return total
 
     def put(self, key: str, data: bytes) -> None:
         try:
@@ -161,6 +190,8 @@ class GCSStore(ObjectStore):
         return None if blob is None else ObjectInfo(key, int(blob.size or 0))
 
     def delete(self, key: str) -> None:
+        import google.api_core.exceptions as gexc
+
         try:
             self.bucket.blob(self.prefix + key).delete(timeout=self.timeout, retry=None)
         except gexc.NotFound:
@@ -179,7 +210,13 @@ class GCSStore(ObjectStore):
             raise self._error("LIST", prefix, exc) from None
 
     def close(self) -> None:
-        self.client.close()
+        self._reads.close()
+        if self._client is not None:
+            self._client.close()
+
+
+class _RangePastEnd(Exception):
+    """A ranged read starting at or past the end of the object (``get`` returns no bytes)."""
 
 
 def open_url(url: str, create: bool, options: StoreOptions) -> GCSStore:

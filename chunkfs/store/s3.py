@@ -46,6 +46,7 @@ from botocore.config import Config
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
+from chunkfs.store.http_body import MemorySink, read_error_body, stream_body
 from chunkfs.store.s3_gets import SIGNED_SECONDS, SignedGets, signed_gets
 from chunkfs.urls import bucket_url
 
@@ -213,12 +214,12 @@ class S3Store(ObjectStore):
             raise self._error("GET", key, exc) from None
         raw = response.raw
         if response.status_code not in (200, 206):
-            error = _client_error(response.status_code, _read_error_body(raw))
+            error = _client_error(response.status_code, read_error_body(raw))
             if error.response["Error"]["Code"] == "InvalidRange":
                 return b""  # a range starting at or past the end of the object
             raise self._error("GET", key, error) from None
         length = raw.headers.get("Content-Length")
-        sink = _MemorySink()
+        sink = MemorySink()
         self._stream_into(key, raw, int(length) if length is not None else None, sink, memoryview(bytearray(1 << 16)))
         return bytes(sink.data)
 
@@ -245,7 +246,7 @@ class S3Store(ObjectStore):
             raise self._error("GET", key, exc) from None
         raw = response.raw
         if response.status_code != 200:
-            raise self._error("GET", key, _client_error(response.status_code, _read_error_body(raw))) from None
+            raise self._error("GET", key, _client_error(response.status_code, read_error_body(raw))) from None
         length = raw.headers.get("Content-Length")
         return self._stream_into(key, raw, int(length) if length is not None else None, sink, buffer)
 
@@ -262,7 +263,7 @@ class S3Store(ObjectStore):
         a temporary ``StoreError``."""
         sink.restart()
         try:
-            total = _stream_body(raw, expected, sink, buffer)
+            total = stream_body(raw, expected, sink, buffer)
         except Exception as exc:
             raw.close()  # drops the connection: its body was not read to the end
             if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, StoreError):
@@ -316,62 +317,6 @@ class S3Store(ObjectStore):
             self._gets.close()
         if self._client is not None:
             self._client.close()
-
-
-def _stream_body(raw: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
-    """Feed a GET response body (a urllib3 response, not yet read) to ``sink``; returns the
-    bytes delivered. Reads straight into ``buffer`` from the ``http.client`` response under
-    it when it is there, then hands the connection back to the pool (as urllib3 does once a
-    body is read); through ``read`` otherwise."""
-    direct = getattr(raw, "_fp", None)
-    total = 0
-    if isinstance(direct, http.client.HTTPResponse) and expected is not None and hasattr(raw, "release_conn"):
-        while total < expected:
-            want = min(len(buffer), expected - total)
-            target = sink.lend(want) or buffer[:want]
-            got = direct.readinto(target)
-            if not got:
-                break  # short body: the caller reports it
-            sink.write(target[:got])
-            total += got
-        if total == expected and direct.isclosed():  # read to its end: the connection is reusable
-            raw.release_conn()
-        return total
-    while chunk := raw.read(len(buffer)):
-        sink.write(memoryview(chunk))
-        total += len(chunk)
-    raw.close()
-    return total
-
-
-class _MemorySink:
-    """A ``Sink`` keeping the body in memory (``get``)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def restart(self) -> None:
-        self.data = bytearray()
-
-    def lend(self, size: int) -> memoryview | None:
-        return None
-
-    def write(self, piece: memoryview) -> None:
-        self.data += piece
-
-    def finish(self) -> None:
-        pass
-
-
-def _read_error_body(raw: Any) -> bytes:
-    """An error response's body (S3's small XML document), at most 64 KiB; the connection is
-    released or dropped."""
-    try:
-        return raw.read(64 << 10) or b""
-    except Exception:  # the error is what matters, not its text
-        return b""
-    finally:
-        raw.close()
 
 
 def _client_error(status: int, body: bytes) -> bexc.ClientError:
