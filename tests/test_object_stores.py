@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import types
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -378,29 +379,14 @@ def test_a_marker_damaged_in_transit_is_read_again(s3_server, tmp_path: Path) ->
 
 
 def test_a_store_named_by_an_endpoint_reads_without_botocores_client(s3_server) -> None:  # type: ignore[no-untyped-def]
-    """Reads of a store named by an endpoint (``get``, ranged ``get``, ``get_into``, a missing
-    object, a range past the end) are signed without botocore's client, which is made only
-    for the first other request (its service model costs each process start 70-150 ms)."""
+    """Reads of a store named by an endpoint are signed without botocore's client, which is
+    made only for the first other request (its service model costs each process start
+    70-150 ms)."""
     from chunkfs.store.s3 import S3Store
 
-    bucket, data = unique_bucket(), os.urandom(200_000)
-    writer = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=True)
-    writer.put("blocks/aa/obj", data)
-    writer.close()
-    store = S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions())
-    buffer = memoryview(bytearray(64 << 10))
-    sink = Collected(buffer)
-    assert store.get("blocks/aa/obj") == data
-    assert store.get("blocks/aa/obj", 1000, 5000) == data[1000:5000]
-    assert store.get("blocks/aa/obj", 199_990) == data[199_990:]
-    assert store.get("blocks/aa/obj", 300_000) == b""
-    assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
-    with pytest.raises(ObjectNotFound):
-        store.get("blocks/aa/missing")
-    assert store._client is None
-    assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
-    assert store._client is not None
-    store.close()
+    bucket = unique_bucket()
+    assert_reads_need_no_client(
+        lambda create: S3Store(f"s3://{bucket}/p?endpoint={s3_server.endpoint}", StoreOptions(), create=create))
 
 
 @pytest.mark.parametrize("url", [
@@ -478,24 +464,8 @@ def test_gcs_reads_need_no_client_and_are_classified(gcs_server) -> None:  # typ
     from chunkfs.store.gcs import GCSStore
     from chunkfs.store.gcs_reads import failure
 
-    bucket, data = unique_bucket(), os.urandom(300_000)
-    writer = GCSStore(f"gs://{bucket}/p", StoreOptions(), create=True)
-    writer.put("blocks/aa/obj", data)
-    writer.close()
-    store = GCSStore(f"gs://{bucket}/p", StoreOptions())
-    buffer = memoryview(bytearray(64 << 10))
-    sink = Collected(buffer)
-    assert store.get("blocks/aa/obj") == data
-    assert store.get("blocks/aa/obj", 1000, 5000) == data[1000:5000]
-    assert store.get("blocks/aa/obj", 299_990) == data[299_990:]
-    assert store.get("blocks/aa/obj", 400_000) == b""
-    assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
-    with pytest.raises(ObjectNotFound):
-        store.get_into("blocks/aa/missing", Collected(buffer), buffer)
-    assert store._client is None
-    assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
-    assert store._client is not None
-    store.close()
+    bucket = unique_bucket()
+    assert_reads_need_no_client(lambda create: GCSStore(f"gs://{bucket}/p", StoreOptions(), create=create))
     missing = GCSStore(f"gs://{unique_bucket()}/p", StoreOptions())
     with pytest.raises(ObjectNotFound):  # fake-gcs-server answers a missing bucket "Not Found", as for an object
         missing.get("blocks/aa/obj")
@@ -507,3 +477,29 @@ def test_gcs_reads_need_no_client_and_are_classified(gcs_server) -> None:  # typ
     assert failure(403, b"") == ("denied", False) and failure(401, b"") == ("denied", False)
     assert failure(416, b"") == ("range", False)
     assert [failure(status, b"")[1] for status in (408, 429, 500, 503, 400, 412)] == [True] * 4 + [False] * 2
+
+
+def assert_reads_need_no_client(make: Callable[[bool], Any]) -> None:
+    """``make(create)`` opens a store (S3Store or GCSStore) on a fresh bucket: every kind of
+    read (whole, ranged, to the end, past the end, streamed, missing, from ``get`` and from
+    ``get_into``) answers right without the SDK's client, made at the first list."""
+    data = os.urandom(300_000)
+    writer = make(True)
+    writer.put("blocks/aa/obj", data)
+    writer.close()
+    store = make(False)
+    buffer = memoryview(bytearray(64 << 10))
+    sink = Collected(buffer)
+    assert store.get("blocks/aa/obj") == data
+    assert store.get("blocks/aa/obj", 1000, 5000) == data[1000:5000]
+    assert store.get("blocks/aa/obj", 299_990) == data[299_990:]
+    assert store.get("blocks/aa/obj", 400_000) == b""
+    assert store.get_into("blocks/aa/obj", sink, buffer) == len(data) and b"".join(sink.pieces) == data
+    with pytest.raises(ObjectNotFound):
+        store.get("blocks/aa/missing")
+    with pytest.raises(ObjectNotFound):
+        store.get_into("blocks/aa/missing", Collected(buffer), buffer)
+    assert store._client is None
+    assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
+    assert store._client is not None
+    store.close()
