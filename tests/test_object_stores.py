@@ -503,3 +503,24 @@ def assert_reads_need_no_client(make: Callable[[bool], Any]) -> None:
     assert [o.key for o in store.list("blocks/")] == ["blocks/aa/obj"]
     assert store._client is not None
     store.close()
+
+
+def test_gcs_reads_go_to_the_libraries_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads go where google-cloud-storage's would: the emulator, else API_ENDPOINT_OVERRIDE,
+    else storage.googleapis.com; the object name quoted whole (no server: URLs only)."""
+    from google.auth.credentials import AnonymousCredentials
+
+    from chunkfs.store.gcs_reads import GCSReads
+
+    def url(name: str) -> str:
+        return GCSReads("my-bucket", AnonymousCredentials(), connections=1, connect_timeout=1,
+                        read_timeout=1).url(name)
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("API_ENDPOINT_OVERRIDE", raising=False)
+    assert url("p/blocks/ab/c d") == ("https://storage.googleapis.com/download/storage/v1/b/my-bucket/o/"
+                                      "p%2Fblocks%2Fab%2Fc%20d?alt=media")
+    monkeypatch.setenv("API_ENDPOINT_OVERRIDE", "https://storage.example.com/")
+    assert url("o").startswith("https://storage.example.com/download/storage/v1/b/my-bucket/o/o?")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")
+    assert url("o").startswith("http://localhost:4443/download/")

@@ -11,6 +11,9 @@ Invariants:
 - A read is ``GET {endpoint}/download/storage/v1/b/{bucket}/o/{object}?alt=media`` (the
   JSON API's media download, the request the library sends for ``raw_download``), the
   object name quoted whole, with a ``Range`` header for part of an object.
+- The endpoint is the library's: ``STORAGE_EMULATOR_HOST``, else ``API_ENDPOINT_OVERRIDE``,
+  else storage.googleapis.com (its mTLS twin with ``GOOGLE_API_USE_CLIENT_CERTIFICATE=true``
+  and a client certificate google-auth finds).
 - Credentials are google-auth's: Application Default Credentials with the library's
   scopes, refreshed by google-auth's ``AuthorizedHttp`` (which also retries once a request
   answered 401 after refreshing); with ``STORAGE_EMULATOR_HOST``, anonymous ones against
@@ -39,6 +42,7 @@ SCOPES = ("https://www.googleapis.com/auth/devstorage.full_control",
           "https://www.googleapis.com/auth/devstorage.read_only",
           "https://www.googleapis.com/auth/devstorage.read_write")
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
+MTLS_ENDPOINT = "https://storage.mtls.googleapis.com"
 
 
 def emulator_endpoint() -> str | None:
@@ -64,10 +68,14 @@ class GCSReads:
 
     def __init__(self, bucket: str, credentials: Any, *, connections: int, connect_timeout: float,
                  read_timeout: float) -> None:
-        self.base = f"{emulator_endpoint() or PUBLIC_ENDPOINT}/download/storage/v1/b/{quote(bucket, safe='')}/o/"
         pool = urllib3.PoolManager(num_pools=4, maxsize=connections, block=False, retries=False,
                                    timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
         self.http = AuthorizedHttp(credentials, http=pool)
+        endpoint = emulator_endpoint() or os.environ.get("API_ENDPOINT_OVERRIDE")
+        if not endpoint:  # mutual TLS only where asked for, as google-auth decides it
+            mtls = os.environ.get("GOOGLE_API_USE_CLIENT_CERTIFICATE") == "true" and self.http.configure_mtls_channel()
+            endpoint = MTLS_ENDPOINT if mtls else PUBLIC_ENDPOINT
+        self.base = f"{endpoint.rstrip('/')}/download/storage/v1/b/{quote(bucket, safe='')}/o/"
 
     def url(self, name: str) -> str:
         return f"{self.base}{quote(name, safe='')}?alt=media"
