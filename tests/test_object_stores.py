@@ -524,3 +524,13 @@ def test_gcs_reads_go_to_the_libraries_endpoint(monkeypatch: pytest.MonkeyPatch)
     assert url("o").startswith("https://storage.example.com/download/storage/v1/b/my-bucket/o/o?")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")
     assert url("o").startswith("http://localhost:4443/download/")
+
+
+def test_a_bad_s3_region_is_refused_at_open() -> None:
+    """A region botocore's client would refuse is refused when the store is opened, in one
+    line, although reads never make the client."""
+    from chunkfs.store.s3 import S3Store
+
+    for url in ("s3://b1/p?region=not a region", "s3://b1/p?region=x/y&endpoint=http://127.0.0.1:9"):
+        with pytest.raises(StoreError, match=r"cannot set up S3 client.*doesn't match a supported format"):
+            S3Store(url, StoreOptions())

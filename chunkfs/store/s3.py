@@ -43,6 +43,7 @@ import botocore.exceptions as bexc
 import botocore.session
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.utils import validate_region_name
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
@@ -106,6 +107,7 @@ class S3Store(ObjectStore):
         try:
             self._session = botocore.session.get_session()
             self._region = params.get("region") or self._session.get_config_variable("region") or "us-east-1"
+            validate_region_name(self._region)  # as the client would at its creation
             # reads need no client where their URL is known without it: the client is then
             # made at the first other request
             self._gets = signed_gets(self._session, self.bucket, self._region, self._endpoint, path_style,

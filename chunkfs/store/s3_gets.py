@@ -37,7 +37,7 @@ import botocore.session
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.endpoint_provider import EndpointProvider
-from botocore.exceptions import NoCredentialsError
+from botocore.exceptions import EndpointProviderError, NoCredentialsError
 from botocore.httpsession import URLLib3Session
 from botocore.loaders import create_loader
 from botocore.utils import get_environ_proxies
@@ -66,7 +66,10 @@ def signed_gets(session: botocore.session.Session, bucket: str, region: str, end
         inputs["Endpoint"] = endpoint
     else:  # botocore's default: us-east-1 on the legacy global endpoint
         inputs["UseGlobalEndpoint"] = region == "us-east-1"
-    resolved = rules.resolve_endpoint(**inputs)
+    try:
+        resolved = rules.resolve_endpoint(**inputs)
+    except EndpointProviderError:
+        return None  # inputs the rules refuse: the client reports them as it always did
     schemes = resolved.properties.get("authSchemes", [])
     if resolved.headers or [scheme.get("name") for scheme in schemes] != ["sigv4"]:
         return None  # S3 Express, multi-region access points...: the client's own signers
