@@ -515,8 +515,9 @@ class NativeSession:
         """Fill the queued siblings one at a time (never raises)."""
         async for ino in self._siblings_receive:
             try:
-                for fill in [f for f in self._fills.values() if f.demand]:
-                    await fill.done.wait()  # the files loaders wait for first, at full speed
+                # the files loaders wait for first, at full speed
+                while (demanded := next((f for f in self._fills.values() if f.demand), None)) is not None:
+                    await demanded.done.wait()
                 if not self._cached.get(ino) and ino not in self._backings:
                     found = await self._image_of(ino)
                     if found is not None:

@@ -27,7 +27,7 @@ import urllib3.exceptions
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
 from chunkfs.store.gcs_reads import GCSReads, default_credentials, failure
-from chunkfs.store.http_body import MemorySink, read_error_body, stream_body
+from chunkfs.store.http_body import RangePastEnd, range_header, read_error_body, read_exactly, read_whole
 from chunkfs.urls import bucket_url, mask_url
 
 #: failures of a read's request that are temporary (the connection, not the store, failed)
@@ -123,14 +123,7 @@ class GCSStore(ObjectStore):
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         if end is not None and end <= start:
             return b""
-        ranged = bool(start) or end is not None
-        sink = MemorySink()
-        try:
-            self._read(key, sink, memoryview(bytearray(1 << 16)),
-                       f"bytes={start}-{'' if end is None else end - 1}" if ranged else None)
-        except _RangePastEnd:
-            return b""
-        return bytes(sink.data)
+        return read_whole(lambda sink, buffer: self._read(key, sink, buffer, range_header(start, end)))
 
     def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
         """Stream the object into ``buffer`` piece by piece, straight from the socket."""
@@ -149,7 +142,7 @@ class GCSStore(ObjectStore):
             body = read_error_body(response)
             kind, temporary = failure(response.status, body)
             if kind == "range":
-                raise _RangePastEnd
+                raise RangePastEnd
             if kind == "not_found":
                 raise ObjectNotFound(f"{where} not found")
             if kind == "no_bucket":
@@ -160,17 +153,8 @@ class GCSStore(ObjectStore):
             raise StoreError(f"GET {where}: HTTP {response.status} {body[:200].decode('utf-8', 'replace')}".strip(),
                              temporary=temporary)
         length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        sink.restart()
-        try:
-            total = stream_body(response, expected, sink, buffer)
-        except Exception as exc:
-            response.close()  # drops the connection: its body was not read to the end
-            raise StoreError(f"GET {where}: {type(exc).__name__}: {exc}", temporary=True) from None
-        if expected is not None and total != expected:
-            response.close()
-            raise StoreError(f"GET {where}: body has {total} of {expected} bytes", temporary=True)
-        return total
+        return read_exactly(response, int(length) if length is not None else None, sink, buffer, where,
+                            lambda exc: StoreError(f"GET {where}: {type(exc).__name__}: {exc}", temporary=True))
 
     def put(self, key: str, data: bytes) -> None:
         try:
@@ -213,10 +197,6 @@ class GCSStore(ObjectStore):
         self._reads.close()
         if self._client is not None:
             self._client.close()
-
-
-class _RangePastEnd(Exception):
-    """A ranged read starting at or past the end of the object (``get`` returns no bytes)."""
 
 
 def open_url(url: str, create: bool, options: StoreOptions) -> GCSStore:

@@ -47,7 +47,7 @@ from botocore.utils import validate_region_name
 
 from chunkfs.errors import UsageError
 from chunkfs.store.base import ObjectInfo, ObjectNotFound, ObjectStore, Sink, StoreError, StoreOptions
-from chunkfs.store.http_body import MemorySink, read_error_body, stream_body
+from chunkfs.store.http_body import RangePastEnd, range_header, read_error_body, read_exactly, read_whole
 from chunkfs.store.s3_gets import SIGNED_SECONDS, SignedGets, signed_gets
 from chunkfs.urls import bucket_url
 
@@ -182,12 +182,12 @@ class S3Store(ObjectStore):
     def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         if end is not None and end <= start:
             return b""
-        ranged = bool(start) or end is not None
+        byte_range = range_header(start, end)
         if self._gets is not None:
-            return self._get_signed(key, f"bytes={start}-{'' if end is None else end - 1}" if ranged else None)
+            return read_whole(lambda sink, buffer: self._read_signed(key, sink, buffer, byte_range))
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + key}
-        if ranged:
-            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if byte_range is not None:
+            kwargs["Range"] = byte_range
         try:
             resp = self.client.get_object(**kwargs)
             body = resp["Body"]
@@ -207,48 +207,44 @@ class S3Store(ObjectStore):
                              temporary=True)
         return data
 
-    def _get_signed(self, key: str, byte_range: str | None) -> bytes:
-        """``get`` through ``SignedGets``: the whole body in memory."""
+    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
+        """Stream the object into ``buffer`` piece by piece, straight from the socket (no
+        block-sized allocation, and each piece is still in the CPU cache when the sink hashes
+        and writes it)."""
+        if self._gets is not None:
+            return self._read_signed(key, sink, buffer)
+        client = self.client
+        session = self._http
+        if session is None:
+            return self._get_object_into(key, sink, buffer)
+        try:
+            url = client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=SIGNED_SECONDS)
+            request = AWSRequest(method="GET", url=url).prepare()
+            request.stream_output = True
+            response = session.send(request)
+        except Exception as exc:
+            raise self._error("GET", key, exc) from None
+        return self._read_response(key, response, sink, buffer)
+
+    def _read_signed(self, key: str, sink: Sink, buffer: memoryview, byte_range: str | None = None) -> int:
+        """A read through ``SignedGets`` (``RangePastEnd`` for a range past the end)."""
         assert self._gets is not None
         try:
             response = self._gets.send(self.prefix + key, {"Range": byte_range} if byte_range else None)
         except Exception as exc:
             raise self._error("GET", key, exc) from None
+        return self._read_response(key, response, sink, buffer)
+
+    def _read_response(self, key: str, response: Any, sink: Sink, buffer: memoryview) -> int:
+        """Feed a GET's response (botocore's ``AWSResponse``, body not read) to ``sink``, or
+        raise the error it carries, classified as ``get_object``'s would be."""
         raw = response.raw
         if response.status_code not in (200, 206):
             error = _client_error(response.status_code, read_error_body(raw))
             if error.response["Error"]["Code"] == "InvalidRange":
-                return b""  # a range starting at or past the end of the object
+                raise RangePastEnd
             raise self._error("GET", key, error) from None
-        length = raw.headers.get("Content-Length")
-        sink = MemorySink()
-        self._stream_into(key, raw, int(length) if length is not None else None, sink, memoryview(bytearray(1 << 16)))
-        return bytes(sink.data)
-
-    def get_into(self, key: str, sink: Sink, buffer: memoryview) -> int:
-        """Stream the object into ``buffer`` piece by piece, straight from the socket (no
-        block-sized allocation, and each piece is still in the CPU cache when the sink hashes
-        and writes it)."""
-        try:
-            if self._gets is not None:
-                response = self._gets.send(self.prefix + key)
-            else:
-                client = self.client
-                session = self._http
-                if session is None:
-                    return self._get_object_into(key, sink, buffer)
-                url = client.generate_presigned_url(
-                    "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=SIGNED_SECONDS)
-                request = AWSRequest(method="GET", url=url).prepare()
-                request.stream_output = True
-                response = session.send(request)
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self._error("GET", key, exc) from None
-        raw = response.raw
-        if response.status_code != 200:
-            raise self._error("GET", key, _client_error(response.status_code, read_error_body(raw))) from None
         length = raw.headers.get("Content-Length")
         return self._stream_into(key, raw, int(length) if length is not None else None, sink, buffer)
 
@@ -263,21 +259,14 @@ class S3Store(ObjectStore):
     def _stream_into(self, key: str, raw: Any, expected: int | None, sink: Sink, buffer: memoryview) -> int:
         """Feed a GET response (a urllib3 response) to ``sink``: exactly ``expected`` bytes or
         a temporary ``StoreError``."""
-        sink.restart()
-        try:
-            total = stream_body(raw, expected, sink, buffer)
-        except Exception as exc:
-            raw.close()  # drops the connection: its body was not read to the end
+        def failed(exc: Exception) -> StoreError:
             if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, StoreError):
                 # what urllib3 would have wrapped as a protocol error: the connection failed mid-body
-                raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: {type(exc).__name__}: {exc}",
-                                 temporary=True) from None
-            raise self._error("GET", key, exc) from None
-        if expected is not None and total != expected:
-            raw.close()
-            raise StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: body has {total} of {expected} bytes",
-                             temporary=True)
-        return total
+                return StoreError(f"GET s3://{self.bucket}/{self.prefix}{key}: {type(exc).__name__}: {exc}",
+                                  temporary=True)
+            return self._error("GET", key, exc)
+
+        return read_exactly(raw, expected, sink, buffer, f"s3://{self.bucket}/{self.prefix}{key}", failed)
 
     def put(self, key: str, data: bytes) -> None:
         try:
