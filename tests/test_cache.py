@@ -417,11 +417,14 @@ def test_a_direct_entry_has_its_disk_space_reserved_up_front(tmp_path: Path) -> 
 
 
 def _thp_eligible(address: int) -> bool:
-    """The ``THPeligible`` flag of the mapping that starts at ``address`` (/proc/self/smaps)."""
+    """The ``THPeligible`` flag of the mapping that holds ``address`` (/proc/self/smaps). It
+    need not start there: the kernel merges a new mapping with an adjacent one of the same
+    kind (another buffer still alive), so the mapping's start may be below the buffer's."""
     lines = Path("/proc/self/smaps").read_text().splitlines()
     for i, line in enumerate(lines):
         span = line.split(" ", 1)[0]  # "start-end" on a mapping's first line, "Key:" on the others
-        if "-" in span and int(span.split("-", 1)[0], 16) == address:
+        start, dash, end = span.partition("-")
+        if dash and ":" not in span and int(start, 16) <= address < int(end, 16):
             for detail in lines[i + 1 :]:
                 if detail.startswith("THPeligible:"):
                     return detail.split()[1] == "1"

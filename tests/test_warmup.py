@@ -97,7 +97,24 @@ def test_plan_walks_directories_follows_links_and_names_missing_paths(volume: Vo
         meta.close()
 
 
-def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path) -> None:
+def test_download_locks_keep_the_gil() -> None:
+    """The lock calls never give the GIL up (``ctypes.PyDLL``): taking it back behind a
+    queue of busy threads is what made lock takers wait tens of milliseconds each."""
+    import ctypes
+
+    from chunkfs.cache import disk
+
+    assert disk._GIL_FCNTL is not None
+    assert disk._GIL_FCNTL._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("gil_fcntl", [True, False], ids=["gil-held", "fcntl-module"])
+def test_download_lock_is_exclusive_and_cleaned_up(tmp_path: Path, gil_fcntl: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from chunkfs.cache import disk
+
+    if not gil_fcntl:  # the fallback where libc cannot be loaded through ctypes
+        monkeypatch.setattr(disk, "_GIL_FCNTL", None)
     cache_dir = CacheDir(tmp_path / "c")
     bid = block_id(b"x")
     held = cache_dir.try_lock(bid)
