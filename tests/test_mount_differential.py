@@ -77,20 +77,23 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-def times(root: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, ctime) of every entry, the root included."""
-    out = {".": (root.lstat().st_mtime_ns, root.lstat().st_ctime_ns)}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            s = path.lstat()
-            out[str(path.relative_to(root))] = (s.st_mtime_ns, s.st_ctime_ns)
+def times(root: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime, ctime) of every entry, the root included."""
+    out = {}
+    for path in [root, *(Path(top, name) for top, dirs, files in os.walk(root) for name in dirs + files)]:
+        s = path.lstat()
+        out[str(path.relative_to(root))] = (s.st_ino, s.st_mtime_ns, s.st_ctime_ns)
     return out
 
 
-def moved(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, tuple[bool, bool]]:
-    return {path: (before.get(path, (None, None))[0] != m, before.get(path, (None, None))[1] != c)
-            for path, (m, c) in after.items()}
+def moved(before: dict[str, tuple[int, int, int]],
+          after: dict[str, tuple[int, int, int]]) -> dict[str, tuple[bool, bool]]:
+    """Whether each entry's mtime and ctime moved: an entry is followed by its inode, not its
+    name (a file renamed over another is compared with itself before the rename; with a
+    coarse clock the two files' times can be equal, and by name it would look unmoved)."""
+    was = {ino: (m, c) for ino, m, c in before.values()}
+    return {path: (was.get(ino, (None, None))[0] != m, was.get(ino, (None, None))[1] != c)
+            for path, (ino, m, c) in after.items()}
 
 
 class MountMatchesLocalDir(RuleBasedStateMachine):
@@ -284,7 +287,8 @@ class MountMatchesLocalDir(RuleBasedStateMachine):
             return
         assert tree(self.mnt) == tree(self.ref)
         now = (times(self.mnt), times(self.ref))
-        assert moved(self.last[0], now[0]) == moved(self.last[1], now[1]), "mtime/ctime moved differently"
+        assert moved(self.last[0], now[0]) == moved(self.last[1], now[1]), (
+            f"mtime/ctime moved differently: mount {self.last[0]} -> {now[0]}, local {self.last[1]} -> {now[1]}")
         self.last = now
 
 
