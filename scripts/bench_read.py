@@ -50,6 +50,10 @@ times, measures in this order:
   jfs_warmup           `juicefs warmup MNT/model` through a fresh JuiceFS mount (default flags, empty cache)
   ck_warmup            `chunkfs warmup META /model --cache-dir EMPTY` (no mount); then the same on the
                        complete cache, whose CPU (start, metadata, plan) the "beyond" figure leaves out
+  ck_download_loop     chunkfs's block download layer alone (scripts/download_loop.py): every block of
+                       the model fetched, verified and written into an empty cache as a warmup's block
+                       entries are, by 32 plain threads: no trio, no warmup engine, no process start
+                       (its seconds and CPU are the loop's). ck_warmup's floor in chunkfs's own code
   ck_after_warmup      a fresh mount on ck_warmup's cache, loading the model after dropping the page
                        cache: the first load a pod sees on a node an operator warmed
   pt_warm              design probe (scripts/probe_passthrough.py, not chunkfs): the local copy of the
@@ -184,7 +188,7 @@ NAMES = ["raw_get", "raw_get_sha256", "raw_get_blake3", "raw_get_blake3_write", 
          "boto3_download_load",
          "jfs_cold_default", "jfs_cold_tuned", "jfs_warm", "ck_cold", "ck_warm_same", "ck_warm", "ck_hot",
          "ck_cold_mmap1", "ck_cold_mmap4", "ck_cold_mmap4_recording", "ck_cold_mmap4_profiled", "jfs_write",
-         "ck_write", "jfs_warmup", "ck_warmup", "ck_after_warmup", "pt_warm", "pt_cold"]
+         "ck_write", "jfs_warmup", "ck_warmup", "ck_download_loop", "ck_after_warmup", "pt_warm", "pt_cold"]
 MMAP4_PROFILE_ROWS = {"ck_cold_mmap4": "off", "ck_cold_mmap4_recording": "record", "ck_cold_mmap4_profiled": "use"}
 COLD = {"jfs_cold_default", "jfs_cold_tuned", "ck_cold", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS, "pt_cold"}
 RANKS = 4
@@ -973,6 +977,20 @@ class Bench:
                                                 self.per_gib(max(0.0, timed.children - idle.children)),
                                             **timed.cpu_extra()})
 
+    def ck_download_loop(self) -> Sample:
+        """scripts/download_loop.py into an empty cache: the loop's seconds and its CPU-s/GiB."""
+        cache = reset_dir(self.work / "ck-loop-cache")
+        cmd = [sys.executable, str(ROOT / "scripts" / "download_loop.py"), self.ck_meta, str(cache)]
+        self.commands["ck_download_loop"] = cmd
+        drop_caches()
+        out = run(cmd, "download loop", timeout=LOAD_TIMEOUT)
+        result = json.loads(out.strip().splitlines()[-1])
+        shutil.rmtree(cache)
+        if result["failures"] or result["bytes"] < self.model_bytes:
+            raise BenchError(f"download loop: {result['bytes']} bytes, failures {result['failures']}")
+        return Sample(result["seconds"], extra={"process_cpu_s_per_gib": self.per_gib(result["cpu_s"]),
+                                                "setup_cpu_s": round(result["setup_cpu_s"], 3)})
+
     def ck_after_warmup(self) -> Sample:
         """A fresh mount on the cache ``ck_warmup`` just filled: the first load after a warmup."""
         mnt = self.work / "mnt"
@@ -1083,6 +1101,8 @@ class Bench:
                 self.record("ck_warmup", warmup, i)
             if self.wants("ck_after_warmup"):
                 self.record("ck_after_warmup", self.ck_after_warmup(), i)
+        if self.wants("ck_download_loop"):
+            self.record("ck_download_loop", self.ck_download_loop(), i)
         for name in ("pt_warm", "pt_cold"):
             if self.wants(name):
                 self.record(name, self.pt_load(name), i)
@@ -1096,7 +1116,7 @@ class Bench:
         if self.wants(*[n for n in self.jfs_names() if n != "jfs_write"]):  # jfs_write formats its own
             self.setup_juicefs()
         if self.wants("ck_cold", "ck_warm_same", "ck_warm", "ck_hot", "ck_warmup", "ck_after_warmup",
-                      "ck_cold_mmap1", *MMAP4_PROFILE_ROWS):
+                      "ck_download_loop", "ck_cold_mmap1", *MMAP4_PROFILE_ROWS):
             self.setup_chunkfs()
         if self.args.store_disk == "memory":
             self.hold_store_in_memory()
@@ -1212,6 +1232,11 @@ class Bench:
             context.append({"what": f"ck_warmup process CPU per GiB beyond what a warmup of a complete cache "
                                     f"costs ({startup:.2f} CPU-s: start, metadata, plan)",
                             "value": statistics.median(after_start), "unit": " s/GiB"})
+        if ratio("ck_warmup", "ck_download_loop") is not None:
+            context.append({"what": "ck_warmup / ck_download_loop (the whole command against its download layer "
+                                    "alone in plain threads)", "value": ratio("ck_warmup", "ck_download_loop")})
+            context.append({"what": "ck_download_loop CPU per GiB (fetch, verify, write: the floor of ck_warmup's "
+                                    "CPU in chunkfs's own code)", "value": cpu("ck_download_loop"), "unit": " s/GiB"})
         return {"summary": summary, "targets": targets, "context": context}
 
     def markdown(self, result: dict[str, Any]) -> str:
