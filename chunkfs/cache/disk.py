@@ -137,7 +137,9 @@ def _load_gil_fcntl() -> Callable[[int, int, bytes], int] | None:
     back under load (16 threads hashing and receiving) cost 0.3 ms per call here, and done
     under ``CacheDir._held_lock`` it queued every other taker behind it: a warmup's threads
     waited 23-36 ms per lock and 29-39 ms per unlock, 25-35% of each block's download.
-    None where libc cannot be loaded so (then ``fcntl.fcntl``)."""
+    None where libc cannot be loaded so (then ``fcntl.fcntl``). ``fcntl`` is variadic; its
+    third argument, a pointer, is passed as a fixed one would be on the x86-64 and aarch64
+    Linux ABIs, which is how it is declared here."""
     try:
         call = ctypes.PyDLL(None, use_errno=True).fcntl
     except (OSError, AttributeError):
