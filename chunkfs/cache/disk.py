@@ -55,6 +55,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from chunkfs.procs import pid_alive
 
@@ -110,17 +111,21 @@ def aligned_buffer(length: int) -> mmap.mmap:
     return buffer
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+def _libc_function(name: str, argtypes: list[Any], *, keep_gil: bool = False) -> Any:
+    """libc's ``name`` through ctypes, returning a C int and setting ``ctypes.get_errno``;
+    ``keep_gil``: called without giving the GIL up (``ctypes.PyDLL``), for calls that never
+    block. None where libc cannot be loaded so."""
     try:
-        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        function = (ctypes.PyDLL if keep_gil else ctypes.CDLL)(None, use_errno=True)[name]
     except (OSError, AttributeError):
         return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate.restype = ctypes.c_int
-    return fallocate  # type: ignore[no-any-return,unused-ignore]  # Any, or a typed ctypes function
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
 
 
-_FALLOCATE = _load_fallocate()
+_FALLOCATE: Callable[[int, int, int, int], int] | None = _libc_function(
+    "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -131,25 +136,15 @@ def _preallocate(fd: int, length: int) -> None:
         _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE, 0, length)
 
 
-def _load_gil_fcntl() -> Callable[[int, int, bytes], int] | None:
-    """libc's ``fcntl`` called with the GIL held (``ctypes.PyDLL``), for the download locks:
-    ``F_OFD_SETLK`` never blocks, and ``fcntl.fcntl`` gives the GIL up around it. Taking the GIL
-    back under load (16 threads hashing and receiving) cost 0.3 ms per call here, and done
-    under ``CacheDir._held_lock`` it queued every other taker behind it: a warmup's threads
-    waited 23-36 ms per lock and 29-39 ms per unlock, 25-35% of each block's download.
-    None where libc cannot be loaded so (then ``fcntl.fcntl``). ``fcntl`` is variadic; its
-    third argument, a pointer, is passed as a fixed one would be on the x86-64 and aarch64
-    Linux ABIs, which is how it is declared here."""
-    try:
-        call = ctypes.PyDLL(None, use_errno=True).fcntl
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
-    call.restype = ctypes.c_int
-    return call  # type: ignore[no-any-return,unused-ignore]  # Any, or a typed ctypes function
-
-
-_GIL_FCNTL = _load_gil_fcntl()
+#: libc's ``fcntl`` called with the GIL held, for the download locks (None: ``fcntl.fcntl``).
+#: ``F_OFD_SETLK`` never blocks, and ``fcntl.fcntl`` gives the GIL up around it. Taking the
+#: GIL back under load (16 threads hashing and receiving) cost 0.3 ms per call here, and done
+#: under ``CacheDir._held_lock`` it queued every other taker behind it: a warmup's threads
+#: waited 23-36 ms per lock and 29-39 ms per unlock, 25-35% of each block's download.
+#: ``fcntl`` is variadic; its third argument, a pointer, is passed as a fixed one would be
+#: on the x86-64 and aarch64 Linux ABIs, which is how it is declared here.
+_GIL_FCNTL: Callable[[int, int, bytes], int] | None = _libc_function(
+    "fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_char_p], keep_gil=True)
 
 
 def _set_lock(fd: int, kind: int, offset: int) -> None:
